@@ -1,0 +1,349 @@
+//! The contract between the xlb eBPF programs (`lb-ebpf`) and the agent
+//! (`lb-userspace`): every map key and value, every flag and every constant
+//! both sides must agree on.
+//!
+//! Rules (see shared/STYLE.md):
+//! - every type is `#[repr(C)]` with explicit padding fields, so the layout is
+//!   the same for the BPF target and the host, and no padding byte is left
+//!   uninitialised in a hash key;
+//! - values in network byte order use [`Be16`] / [`Be32`];
+//! - addresses are 16 bytes: an IPv4 address occupies the first 4 bytes and
+//!   the other 12 are zero (see [`addr_v4`]);
+//! - the layout tests at the bottom pin size and alignment of every type.
+#![no_std]
+
+/// Slots in one Maglev lookup table. Prime, as Maglev requires; with up to a
+/// few dozen backends per service each one owns M/N slots ± 1, and one backend
+/// change moves only about 1/N of the slots.
+pub const MAGLEV_TABLE_SIZE: u32 = 1021;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A 16-bit value stored in network byte order.
+#[repr(transparent)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Be16(u16);
+
+impl Be16 {
+    pub const fn from_host(v: u16) -> Self {
+        Self(v.to_be())
+    }
+    /// Wraps a value read straight from a packet (already big-endian).
+    pub const fn from_wire(raw: u16) -> Self {
+        Self(raw)
+    }
+    pub const fn host(self) -> u16 {
+        u16::from_be(self.0)
+    }
+    pub const fn wire(self) -> u16 {
+        self.0
+    }
+}
+
+impl core::fmt::Debug for Be16 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}", self.host())
+    }
+}
+
+/// A 32-bit value stored in network byte order.
+#[repr(transparent)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Be32(u32);
+
+impl Be32 {
+    pub const fn from_host(v: u32) -> Self {
+        Self(v.to_be())
+    }
+    pub const fn from_wire(raw: u32) -> Self {
+        Self(raw)
+    }
+    pub const fn host(self) -> u32 {
+        u32::from_be(self.0)
+    }
+    pub const fn wire(self) -> u32 {
+        self.0
+    }
+}
+
+impl core::fmt::Debug for Be32 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}", self.host())
+    }
+}
+
+/// An IPv4 address (octets in network order) in the 16-byte address form.
+pub const fn addr_v4(octets: [u8; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[0] = octets[0];
+    a[1] = octets[1];
+    a[2] = octets[2];
+    a[3] = octets[3];
+    a
+}
+
+/// `SERVICES` key: one frontend, the address, port and protocol a client
+/// reaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FrontendKey {
+    pub addr: [u8; 16],
+    pub port: Be16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// `externalTrafficPolicy: Local`: only node-local backends, never SNAT.
+pub const SERVICE_F_LOCAL_ONLY: u32 = 1 << 0;
+/// The service has `loadBalancerSourceRanges`: sources must match
+/// `SOURCE_RANGES`.
+pub const SERVICE_F_SOURCE_RANGES: u32 = 1 << 1;
+/// `sessionAffinity: ClientIP`.
+pub const SERVICE_F_AFFINITY: u32 = 1 << 2;
+
+/// `SERVICES` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index into `STATS`, key part of `AFFINITY` and `SOURCE_RANGES`. Stable
+    /// for the life of the frontend, also across agent restarts.
+    pub service_id: u32,
+    /// Which Maglev table (`MAGLEV[table_id * MAGLEV_TABLE_SIZE ..]`) new
+    /// flows use. The agent writes a fresh table and then switches this
+    /// field, so readers never see a half-written table.
+    pub table_id: u32,
+    /// Number of eligible backends; 0 means new flows are dropped (counted).
+    pub backend_count: u32,
+    pub flags: u32,
+    /// `sessionAffinity` timeout in seconds.
+    pub affinity_timeout: u32,
+}
+
+/// Backend lives on this node: its replies pass this node anyway, so the
+/// client address is kept (no SNAT).
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
+/// Endpoint is terminating (used only when no endpoint is ready).
+pub const BACKEND_F_TERMINATING: u8 = 1 << 1;
+
+/// `BACKENDS` value, keyed by backend id (u32). Backend ids are never
+/// shared between services, so `service_id` lets the datapath check that an
+/// affinity entry still points at a backend of its own service, and lets a
+/// restarted agent adopt the ids it finds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    pub port: Be16,
+    pub family: u8,
+    pub flags: u8,
+    pub service_id: u32,
+}
+
+/// `FLOWS` key: a packet's 5-tuple as seen on the wire, in either direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: Be16,
+    pub dst_port: Be16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The entry is the reply direction (backend → client).
+pub const FLOW_F_REPLY: u8 = 1 << 0;
+/// The forward direction was source-translated to the node address.
+pub const FLOW_F_SNAT: u8 = 1 << 1;
+/// A TCP FIN or RST was seen: the sweeper uses the short timeout.
+pub const FLOW_F_CLOSING: u8 = 1 << 2;
+
+/// `FLOWS` value: the tuple a matching packet is rewritten to. The forward
+/// entry holds the backend address itself, so a flow keeps working after its
+/// backend left `BACKENDS` (established flows survive backend changes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// `bpf_ktime_get_ns` of the last packet, refreshed at most once a second.
+    pub last_seen_ns: u64,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: Be16,
+    pub dst_port: Be16,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `AFFINITY` key (`sessionAffinity: ClientIP`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub client: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// `SOURCE_RANGES` (LPM trie) key data; the trie key is
+/// `{prefix_len: u32, data: SourceRange}`. `prefix_len` counts the 32 bits of
+/// `service_id` plus the address prefix, so a lookup only matches ranges of
+/// its own service. `service_id` is big-endian because the trie matches bits
+/// from the first byte on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceRange {
+    pub service_id: Be32,
+    pub addr: [u8; 16],
+}
+
+/// Bits of `SourceRange::service_id` in a trie prefix.
+pub const SOURCE_RANGE_ID_BITS: u32 = 32;
+
+/// Per-service counters (`STATS`, per-CPU array indexed by service id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub new_flows: u64,
+    pub drop_source_range: u64,
+    pub drop_no_backend: u64,
+    pub drop_snat_exhausted: u64,
+    /// Packets for the frontend that xlb will not translate (IPv4 fragments,
+    /// IP options): dropped, because passing them would reach a frontend
+    /// address with no listener.
+    pub drop_unsupported: u64,
+}
+
+/// Index of the single entry in `GLOBAL_STATS`.
+pub const GLOBAL_STATS_KEY: u32 = 0;
+
+/// Node-wide counters (`GLOBAL_STATS`, per-CPU array of one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalStats {
+    /// Packets that were not for a frontend nor a reply of a flow.
+    pub passed: u64,
+    /// Translated packets sent with `bpf_redirect_map`.
+    pub redirected: u64,
+    /// Translated packets handed to the kernel (no neighbour yet, local
+    /// delivery, egress device not in `TX_PORTS`).
+    pub translated_passed: u64,
+    /// Truncated or malformed headers.
+    pub malformed: u64,
+}
+
+/// Index of the single entry in `CONFIG`.
+pub const CONFIG_KEY: u32 = 0;
+
+/// Use `bpf_redirect_map` for translated packets when possible.
+pub const CONFIG_F_REDIRECT: u32 = 1 << 0;
+
+/// `CONFIG` value, written by the agent before any service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Address remote-backend flows are source-translated to (IPv4 in the
+    /// first 4 bytes). All zero: SNAT impossible, such flows are dropped.
+    pub node_addr: [u8; 16],
+    /// Inclusive SNAT port range, host byte order.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub flags: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], made of integers and byte arrays, with
+    // explicit padding fields: any bit pattern is valid and no byte is
+    // uninitialised.
+    unsafe impl aya::Pod for Be16 {}
+    unsafe impl aya::Pod for Be32 {}
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Affinity {}
+    unsafe impl aya::Pod for SourceRange {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for GlobalStats {}
+    unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn layouts_are_pinned() {
+        assert_eq!(
+            (size_of::<FrontendKey>(), align_of::<FrontendKey>()),
+            (20, 2)
+        );
+        assert_eq!((size_of::<Service>(), align_of::<Service>()), (20, 4));
+        assert_eq!((size_of::<Backend>(), align_of::<Backend>()), (24, 4));
+        assert_eq!((size_of::<FlowKey>(), align_of::<FlowKey>()), (40, 2));
+        assert_eq!((size_of::<Flow>(), align_of::<Flow>()), (56, 8));
+        assert_eq!(
+            (size_of::<AffinityKey>(), align_of::<AffinityKey>()),
+            (24, 4)
+        );
+        assert_eq!((size_of::<Affinity>(), align_of::<Affinity>()), (16, 8));
+        assert_eq!(
+            (size_of::<SourceRange>(), align_of::<SourceRange>()),
+            (20, 4)
+        );
+        assert_eq!(
+            (size_of::<ServiceStats>(), align_of::<ServiceStats>()),
+            (72, 8)
+        );
+        assert_eq!(
+            (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
+            (32, 8)
+        );
+        assert_eq!((size_of::<Config>(), align_of::<Config>()), (24, 4));
+    }
+
+    #[test]
+    fn no_implicit_padding() {
+        // The sum of field sizes equals the struct size: there is no hole the
+        // compiler could leave uninitialised in a hash key.
+        assert_eq!(offset_of!(FlowKey, _pad) + 2, size_of::<FlowKey>());
+        assert_eq!(offset_of!(Flow, _pad) + 3, size_of::<Flow>());
+        assert_eq!(offset_of!(AffinityKey, client), 8);
+        assert_eq!(offset_of!(SourceRange, addr), 4);
+        assert_eq!(offset_of!(Backend, service_id), 20);
+        assert_eq!(offset_of!(Flow, src_addr), 8);
+    }
+
+    #[test]
+    fn byte_order_newtypes() {
+        let p = Be16::from_host(80);
+        assert_eq!(p.host(), 80);
+        assert_eq!(p.wire().to_ne_bytes(), [0, 80]);
+        let a = Be32::from_host(0x0a00_0001);
+        assert_eq!(a.wire().to_ne_bytes(), [10, 0, 0, 1]);
+        assert_eq!(addr_v4([10, 0, 0, 1])[..5], [10, 0, 0, 1, 0]);
+    }
+}

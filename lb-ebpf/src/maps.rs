@@ -1,0 +1,61 @@
+//! Every map of the datapath, declared once. Sizes here are defaults; the
+//! agent sets the real ones (`--max-services`, `--max-flows`) before loading.
+//! All maps are pinned by name, so a restarted agent adopts them and the
+//! flows they hold.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Affinity, AffinityKey, Backend, Config, Flow, FlowKey, FrontendKey, GlobalStats,
+    MAGLEV_TABLE_SIZE, Service, ServiceStats, SourceRange,
+};
+
+/// Frontend → service. Written by the agent (reconciler); read by XDP for
+/// packets without a flow entry.
+#[map(name = "XLB_SERVICES")]
+pub static SERVICES: HashMap<FrontendKey, Service> = HashMap::pinned(4096, 0);
+
+/// Backend id → backend. Written by the agent; read by XDP when a new flow
+/// picks its backend.
+#[map(name = "XLB_BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(65536, 0);
+
+/// `table_id * MAGLEV_TABLE_SIZE + slot` → backend id. Written by the agent
+/// (a fresh table per change, then `Service::table_id` is switched); read by
+/// XDP for new flows.
+#[map(name = "XLB_MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::pinned((4096 + 256) * MAGLEV_TABLE_SIZE, 0);
+
+/// Connection tracking, both directions of every flow. Written by XDP (new
+/// flows, last-seen, closing flag); read by XDP and TC egress; expired entries
+/// deleted by the agent's sweeper.
+#[map(name = "XLB_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(262144, 0);
+
+/// `sessionAffinity: ClientIP` pins. Written and read by XDP.
+#[map(name = "XLB_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(65536, 0);
+
+/// `loadBalancerSourceRanges`. Written by the agent; read by XDP for new flows
+/// of services with `SERVICE_F_SOURCE_RANGES`.
+#[map(name = "XLB_SRC_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(16384, 0);
+
+/// Per-service counters. Written by XDP and TC; read by `xlb inspect stats`.
+#[map(name = "XLB_STATS")]
+pub static STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(4096, 0);
+
+/// Node-wide counters.
+#[map(name = "XLB_GLOBAL")]
+pub static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::pinned(1, 0);
+
+/// Node configuration (SNAT address and ports, flags). Written by the agent.
+#[map(name = "XLB_CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// Interfaces translated packets may be redirected to (ifindex → ifindex):
+/// only devices known to accept XDP frames. Written by the agent.
+#[map(name = "XLB_TX_PORTS")]
+pub static TX_PORTS: DevMapHash = DevMapHash::pinned(64, 0);

@@ -1,0 +1,315 @@
+//! The NAT core shared by every hook: find the flow a packet belongs to, or
+//! create it (source ranges, affinity, Maglev, SNAT port), and say which tuple
+//! the packet must be rewritten to. It reads and writes maps only; applying
+//! the rewrite to the packet is the hook's job (XDP writes the bytes itself,
+//! TC goes through the skb helpers that know about partial checksums).
+
+use aya_ebpf::{
+    bindings::{BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
+    helpers::{bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    maps::lpm_trie::Key,
+};
+use lb_common::{
+    Affinity, AffinityKey, BACKEND_F_LOCAL, Backend, Be16, Be32, CONFIG_KEY, FLOW_F_CLOSING,
+    FLOW_F_REPLY, FLOW_F_SNAT, Flow, FlowKey, FrontendKey, MAGLEV_TABLE_SIZE, PROTO_TCP,
+    SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS,
+    Service, ServiceStats, SourceRange,
+};
+
+use crate::{
+    maps::{AFFINITY, BACKENDS, CONFIG, FLOWS, MAGLEV, SERVICES, SOURCE_RANGES, STATS},
+    packet::{TCP_FIN, TCP_RST, v4_raw},
+};
+
+/// How often a flow's `last_seen_ns` is refreshed: writing it on every packet
+/// would bounce the cache line between CPUs.
+const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+/// SNAT ports tried per new flow before giving up (counted drop).
+const SNAT_TRIES: u32 = 16;
+
+pub enum Decision {
+    /// Not ours: hand the packet on untouched.
+    Pass,
+    /// Ours, and dropped (the reason is already counted).
+    Drop,
+    /// Rewrite the packet to this flow's tuple.
+    Translate(Flow),
+}
+
+/// murmur3's 32-bit finaliser: cheap and mixes every input bit.
+#[inline(always)]
+fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Hash of the 5-tuple; the Maglev slot and the first SNAT port come from it.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let ports = ((key.src_port.wire() as u32) << 16) | key.dst_port.wire() as u32;
+    mix(v4_raw(&key.src_addr) ^ mix(v4_raw(&key.dst_addr) ^ mix(ports ^ mix(key.proto as u32))))
+}
+
+#[inline(always)]
+fn stats(service_id: u32) -> Option<&'static mut ServiceStats> {
+    STATS.get_ptr_mut(service_id).map(|p| unsafe { &mut *p })
+}
+
+/// Looks the packet's tuple up in `FLOWS` and refreshes the entry.
+#[inline(always)]
+pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64) -> Option<Flow> {
+    let flow = FLOWS.get_ptr_mut(key)?;
+    let flow = unsafe { &mut *flow };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(flow.last_seen_ns) > TOUCH_INTERVAL_NS {
+        flow.last_seen_ns = now;
+    }
+    if key.proto == PROTO_TCP
+        && tcp_flags & (TCP_FIN | TCP_RST) != 0
+        && flow.flags & FLOW_F_CLOSING == 0
+    {
+        flow.flags |= FLOW_F_CLOSING;
+    }
+    if let Some(s) = stats(flow.service_id) {
+        if flow.flags & FLOW_F_REPLY != 0 {
+            s.reply_packets += 1;
+            s.reply_bytes += bytes;
+        } else {
+            s.packets += 1;
+            s.bytes += bytes;
+        }
+    }
+    Some(*flow)
+}
+
+/// The frontend a packet is addressed to, if any.
+#[inline(always)]
+pub fn frontend_of(key: &FlowKey) -> Option<&'static Service> {
+    let frontend = FrontendKey {
+        addr: key.dst_addr,
+        port: key.dst_port,
+        proto: key.proto,
+        family: key.family,
+    };
+    unsafe { SERVICES.get(&frontend) }
+}
+
+/// Counts a packet for a frontend that xlb does not translate (IP options,
+/// fragments) and says to drop it.
+#[inline(always)]
+pub fn unsupported(service: &Service) -> Decision {
+    if let Some(s) = stats(service.service_id) {
+        s.drop_unsupported += 1;
+    }
+    Decision::Drop
+}
+
+/// A packet without a flow entry: if it is for a frontend, pick a backend and
+/// create both directions of the flow.
+#[inline(always)]
+pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Decision {
+    let Some(service) = frontend_of(key) else {
+        return Decision::Pass;
+    };
+    let service = *service;
+    let Some(st) = stats(service.service_id) else {
+        return Decision::Drop;
+    };
+    st.packets += 1;
+    st.bytes += bytes;
+
+    if service.flags & SERVICE_F_SOURCE_RANGES != 0 {
+        let range = Key::new(
+            SOURCE_RANGE_ID_BITS + 128,
+            SourceRange {
+                service_id: Be32::from_host(service.service_id),
+                addr: key.src_addr,
+            },
+        );
+        if SOURCE_RANGES.get(&range).is_none() {
+            st.drop_source_range += 1;
+            return Decision::Drop;
+        }
+    }
+    if service.backend_count == 0 {
+        st.drop_no_backend += 1;
+        return Decision::Drop;
+    }
+
+    let hash = flow_hash(key);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some((backend_id, backend)) = pick_backend(&service, key, hash, now) else {
+        st.drop_no_backend += 1;
+        return Decision::Drop;
+    };
+
+    let snat = backend.flags & BACKEND_F_LOCAL == 0 && service.flags & SERVICE_F_LOCAL_ONLY == 0;
+    let mut forward = Flow {
+        last_seen_ns: now,
+        src_addr: key.src_addr,
+        dst_addr: backend.addr,
+        src_port: key.src_port,
+        dst_port: backend.port,
+        service_id: service.service_id,
+        backend_id,
+        flags: 0,
+        _pad: [0; 3],
+    };
+    let reply = Flow {
+        last_seen_ns: now,
+        src_addr: key.dst_addr,
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        service_id: service.service_id,
+        backend_id,
+        flags: FLOW_F_REPLY | if snat { FLOW_F_SNAT } else { 0 },
+        _pad: [0; 3],
+    };
+    // The reply entry goes in first: a backend's answer must never find the
+    // forward entry without its reverse.
+    if snat {
+        match snat_allocate(ctx, key, &backend, hash, &reply) {
+            Some((node_addr, port)) => {
+                forward.src_addr = node_addr;
+                forward.src_port = port;
+                forward.flags = FLOW_F_SNAT;
+            }
+            None => {
+                st.drop_snat_exhausted += 1;
+                return Decision::Drop;
+            }
+        }
+    } else {
+        let reply_key = FlowKey {
+            src_addr: backend.addr,
+            dst_addr: key.src_addr,
+            src_port: backend.port,
+            dst_port: key.src_port,
+            proto: key.proto,
+            family: key.family,
+            _pad: [0; 2],
+        };
+        if FLOWS.insert(&reply_key, &reply, 0).is_err() {
+            return Decision::Drop;
+        }
+    }
+    if FLOWS.insert(key, &forward, 0).is_err() {
+        return Decision::Drop;
+    }
+    st.new_flows += 1;
+    Decision::Translate(forward)
+}
+
+/// `sessionAffinity: ClientIP` first, then the service's Maglev table.
+#[inline(always)]
+fn pick_backend(service: &Service, key: &FlowKey, hash: u32, now: u64) -> Option<(u32, Backend)> {
+    let affinity_key = AffinityKey {
+        service_id: service.service_id,
+        family: key.family,
+        _pad: [0; 3],
+        client: key.src_addr,
+    };
+    let affinity = service.flags & SERVICE_F_AFFINITY != 0;
+    if affinity {
+        if let Some(pinned) = AFFINITY.get_ptr_mut(&affinity_key) {
+            let pinned = unsafe { &mut *pinned };
+            let timeout_ns = service.affinity_timeout as u64 * 1_000_000_000;
+            if now.wrapping_sub(pinned.last_seen_ns) < timeout_ns {
+                if let Some(backend) = unsafe { BACKENDS.get(&pinned.backend_id) } {
+                    if backend.service_id == service.service_id {
+                        pinned.last_seen_ns = now;
+                        return Some((pinned.backend_id, *backend));
+                    }
+                }
+            }
+        }
+    }
+    let slot = service.table_id * MAGLEV_TABLE_SIZE + hash % MAGLEV_TABLE_SIZE;
+    let backend_id = *MAGLEV.get(slot)?;
+    let backend = *unsafe { BACKENDS.get(&backend_id) }?;
+    if affinity {
+        let pin = Affinity {
+            last_seen_ns: now,
+            backend_id,
+            _pad: 0,
+        };
+        let _ = AFFINITY.insert(&affinity_key, &pin, 0);
+    }
+    Some((backend_id, backend))
+}
+
+/// Picks a node port for a source-translated flow and inserts its reply
+/// entry. A port is taken only if no flow of ours uses it towards this
+/// backend (`BPF_NOEXIST` insert, so two CPUs cannot take the same one) and
+/// the node itself has no socket that would receive the backend's replies.
+#[inline(always)]
+fn snat_allocate(
+    ctx: *mut core::ffi::c_void,
+    key: &FlowKey,
+    backend: &Backend,
+    hash: u32,
+    reply: &Flow,
+) -> Option<([u8; 16], Be16)> {
+    let config = CONFIG.get(CONFIG_KEY)?;
+    let node_raw = v4_raw(&config.node_addr);
+    if node_raw == 0 || config.snat_port_max < config.snat_port_min {
+        return None;
+    }
+    let span = (config.snat_port_max - config.snat_port_min) as u32 + 1;
+    let start = mix(hash ^ 0x5eed) % span;
+    for i in 0..SNAT_TRIES {
+        // Stride through the range so collisions do not cluster.
+        let port = config.snat_port_min as u32 + (start + i * 7919) % span;
+        let port = Be16::from_host(port as u16);
+        if node_socket_exists(ctx, key.proto, backend, node_raw, port) {
+            continue;
+        }
+        let reply_key = FlowKey {
+            src_addr: backend.addr,
+            dst_addr: config.node_addr,
+            src_port: backend.port,
+            dst_port: port,
+            proto: key.proto,
+            family: key.family,
+            _pad: [0; 2],
+        };
+        if FLOWS.insert(&reply_key, reply, BPF_NOEXIST as u64).is_ok() {
+            return Some((config.node_addr, port));
+        }
+    }
+    None
+}
+
+/// Would the node's own stack receive `backend → node_addr:port`?
+#[inline(always)]
+fn node_socket_exists(
+    ctx: *mut core::ffi::c_void,
+    proto: u8,
+    backend: &Backend,
+    node_raw: u32,
+    port: Be16,
+) -> bool {
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = v4_raw(&backend.addr);
+    tuple.__bindgen_anon_1.ipv4.daddr = node_raw;
+    tuple.__bindgen_anon_1.ipv4.sport = backend.port.wire();
+    tuple.__bindgen_anon_1.ipv4.dport = port.wire();
+    let size = core::mem::size_of::<u32>() as u32 * 2 + core::mem::size_of::<u16>() as u32 * 2;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let sk = unsafe {
+        if proto == PROTO_TCP {
+            bpf_sk_lookup_tcp(ctx, &mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx, &mut tuple, size, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}

@@ -1,0 +1,165 @@
+//! Header layouts and the one-pass parser shared by the XDP and TC hooks.
+//! All packet access goes through [`ptr_at`], which bounds-checks against
+//! `data_end` in the form the verifier understands.
+
+use lb_common::{Be16, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ether_type: u16,
+}
+
+#[repr(C)]
+pub struct VlanHdr {
+    pub tci: u16,
+    pub ether_type: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+/// The part of TCP and UDP headers both share: the ports.
+#[repr(C)]
+pub struct Ports {
+    pub source: u16,
+    pub dest: u16,
+}
+
+pub const TCP_CHECK_OFFSET: usize = 16;
+pub const UDP_CHECK_OFFSET: usize = 6;
+/// Offset of the TCP flags byte (FIN=0x01, SYN=0x02, RST=0x04).
+pub const TCP_FLAGS_OFFSET: usize = 13;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// Why a packet is not translated.
+pub enum Skip {
+    /// Not IPv4 TCP/UDP: pass it on untouched.
+    NotIpv4L4,
+    /// Shorter than its headers claim.
+    Malformed,
+    /// IPv4 with options, or the first fragment of a datagram: the ports are
+    /// known (in the key) but xlb does not translate it. Passed unless it is
+    /// for a frontend, then dropped and counted.
+    Unsupported(FlowKey),
+    /// A later fragment: no ports to look at, passed on.
+    Fragment,
+}
+
+/// A parsed IPv4 TCP/UDP packet: offsets from the start of the frame and the
+/// flow key as seen on the wire.
+pub struct Parsed {
+    pub l3: usize,
+    pub l4: usize,
+    pub key: FlowKey,
+    pub tcp_flags: u8,
+    pub ip_len: u16,
+}
+
+#[inline(always)]
+pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Result<*mut T, Skip> {
+    let start = data + offset;
+    if start + core::mem::size_of::<T>() > data_end {
+        return Err(Skip::Malformed);
+    }
+    Ok(start as *mut T)
+}
+
+/// Parses Ethernet (with at most one 802.1Q/802.1ad tag), IPv4 without
+/// options, TCP or UDP.
+#[inline(always)]
+pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
+    let eth: *mut EthHdr = ptr_at(data, data_end, 0)?;
+    let mut l3 = core::mem::size_of::<EthHdr>();
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let vlan: *mut VlanHdr = ptr_at(data, data_end, l3)?;
+        ether_type = u16::from_be(unsafe { (*vlan).ether_type });
+        l3 += core::mem::size_of::<VlanHdr>();
+    }
+    if ether_type != ETH_P_IP {
+        return Err(Skip::NotIpv4L4);
+    }
+    let ip: *mut Ipv4Hdr = ptr_at(data, data_end, l3)?;
+    let (version_ihl, protocol, frag_off) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).protocol,
+            u16::from_be((*ip).frag_off),
+        )
+    };
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return Err(Skip::NotIpv4L4);
+    }
+    if version_ihl >> 4 != 4 {
+        return Err(Skip::Malformed);
+    }
+    // Fragment offset set: a later fragment, it carries no L4 header.
+    if frag_off & 0x1fff != 0 {
+        return Err(Skip::Fragment);
+    }
+    let ihl = (version_ihl & 0x0f) as usize;
+    if ihl < 5 {
+        return Err(Skip::Malformed);
+    }
+    let l4 = l3 + ihl * 4;
+    let ports: *mut Ports = ptr_at(data, data_end, l4)?;
+    let mut tcp_flags = 0;
+    if protocol == PROTO_TCP {
+        // A TCP header is at least 20 bytes; make sure the checksum and flags
+        // are inside the packet before anyone reads them.
+        let flags: *mut u8 = ptr_at(data, data_end, l4 + TCP_FLAGS_OFFSET)?;
+        let _: *mut u16 = ptr_at(data, data_end, l4 + TCP_CHECK_OFFSET)?;
+        tcp_flags = unsafe { *flags };
+    } else {
+        let _: *mut u16 = ptr_at(data, data_end, l4 + UDP_CHECK_OFFSET)?;
+    }
+    let mut key = FlowKey {
+        proto: protocol,
+        family: FAMILY_V4,
+        ..FlowKey::default()
+    };
+    unsafe {
+        key.src_addr[..4].copy_from_slice(&(*ip).saddr.to_ne_bytes());
+        key.dst_addr[..4].copy_from_slice(&(*ip).daddr.to_ne_bytes());
+        key.src_port = Be16::from_wire((*ports).source);
+        key.dst_port = Be16::from_wire((*ports).dest);
+    }
+    // IP options or MF (first fragment): the key is known, translating is
+    // not supported. DF (0x4000) is fine.
+    if ihl != 5 || frag_off & 0x2000 != 0 {
+        return Err(Skip::Unsupported(key));
+    }
+    let ip_len = u16::from_be(unsafe { (*ip).tot_len });
+    Ok(Parsed {
+        l3,
+        l4,
+        key,
+        tcp_flags,
+        ip_len,
+    })
+}
+
+/// First four bytes of a 16-byte address as the raw (network-order) u32 a
+/// header holds.
+#[inline(always)]
+pub fn v4_raw(addr: &[u8; 16]) -> u32 {
+    u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]])
+}

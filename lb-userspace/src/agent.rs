@@ -1,0 +1,210 @@
+//! The node agent: load and attach the datapath (adopting what a previous
+//! agent pinned), then keep the maps equal to what the manifests say, and
+//! sweep idle flows. On SIGINT/SIGTERM it exits and leaves programs, links
+//! and maps pinned, so traffic keeps flowing until the next agent adopts
+//! them.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use lb_common::{CONFIG_F_REDIRECT, Config};
+use tokio::sync::mpsc;
+
+use crate::{
+    conntrack::Timeouts,
+    dataplane::{self, Limits, Maps, PinDir, attach},
+    model::DesiredState,
+    netdev,
+    reconcile::Reconciler,
+    source::{manifest, translate},
+    state_file,
+};
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub ifaces: Vec<String>,
+    pub node_name: String,
+    pub manifests: PathBuf,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    pub limits: Limits,
+    pub snat_ports: (u16, u16),
+    pub redirect: bool,
+    pub sweep_interval: Duration,
+    pub timeouts: Timeouts,
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    if cfg.ifaces.is_empty() {
+        bail!("no --iface given: name the node's uplink interface(s)");
+    }
+    for iface in &cfg.ifaces {
+        netdev::ifindex(iface).with_context(|| format!("--iface {iface}"))?;
+    }
+    dataplane::ensure_bpffs(&cfg.bpffs)?;
+    let pins = PinDir::new(&cfg.bpffs, &cfg.node_name);
+    let mut ebpf = dataplane::load(&pins, cfg.limits)?;
+    let mut maps = Maps::take(&mut ebpf)?;
+
+    // Interfaces a previous agent attached to but that are no longer
+    // configured.
+    for stale in attach::pinned_interfaces(&pins) {
+        if !cfg.ifaces.contains(&stale) {
+            attach::detach_interface(&pins, &stale)?;
+        }
+    }
+    netdev::prepare_forwarding(&cfg.ifaces)?;
+    for iface in &cfg.ifaces {
+        let mode = attach::attach_interface(&mut ebpf, &pins, iface)?;
+        let index = netdev::ifindex(iface)?;
+        if cfg.redirect && mode == attach::XdpAttachMode::Native {
+            maps.tx_ports
+                .insert(index, index, None, 0)
+                .with_context(|| format!("adding {iface} to XLB_TX_PORTS"))?;
+        } else {
+            let _ = maps.tx_ports.remove(index);
+        }
+    }
+
+    let mut reconciler = Reconciler::new(cfg.limits.max_services, cfg.limits.max_backends);
+    let (services, backends, ranges) = maps.snapshot_for_adoption();
+    if !services.is_empty() {
+        tracing::info!(
+            services = services.len(),
+            backends = backends.len(),
+            "adopting pinned state from a previous agent"
+        );
+    }
+    reconciler.adopt(services, backends, ranges);
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let _watcher = watch_dir(&cfg.manifests, tx)?;
+    let mut node_config: Option<Config> = None;
+    sync(&cfg, &mut maps, &mut reconciler, &mut node_config)?;
+    tracing::info!(node = %cfg.node_name, interfaces = ?cfg.ifaces, "agent ready");
+
+    let mut sweep = tokio::time::interval(cfg.sweep_interval);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            Some(()) = rx.recv() => {
+                // Editors and `kubectl cp` write in bursts: settle, then
+                // read the whole directory once.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while rx.try_recv().is_ok() {}
+                if let Err(e) = sync(&cfg, &mut maps, &mut reconciler, &mut node_config) {
+                    tracing::error!(error = %format!("{e:#}"), "applying manifests failed");
+                }
+            }
+            _ = sweep.tick() => {
+                let s = maps.sweep_flows(
+                    &cfg.timeouts,
+                    &reconciler.active_service_ids(),
+                    &reconciler.active_backend_ids(),
+                );
+                if s.expired + s.service_gone + s.udp_backend_gone > 0 {
+                    tracing::debug!(?s, "swept flows");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    tracing::info!("stopping; programs, links and maps stay pinned and keep forwarding");
+    drop(ebpf);
+    Ok(())
+}
+
+/// Reads the manifests, translates them and applies the difference.
+fn sync(
+    cfg: &AgentConfig,
+    maps: &mut Maps,
+    reconciler: &mut Reconciler,
+    node_config: &mut Option<Config>,
+) -> Result<()> {
+    let (objects, errors) = manifest::load_dir(&cfg.manifests);
+    for e in &errors {
+        tracing::warn!(error = %e, "skipping malformed manifest");
+    }
+    let (desired, errors) = translate::translate(&objects, &cfg.node_name);
+    for e in &errors {
+        tracing::warn!(error = %e, "skipping invalid object");
+    }
+    apply(cfg, maps, reconciler, node_config, &desired)
+}
+
+pub fn apply(
+    cfg: &AgentConfig,
+    maps: &mut Maps,
+    reconciler: &mut Reconciler,
+    node_config: &mut Option<Config>,
+    desired: &DesiredState,
+) -> Result<()> {
+    let node_addr = match desired.node_addr {
+        Some(a) => Some(a),
+        None => netdev::first_ipv4(&cfg.ifaces[0])?,
+    };
+    let config = node_config_value(node_addr, cfg);
+    if node_config.as_ref() != Some(&config) {
+        maps.write_config(&config)?;
+        match node_addr {
+            Some(a) => tracing::info!(node_addr = %a, "SNAT address for remote backends"),
+            None => tracing::warn!(
+                "no node address (no Node InternalIP, no IPv4 on the uplink): flows to remote backends will be dropped"
+            ),
+        }
+        *node_config = Some(config);
+    }
+    let summary = reconciler.apply(desired, maps);
+    for e in &summary.errors {
+        tracing::error!(error = %e, "programming failed");
+    }
+    if summary.added + summary.updated + summary.removed > 0 {
+        tracing::info!(
+            added = summary.added,
+            updated = summary.updated,
+            removed = summary.removed,
+            unchanged = summary.unchanged,
+            map_writes = summary.map_writes,
+            "services programmed"
+        );
+    }
+    if let Err(e) = state_file::write(&cfg.state_dir, &cfg.node_name, reconciler) {
+        tracing::warn!(error = %format!("{e:#}"), "writing the inspect state file failed");
+    }
+    Ok(())
+}
+
+fn node_config_value(node_addr: Option<Ipv4Addr>, cfg: &AgentConfig) -> Config {
+    Config {
+        node_addr: node_addr
+            .map(|a| lb_common::addr_v4(a.octets()))
+            .unwrap_or_default(),
+        snat_port_min: cfg.snat_ports.0,
+        snat_port_max: cfg.snat_ports.1,
+        flags: if cfg.redirect { CONFIG_F_REDIRECT } else { 0 },
+    }
+}
+
+/// inotify on the manifest directory; every event just says "look again".
+fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    if !dir.is_dir() {
+        bail!("manifest directory {} does not exist", dir.display());
+    }
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .context("creating the manifest watcher")?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    Ok(watcher)
+}

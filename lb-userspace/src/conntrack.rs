@@ -1,0 +1,189 @@
+//! The flow sweeper: deletes flow pairs idle past their timeout, flows of
+//! frontends that no longer exist, and UDP flows whose backend left (so UDP
+//! clients fail over, as kube-proxy does by clearing conntrack; TCP flows
+//! keep their backend until they end).
+
+use std::collections::HashSet;
+
+use lb_common::{FLOW_F_CLOSING, FLOW_F_REPLY, Flow, FlowKey, PROTO_TCP};
+
+/// Idle timeouts, close to the kernel's conntrack defaults as kube-proxy
+/// tunes them.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub tcp_established_ns: u64,
+    pub tcp_closing_ns: u64,
+    pub udp_ns: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        const S: u64 = 1_000_000_000;
+        Self {
+            tcp_established_ns: 86_400 * S,
+            tcp_closing_ns: 120 * S,
+            udp_ns: 120 * S,
+        }
+    }
+}
+
+/// The other direction's key, derived from an entry's rewrite: the forward
+/// entry rewrites to (src', dst') so the reply arrives as (dst' → src'); the
+/// reply entry rewrites to (frontend → client), the reverse of the forward
+/// key.
+pub fn partner_key(key: &FlowKey, flow: &Flow) -> FlowKey {
+    FlowKey {
+        src_addr: flow.dst_addr,
+        dst_addr: flow.src_addr,
+        src_port: flow.dst_port,
+        dst_port: flow.src_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// Why an entry goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    Expired,
+    ServiceGone,
+    UdpBackendGone,
+}
+
+pub fn judge(
+    key: &FlowKey,
+    flow: &Flow,
+    partner: Option<&Flow>,
+    now_ns: u64,
+    timeouts: &Timeouts,
+    services: &HashSet<u32>,
+    backends: &HashSet<u32>,
+) -> Verdict {
+    if !services.contains(&flow.service_id) {
+        return Verdict::ServiceGone;
+    }
+    if key.proto != PROTO_TCP && !backends.contains(&flow.backend_id) {
+        return Verdict::UdpBackendGone;
+    }
+    let closing = (flow.flags | partner.map_or(0, |p| p.flags)) & FLOW_F_CLOSING != 0;
+    let timeout = if key.proto == PROTO_TCP {
+        if closing {
+            timeouts.tcp_closing_ns
+        } else {
+            timeouts.tcp_established_ns
+        }
+    } else {
+        timeouts.udp_ns
+    };
+    let last = flow.last_seen_ns.max(partner.map_or(0, |p| p.last_seen_ns));
+    // The datapath refreshes last_seen at most once a second.
+    if now_ns.saturating_sub(last) > timeout + 1_000_000_000 {
+        Verdict::Expired
+    } else {
+        Verdict::Keep
+    }
+}
+
+pub fn is_reply(flow: &Flow) -> bool {
+    flow.flags & FLOW_F_REPLY != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::{Be16, PROTO_UDP, addr_v4};
+
+    fn pair() -> (FlowKey, Flow, FlowKey, Flow) {
+        let fwd_key = FlowKey {
+            src_addr: addr_v4([192, 0, 2, 1]),
+            dst_addr: addr_v4([10, 200, 0, 1]),
+            src_port: Be16::from_host(40000),
+            dst_port: Be16::from_host(80),
+            proto: PROTO_TCP,
+            family: 4,
+            _pad: [0; 2],
+        };
+        let fwd = Flow {
+            src_addr: addr_v4([10, 0, 0, 2]),
+            dst_addr: addr_v4([10, 1, 0, 5]),
+            src_port: Be16::from_host(33000),
+            dst_port: Be16::from_host(8080),
+            service_id: 1,
+            backend_id: 7,
+            last_seen_ns: 100,
+            ..Flow::default()
+        };
+        let rev_key = partner_key(&fwd_key, &fwd);
+        let rev = Flow {
+            src_addr: fwd_key.dst_addr,
+            dst_addr: fwd_key.src_addr,
+            src_port: fwd_key.dst_port,
+            dst_port: fwd_key.src_port,
+            flags: FLOW_F_REPLY,
+            service_id: 1,
+            backend_id: 7,
+            last_seen_ns: 100,
+            ..Flow::default()
+        };
+        (fwd_key, fwd, rev_key, rev)
+    }
+
+    #[test]
+    fn partner_of_partner_is_self() {
+        let (fk, f, rk, r) = pair();
+        assert_eq!(rk.src_addr, addr_v4([10, 1, 0, 5]));
+        assert_eq!(rk.dst_port.host(), 33000);
+        assert_eq!(partner_key(&rk, &r), fk);
+        let _ = f;
+    }
+
+    #[test]
+    fn timeouts_use_the_fresher_direction() {
+        let (fk, f, _, mut r) = pair();
+        let t = Timeouts::default();
+        let s: HashSet<u32> = [1].into();
+        let b: HashSet<u32> = [7].into();
+        let late = 100 + t.tcp_established_ns + 2_000_000_000;
+        assert_eq!(judge(&fk, &f, Some(&r), late, &t, &s, &b), Verdict::Expired);
+        r.last_seen_ns = late - 10;
+        assert_eq!(judge(&fk, &f, Some(&r), late, &t, &s, &b), Verdict::Keep);
+        r.flags |= FLOW_F_CLOSING;
+        r.last_seen_ns = 100;
+        assert_eq!(
+            judge(
+                &fk,
+                &f,
+                Some(&r),
+                100 + t.tcp_closing_ns + 2_000_000_000,
+                &t,
+                &s,
+                &b
+            ),
+            Verdict::Expired
+        );
+    }
+
+    #[test]
+    fn gone_services_and_udp_backends() {
+        let (mut fk, f, _, _) = pair();
+        let t = Timeouts::default();
+        let b: HashSet<u32> = HashSet::new();
+        assert_eq!(
+            judge(&fk, &f, None, 100, &t, &HashSet::new(), &b),
+            Verdict::ServiceGone
+        );
+        let s: HashSet<u32> = [1].into();
+        assert_eq!(
+            judge(&fk, &f, None, 100, &t, &s, &b),
+            Verdict::Keep,
+            "TCP keeps its backend"
+        );
+        fk.proto = PROTO_UDP;
+        assert_eq!(
+            judge(&fk, &f, None, 100, &t, &s, &b),
+            Verdict::UdpBackendGone
+        );
+    }
+}

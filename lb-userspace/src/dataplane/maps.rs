@@ -1,0 +1,269 @@
+//! Typed handles on every datapath map, opened either from a freshly loaded
+//! `Ebpf` (the agent) or from their pins (`xlb inspect`, tests).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, xdp::DevMapHash},
+};
+use lb_common::{
+    Affinity, AffinityKey, Backend, Config, Flow, FlowKey, FrontendKey, GlobalStats, Service,
+    ServiceStats, SourceRange,
+};
+
+pub struct Maps {
+    pub services: HashMap<MapData, FrontendKey, Service>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub maglev: Array<MapData, u32>,
+    pub flows: HashMap<MapData, FlowKey, Flow>,
+    pub affinity: HashMap<MapData, AffinityKey, Affinity>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    pub stats: PerCpuArray<MapData, ServiceStats>,
+    pub global: PerCpuArray<MapData, GlobalStats>,
+    pub config: Array<MapData, Config>,
+    pub tx_ports: DevMapHash<MapData>,
+}
+
+/// Map names as pinned (and as declared in lb-ebpf/src/maps.rs).
+pub mod names {
+    pub const SERVICES: &str = "XLB_SERVICES";
+    pub const BACKENDS: &str = "XLB_BACKENDS";
+    pub const MAGLEV: &str = "XLB_MAGLEV";
+    pub const FLOWS: &str = "XLB_FLOWS";
+    pub const AFFINITY: &str = "XLB_AFFINITY";
+    pub const SOURCE_RANGES: &str = "XLB_SRC_RANGES";
+    pub const STATS: &str = "XLB_STATS";
+    pub const GLOBAL: &str = "XLB_GLOBAL";
+    pub const CONFIG: &str = "XLB_CONFIG";
+    pub const TX_PORTS: &str = "XLB_TX_PORTS";
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        Self::build(&mut take)
+    }
+
+    /// Opens the maps pinned in `dir` (`<bpffs>/xlb/<node>/maps`).
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        let mut open = |name: &str| -> Result<Map> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "opening pinned map {} (is the xlb agent running on this node?)",
+                    path.display()
+                )
+            })?;
+            Ok(match name {
+                names::MAGLEV | names::CONFIG => Map::Array(data),
+                names::FLOWS | names::AFFINITY => Map::LruHashMap(data),
+                names::SOURCE_RANGES => Map::LpmTrie(data),
+                names::STATS | names::GLOBAL => Map::PerCpuArray(data),
+                names::TX_PORTS => Map::DevMapHash(data),
+                _ => Map::HashMap(data),
+            })
+        };
+        Self::build(&mut open)
+    }
+
+    fn build(get: &mut dyn FnMut(&str) -> Result<Map>) -> Result<Self> {
+        macro_rules! typed {
+            ($name:expr) => {
+                get($name)?
+                    .try_into()
+                    .with_context(|| format!("map {} has an unexpected type", $name))?
+            };
+        }
+        Ok(Self {
+            services: typed!(names::SERVICES),
+            backends: typed!(names::BACKENDS),
+            maglev: typed!(names::MAGLEV),
+            flows: typed!(names::FLOWS),
+            affinity: typed!(names::AFFINITY),
+            source_ranges: typed!(names::SOURCE_RANGES),
+            stats: typed!(names::STATS),
+            global: typed!(names::GLOBAL),
+            config: typed!(names::CONFIG),
+            tx_ports: typed!(names::TX_PORTS),
+        })
+    }
+
+    /// Sums a service's per-CPU counters.
+    pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats> {
+        let per_cpu = self.stats.get(&service_id, 0)?;
+        let mut sum = ServiceStats::default();
+        for s in per_cpu.iter() {
+            sum.packets += s.packets;
+            sum.bytes += s.bytes;
+            sum.reply_packets += s.reply_packets;
+            sum.reply_bytes += s.reply_bytes;
+            sum.new_flows += s.new_flows;
+            sum.drop_source_range += s.drop_source_range;
+            sum.drop_no_backend += s.drop_no_backend;
+            sum.drop_snat_exhausted += s.drop_snat_exhausted;
+            sum.drop_unsupported += s.drop_unsupported;
+        }
+        Ok(sum)
+    }
+
+    pub fn global_stats(&self) -> Result<GlobalStats> {
+        let per_cpu = self.global.get(&lb_common::GLOBAL_STATS_KEY, 0)?;
+        let mut sum = GlobalStats::default();
+        for s in per_cpu.iter() {
+            sum.passed += s.passed;
+            sum.redirected += s.redirected;
+            sum.translated_passed += s.translated_passed;
+            sum.malformed += s.malformed;
+        }
+        Ok(sum)
+    }
+}
+
+impl crate::reconcile::MapWriter for Maps {
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends
+            .insert(id, backend, 0)
+            .with_context(|| format!("writing backend {id} to {}", names::BACKENDS))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        ignore_missing(self.backends.remove(&id))
+            .with_context(|| format!("deleting backend {id} from {}", names::BACKENDS))
+    }
+    fn put_maglev_slot(&mut self, index: u32, backend_id: u32) -> Result<()> {
+        self.maglev
+            .set(index, backend_id, 0)
+            .with_context(|| format!("writing slot {index} of {}", names::MAGLEV))
+    }
+    fn put_service(&mut self, key: &FrontendKey, service: &Service) -> Result<()> {
+        self.services.insert(key, service, 0).with_context(|| {
+            format!(
+                "writing service {} to {}",
+                service.service_id,
+                names::SERVICES
+            )
+        })
+    }
+    fn delete_service(&mut self, key: &FrontendKey) -> Result<()> {
+        ignore_missing(self.services.remove(key))
+            .with_context(|| format!("deleting a frontend from {}", names::SERVICES))
+    }
+    fn put_source_range(&mut self, key: &SourceRange, prefix_len: u32) -> Result<()> {
+        self.source_ranges
+            .insert(&aya::maps::lpm_trie::Key::new(prefix_len, *key), 1, 0)
+            .with_context(|| format!("writing a range to {}", names::SOURCE_RANGES))
+    }
+    fn delete_source_range(&mut self, key: &SourceRange, prefix_len: u32) -> Result<()> {
+        ignore_missing(
+            self.source_ranges
+                .remove(&aya::maps::lpm_trie::Key::new(prefix_len, *key)),
+        )
+        .with_context(|| format!("deleting a range from {}", names::SOURCE_RANGES))
+    }
+    fn reset_stats(&mut self, service_id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![ServiceStats::default(); cpus])?;
+        self.stats
+            .set(service_id, zeros, 0)
+            .with_context(|| format!("clearing counters of service {service_id}"))
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// What the sweeper removed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SweepSummary {
+    pub scanned: usize,
+    pub expired: usize,
+    pub service_gone: usize,
+    pub udp_backend_gone: usize,
+}
+
+impl Maps {
+    /// One pass of the flow sweeper (see `conntrack`).
+    pub fn sweep_flows(
+        &mut self,
+        timeouts: &crate::conntrack::Timeouts,
+        services: &std::collections::HashSet<u32>,
+        backends: &std::collections::HashSet<u32>,
+    ) -> SweepSummary {
+        use crate::conntrack::{Verdict, judge, partner_key};
+        let now = crate::netdev::monotonic_ns();
+        let mut summary = SweepSummary::default();
+        let mut doomed = Vec::new();
+        for entry in self.flows.iter() {
+            let Ok((key, flow)) = entry else { continue };
+            summary.scanned += 1;
+            // Cheap verdict first; the partner is read only when needed.
+            let alone = judge(&key, &flow, None, now, timeouts, services, backends);
+            if alone == Verdict::Keep {
+                continue;
+            }
+            let partner = partner_key(&key, &flow);
+            let verdict = if alone == Verdict::Expired {
+                let p = self.flows.get(&partner, 0).ok();
+                judge(&key, &flow, p.as_ref(), now, timeouts, services, backends)
+            } else {
+                alone
+            };
+            match verdict {
+                Verdict::Keep => continue,
+                Verdict::Expired => summary.expired += 1,
+                Verdict::ServiceGone => summary.service_gone += 1,
+                Verdict::UdpBackendGone => summary.udp_backend_gone += 1,
+            }
+            doomed.push(key);
+            doomed.push(partner);
+        }
+        for key in doomed {
+            let _ = self.flows.remove(&key);
+        }
+        summary
+    }
+
+    /// Everything the reconciler needs to adopt pinned state.
+    pub fn snapshot_for_adoption(
+        &self,
+    ) -> (
+        Vec<crate::reconcile::AdoptedService>,
+        Vec<(u32, Backend)>,
+        Vec<(SourceRange, u32)>,
+    ) {
+        let services = self
+            .services
+            .iter()
+            .flatten()
+            .map(|(key, value)| crate::reconcile::AdoptedService { key, value })
+            .collect();
+        let backends = self.backends.iter().flatten().collect();
+        let ranges = self
+            .source_ranges
+            .iter()
+            .flatten()
+            .map(|(k, _)| (k.data(), k.prefix_len()))
+            .collect();
+        (services, backends, ranges)
+    }
+
+    pub fn write_config(&mut self, config: &Config) -> Result<()> {
+        self.config
+            .set(lb_common::CONFIG_KEY, config, 0)
+            .with_context(|| format!("writing {}", names::CONFIG))
+    }
+}

@@ -1,0 +1,180 @@
+//! The kernel side: the aya `Ebpf` object, its attachments and its maps.
+//! Maps and links are pinned under `<bpffs>/xlb/<node-name>/`, so the
+//! program keeps forwarding while the agent restarts, and a restarted (or
+//! upgraded) agent adopts the maps, with every flow in them, and atomically
+//! swaps its program into the existing links.
+
+pub mod attach;
+pub mod maps;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{Ebpf, EbpfLoader, programs::ProgramError};
+use lb_common::MAGLEV_TABLE_SIZE;
+
+pub use maps::Maps;
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+/// `statfs` magic of a BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Map sizes, chosen at load time. Pinned maps that already exist keep the
+/// size they were created with.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_flows: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_services: 4096,
+            max_backends: 65536,
+            max_flows: 262_144,
+        }
+    }
+}
+
+/// Where one node's pins live.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    pub root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(bpffs: &Path, node_name: &str) -> Self {
+        Self {
+            root: bpffs.join("xlb").join(node_name),
+        }
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+}
+
+/// Mounts a BPF filesystem at `bpffs` unless one is there already.
+pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
+    fs::create_dir_all(bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
+    if is_bpffs(bpffs)? {
+        return Ok(());
+    }
+    let target = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!(
+            "{} is not a BPF filesystem and mounting one there failed: {err} (run as root, or mount it: mount -t bpf bpf {})",
+            bpffs.display(),
+            bpffs.display()
+        );
+    }
+    tracing::info!(path = %bpffs.display(), "mounted BPF filesystem");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid path and `st` a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Loads the embedded object, creating or adopting the pinned maps, and
+/// loads (verifies) its programs.
+pub fn load(pins: &PinDir, limits: Limits) -> Result<Ebpf> {
+    if OBJECT.is_empty() {
+        bail!(
+            "this xlb binary was built without its eBPF object: run `cargo xtask build-ebpf` and rebuild"
+        );
+    }
+    check_privileges()?;
+    fs::create_dir_all(pins.maps())
+        .with_context(|| format!("creating pin directory {}", pins.maps().display()))?;
+    fs::create_dir_all(pins.links())
+        .with_context(|| format!("creating pin directory {}", pins.links().display()))?;
+    let maglev_slots = limits
+        .max_services
+        .checked_mul(MAGLEV_TABLE_SIZE)
+        .context("--max-services too large for the Maglev table")?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins.maps())
+        .map_max_entries("XLB_SERVICES", limits.max_services)
+        .map_max_entries("XLB_STATS", limits.max_services)
+        .map_max_entries("XLB_MAGLEV", maglev_slots)
+        .map_max_entries("XLB_SRC_RANGES", limits.max_services.saturating_mul(4))
+        .map_max_entries("XLB_BACKENDS", limits.max_backends)
+        .map_max_entries("XLB_AFFINITY", limits.max_flows / 4 + 1)
+        .map_max_entries("XLB_FLOWS", limits.max_flows)
+        .load(OBJECT)
+        .context("loading the xlb eBPF object (creating or opening its maps)")?;
+    for name in [attach::XDP_PROGRAM, attach::TC_PROGRAM] {
+        load_program(&mut ebpf, name)?;
+    }
+    Ok(ebpf)
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?;
+    let result = match program {
+        aya::programs::Program::Xdp(p) => p.load(),
+        aya::programs::Program::SchedClassifier(p) => p.load(),
+        _ => bail!("program {name} has an unexpected type"),
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => {
+            bail!("the kernel rejected program {name}: {io_error}\nverifier log:\n{verifier_log}")
+        }
+        Err(e) => Err(e).with_context(|| format!("loading program {name}")),
+    }
+}
+
+/// Fails early, with a message an operator understands, when the process
+/// lacks the capabilities to load BPF programs.
+fn check_privileges() -> Result<()> {
+    // CAP_BPF = 39, CAP_NET_ADMIN = 12, CAP_SYS_ADMIN = 21 (covers both on
+    // older kernels).
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| effective & (1u64 << bit) != 0;
+    if !(has(21) || (has(39) && has(12))) {
+        bail!(
+            "xlb needs root or CAP_BPF + CAP_NET_ADMIN (+ CAP_PERFMON) to load its programs; effective capabilities are {effective:#x}"
+        );
+    }
+    Ok(())
+}

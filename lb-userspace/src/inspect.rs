@@ -1,0 +1,192 @@
+//! `xlb inspect`: the live maps, read from their pins, as tables or JSON.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use lb_common::{
+    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_SNAT, Flow,
+    FlowKey, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    dataplane::Maps, model::Protocol, netdev, reconcile::frontend_from_key,
+    state_file::FrontendInfo,
+};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum What {
+    Services,
+    Backends,
+    Flows,
+    Stats,
+}
+
+fn v4(a: &[u8; 16]) -> Ipv4Addr {
+    Ipv4Addr::new(a[0], a[1], a[2], a[3])
+}
+
+fn flags_text(pairs: &[(bool, &str)]) -> String {
+    let v: Vec<&str> = pairs
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+/// Rows as JSON objects; printed as a table or as a JSON array.
+pub fn rows(
+    maps: &Maps,
+    what: What,
+    names: &std::collections::BTreeMap<u32, FrontendInfo>,
+) -> Result<Vec<Value>> {
+    let name_of = |id: u32| {
+        names
+            .get(&id)
+            .map(|i| i.service.clone())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    match what {
+        What::Services => {
+            for entry in maps.services.iter() {
+                let (key, s) = entry?;
+                let frontend = frontend_from_key(&key)
+                    .map(|f| f.to_string())
+                    .unwrap_or_default();
+                out.push(json!({
+                    "service_id": s.service_id,
+                    "frontend": frontend,
+                    "service": name_of(s.service_id),
+                    "backends": s.backend_count,
+                    "flags": flags_text(&[
+                        (s.flags & SERVICE_F_LOCAL_ONLY != 0, "local"),
+                        (s.flags & SERVICE_F_SOURCE_RANGES != 0, "source-ranges"),
+                        (s.flags & SERVICE_F_AFFINITY != 0, "affinity"),
+                    ]),
+                    "affinity_timeout": s.affinity_timeout,
+                }));
+            }
+            out.sort_by_key(|v| v["service_id"].as_u64());
+        }
+        What::Backends => {
+            for entry in maps.backends.iter() {
+                let (id, b) = entry?;
+                out.push(json!({
+                    "backend_id": id,
+                    "service_id": b.service_id,
+                    "service": name_of(b.service_id),
+                    "address": format!("{}:{}", v4(&b.addr), b.port.host()),
+                    "flags": flags_text(&[
+                        (b.flags & BACKEND_F_LOCAL != 0, "local"),
+                        (b.flags & BACKEND_F_TERMINATING != 0, "terminating"),
+                    ]),
+                }));
+            }
+            out.sort_by_key(|v| v["backend_id"].as_u64());
+        }
+        What::Flows => {
+            let now = netdev::monotonic_ns();
+            for entry in maps.flows.iter() {
+                let (key, flow): (FlowKey, Flow) = entry?;
+                let proto = Protocol::from_number(key.proto)
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| key.proto.to_string());
+                out.push(json!({
+                    "protocol": proto,
+                    "from": format!("{}:{}", v4(&key.src_addr), key.src_port.host()),
+                    "to": format!("{}:{}", v4(&key.dst_addr), key.dst_port.host()),
+                    "rewritten_from": format!("{}:{}", v4(&flow.src_addr), flow.src_port.host()),
+                    "rewritten_to": format!("{}:{}", v4(&flow.dst_addr), flow.dst_port.host()),
+                    "service_id": flow.service_id,
+                    "backend_id": flow.backend_id,
+                    "direction": if flow.flags & FLOW_F_REPLY != 0 { "reply" } else { "forward" },
+                    "flags": flags_text(&[
+                        (flow.flags & FLOW_F_SNAT != 0, "snat"),
+                        (flow.flags & FLOW_F_CLOSING != 0, "closing"),
+                    ]),
+                    "idle_s": now.saturating_sub(flow.last_seen_ns) / 1_000_000_000,
+                }));
+            }
+        }
+        What::Stats => {
+            let mut ids: Vec<u32> = Vec::new();
+            for entry in maps.services.iter() {
+                ids.push(entry?.1.service_id);
+            }
+            ids.sort();
+            for id in ids {
+                let s = maps.service_stats(id)?;
+                out.push(json!({
+                    "service_id": id,
+                    "service": name_of(id),
+                    "packets": s.packets,
+                    "bytes": s.bytes,
+                    "reply_packets": s.reply_packets,
+                    "reply_bytes": s.reply_bytes,
+                    "new_flows": s.new_flows,
+                    "drop_source_range": s.drop_source_range,
+                    "drop_no_backend": s.drop_no_backend,
+                    "drop_snat_exhausted": s.drop_snat_exhausted,
+                    "drop_unsupported": s.drop_unsupported,
+                }));
+            }
+            let g = maps.global_stats()?;
+            out.push(json!({
+                "service_id": "node",
+                "service": "(not a service)",
+                "passed": g.passed,
+                "redirected": g.redirected,
+                "translated_passed": g.translated_passed,
+                "malformed": g.malformed,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// Renders rows as an aligned table, columns in the order of the first row.
+pub fn table(rows: &[Value]) -> String {
+    let Some(first) = rows.iter().find_map(|r| r.as_object()) else {
+        return "(empty)\n".into();
+    };
+    let mut columns: Vec<String> = first.keys().cloned().collect();
+    for r in rows {
+        if let Some(o) = r.as_object() {
+            for k in o.keys() {
+                if !columns.contains(k) {
+                    columns.push(k.clone());
+                }
+            }
+        }
+    }
+    let cell = |v: Option<&Value>| match v {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+    };
+    let mut widths: Vec<usize> = columns.iter().map(|c| c.len()).collect();
+    for r in rows {
+        for (i, c) in columns.iter().enumerate() {
+            widths[i] = widths[i].max(cell(r.get(c)).len());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            s.push_str(&format!("{:<w$}  ", c, w = widths[i]));
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    out.push_str(&line(columns.iter().map(|c| c.to_uppercase()).collect()));
+    for r in rows {
+        out.push_str(&line(columns.iter().map(|c| cell(r.get(c))).collect()));
+    }
+    out
+}

@@ -1,0 +1,203 @@
+//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench`.
+//!
+//! Every task prepares what it needs by itself, idempotently: the nightly
+//! toolchain's `rust-src`, and `bpf-linker` built against that toolchain's own
+//! LLVM, installed under `target/tools` so nothing global is touched.
+
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "xlb project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (lb-ebpf) for bpfel-unknown-none, preparing the
+    /// toolchain first.
+    BuildEbpf {
+        /// Kept for symmetry: the eBPF object is always built optimised (the
+        /// verifier needs it).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build the eBPF object and the xlb binary (release).
+    Build,
+    /// Build everything, run unit tests, then the privileged end-to-end tests.
+    Test {
+        /// Extra arguments for the end-to-end test binary (e.g. a test name).
+        #[arg(trailing_var_arg = true)]
+        filter: Vec<String>,
+    },
+    /// Build everything and run the demo: a small topology in network
+    /// namespaces with real traffic through xlb.
+    Demo,
+    /// Benchmark xlb against the iptables and nftables paths.
+    Bench {
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::BuildEbpf { release: _ } => build_ebpf().map(|_| ()),
+        Task::Build => build_all(),
+        Task::Test { filter } => test(&filter),
+        Task::Demo => demo(),
+        Task::Bench { quick } => bench(quick),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Where `build-ebpf` leaves the object; lb-userspace's build script embeds
+/// it from there.
+pub fn ebpf_object() -> PathBuf {
+    workspace_root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> Result<PathBuf> {
+    let tools = toolchain::prepare()?;
+    let root = workspace_root();
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root.join("lb-ebpf"))
+        .arg(format!("+{}", toolchain::NIGHTLY))
+        .args([
+            "build",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+            "--release",
+            "--target-dir",
+        ])
+        .arg(root.join("target/ebpf"))
+        .env("PATH", tools.path_with_linker())
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR");
+    run(&mut cmd).context("building lb-ebpf")?;
+    let object = ebpf_object();
+    if !object.exists() {
+        bail!("lb-ebpf built but {} is missing", object.display());
+    }
+    println!("eBPF object: {}", object.display());
+    Ok(object)
+}
+
+fn build_all() -> Result<()> {
+    build_ebpf()?;
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "lb-userspace",
+    ]))
+}
+
+/// Path of the release `xlb` binary.
+pub fn xlb_binary() -> PathBuf {
+    workspace_root().join("target/release/xlb")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn test(filter: &[String]) -> Result<()> {
+    let started = Instant::now();
+    build_all()?;
+    let root = workspace_root();
+    // Unit tests (no privileges needed).
+    run(Command::new("cargo").current_dir(&root).args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "xlb-tests",
+    ]))
+    .context("unit tests failed")?;
+    // Privileged end-to-end tests. As root (CI) they must run; without root
+    // they cannot, and we say so loudly instead of pretending.
+    if !is_root() {
+        bail!(
+            "the end-to-end tests need root (network namespaces, XDP); run `sudo cargo xtask test`"
+        );
+    }
+    let mut e2e = Command::new("cargo");
+    e2e.current_dir(&root)
+        .args(["test", "--release", "-p", "xlb-tests", "--"])
+        // The tests share one machine's CPUs and each builds its own
+        // topology; serial runs keep timing-sensitive checks honest.
+        .args(["--test-threads", "1"])
+        .args(filter)
+        .env("XLB_BIN", xlb_binary());
+    run(&mut e2e).context("end-to-end tests failed")?;
+    println!(
+        "xtask test: all suites passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    build_all()?;
+    if !is_root() {
+        bail!("the demo creates network namespaces and attaches XDP: run it as root");
+    }
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "xlb-tests",
+            "--bin",
+            "xlb-demo",
+        ])
+        .env("XLB_BIN", xlb_binary()))
+}
+
+fn bench(_quick: bool) -> Result<()> {
+    bail!(
+        "`cargo xtask bench` is not implemented yet: it will compare xlb with the iptables, nftables and bare-XDP paths (see shared/DESIGN.md section 5)"
+    )
+}
