@@ -18,7 +18,7 @@ use lb_common::{
 
 use crate::{
     maps::{AFFINITY, BACKENDS, CONFIG, FLOWS, MAGLEV, SERVICES, SOURCE_RANGES, STATS},
-    packet::{TCP_FIN, TCP_RST, v4_raw},
+    packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, v4_raw},
 };
 
 /// How often a flow's `last_seen_ns` is refreshed: writing it on every packet
@@ -83,6 +83,14 @@ pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64) -> Option<Flow> {
         }
     }
     Some(*flow)
+}
+
+/// A bare SYN on a forward flow that already saw FIN or RST.
+#[inline(always)]
+pub fn is_reopened(key: &FlowKey, tcp_flags: u8, flow: &Flow) -> bool {
+    key.proto == PROTO_TCP
+        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && flow.flags & (FLOW_F_CLOSING | FLOW_F_REPLY) == FLOW_F_CLOSING
 }
 
 /// The frontend a packet is addressed to, if any.

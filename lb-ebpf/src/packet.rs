@@ -47,6 +47,8 @@ pub const UDP_CHECK_OFFSET: usize = 6;
 /// Offset of the TCP flags byte (FIN=0x01, SYN=0x02, RST=0x04).
 pub const TCP_FLAGS_OFFSET: usize = 13;
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 pub const TCP_RST: u8 = 0x04;
 
 /// Why a packet is not translated.

@@ -1,0 +1,607 @@
+//! Privileged end-to-end tests: real packets from a client namespace through
+//! the real XDP/tcx programs, driven by the real `xlb agent`, to real servers
+//! in pod namespaces. Run by `cargo xtask test` (as root).
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use xlb_tests::{
+    CLIENT_ADDR, CLIENT_ADDR_2, Conn, NODE_ADDR, Topology,
+    manifests::{ServiceSpec, endpoint_slice, service},
+    ns_sh, sh, snmp_counter, tcp_request, udp_request, wait_until,
+};
+
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+const DNS: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
+const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 12);
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the end-to-end tests need root (network namespaces, XDP): run `cargo xtask test` as root"
+    );
+}
+
+/// Writes the node objects and the `web` service (TCP 80 → 8080, UDP 53 →
+/// 8080) over pods a, b (local) and c (remote).
+fn web_service(t: &Topology, extra_spec: &str) -> Result<()> {
+    t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
+    t.write_manifest(
+        "web.yaml",
+        &service(&ServiceSpec {
+            name: "web",
+            frontend: WEB,
+            ports: &[("http", "TCP", 80, "8080"), ("dns", "UDP", 53, "8080")],
+            extra_spec,
+        }),
+    )?;
+    write_web_endpoints(t, &["pod-a", "pod-b", "pod-c"])
+}
+
+fn write_web_endpoints(t: &Topology, pods: &[&str]) -> Result<()> {
+    let eps: Vec<(Ipv4Addr, &str, bool)> = pods
+        .iter()
+        .map(|p| {
+            let pod = t.pod(p);
+            (pod.addr, t.node_of(pod), true)
+        })
+        .collect();
+    t.write_manifest(
+        "web-endpoints.yaml",
+        &endpoint_slice("web", &eps, &[("http", "TCP", 8080), ("dns", "UDP", 8080)]),
+    )
+}
+
+/// Waits until the agent has programmed `n` backends in total.
+fn wait_backends(t: &Topology, n: usize) -> Result<()> {
+    wait_until(
+        &format!("{n} backends programmed"),
+        Duration::from_secs(5),
+        || t.inspect("backends").map(|b| b.len() == n).unwrap_or(false),
+    )
+}
+
+fn tally(replies: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in replies {
+        *m.entry(r.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+fn assert_even(what: &str, counts: &BTreeMap<String, usize>, total: usize, backends: usize) {
+    assert_eq!(
+        counts.len(),
+        backends,
+        "{what}: not every backend answered: {counts:?}"
+    );
+    let even = total as f64 / backends as f64;
+    for (b, n) in counts {
+        let dev = (*n as f64 - even).abs() / even;
+        assert!(
+            dev <= 0.30,
+            "{what}: backend {b} got {n} of {total} (more than 30% off even): {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn smoke_native_xdp_attach_and_detach() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
+    let mut agent = t.start_agent()?;
+    let link = ns_sh(&t.node, &["ip", "-d", "link", "show", "dev", "uplink"])?;
+    assert!(
+        link.contains("xdp ") || link.contains("xdpdrv"),
+        "XDP not attached in native mode:\n{link}\n{}",
+        agent.log_text()
+    );
+    assert!(
+        !agent.log_text().contains("generic XDP"),
+        "fell back to generic XDP"
+    );
+    agent.stop()?;
+    // Still attached after the agent stopped: the links are pinned.
+    let link = ns_sh(&t.node, &["ip", "link", "show", "dev", "uplink"])?;
+    assert!(
+        link.contains("prog/xdp"),
+        "XDP detached when the agent stopped:\n{link}"
+    );
+    t.xlb(&["reset"])?;
+    let link = ns_sh(&t.node, &["ip", "link", "show", "dev", "uplink"])?;
+    assert!(
+        !link.contains("prog/xdp"),
+        "XDP still attached after reset:\n{link}"
+    );
+    Ok(())
+}
+
+#[test]
+fn tcp_and_udp_reach_every_backend_evenly() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, "")?;
+    let _agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+
+    let mut tcp = Vec::new();
+    for _ in 0..300 {
+        tcp.push(tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?.backend);
+    }
+    assert_even("TCP", &tally(&tcp), 300, 3);
+
+    let mut udp = Vec::new();
+    for _ in 0..300 {
+        udp.push(udp_request(&t.client, SocketAddrV4::new(WEB, 53))?.backend);
+    }
+    assert_even("UDP", &tally(&udp), 300, 3);
+    // A reused client port may meet its closing flow again, so fewer new
+    // flows than connections can be counted; packets are exact lower bounds.
+    assert!(t.stat("new_flows")? > 0);
+    assert!(t.stat("packets")? >= 300 * 3 + 300);
+    // Replies of the remote backend came back through the uplink and were
+    // redirected by XDP, not handed to the kernel.
+    let node = t.inspect("stats")?.pop().context("node row")?;
+    assert!(node["redirected"].as_u64().unwrap_or(0) > 0, "{node}");
+    Ok(())
+}
+
+#[test]
+fn remote_backend_sees_node_address_local_backends_see_client() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, "")?;
+    let _agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+    let mut seen = BTreeMap::new();
+    for _ in 0..60 {
+        let r = tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?;
+        seen.insert(r.backend.clone(), r.peer);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (backend, peer) in &seen {
+        match backend.as_str() {
+            "pod-c" => {
+                assert_eq!(
+                    peer.ip(),
+                    NODE_ADDR,
+                    "remote backend must see the node address"
+                );
+                assert!((32768..=60999).contains(&peer.port()), "SNAT port {peer}");
+            }
+            _ => assert_eq!(
+                peer.ip(),
+                CLIENT_ADDR,
+                "local backend {backend} must see the client"
+            ),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn local_policy_keeps_client_address_and_drops_without_local_backend() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
+    let local = |name: &str, ip: Ipv4Addr| {
+        service(&ServiceSpec {
+            name,
+            frontend: ip,
+            ports: &[("http", "TCP", 80, "8080")],
+            extra_spec: "  externalTrafficPolicy: Local\n",
+        })
+    };
+    t.write_manifest("local.yaml", &local("local", LOCAL))?;
+    let all: Vec<(Ipv4Addr, &str, bool)> = t
+        .pods
+        .iter()
+        .map(|p| (p.addr, t.node_of(p), true))
+        .collect();
+    t.write_manifest(
+        "local-endpoints.yaml",
+        &endpoint_slice("local", &all, &[("http", "TCP", 8080)]),
+    )?;
+    // A Local service whose only endpoint is on the other node.
+    t.write_manifest("remote-only.yaml", &local("remote-only", DNS))?;
+    let pod_c = t.pod("pod-c");
+    t.write_manifest(
+        "remote-only-endpoints.yaml",
+        &endpoint_slice(
+            "remote-only",
+            &[(pod_c.addr, t.node_of(pod_c), true)],
+            &[("http", "TCP", 8080)],
+        ),
+    )?;
+    let _agent = t.start_agent()?;
+    wait_backends(&t, 2)?;
+
+    let mut backends = BTreeMap::new();
+    for _ in 0..60 {
+        let r = tcp_request(&t.client, SocketAddrV4::new(LOCAL, 80))?;
+        assert_eq!(
+            r.peer.ip(),
+            CLIENT_ADDR,
+            "Local policy must keep the client address"
+        );
+        *backends.entry(r.backend).or_insert(0) += 1;
+    }
+    assert_eq!(
+        backends.keys().cloned().collect::<Vec<_>>(),
+        vec!["pod-a".to_string(), "pod-b".to_string()],
+        "only node-local backends may answer"
+    );
+    assert!(
+        tcp_request(&t.client, SocketAddrV4::new(DNS, 80)).is_err(),
+        "a Local service without a local backend must not answer"
+    );
+    assert!(t.stat("drop_no_backend")? > 0, "the drop must be counted");
+    Ok(())
+}
+
+#[test]
+fn named_target_port_resolves_through_endpoint_slice() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080, 8081])?;
+    t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
+    t.write_manifest(
+        "named.yaml",
+        &service(&ServiceSpec {
+            name: "named",
+            frontend: WEB,
+            ports: &[("http", "TCP", 80, "web"), ("alt", "TCP", 81, "8080")],
+            extra_spec: "",
+        }),
+    )?;
+    let eps: Vec<(Ipv4Addr, &str, bool)> = t
+        .pods
+        .iter()
+        .map(|p| (p.addr, t.node_of(p), true))
+        .collect();
+    // The endpoints controller resolves the named port `web` to 8081 and
+    // names the slice port after the Service port (`http`).
+    t.write_manifest(
+        "named-endpoints.yaml",
+        &endpoint_slice(
+            "named",
+            &eps,
+            &[("http", "TCP", 8081), ("alt", "TCP", 8080)],
+        ),
+    )?;
+    let _agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+    for _ in 0..10 {
+        assert_eq!(
+            tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?.port,
+            8081
+        );
+        assert_eq!(
+            tcp_request(&t.client, SocketAddrV4::new(WEB, 81))?.port,
+            8080
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn established_flow_survives_backend_removal() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, "")?;
+    let _agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+
+    // One established connection per backend.
+    let mut conns: BTreeMap<String, Conn> = BTreeMap::new();
+    for _ in 0..200 {
+        let mut c = Conn::open(&t.client, SocketAddrV4::new(WEB, 80), None)?;
+        let b = c.ask("first")?.backend;
+        conns.entry(b).or_insert(c);
+        if conns.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(conns.len(), 3);
+
+    for removed in ["pod-c", "pod-a"] {
+        let remaining: Vec<&str> = ["pod-a", "pod-b", "pod-c"]
+            .into_iter()
+            .filter(|p| *p != removed && !(removed == "pod-a" && *p == "pod-c"))
+            .collect();
+        write_web_endpoints(&t, &remaining)?;
+        wait_backends(&t, remaining.len() * 2)?;
+        // The established connection to the removed backend still works.
+        let c = conns.get_mut(removed).unwrap();
+        for i in 0..5 {
+            let r = c.ask(&format!("still there {i}"))?;
+            assert_eq!(
+                r.backend, removed,
+                "established flow moved to another backend"
+            );
+        }
+        // New connections avoid it.
+        for _ in 0..50 {
+            let r = tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?;
+            assert_ne!(
+                r.backend, removed,
+                "a new connection reached a removed backend"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn established_flow_survives_agent_restart() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, "")?;
+    let mut agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+    let mut conns = Vec::new();
+    for _ in 0..12 {
+        let mut c = Conn::open(&t.client, SocketAddrV4::new(WEB, 80), None)?;
+        let b = c.ask("before")?.backend;
+        conns.push((c, b));
+    }
+    agent.stop()?;
+    // Agent down: traffic keeps flowing through the pinned program.
+    for (c, b) in conns.iter_mut() {
+        assert_eq!(&c.ask("agent down")?.backend, b);
+    }
+    assert!(tcp_request(&t.client, SocketAddrV4::new(WEB, 80)).is_ok());
+    let agent2 = t.start_agent()?;
+    assert!(
+        agent2.log_text().contains("adopted pinned XDP link"),
+        "{}",
+        agent2.log_text()
+    );
+    wait_backends(&t, 6)?;
+    for (c, b) in conns.iter_mut() {
+        assert_eq!(
+            &c.ask("after restart")?.backend,
+            b,
+            "flow moved after restart"
+        );
+    }
+    let mut backends = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        backends.insert(tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?.backend);
+    }
+    assert_eq!(backends.len(), 3);
+    Ok(())
+}
+
+#[test]
+fn source_range_blocks_client_outside_it() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(
+        &t,
+        &format!("  loadBalancerSourceRanges:\n  - {CLIENT_ADDR}/32\n"),
+    )?;
+    let _agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+    let to = SocketAddrV4::new(WEB, 80);
+    for _ in 0..5 {
+        let mut c = Conn::open(&t.client, to, Some(CLIENT_ADDR))?;
+        c.ask("allowed")?;
+    }
+    let blocked = Conn::open(&t.client, to, Some(CLIENT_ADDR_2));
+    assert!(
+        blocked.is_err(),
+        "a client outside loadBalancerSourceRanges got through"
+    );
+    assert!(t.stat("drop_source_range")? > 0, "the drop must be counted");
+    Ok(())
+}
+
+#[test]
+fn malformed_manifests_are_reported_and_others_keep_working() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, "")?;
+    t.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [not, a, map\n",
+    )?;
+    t.write_manifest(
+        "bad-port.yaml",
+        &service(&ServiceSpec {
+            name: "bad-port",
+            frontend: DNS,
+            ports: &[("http", "TCP", 70000, "8080")],
+            extra_spec: "",
+        }),
+    )?;
+    t.write_manifest(
+        "bad-proto.yaml",
+        &service(&ServiceSpec {
+            name: "bad-proto",
+            frontend: LOCAL,
+            ports: &[("http", "SCTP", 80, "8080")],
+            extra_spec: "",
+        }),
+    )?;
+    let agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+    let log = agent.log_text();
+    for needle in ["broken.yaml", "bad-port", "70000", "bad-proto", "SCTP"] {
+        assert!(
+            log.contains(needle),
+            "agent log does not mention {needle}:\n{log}"
+        );
+    }
+    assert_eq!(
+        tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?.port,
+        8080
+    );
+
+    // A new broken file while running changes nothing for the others.
+    t.write_manifest("broken2.yml", "{{{{")?;
+    std::thread::sleep(Duration::from_millis(500));
+    wait_until("broken2.yml reported", Duration::from_secs(3), || {
+        agent.log_text().contains("broken2.yml")
+    })?;
+    assert_eq!(
+        t.inspect("services")?.len(),
+        2,
+        "web's two frontends must stay"
+    );
+    assert!(tcp_request(&t.client, SocketAddrV4::new(WEB, 80)).is_ok());
+    Ok(())
+}
+
+#[test]
+fn checksums_are_accepted_by_the_receiving_kernels() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, "")?;
+    let _agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+    for _ in 0..60 {
+        let mut c = Conn::open(&t.client, SocketAddrV4::new(WEB, 80), None)?;
+        c.ask("a")?;
+        c.ask(&"x".repeat(1200))?;
+        udp_request(&t.client, SocketAddrV4::new(WEB, 53))?;
+    }
+    // Every namespace that received translated packets verified their
+    // checksums (tx offload is off everywhere): no errors may be counted.
+    let mut namespaces = vec![t.client.clone()];
+    namespaces.extend(t.pods.iter().map(|p| p.ns.clone()));
+    for ns in namespaces {
+        for (proto, field) in [("Tcp", "InCsumErrors"), ("Udp", "InCsumErrors")] {
+            assert_eq!(
+                snmp_counter(&ns, proto, field)?,
+                0,
+                "{proto} {field} in {ns}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn non_service_traffic_passes_untouched() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, "")?;
+    let _agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+    // ICMP to the node and through it to a pod.
+    ns_sh(
+        &t.client,
+        &["ping", "-c", "2", "-W", "1", &NODE_ADDR.to_string()],
+    )?;
+    ns_sh(
+        &t.client,
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            &t.pod("pod-a").addr.to_string(),
+        ],
+    )?;
+    // Direct TCP to a pod address (not a frontend) reaches that pod,
+    // untranslated: the pod sees the client.
+    let r = tcp_request(&t.client, SocketAddrV4::new(t.pod("pod-b").addr, 8080))?;
+    assert_eq!(
+        (r.backend.as_str(), r.peer.ip()),
+        ("pod-b", CLIENT_ADDR.into())
+    );
+    // Another port on a frontend address is not a service: nothing answers
+    // it (no translation), and the node's own listener on its address works.
+    assert!(tcp_request(&t.client, SocketAddrV4::new(WEB, 8080)).is_err());
+    let passed_before = t
+        .inspect("stats")?
+        .last()
+        .and_then(|r| r["passed"].as_u64())
+        .unwrap_or(0);
+    let listener = xlb_tests::in_netns(&t.node, || std::net::TcpListener::bind("10.0.1.1:9999"))??;
+    let accept = std::thread::spawn(move || listener.accept().map(|(_, peer)| peer));
+    let _conn = xlb_tests::in_netns(&t.client, || {
+        std::net::TcpStream::connect_timeout(
+            &"10.0.1.1:9999".parse().unwrap(),
+            Duration::from_secs(1),
+        )
+    })??;
+    let peer = accept.join().unwrap()?;
+    assert_eq!(peer.ip(), CLIENT_ADDR);
+    let passed_after = t
+        .inspect("stats")?
+        .last()
+        .and_then(|r| r["passed"].as_u64())
+        .unwrap_or(0);
+    assert!(
+        passed_after > passed_before,
+        "passed packets must be counted"
+    );
+    Ok(())
+}
+
+#[test]
+fn service_removal_stops_the_frontend() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, "")?;
+    let _agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+    tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?;
+    t.remove_manifest("web.yaml")?;
+    wait_backends(&t, 0)?;
+    if tcp_request(&t.client, SocketAddrV4::new(WEB, 80)).is_ok() {
+        bail!("a removed service still answered");
+    }
+    let services = t.inspect("services")?;
+    assert!(services.is_empty(), "{services:?}");
+    let _ = sh(&["true"]).context("sanity")?;
+    Ok(())
+}
+
+#[test]
+fn client_ip_affinity_pins_a_client_to_one_backend() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(
+        &t,
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 60\n",
+    )?;
+    let _agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+    for from in [CLIENT_ADDR, CLIENT_ADDR_2] {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let mut c = Conn::open(&t.client, SocketAddrV4::new(WEB, 80), Some(from))?;
+            seen.insert(c.ask("hi")?.backend);
+        }
+        assert_eq!(seen.len(), 1, "client {from} was spread over {seen:?}");
+    }
+    let services = t.inspect("services")?;
+    assert!(
+        services
+            .iter()
+            .all(|s| s["flags"].as_str().unwrap_or("").contains("affinity"))
+    );
+    Ok(())
+}
