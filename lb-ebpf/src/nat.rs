@@ -102,7 +102,7 @@ pub fn frontend_of(key: &FlowKey) -> Option<&'static Service> {
         proto: key.proto,
         family: key.family,
     };
-    unsafe { SERVICES.get(&frontend) }
+    unsafe { SERVICES.get(frontend) }
 }
 
 /// Counts a packet for a frontend that xlb does not translate (IP options,
@@ -201,11 +201,11 @@ pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Decis
             family: key.family,
             _pad: [0; 2],
         };
-        if FLOWS.insert(&reply_key, &reply, 0).is_err() {
+        if FLOWS.insert(reply_key, reply, 0).is_err() {
             return Decision::Drop;
         }
     }
-    if FLOWS.insert(key, &forward, 0).is_err() {
+    if FLOWS.insert(key, forward, 0).is_err() {
         return Decision::Drop;
     }
     st.new_flows += 1;
@@ -222,30 +222,27 @@ fn pick_backend(service: &Service, key: &FlowKey, hash: u32, now: u64) -> Option
         client: key.src_addr,
     };
     let affinity = service.flags & SERVICE_F_AFFINITY != 0;
-    if affinity {
-        if let Some(pinned) = AFFINITY.get_ptr_mut(&affinity_key) {
-            let pinned = unsafe { &mut *pinned };
-            let timeout_ns = service.affinity_timeout as u64 * 1_000_000_000;
-            if now.wrapping_sub(pinned.last_seen_ns) < timeout_ns {
-                if let Some(backend) = unsafe { BACKENDS.get(&pinned.backend_id) } {
-                    if backend.service_id == service.service_id {
-                        pinned.last_seen_ns = now;
-                        return Some((pinned.backend_id, *backend));
-                    }
-                }
-            }
+    if affinity && let Some(pinned) = AFFINITY.get_ptr_mut(affinity_key) {
+        let pinned = unsafe { &mut *pinned };
+        let timeout_ns = service.affinity_timeout as u64 * 1_000_000_000;
+        if now.wrapping_sub(pinned.last_seen_ns) < timeout_ns
+            && let Some(backend) = unsafe { BACKENDS.get(pinned.backend_id) }
+            && backend.service_id == service.service_id
+        {
+            pinned.last_seen_ns = now;
+            return Some((pinned.backend_id, *backend));
         }
     }
     let slot = service.table_id * MAGLEV_TABLE_SIZE + hash % MAGLEV_TABLE_SIZE;
     let backend_id = *MAGLEV.get(slot)?;
-    let backend = *unsafe { BACKENDS.get(&backend_id) }?;
+    let backend = *unsafe { BACKENDS.get(backend_id) }?;
     if affinity {
         let pin = Affinity {
             last_seen_ns: now,
             backend_id,
             _pad: 0,
         };
-        let _ = AFFINITY.insert(&affinity_key, &pin, 0);
+        let _ = AFFINITY.insert(affinity_key, pin, 0);
     }
     Some((backend_id, backend))
 }
@@ -285,7 +282,7 @@ fn snat_allocate(
             family: key.family,
             _pad: [0; 2],
         };
-        if FLOWS.insert(&reply_key, reply, BPF_NOEXIST as u64).is_ok() {
+        if FLOWS.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {
             return Some((config.node_addr, port));
         }
     }

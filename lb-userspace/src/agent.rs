@@ -71,15 +71,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
 
     let mut reconciler = Reconciler::new(cfg.limits.max_services, cfg.limits.max_backends);
-    let (services, backends, ranges) = maps.snapshot_for_adoption();
-    if !services.is_empty() {
+    let found = maps.snapshot_for_adoption();
+    if !found.services.is_empty() {
         tracing::info!(
-            services = services.len(),
-            backends = backends.len(),
+            services = found.services.len(),
+            backends = found.backends.len(),
             "adopting pinned state from a previous agent"
         );
     }
-    reconciler.adopt(services, backends, ranges);
+    reconciler.adopt(found);
 
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let _watcher = watch_dir(&cfg.manifests, tx)?;

@@ -150,8 +150,32 @@ pub fn rows(
     Ok(out)
 }
 
-/// Renders rows as an aligned table, columns in the order of the first row.
+/// Renders rows as aligned tables: consecutive rows with the same columns
+/// share one table (the node-wide counters of `stats` get their own).
 pub fn table(rows: &[Value]) -> String {
+    let mut out = String::new();
+    let mut start = 0;
+    let keys = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for i in 1..=rows.len() {
+        if i == rows.len() || keys(&rows[i]) != keys(&rows[start]) {
+            if start > 0 {
+                out.push('\n');
+            }
+            out.push_str(&one_table(&rows[start..i]));
+            start = i;
+        }
+    }
+    if rows.is_empty() {
+        out.push_str("(empty)\n");
+    }
+    out
+}
+
+fn one_table(rows: &[Value]) -> String {
     let Some(first) = rows.iter().find_map(|r| r.as_object()) else {
         return "(empty)\n".into();
     };

@@ -73,6 +73,15 @@ pub struct AdoptedService {
     pub value: lb_common::Service,
 }
 
+/// What a previous agent left in the pinned maps.
+#[derive(Default)]
+pub struct Adoption {
+    pub services: Vec<AdoptedService>,
+    pub backends: Vec<(u32, lb_common::Backend)>,
+    /// Trie keys with their prefix lengths.
+    pub source_ranges: Vec<(lb_common::SourceRange, u32)>,
+}
+
 pub struct Reconciler {
     programmed: BTreeMap<Frontend, Programmed>,
     /// FIFO, so a freed id is reused as late as possible (its stale flows
@@ -163,12 +172,12 @@ impl Reconciler {
     /// Takes over what a previous agent left in the pinned maps: service ids
     /// and backend ids are kept (so affinity pins and counters survive); every
     /// adopted frontend is rewritten on the next apply.
-    pub fn adopt(
-        &mut self,
-        services: Vec<AdoptedService>,
-        backends: Vec<(u32, lb_common::Backend)>,
-        source_ranges: Vec<(lb_common::SourceRange, u32)>,
-    ) {
+    pub fn adopt(&mut self, found: Adoption) {
+        let Adoption {
+            services,
+            backends,
+            source_ranges,
+        } = found;
         let mut by_service: BTreeMap<u32, Programmed> = BTreeMap::new();
         let mut frontends: BTreeMap<u32, Frontend> = BTreeMap::new();
         for s in services {
@@ -514,10 +523,12 @@ mod tests {
                 }
                 for slot in 0..MAGLEV_TABLE_SIZE {
                     let i = s.table_id * MAGLEV_TABLE_SIZE + slot;
-                    if let Some(b) = self.maglev.get(&i) {
-                        if !self.backends.contains_key(b) {
-                            self.dangling_seen = true;
-                        }
+                    if self
+                        .maglev
+                        .get(&i)
+                        .is_some_and(|b| !self.backends.contains_key(b))
+                    {
+                        self.dangling_seen = true;
                     }
                 }
             }
@@ -704,7 +715,11 @@ mod tests {
             maps.backends.iter().map(|(k, v)| (*k, *v)).collect();
         let ids_before: BTreeSet<u32> = maps.backends.keys().copied().collect();
         let mut second = Reconciler::new(16, 1024);
-        second.adopt(services, backends, vec![]);
+        second.adopt(Adoption {
+            services,
+            backends,
+            source_ranges: vec![],
+        });
         let s = second.apply(&d, &mut maps);
         assert_eq!((s.updated, s.added), (1, 0));
         let ids_after: BTreeSet<u32> = maps.backends.keys().copied().collect();

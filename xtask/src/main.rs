@@ -34,6 +34,9 @@ enum Task {
     },
     /// Build the eBPF object and the xlb binary (release).
     Build,
+    /// `cargo fmt --check` and clippy (-D warnings) for the workspace and for
+    /// lb-ebpf on its own target.
+    Lint,
     /// Build everything, run unit tests, then the privileged end-to-end tests.
     Test {
         /// Extra arguments for the end-to-end test binary (e.g. a test name).
@@ -55,6 +58,7 @@ fn main() {
     let result = match cli.task {
         Task::BuildEbpf { release: _ } => build_ebpf().map(|_| ()),
         Task::Build => build_all(),
+        Task::Lint => lint(),
         Task::Test { filter } => test(&filter),
         Task::Demo => demo(),
         Task::Bench { quick } => bench(quick),
@@ -116,6 +120,45 @@ fn build_ebpf() -> Result<PathBuf> {
     Ok(object)
 }
 
+fn lint() -> Result<()> {
+    let root = workspace_root();
+    let tools = toolchain::prepare()?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["fmt", "--all", "--check"]))
+    .context("formatting differs: run `cargo fmt --all`")?;
+    run(Command::new("cargo")
+        .current_dir(root.join("lb-ebpf"))
+        .arg(format!("+{}", toolchain::NIGHTLY))
+        .args(["fmt", "--check"]))
+    .context("lb-ebpf formatting differs: run `cargo +nightly fmt` in lb-ebpf")?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("cargo")
+        .current_dir(root.join("lb-ebpf"))
+        .arg(format!("+{}", toolchain::NIGHTLY))
+        .args([
+            "clippy",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args(["--release", "--target-dir"])
+        .arg(root.join("target/ebpf"))
+        .args(["--", "-D", "warnings"])
+        .env("PATH", tools.path_with_linker())
+        .env_remove("RUSTUP_TOOLCHAIN"))
+    .context("clippy on lb-ebpf")
+}
+
 fn build_all() -> Result<()> {
     build_ebpf()?;
     run(Command::new("cargo").current_dir(workspace_root()).args([
@@ -144,19 +187,29 @@ unsafe extern "C" {
 fn test(filter: &[String]) -> Result<()> {
     let started = Instant::now();
     build_all()?;
+    lint()?;
     let root = workspace_root();
+    let mut totals = Totals::default();
     // Unit tests (no privileges needed).
-    run(Command::new("cargo").current_dir(&root).args([
-        "test",
-        "--release",
-        "--workspace",
-        "--exclude",
-        "xlb-tests",
-    ]))
-    .context("unit tests failed")?;
+    let unit = run_counted(
+        Command::new("cargo").current_dir(&root).args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "xlb-tests",
+        ]),
+        &mut totals,
+    );
+    if let Err(e) = unit {
+        totals.print();
+        return Err(e.context("unit tests failed"));
+    }
     // Privileged end-to-end tests. As root (CI) they must run; without root
     // they cannot, and we say so loudly instead of pretending.
     if !is_root() {
+        totals.failed += 1;
+        totals.print();
         bail!(
             "the end-to-end tests need root (network namespaces, XDP); run `sudo cargo xtask test`"
         );
@@ -169,11 +222,60 @@ fn test(filter: &[String]) -> Result<()> {
         .args(["--test-threads", "1"])
         .args(filter)
         .env("XLB_BIN", xlb_binary());
-    run(&mut e2e).context("end-to-end tests failed")?;
-    println!(
-        "xtask test: all suites passed in {:.0}s",
+    let e2e = run_counted(&mut e2e, &mut totals);
+    eprintln!(
+        "xtask test: unit and privileged end-to-end suites finished in {:.0}s",
         started.elapsed().as_secs_f64()
     );
+    totals.print();
+    e2e.context("end-to-end tests failed")
+}
+
+/// Test counts over every `cargo test` run, from libtest's result lines.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+}
+
+impl Totals {
+    /// The one plain summary line, last thing printed.
+    fn print(&self) {
+        println!("summary: {} passed, {} failed", self.passed, self.failed);
+    }
+}
+
+/// Runs a `cargo test` command, echoing its output and adding up its
+/// `test result: ... N passed; M failed` lines.
+fn run_counted(cmd: &mut Command, totals: &mut Totals) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let number = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            totals.passed += number("passed");
+            totals.failed += number("failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        if totals.failed == 0 {
+            // A build failure or a crash counts as a failure too.
+            totals.failed += 1;
+        }
+        bail!("{cmd:?} failed with {status}");
+    }
     Ok(())
 }
 

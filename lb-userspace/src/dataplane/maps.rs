@@ -238,13 +238,7 @@ impl Maps {
     }
 
     /// Everything the reconciler needs to adopt pinned state.
-    pub fn snapshot_for_adoption(
-        &self,
-    ) -> (
-        Vec<crate::reconcile::AdoptedService>,
-        Vec<(u32, Backend)>,
-        Vec<(SourceRange, u32)>,
-    ) {
+    pub fn snapshot_for_adoption(&self) -> crate::reconcile::Adoption {
         let services = self
             .services
             .iter()
@@ -258,7 +252,11 @@ impl Maps {
             .flatten()
             .map(|(k, _)| (k.data(), k.prefix_len()))
             .collect();
-        (services, backends, ranges)
+        crate::reconcile::Adoption {
+            services,
+            backends,
+            source_ranges: ranges,
+        }
     }
 
     pub fn write_config(&mut self, config: &Config) -> Result<()> {
