@@ -717,3 +717,4 @@ pub mod manifests {
         )
     }
 }
+pub mod bench;

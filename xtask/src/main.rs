@@ -298,8 +298,30 @@ fn demo() -> Result<()> {
         .env("XLB_BIN", xlb_binary()))
 }
 
-fn bench(_quick: bool) -> Result<()> {
-    bail!(
-        "`cargo xtask bench` is not implemented yet: it will compare xlb with the iptables, nftables and bare-XDP paths (see shared/DESIGN.md section 5)"
-    )
+fn bench(quick: bool) -> Result<()> {
+    build_all()?;
+    if !is_root() {
+        bail!("the benchmark creates network namespaces and attaches XDP: run it as root");
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "xlb-tests",
+            "--bin",
+            "xlb-bench",
+            "--",
+        ])
+        .env("XLB_BIN", xlb_binary())
+        .env(
+            "XLB_BENCH_OBJECT",
+            workspace_root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf-bench"),
+        );
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }
