@@ -57,6 +57,7 @@ pub struct GenConfig {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct GenState {
+    /// When the next frame may leave (paced runs).
     pub start_ns: u64,
     /// Frames actually sent (redirected or tail-called).
     pub sent: u64,
@@ -66,6 +67,11 @@ pub struct GenState {
 static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
 #[map]
 static GEN_STATE: PerCpuArray<GenState> = PerCpuArray::with_max_entries(1, 0);
+/// The template frame's first 64 bytes: restored into every frame, because
+/// a recycled live-frame page holds whatever the last receiver wrote into it
+/// (a forwarding stack rewrites MACs and TTL in place).
+#[map]
+static TEMPLATE: Array<[u64; 8]> = Array::with_max_entries(1, 0);
 #[map]
 static TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
@@ -103,14 +109,16 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
     };
     let state = unsafe { &mut *state };
     if cfg.rate_pps != 0 {
+        // A schedule, not a bucket: the next frame may leave at `start_ns`;
+        // a sender that fell behind (the gap between two test-run calls)
+        // restarts from now instead of bursting to catch up.
         let now = unsafe { bpf_ktime_get_ns() };
-        if state.start_ns == 0 {
-            state.start_ns = now;
-        }
-        let allowed = (now - state.start_ns) / 1000 * cfg.rate_pps / 1_000_000 + 1;
-        if state.sent >= allowed {
+        if now < state.start_ns {
             return xdp_action::XDP_DROP;
         }
+        let interval = 1_000_000_000 / cfg.rate_pps;
+        let next = state.start_ns + interval;
+        state.start_ns = if next + 2_000 < now { now } else { next };
     }
     let n = state.sent;
     state.sent = n + 1;
@@ -122,6 +130,18 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
     let src_port = (1024 + client % 50_000) as u16;
     let src_addr = cfg.src_addr_base.wrapping_add((client / 50_000) as u32);
 
+    let Some(template) = TEMPLATE.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if data + 64 > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    unsafe {
+        let words = data as *mut u64;
+        for (i, w) in template.iter().enumerate() {
+            words.add(i).write_unaligned(*w);
+        }
+    }
     let (src_addr, dst_addr) = (src_addr.to_be(), cfg.dst_addr);
     let (src_port, dst_port) = (src_port.to_be(), dst_port.to_be());
     let mut ip_delta = 0u32;
@@ -167,6 +187,13 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_noop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
+}
+
+/// On dut0 for the iptables and nftables runs: hands every frame to the
+/// kernel stack (the veth's XDP receive path takes redirected frames).
+#[xdp]
+pub fn bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[xdp]

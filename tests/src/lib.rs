@@ -333,7 +333,12 @@ impl Topology {
 
     /// Starts the agent in the node namespace.
     pub fn start_agent(&self) -> Result<Agent> {
-        Agent::start(self)
+        Agent::start(self, &[])
+    }
+
+    /// Starts the agent with extra command-line arguments.
+    pub fn start_agent_with(&self, extra: &[&str]) -> Result<Agent> {
+        Agent::start(self, extra)
     }
 
     pub fn xlb(&self, args: &[&str]) -> Result<String> {
@@ -385,7 +390,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn start(t: &Topology) -> Result<Agent> {
+    fn start(t: &Topology, extra: &[&str]) -> Result<Agent> {
         let log = t.dir.join("agent.log");
         // Several agents of one test share the log: only look at this one's.
         let offset = fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
@@ -410,6 +415,7 @@ impl Agent {
                 "1",
             ],
         )
+        .args(extra)
         .env("XLB_LOG", "info,xlb=debug")
         .stdout(log_file.try_clone()?)
         .stderr(log_file)

@@ -605,3 +605,45 @@ fn client_ip_affinity_pins_a_client_to_one_backend() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn snat_never_takes_a_port_the_node_uses() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
+    t.write_manifest(
+        "remote.yaml",
+        &service(&ServiceSpec {
+            name: "remote",
+            frontend: DNS,
+            ports: &[("dns", "UDP", 53, "8080")],
+            extra_spec: "",
+        }),
+    )?;
+    let pod_c = t.pod("pod-c");
+    t.write_manifest(
+        "remote-endpoints.yaml",
+        &endpoint_slice(
+            "remote",
+            &[(pod_c.addr, t.node_of(pod_c), true)],
+            &[("dns", "UDP", 8080)],
+        ),
+    )?;
+    // The node's own socket holds 40000 of the two SNAT ports.
+    let _own = xlb_tests::in_netns(&t.node, || std::net::UdpSocket::bind("10.0.1.1:40000"))??;
+    let _agent = t.start_agent_with(&["--snat-ports", "40000-40001"])?;
+    wait_backends(&t, 1)?;
+    let first = udp_request(&t.client, SocketAddrV4::new(DNS, 53))?;
+    assert_eq!(first.backend, "pod-c");
+    assert_eq!(
+        (first.peer.ip(), first.peer.port()),
+        (std::net::IpAddr::from(NODE_ADDR), 40001),
+        "SNAT must skip the port the node's socket uses"
+    );
+    // A second flow finds no free port: dropped and counted, never given
+    // the node's port.
+    assert!(udp_request(&t.client, SocketAddrV4::new(DNS, 53)).is_err());
+    assert!(t.stat("drop_snat_exhausted")? > 0);
+    Ok(())
+}

@@ -222,7 +222,20 @@ fn test(filter: &[String]) -> Result<()> {
         .args(["--test-threads", "1"])
         .args(filter)
         .env("XLB_BIN", xlb_binary());
-    let e2e = run_counted(&mut e2e, &mut totals);
+    let mut e2e_result = run_counted(&mut e2e, &mut totals);
+    // The benchmark harness, --quick: checks that it works end to end (no
+    // speed assertions: those live in `cargo xtask bench`).
+    if e2e_result.is_ok() {
+        println!("bench smoke: cargo xtask bench --quick");
+        match bench(true) {
+            Ok(()) => totals.passed += 1,
+            Err(e) => {
+                totals.failed += 1;
+                e2e_result = Err(e.context("cargo xtask bench --quick failed"));
+            }
+        }
+    }
+    let e2e = e2e_result;
     eprintln!(
         "xtask test: unit and privileged end-to-end suites finished in {:.0}s",
         started.elapsed().as_secs_f64()

@@ -188,7 +188,13 @@ pub fn parse(file: &Path, format: Format, text: &str) -> (Objects, Vec<ManifestE
                         let reasons = add_object(value, None, file, document.number, &mut objects);
                         report(document.number, reasons);
                     }
-                    Err(error) => report(document.number, vec![format!("invalid YAML: {error}")]),
+                    Err(error) => report(
+                        document.number,
+                        vec![format!(
+                            "invalid YAML: {}",
+                            yaml_error(&error, document.lines_before)
+                        )],
+                    ),
                 }
             }
         }
@@ -217,10 +223,25 @@ fn whole_file_error(file: &Path, reason: String) -> ManifestError {
     }
 }
 
-/// One document of a YAML stream, with its 1-based position.
+/// One document of a YAML stream, with its 1-based position and the number
+/// of file lines before it (to report parser errors at the file's lines).
 struct RawDocument {
     number: usize,
+    lines_before: usize,
     text: String,
+}
+
+/// serde_yaml's message with its line number moved from the document's to
+/// the file's.
+fn yaml_error(error: &serde_yaml::Error, lines_before: usize) -> String {
+    let message = error.to_string();
+    match error.location() {
+        Some(location) if lines_before > 0 => message.replace(
+            &format!("at line {} column", location.line()),
+            &format!("at line {} column", location.line() + lines_before),
+        ),
+        _ => message,
+    }
 }
 
 /// Splits a YAML stream at its document markers (`---` starts a document,
@@ -229,20 +250,23 @@ struct RawDocument {
 /// YAML forbids both markers at the start of a line inside a document
 /// (YAML 1.2, "c-forbidden"), so splitting on lines is exact.
 ///
-/// Each document's text is preceded by as many empty lines as precede it in
-/// the file, so the line numbers in parser errors are the file's.
+/// Each document remembers how many lines precede it, so parser errors can
+/// name the file's line (padding the text with empty lines instead would make
+/// a file of n documents cost O(n²)).
 fn split_yaml_documents(text: &str) -> Vec<RawDocument> {
     let mut documents = Vec::new();
     let mut current = String::new();
+    let mut lines_before = 0;
     // Whether the current document was opened by `---`: such a document
     // counts even when empty; text before the first marker or after `...`
     // counts only if it holds more than comments and directives.
     let mut opened_by_marker = false;
-    let mut finish = |current: &mut String, opened_by_marker: bool| {
+    let mut finish = |current: &mut String, opened_by_marker: bool, lines_before: usize| {
         let text = std::mem::take(current);
         if opened_by_marker || has_content(&text) {
             documents.push(RawDocument {
                 number: documents.len() + 1,
+                lines_before,
                 text,
             });
         }
@@ -250,20 +274,20 @@ fn split_yaml_documents(text: &str) -> Vec<RawDocument> {
     for (line_index, line) in text.split_inclusive('\n').enumerate() {
         let bare = line.trim_end_matches(['\n', '\r']);
         if is_marker(bare, "---") {
-            finish(&mut current, opened_by_marker);
-            current = "\n".repeat(line_index);
+            finish(&mut current, opened_by_marker, lines_before);
+            lines_before = line_index;
             current.push_str(line);
             opened_by_marker = true;
         } else if is_marker(bare, "...") {
             current.push_str(line);
-            finish(&mut current, opened_by_marker);
-            current = "\n".repeat(line_index + 1);
+            finish(&mut current, opened_by_marker, lines_before);
+            lines_before = line_index + 1;
             opened_by_marker = false;
         } else {
             current.push_str(line);
         }
     }
-    finish(&mut current, opened_by_marker);
+    finish(&mut current, opened_by_marker, lines_before);
     documents
 }
 

@@ -52,7 +52,7 @@ struct Traffic {
     flows: u32,
 }
 
-const TRAFFIC: [Traffic; 3] = [
+const TRAFFIC: [Traffic; 4] = [
     Traffic {
         name: "udp-60k-flows",
         proto: 17,
@@ -68,17 +68,27 @@ const TRAFFIC: [Traffic; 3] = [
         proto: 17,
         flows: 1,
     },
+    // Every packet a new flow: conntrack creation and, for iptables, the
+    // rule walk, on every packet.
+    Traffic {
+        name: "udp-new-flows",
+        proto: 17,
+        flows: u32::MAX,
+    },
 ];
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out_dir)?;
-    let scales: Vec<u32> = if quick {
-        vec![1, 100]
-    } else {
-        vec![1, 100, 1000, 10_000]
+    // XLB_BENCH_SCALES=1,100 and XLB_BENCH_ONLY=xlb,iptables narrow a run
+    // down while investigating; the report covers whatever ran.
+    let scales: Vec<u32> = match std::env::var("XLB_BENCH_SCALES") {
+        Ok(v) if !v.is_empty() => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        _ if quick => vec![1, 100],
+        _ => vec![1, 100, 1000, 10_000],
     };
+    let only = std::env::var("XLB_BENCH_ONLY").unwrap_or_default();
     let seconds = if quick { 0.4 } else { 1.5 };
     let started = Instant::now();
 
@@ -93,6 +103,9 @@ fn main() -> Result<()> {
         System::Iptables,
         System::Nftables,
     ] {
+        if !only.is_empty() && !only.split(',').any(|o| o == system.name()) {
+            continue;
+        }
         let sizes: Vec<u32> = if system == System::Ceiling {
             vec![1]
         } else {
@@ -124,7 +137,7 @@ fn main() -> Result<()> {
                 );
                 rows.push(row(system, n, t.name, "overload", &r));
                 if !quick && n == 1 && t.flows == MANY_FLOWS && t.proto == 17 {
-                    let nl = bench.no_loss_rate(t.proto, n, t.flows, r.delivered_pps, seconds)?;
+                    let nl = bench.no_loss_rate(t.proto, n, t.flows, r.offered_pps, seconds)?;
                     eprintln!(
                         "    {:<18} no-loss {:>6.3} Mpps",
                         t.name,
@@ -141,15 +154,24 @@ fn main() -> Result<()> {
                     "initial_setup_s": setup_time.as_secs_f64(),
                 }));
             }
-            if system == System::Xlb && n == *scales.last().unwrap() {
-                if let Guard::Agent(a) = &guard {
-                    footprint = agent_footprint(&bench, a, if quick { 1.0 } else { 5.0 })?;
-                }
+            if system == System::Xlb
+                && n == *scales.last().unwrap()
+                && let Guard::Agent(a) = &guard
+            {
+                footprint = agent_footprint(&bench, a, if quick { 1.0 } else { 5.0 })?;
             }
             teardown(&mut bench, guard)?;
         }
     }
 
+    // The harness works only if every system that ran carried traffic: a
+    // broken topology or generator must fail the run, not report zeros.
+    for r in &rows {
+        let delivered = r["delivered_pps"].as_f64().unwrap_or(0.0);
+        if r["traffic"] == "udp-60k-flows" && r["load"] == "overload" && delivered <= 0.0 {
+            anyhow::bail!("harness broken: {} delivered nothing: {r}", r["system"]);
+        }
+    }
     let alone = xdp_alone(&mut bench, &scales, quick)?;
     let machine = json!({
         "kernel": fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
@@ -188,7 +210,7 @@ fn row(system: System, n: u32, traffic: &str, load: &str, r: &RunResult) -> serd
 
 enum Guard {
     Agent(AgentRun),
-    Rules,
+    Rules(aya::programs::xdp::XdpLinkId),
     Ceiling(aya::programs::xdp::XdpLinkId),
 }
 
@@ -198,11 +220,11 @@ fn setup(bench: &mut Bench, system: System, n: u32) -> Result<Guard> {
         System::Xlb => Guard::Agent(AgentRun::start(&bench.net, n)?),
         System::Iptables => {
             feed(&dut, &["iptables-restore"], &iptables_ruleset(n))?;
-            Guard::Rules
+            Guard::Rules(bench.attach_pass()?)
         }
         System::Nftables => {
             feed(&dut, &["nft", "-f", "-"], &nft_ruleset(n))?;
-            Guard::Rules
+            Guard::Rules(bench.attach_pass()?)
         }
         System::Ceiling => Guard::Ceiling(bench.attach_ceiling()?),
     })
@@ -212,7 +234,8 @@ fn teardown(bench: &mut Bench, guard: Guard) -> Result<()> {
     let dut = bench.net.dut.clone();
     match guard {
         Guard::Agent(a) => a.stop()?,
-        Guard::Rules => {
+        Guard::Rules(pass) => {
+            bench.detach_pass(pass)?;
             feed(&dut, &["iptables-restore"], "*nat\nCOMMIT\n")?;
             let _ = xlb_tests::ns_sh(&dut, &["nft", "delete", "table", "ip", "xlb-bench"]);
             let _ = xlb_tests::ns_sh(&dut, &["conntrack", "-F"]);
@@ -329,10 +352,22 @@ fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<serde_jso
         let program_time = started.elapsed();
         anyhow::ensure!(summary.errors.is_empty(), "{:?}", summary.errors);
         // One more service, applied alone: the reconciler's map writes.
+        // One more service, as a watch event would deliver it: only its
+        // map writes (the diff over every frontend is not part of it).
         let more = desired_local(n + 1);
+        let extra: std::collections::BTreeSet<Frontend> = more
+            .frontends
+            .keys()
+            .filter(|f| !desired.frontends.contains_key(*f))
+            .copied()
+            .collect();
+        let t = Instant::now();
+        let s = reconciler.apply_changed(&more, &extra, &mut maps);
+        let one_more = t.elapsed();
+        anyhow::ensure!(s.added == 1, "{s:?}");
         let t = Instant::now();
         reconciler.apply(&more, &mut maps);
-        let one_more = t.elapsed();
+        let full_diff = t.elapsed();
         reconciler.apply(&desired, &mut maps);
 
         let mut measure = |flows: u32,
@@ -355,6 +390,7 @@ fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<serde_jso
             "ct_hit": ct_hit, "new_flow": new_flow, "not_service": not_service,
             "program_all_ms": program_time.as_secs_f64() * 1e3,
             "reconcile_one_more_us": one_more.as_secs_f64() * 1e6,
+            "full_diff_unchanged_us": full_diff.as_secs_f64() * 1e6,
         });
         if n == *sizes.last().unwrap() && !quick {
             // Fill the flow table to about a million flows, then again.
@@ -465,7 +501,7 @@ fn report(results: &serde_json::Value) -> String {
         v.dedup();
         v
     };
-    for traffic in ["udp-60k-flows", "tcp-syn-60k-flows"] {
+    for traffic in ["udp-60k-flows", "tcp-syn-60k-flows", "udp-new-flows"] {
         let _ = writeln!(s, "## Delivered Mpps under overload, {traffic}\n");
         let _ = writeln!(
             s,
@@ -696,10 +732,10 @@ fn plot(results: &serde_json::Value) -> String {
     .enumerate()
     {
         let mut p = pts(sys);
-        if *sys == "ceiling" {
-            if let Some(c) = p.first().copied() {
-                p = vec![(1.0, c.1), (max_x, c.1)];
-            }
+        if *sys == "ceiling"
+            && let Some(c) = p.first().copied()
+        {
+            p = vec![(1.0, c.1), (max_x, c.1)];
         }
         if p.is_empty() {
             continue;
