@@ -127,15 +127,24 @@ fn sync(
     reconciler: &mut Reconciler,
     node_config: &mut Option<Config>,
 ) -> Result<()> {
-    let (objects, errors) = manifest::load_dir(&cfg.manifests);
-    for e in &errors {
-        tracing::warn!(error = %e, "skipping malformed manifest");
-    }
-    let (desired, errors) = translate::translate(&objects, &cfg.node_name);
-    for e in &errors {
-        tracing::warn!(error = %e, "skipping invalid object");
-    }
-    apply(cfg, maps, reconciler, node_config, &desired)
+    let desired = {
+        let (objects, errors) = manifest::load_dir(&cfg.manifests);
+        for e in &errors {
+            tracing::warn!(error = %e, "skipping malformed manifest");
+        }
+        let (desired, errors) = translate::translate(&objects, &cfg.node_name);
+        for e in &errors {
+            tracing::warn!(error = %e, "skipping invalid object");
+        }
+        desired
+    };
+    let result = apply(cfg, maps, reconciler, node_config, &desired);
+    drop(desired);
+    // Parsing a large directory allocates in a burst that glibc would keep;
+    // give it back so the agent's resident size reflects its state.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    result
 }
 
 pub fn apply(
@@ -198,7 +207,11 @@ fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Result<notify::Recomm
         bail!("manifest directory {} does not exist", dir.display());
     }
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Only changes count: the agent's own reads of the files raise
+        // access events, and reacting to those would re-read forever.
+        if let Ok(event) = event
+            && !matches!(event.kind, notify::EventKind::Access(_))
+        {
             let _ = tx.send(());
         }
     })

@@ -50,8 +50,10 @@ struct Programmed {
     service_id: u32,
     backend_ids: BTreeMap<(IpAddr, u16), u32>,
     backend_values: BTreeMap<u32, lb_common::Backend>,
-    /// Slot → backend id as written; empty when unknown.
-    table: Vec<u32>,
+    /// Whether the Maglev slots hold `spec`'s table. The table itself is not
+    /// kept (4 KiB per frontend): it is recomputed from the spec when a
+    /// change needs to know which slots move.
+    table_written: bool,
     service_value: Option<lb_common::Service>,
     source_ranges: BTreeSet<SourceRange>,
 }
@@ -148,6 +150,17 @@ fn source_range_key(service_id: u32, range: &SourceRange) -> Result<(lb_common::
     ))
 }
 
+/// The Maglev table (slot → backend id) for `backends`, whose ids are in
+/// `ids`. Empty when there is no backend.
+fn maglev_table(backends: &[Backend], ids: &BTreeMap<(IpAddr, u16), u32>) -> Vec<u32> {
+    let identities: Vec<Vec<u8>> = backends.iter().map(maglev_identity).collect();
+    let refs: Vec<&[u8]> = identities.iter().map(|v| v.as_slice()).collect();
+    maglev::populate(&refs, MAGLEV_TABLE_SIZE)
+        .iter()
+        .map(|i| ids[&(backends[*i as usize].addr, backends[*i as usize].port)])
+        .collect()
+}
+
 /// Stable identity of a backend for Maglev: address octets and port.
 fn maglev_identity(b: &Backend) -> Vec<u8> {
     let mut v = match b.addr {
@@ -193,7 +206,7 @@ impl Reconciler {
                     service_id: s.value.service_id,
                     backend_ids: BTreeMap::new(),
                     backend_values: BTreeMap::new(),
-                    table: Vec::new(),
+                    table_written: false,
                     service_value: Some(s.value),
                     source_ranges: BTreeSet::new(),
                 },
@@ -304,7 +317,7 @@ impl Reconciler {
         summary: &mut ApplySummary,
     ) {
         let existing = self.programmed.get(frontend);
-        if existing.is_some_and(|p| p.spec.as_ref() == Some(spec) && !p.table.is_empty()) {
+        if existing.is_some_and(|p| p.spec.as_ref() == Some(spec) && p.table_written) {
             summary.unchanged += 1;
             return;
         }
@@ -354,7 +367,7 @@ impl Reconciler {
                     service_id,
                     backend_ids: BTreeMap::new(),
                     backend_values: BTreeMap::new(),
-                    table: Vec::new(),
+                    table_written: false,
                     service_value: None,
                     source_ranges: BTreeSet::new(),
                 }
@@ -364,7 +377,7 @@ impl Reconciler {
         if result.is_err() {
             // Retry everything next time.
             p.spec = None;
-            p.table.clear();
+            p.table_written = false;
         }
         self.programmed.insert(*frontend, p);
         result
@@ -378,8 +391,14 @@ impl Reconciler {
         w: &mut dyn MapWriter,
     ) -> Result<()> {
         let service_id = p.service_id;
+        // What the slots hold now (before any backend id is added or
+        // removed): unknown after adoption or a failed write, then every
+        // slot is written.
+        let old_table = match (&p.spec, p.table_written) {
+            (Some(old), true) => maglev_table(&old.backends, &p.backend_ids),
+            _ => Vec::new(),
+        };
         // 1. Backends: new ones and changed flags.
-        let mut ids = Vec::with_capacity(spec.backends.len());
         let mut wanted: BTreeSet<u32> = BTreeSet::new();
         for b in &spec.backends {
             let id = match p.backend_ids.get(&(b.addr, b.port)) {
@@ -395,27 +414,21 @@ impl Reconciler {
                 w.put_backend(id, &value)?;
                 p.backend_values.insert(id, value);
             }
-            ids.push(id);
             wanted.insert(id);
         }
-        // 2. Maglev slots that differ.
-        let identities: Vec<Vec<u8>> = spec.backends.iter().map(maglev_identity).collect();
-        let refs: Vec<&[u8]> = identities.iter().map(|v| v.as_slice()).collect();
-        let slots = maglev::populate(&refs, MAGLEV_TABLE_SIZE);
-        if !slots.is_empty() {
+        // 2. Maglev slots that differ from what the previous spec wrote.
+        let new_table = maglev_table(&spec.backends, &p.backend_ids);
+        if !new_table.is_empty() {
             let base = service_id * MAGLEV_TABLE_SIZE;
-            let new_table: Vec<u32> = slots.iter().map(|i| ids[*i as usize]).collect();
             for (slot, backend_id) in new_table.iter().enumerate() {
-                if p.table.get(slot) != Some(backend_id) {
+                if old_table.get(slot) != Some(backend_id) {
                     w.put_maglev_slot(base + slot as u32, *backend_id)?;
                 }
             }
-            p.table = new_table;
-        } else {
-            // No backend: the service entry says so (count 0) and new flows
-            // are dropped; a marker keeps "table known".
-            p.table = vec![0];
         }
+        // With no backend the service entry says so (count 0) and new flows
+        // are dropped; the slots are left as they are.
+        p.table_written = true;
         // 3. Source ranges to add, then the service entry, then ranges to
         // remove: a range is never missing while the service relies on it.
         let new_ranges: BTreeSet<SourceRange> = spec.source_ranges.iter().copied().collect();
