@@ -19,49 +19,7 @@ use aya_ebpf::{
     maps::{Array, DevMap, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
-
-/// What `bench_gen` writes into each frame. Addresses and ports are in
-/// network byte order; `*_base` values are the template's, from which the
-/// checksums are derived.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct GenConfig {
-    /// Output interface (redirect) or 0 (tail call into TARGET[0]).
-    pub ifindex: u32,
-    /// Distinct flows to cycle through (1 = one established flow).
-    pub flows: u32,
-    /// Services: flow f goes to port `dst_port_base + f % services`.
-    pub services: u32,
-    pub dst_addr: u32,
-    pub dst_port_base: u16,
-    /// 6 = TCP SYN, 17 = UDP.
-    pub proto: u8,
-    pub _pad: u8,
-    /// Source addresses start here (host order), 50 000 ports each.
-    pub src_addr_base: u32,
-    /// The template's IPv4 header checksum and TCP checksum (as stored).
-    pub ip_check_base: u16,
-    pub l4_check_base: u16,
-    /// Template values those checksums were computed with (network order).
-    pub src_addr_tmpl: u32,
-    pub dst_addr_tmpl: u32,
-    pub src_port_tmpl: u16,
-    pub dst_port_tmpl: u16,
-    /// Frames per second to send (0: as fast as possible). Frames ahead of
-    /// schedule are dropped here, never sent: a token bucket on
-    /// `bpf_ktime_get_ns`, so the offered load is smooth, not bursty.
-    pub rate_pps: u64,
-}
-
-/// Per-CPU generator state, reset by userspace before each run.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct GenState {
-    /// When the next frame may leave (paced runs).
-    pub start_ns: u64,
-    /// Frames actually sent (redirected or tail-called).
-    pub sent: u64,
-}
+use lb_common::bench::{GenConfig, GenState};
 
 #[map]
 static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
@@ -108,7 +66,8 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     let state = unsafe { &mut *state };
-    if cfg.rate_pps != 0 {
+    // Unpaced when rate_pps is 0.
+    if let Some(interval) = 1_000_000_000u64.checked_div(cfg.rate_pps) {
         // A schedule, not a bucket: the next frame may leave at `start_ns`;
         // a sender that fell behind (the gap between two test-run calls)
         // restarts from now instead of bursting to catch up.
@@ -116,7 +75,6 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         if now < state.start_ns {
             return xdp_action::XDP_DROP;
         }
-        let interval = 1_000_000_000 / cfg.rate_pps;
         let next = state.start_ns + interval;
         state.start_ns = if next + 2_000 < now { now } else { next };
     }

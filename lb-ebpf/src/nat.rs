@@ -12,10 +12,10 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_F_LOCAL, Backend, Be16, Be32, CONFIG_KEY, FLOW_F_CLOSING,
-    FLOW_F_REPLY, FLOW_F_SNAT, Flow, FlowKey, FrontendKey, MAGLEV_TABLE_SIZE, PROTO_TCP,
-    SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS,
-    Service, ServiceStats, SourceRange,
+    Affinity, AffinityKey, BACKEND_F_LOCAL, Backend, Be16, Be32, CONFIG_KEY, FLOW_F_ANSWERED,
+    FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_SNAT, Flow, FlowKey, FrontendKey, MAGLEV_TABLE_SIZE,
+    PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES,
+    SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange,
 };
 
 use crate::{
@@ -75,6 +75,9 @@ pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64) -> Option<Flow> {
         && flow.flags & FLOW_F_CLOSING == 0
     {
         flow.flags |= FLOW_F_CLOSING;
+    }
+    if flow.flags & (FLOW_F_REPLY | FLOW_F_ANSWERED) == FLOW_F_REPLY {
+        flow.flags |= FLOW_F_ANSWERED;
     }
     if let Some(s) = stats(flow.service_id) {
         if flow.flags & FLOW_F_REPLY != 0 {

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use lb_common::{FLOW_F_CLOSING, FLOW_F_REPLY, Flow, FlowKey, PROTO_TCP};
+use lb_common::{FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_REPLY, Flow, FlowKey, PROTO_TCP};
 
 /// Idle timeouts, close to the kernel's conntrack defaults as kube-proxy
 /// tunes them.
@@ -14,6 +14,8 @@ pub struct Timeouts {
     pub tcp_established_ns: u64,
     pub tcp_closing_ns: u64,
     pub udp_ns: u64,
+    /// UDP flows the backend never answered (conntrack's "unreplied").
+    pub udp_unanswered_ns: u64,
 }
 
 impl Default for Timeouts {
@@ -23,6 +25,7 @@ impl Default for Timeouts {
             tcp_established_ns: 86_400 * S,
             tcp_closing_ns: 120 * S,
             udp_ns: 120 * S,
+            udp_unanswered_ns: 30 * S,
         }
     }
 }
@@ -67,15 +70,18 @@ pub fn judge(
     if key.proto != PROTO_TCP && !backends.contains(&flow.backend_id) {
         return Verdict::UdpBackendGone;
     }
-    let closing = (flow.flags | partner.map_or(0, |p| p.flags)) & FLOW_F_CLOSING != 0;
+    let flags = flow.flags | partner.map_or(0, |p| p.flags);
+    let closing = flags & FLOW_F_CLOSING != 0;
     let timeout = if key.proto == PROTO_TCP {
         if closing {
             timeouts.tcp_closing_ns
         } else {
             timeouts.tcp_established_ns
         }
-    } else {
+    } else if flags & FLOW_F_ANSWERED != 0 {
         timeouts.udp_ns
+    } else {
+        timeouts.udp_unanswered_ns.min(timeouts.udp_ns)
     };
     let last = flow.last_seen_ns.max(partner.map_or(0, |p| p.last_seen_ns));
     // The datapath refreshes last_seen at most once a second.
@@ -163,6 +169,19 @@ mod tests {
             ),
             Verdict::Expired
         );
+    }
+
+    #[test]
+    fn unanswered_udp_flows_expire_sooner() {
+        let (mut fk, f, _, mut r) = pair();
+        fk.proto = PROTO_UDP;
+        let t = Timeouts::default();
+        let s: HashSet<u32> = [1].into();
+        let b: HashSet<u32> = [7].into();
+        let at = 100 + t.udp_unanswered_ns + 2_000_000_000;
+        assert_eq!(judge(&fk, &f, Some(&r), at, &t, &s, &b), Verdict::Expired);
+        r.flags |= FLOW_F_ANSWERED;
+        assert_eq!(judge(&fk, &f, Some(&r), at, &t, &s, &b), Verdict::Keep);
     }
 
     #[test]

@@ -4,8 +4,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use lb_common::{
-    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_SNAT, Flow,
-    FlowKey, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES,
+    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_REPLY,
+    FLOW_F_SNAT, Flow, FlowKey, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES,
 };
 use serde_json::{Value, json};
 
@@ -109,6 +109,7 @@ pub fn rows(
                     "flags": flags_text(&[
                         (flow.flags & FLOW_F_SNAT != 0, "snat"),
                         (flow.flags & FLOW_F_CLOSING != 0, "closing"),
+                        (flow.flags & FLOW_F_ANSWERED != 0, "answered"),
                     ]),
                     "idle_s": now.saturating_sub(flow.last_seen_ns) / 1_000_000_000,
                 }));

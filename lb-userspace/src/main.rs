@@ -80,6 +80,10 @@ enum Command {
         /// Idle timeout of UDP flows, seconds.
         #[arg(long, env = "XLB_UDP_TIMEOUT", default_value_t = 120)]
         udp_timeout: u64,
+        /// Idle timeout of UDP flows the backend never answered, seconds: such
+        /// flows give their SNAT port back sooner.
+        #[arg(long, env = "XLB_UDP_UNANSWERED_TIMEOUT", default_value_t = 30)]
+        udp_unanswered_timeout: u64,
     },
     /// Detach everything the agent pinned for this node and remove the maps.
     Reset {
@@ -141,6 +145,7 @@ fn run(command: Command) -> Result<()> {
             no_redirect,
             sweep_interval,
             udp_timeout,
+            udp_unanswered_timeout,
         } => {
             let cfg = AgentConfig {
                 ifaces,
@@ -158,6 +163,7 @@ fn run(command: Command) -> Result<()> {
                 sweep_interval: Duration::from_secs(sweep_interval.max(1)),
                 timeouts: Timeouts {
                     udp_ns: udp_timeout * 1_000_000_000,
+                    udp_unanswered_ns: udp_unanswered_timeout * 1_000_000_000,
                     ..Timeouts::default()
                 },
             };

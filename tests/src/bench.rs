@@ -24,7 +24,7 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 
-use crate::{ns_cmd, ns_sh, sh, xlb_bin};
+use crate::{ns_cmd, ns_sh, sh, spawn_agent, xlb_bin};
 
 pub const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 8, 1);
 pub const DUT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 8, 2);
@@ -35,35 +35,7 @@ pub const SINK_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 2);
 pub const PORT_BASE: u16 = 10_000;
 pub const CLIENT_BASE: Ipv4Addr = Ipv4Addr::new(10, 101, 0, 0);
 
-/// Layout of lb-ebpf/src/bench.rs `GenConfig`.
-#[repr(C)]
-#[derive(Clone, Copy, Default, Debug)]
-pub struct GenConfig {
-    pub ifindex: u32,
-    pub flows: u32,
-    pub services: u32,
-    pub dst_addr: u32,
-    pub dst_port_base: u16,
-    pub proto: u8,
-    pub _pad: u8,
-    pub src_addr_base: u32,
-    pub ip_check_base: u16,
-    pub l4_check_base: u16,
-    pub src_addr_tmpl: u32,
-    pub dst_addr_tmpl: u32,
-    pub src_port_tmpl: u16,
-    pub dst_port_tmpl: u16,
-    pub rate_pps: u64,
-}
-unsafe impl aya::Pod for GenConfig {}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default, Debug)]
-pub struct GenState {
-    pub start_ns: u64,
-    pub sent: u64,
-}
-unsafe impl aya::Pod for GenState {}
+pub use lb_common::bench::{GenConfig, GenState};
 
 pub fn bench_object() -> PathBuf {
     std::env::var_os("XLB_BENCH_OBJECT")
@@ -891,22 +863,17 @@ impl AgentRun {
         )?;
         let log = net.dir.join("agent.log");
         let state_dir = net.dir.join("state");
-        let offset = fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
-        let log_file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
+        let (manifests, state) = (
+            manifests.to_string_lossy().into_owned(),
+            state_dir.to_string_lossy().into_owned(),
+        );
         // The agent's own work (manifest parsing, the flow sweeper) is the
         // control plane: it runs on the generator's CPU so that CPU 1
         // measures the datapath only; its cost is reported separately.
-        let child = ns_cmd(
+        let child = spawn_agent(
             &net.dut,
+            &["taskset", "-c", "0"],
             &[
-                "taskset",
-                "-c",
-                "0",
-                &xlb_bin().to_string_lossy(),
-                "agent",
                 "--sweep-interval",
                 "3600",
                 "--iface",
@@ -914,9 +881,9 @@ impl AgentRun {
                 "--node-name",
                 &node_name,
                 "--manifests",
-                &manifests.to_string_lossy(),
+                &manifests,
                 "--state-dir",
-                &state_dir.to_string_lossy(),
+                &state,
                 "--max-services",
                 "32768",
                 "--max-backends",
@@ -924,30 +891,16 @@ impl AgentRun {
                 "--max-flows",
                 "1048576",
             ],
-        )
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .spawn()?;
+            &log,
+            "info",
+            Duration::from_secs(300),
+        )?;
         let run = AgentRun {
             child,
             node_name,
             log,
             state_dir,
         };
-        let started = Instant::now();
-        loop {
-            let text = fs::read_to_string(&run.log).unwrap_or_default();
-            if text
-                .get(offset..)
-                .is_some_and(|t| t.contains("agent ready"))
-            {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(300) {
-                bail!("agent not ready:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         Ok(run)
     }
 

@@ -383,6 +383,51 @@ impl Drop for Topology {
     }
 }
 
+/// Starts `xlb agent <args>` in network namespace `ns` (behind `wrapper`,
+/// e.g. `taskset -c 0`), appending its output to `log`, and waits until it
+/// says it is ready. Several agents may share one log: only what this one
+/// wrote is looked at.
+pub fn spawn_agent(
+    ns: &str,
+    wrapper: &[&str],
+    args: &[&str],
+    log: &Path,
+    log_filter: &str,
+    timeout: Duration,
+) -> Result<Child> {
+    let offset = fs::metadata(log).map(|m| m.len() as usize).unwrap_or(0);
+    let log_file = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let bin = xlb_bin().to_string_lossy().into_owned();
+    let mut command: Vec<&str> = wrapper.to_vec();
+    command.extend([bin.as_str(), "agent"]);
+    command.extend_from_slice(args);
+    let mut child = ns_cmd(ns, &command)
+        .env("XLB_LOG", log_filter)
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting xlb agent")?;
+    let started = Instant::now();
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text
+            .get(offset..)
+            .is_some_and(|l| l.contains("agent ready"))
+        {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("xlb agent exited with {status}:\n{text}");
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            bail!("xlb agent not ready after {timeout:?}:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The real agent, running in the node namespace; SIGTERM on drop.
 pub struct Agent {
     child: Option<Child>,
@@ -392,57 +437,33 @@ pub struct Agent {
 impl Agent {
     fn start(t: &Topology, extra: &[&str]) -> Result<Agent> {
         let log = t.dir.join("agent.log");
-        // Several agents of one test share the log: only look at this one's.
-        let offset = fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
-        let log_file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = ns_cmd(
+        let manifests = t.manifests().to_string_lossy().into_owned();
+        let state_dir = t.dir.join("state").to_string_lossy().into_owned();
+        let mut args = vec![
+            "--iface",
+            "uplink,n2",
+            "--node-name",
+            &t.node_name,
+            "--manifests",
+            &manifests,
+            "--state-dir",
+            &state_dir,
+            "--sweep-interval",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let child = spawn_agent(
             &t.node,
-            &[
-                &xlb_bin().to_string_lossy(),
-                "agent",
-                "--iface",
-                "uplink,n2",
-                "--node-name",
-                &t.node_name,
-                "--manifests",
-                &t.manifests().to_string_lossy(),
-                "--state-dir",
-                &t.dir.join("state").to_string_lossy(),
-                "--sweep-interval",
-                "1",
-            ],
-        )
-        .args(extra)
-        .env("XLB_LOG", "info,xlb=debug")
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting xlb agent")?;
-        let mut agent = Agent {
+            &[],
+            &args,
+            &log,
+            "info,xlb=debug",
+            Duration::from_secs(20),
+        )?;
+        Ok(Agent {
             child: Some(child),
             log,
-        };
-        let start = Instant::now();
-        loop {
-            if agent
-                .log_text()
-                .get(offset..)
-                .is_some_and(|l| l.contains("agent ready"))
-            {
-                return Ok(agent);
-            }
-            if let Some(status) = agent.child.as_mut().unwrap().try_wait()? {
-                bail!("xlb agent exited with {status}:\n{}", agent.log_text());
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                bail!("xlb agent not ready after 20s:\n{}", agent.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     pub fn log_text(&self) -> String {

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use xlb_tests::{
-    CLIENT_ADDR, CLIENT_ADDR_2, Conn, NODE_ADDR, Topology,
+    Agent, CLIENT_ADDR, CLIENT_ADDR_2, Conn, NODE_ADDR, Topology,
     manifests::{ServiceSpec, endpoint_slice, service},
     ns_sh, sh, snmp_counter, tcp_request, udp_request, wait_until,
 };
@@ -42,6 +42,18 @@ fn web_service(t: &Topology, extra_spec: &str) -> Result<()> {
         }),
     )?;
     write_web_endpoints(t, &["pod-a", "pod-b", "pod-c"])
+}
+
+/// The reference topology with servers on 8080, the `web` service
+/// (`extra_spec` added to its spec) and a ready agent that programmed it.
+fn web_topology(extra_spec: &str) -> Result<(Topology, Agent)> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, extra_spec)?;
+    let agent = t.start_agent()?;
+    wait_backends(&t, 6)?;
+    Ok((t, agent))
 }
 
 fn write_web_endpoints(t: &Topology, pods: &[&str]) -> Result<()> {
@@ -125,12 +137,7 @@ fn smoke_native_xdp_attach_and_detach() -> Result<()> {
 
 #[test]
 fn tcp_and_udp_reach_every_backend_evenly() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    web_service(&t, "")?;
-    let _agent = t.start_agent()?;
-    wait_backends(&t, 6)?;
+    let (t, _agent) = web_topology("")?;
 
     let mut tcp = Vec::new();
     for _ in 0..300 {
@@ -156,12 +163,7 @@ fn tcp_and_udp_reach_every_backend_evenly() -> Result<()> {
 
 #[test]
 fn remote_backend_sees_node_address_local_backends_see_client() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    web_service(&t, "")?;
-    let _agent = t.start_agent()?;
-    wait_backends(&t, 6)?;
+    let (t, _agent) = web_topology("")?;
     let mut seen = BTreeMap::new();
     for _ in 0..60 {
         let r = tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?;
@@ -296,12 +298,7 @@ fn named_target_port_resolves_through_endpoint_slice() -> Result<()> {
 
 #[test]
 fn established_flow_survives_backend_removal() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    web_service(&t, "")?;
-    let _agent = t.start_agent()?;
-    wait_backends(&t, 6)?;
+    let (t, _agent) = web_topology("")?;
 
     // One established connection per backend.
     let mut conns: BTreeMap<String, Conn> = BTreeMap::new();
@@ -345,12 +342,7 @@ fn established_flow_survives_backend_removal() -> Result<()> {
 
 #[test]
 fn established_flow_survives_agent_restart() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    web_service(&t, "")?;
-    let mut agent = t.start_agent()?;
-    wait_backends(&t, 6)?;
+    let (t, mut agent) = web_topology("")?;
     let mut conns = Vec::new();
     for _ in 0..12 {
         let mut c = Conn::open(&t.client, SocketAddrV4::new(WEB, 80), None)?;
@@ -387,15 +379,9 @@ fn established_flow_survives_agent_restart() -> Result<()> {
 
 #[test]
 fn source_range_blocks_client_outside_it() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    web_service(
-        &t,
-        &format!("  loadBalancerSourceRanges:\n  - {CLIENT_ADDR}/32\n"),
-    )?;
-    let _agent = t.start_agent()?;
-    wait_backends(&t, 6)?;
+    let (t, _agent) = web_topology(&format!(
+        "  loadBalancerSourceRanges:\n  - {CLIENT_ADDR}/32\n"
+    ))?;
     let to = SocketAddrV4::new(WEB, 80);
     for _ in 0..5 {
         let mut c = Conn::open(&t.client, to, Some(CLIENT_ADDR))?;
@@ -469,12 +455,7 @@ fn malformed_manifests_are_reported_and_others_keep_working() -> Result<()> {
 
 #[test]
 fn checksums_are_accepted_by_the_receiving_kernels() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    web_service(&t, "")?;
-    let _agent = t.start_agent()?;
-    wait_backends(&t, 6)?;
+    let (t, _agent) = web_topology("")?;
     for _ in 0..60 {
         let mut c = Conn::open(&t.client, SocketAddrV4::new(WEB, 80), None)?;
         c.ask("a")?;
@@ -499,12 +480,7 @@ fn checksums_are_accepted_by_the_receiving_kernels() -> Result<()> {
 
 #[test]
 fn non_service_traffic_passes_untouched() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    web_service(&t, "")?;
-    let _agent = t.start_agent()?;
-    wait_backends(&t, 6)?;
+    let (t, _agent) = web_topology("")?;
     // ICMP to the node and through it to a pod.
     ns_sh(
         &t.client,
@@ -560,12 +536,7 @@ fn non_service_traffic_passes_untouched() -> Result<()> {
 
 #[test]
 fn service_removal_stops_the_frontend() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    web_service(&t, "")?;
-    let _agent = t.start_agent()?;
-    wait_backends(&t, 6)?;
+    let (t, _agent) = web_topology("")?;
     tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?;
     t.remove_manifest("web.yaml")?;
     wait_backends(&t, 0)?;
@@ -580,15 +551,9 @@ fn service_removal_stops_the_frontend() -> Result<()> {
 
 #[test]
 fn client_ip_affinity_pins_a_client_to_one_backend() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    web_service(
-        &t,
+    let (t, _agent) = web_topology(
         "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 60\n",
     )?;
-    let _agent = t.start_agent()?;
-    wait_backends(&t, 6)?;
     for from in [CLIENT_ADDR, CLIENT_ADDR_2] {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..30 {
