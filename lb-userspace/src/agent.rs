@@ -57,7 +57,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             attach::detach_interface(&pins, &stale)?;
         }
     }
-    netdev::prepare_forwarding(&cfg.ifaces)?;
+    netdev::prepare_forwarding(&cfg.ifaces);
     for iface in &cfg.ifaces {
         let mode = attach::attach_interface(&mut ebpf, &pins, iface)?;
         let index = netdev::ifindex(iface)?;

@@ -62,17 +62,29 @@ pub fn ensure_sysctl(path: &str, value: &str) -> Result<bool> {
 /// The kernel must forward what XDP hands it, and must accept source-NATed
 /// packets (source = this node's address) that XDP passes up instead of
 /// redirecting (first packets of a flow, before the neighbour is known).
-pub fn prepare_forwarding(ifaces: &[String]) -> Result<()> {
-    if ensure_sysctl("net/ipv4/ip_forward", "1")? {
-        tracing::info!("enabled net.ipv4.ip_forward");
-    }
+///
+/// Redirected packets need neither, so a failure (a read-only /proc/sys in
+/// a container) is a warning naming the setting to make on the node, not a
+/// reason to stop.
+pub fn prepare_forwarding(ifaces: &[String]) {
+    let mut settings = vec![("net/ipv4/ip_forward".to_string(), "net.ipv4.ip_forward")];
     for iface in ifaces {
-        let path = format!("net/ipv4/conf/{iface}/accept_local");
-        if ensure_sysctl(&path, "1")? {
-            tracing::info!(interface = %iface, "enabled accept_local");
+        settings.push((
+            format!("net/ipv4/conf/{iface}/accept_local"),
+            "accept_local",
+        ));
+    }
+    for (path, what) in &settings {
+        match ensure_sysctl(path, "1") {
+            Ok(true) => tracing::info!(sysctl = %path, "enabled {what}"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                sysctl = %path,
+                error = %format!("{e:#}"),
+                "could not set {what}=1: packets xlb hands to the kernel may be dropped; set it on the node"
+            ),
         }
     }
-    Ok(())
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
