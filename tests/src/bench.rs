@@ -94,6 +94,21 @@ pub fn test_run(
     flags: u32,
     ingress_ifindex: u32,
 ) -> Result<(u32, u32)> {
+    let (retval, duration, _) = test_run_frame(prog_fd, frame, repeat, flags, ingress_ifindex)?;
+    Ok((retval, duration))
+}
+
+/// Like [`test_run`], also returning the frame as the program left it
+/// (empty in live-frames mode, where frames leave through a device).
+pub fn test_run_frame(
+    prog_fd: i32,
+    frame: &[u8],
+    repeat: u32,
+    flags: u32,
+    ingress_ifindex: u32,
+) -> Result<(u32, u32, Vec<u8>)> {
+    let live = flags & BPF_F_TEST_XDP_LIVE_FRAMES != 0;
+    let mut out = vec![0u8; if live { 0 } else { frame.len() + 256 }];
     let mut data = frame.to_vec();
     let mut ctx = XdpMd {
         data_end: frame.len() as u32,
@@ -108,11 +123,9 @@ pub fn test_run(
         ctx_size_in: std::mem::size_of::<XdpMd>() as u32,
         ctx_in: &mut ctx as *mut XdpMd as u64,
         flags,
-        batch_size: if flags & BPF_F_TEST_XDP_LIVE_FRAMES != 0 {
-            64
-        } else {
-            0
-        },
+        batch_size: if live { 64 } else { 0 },
+        data_size_out: out.len() as u32,
+        data_out: if live { 0 } else { out.as_mut_ptr() as u64 },
         ..TestAttr::default()
     };
     // SAFETY: attr points at valid buffers that outlive the call.
@@ -127,12 +140,14 @@ pub fn test_run(
     if rc != 0 {
         bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
     }
-    Ok((attr.retval, attr.duration))
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, attr.duration, out))
 }
 
 // ------------------------------------------------------------------ frames
 
-fn csum(bytes: &[u8]) -> u16 {
+/// The Internet checksum (RFC 1071) of `bytes`.
+pub fn csum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for c in bytes.chunks(2) {
         let w = if c.len() == 2 {

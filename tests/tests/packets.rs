@@ -1,0 +1,374 @@
+//! The real `xlb_xdp` program on crafted frames (BPF_PROG_TEST_RUN): every
+//! malformed or unsupported packet is passed untouched or dropped and
+//! counted, never mis-translated; valid ones come out with correct
+//! checksums. Needs root (loads the program).
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsFd, AsRawFd},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result};
+use aya::{Ebpf, programs::Xdp};
+use lb_common::{Config, GlobalStats, ServiceStats};
+use xlb::{
+    dataplane::{self, Limits, Maps, PinDir},
+    model::{Backend, DesiredState, Frontend, FrontendSpec, Protocol, ServiceRef},
+    reconcile::{Reconciler, frontend_key},
+};
+use xlb_tests::bench::{csum, test_run_frame};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const FRONTEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The datapath loaded with one TCP and one UDP frontend on
+/// FRONTEND:80 → BACKEND:8080 (node-local, so no SNAT), redirect off.
+struct Datapath {
+    pins: PinDir,
+    maps: Maps,
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    fn new() -> Result<Self> {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "packet tests need root");
+        let bpffs = std::path::Path::new("/sys/fs/bpf");
+        dataplane::ensure_bpffs(bpffs)?;
+        let node = format!(
+            "pkt{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let pins = PinDir::new(bpffs, &node);
+        let limits = Limits {
+            max_services: 16,
+            max_backends: 64,
+            max_flows: 1024,
+        };
+        let mut ebpf = dataplane::load(&pins, limits)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        maps.write_config(&Config {
+            node_addr: lb_common::addr_v4([10, 0, 1, 1]),
+            snat_port_min: 32768,
+            snat_port_max: 60999,
+            flags: 0,
+        })?;
+        let mut desired = DesiredState::default();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            desired.frontends.insert(
+                Frontend {
+                    addr: IpAddr::V4(FRONTEND),
+                    port: 80,
+                    protocol,
+                },
+                FrontendSpec {
+                    service: ServiceRef {
+                        namespace: "t".into(),
+                        name: "web".into(),
+                        port_name: String::new(),
+                    },
+                    backends: vec![Backend {
+                        addr: IpAddr::V4(BACKEND),
+                        port: 8080,
+                        local: true,
+                        terminating: false,
+                    }],
+                    local_only: false,
+                    affinity_timeout: None,
+                    source_ranges: vec![],
+                },
+            );
+        }
+        let summary =
+            Reconciler::new(limits.max_services, limits.max_backends).apply(&desired, &mut maps);
+        anyhow::ensure!(summary.errors.is_empty(), "{:?}", summary.errors);
+        Ok(Datapath { pins, maps, ebpf })
+    }
+
+    /// Runs the program once on `frame`: (verdict, frame as it left).
+    fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let program: &Xdp = self
+            .ebpf
+            .program("xlb_xdp")
+            .context("xlb_xdp")?
+            .try_into()?;
+        let fd = program.fd()?.as_fd().as_raw_fd();
+        let (verdict, _, out) = test_run_frame(fd, frame, 1, 0, 1)?;
+        Ok((verdict, out))
+    }
+
+    fn stats(&self, protocol: Protocol) -> Result<ServiceStats> {
+        let key = frontend_key(&Frontend {
+            addr: IpAddr::V4(FRONTEND),
+            port: 80,
+            protocol,
+        })?;
+        let service = self.maps.services.get(&key, 0)?;
+        self.maps.service_stats(service.service_id)
+    }
+
+    fn global(&self) -> Result<GlobalStats> {
+        self.maps.global_stats()
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        let _ = dataplane::attach::reset(&self.pins);
+    }
+}
+
+/// Builds Ethernet (optionally 802.1Q-tagged) + IPv4 (+ options) + TCP/UDP
+/// frames with correct checksums.
+struct FrameSpec {
+    vlan: Option<u16>,
+    options: usize,
+    frag: u16,
+    proto: u8,
+    dst: Ipv4Addr,
+    dport: u16,
+    udp_checksum: bool,
+    payload: usize,
+}
+
+impl Default for FrameSpec {
+    fn default() -> Self {
+        FrameSpec {
+            vlan: None,
+            options: 0,
+            frag: 0x4000, // DF
+            proto: 17,
+            dst: FRONTEND,
+            dport: 80,
+            udp_checksum: true,
+            payload: 16,
+        }
+    }
+}
+
+fn frame(spec: &FrameSpec) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+    if let Some(vid) = spec.vlan {
+        f.extend_from_slice(&[0x81, 0x00]);
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&[0x08, 0x00]);
+    let l4_len = if spec.proto == 6 { 20 } else { 8 } + spec.payload;
+    let ihl = 5 + spec.options / 4;
+    let mut ip = vec![(0x40 | ihl) as u8, 0];
+    ip.extend_from_slice(&((ihl * 4 + l4_len) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34]);
+    ip.extend_from_slice(&spec.frag.to_be_bytes());
+    ip.extend_from_slice(&[64, spec.proto, 0, 0]);
+    ip.extend_from_slice(&CLIENT.octets());
+    ip.extend_from_slice(&spec.dst.octets());
+    ip.extend(std::iter::repeat_n(1u8, spec.options)); // NOP options
+    let c = csum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&40000u16.to_be_bytes());
+    l4.extend_from_slice(&spec.dport.to_be_bytes());
+    if spec.proto == 6 {
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        l4.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend(std::iter::repeat_n(0xabu8, spec.payload));
+    let check_at = if spec.proto == 6 { 16 } else { 6 };
+    if spec.proto == 6 || spec.udp_checksum {
+        let c = l4_checksum(&CLIENT, &spec.dst, spec.proto, &l4);
+        l4[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&l4);
+    f
+}
+
+fn l4_checksum(src: &Ipv4Addr, dst: &Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(l4);
+    let c = csum(&pseudo);
+    if proto == 17 && c == 0 { 0xffff } else { c }
+}
+
+/// Checks an IPv4 packet at `l3` the way a receiving kernel would: header
+/// checksum, then the L4 checksum over the pseudo-header (UDP 0 = none).
+fn assert_checksums_valid(f: &[u8], l3: usize) {
+    let ihl = (f[l3] & 0x0f) as usize * 4;
+    assert_eq!(csum(&f[l3..l3 + ihl]), 0, "IPv4 header checksum");
+    let proto = f[l3 + 9];
+    let total = u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]) as usize;
+    let l4 = &f[l3 + ihl..l3 + total];
+    let src = Ipv4Addr::new(f[l3 + 12], f[l3 + 13], f[l3 + 14], f[l3 + 15]);
+    let dst = Ipv4Addr::new(f[l3 + 16], f[l3 + 17], f[l3 + 18], f[l3 + 19]);
+    if proto == 17 && l4[6] == 0 && l4[7] == 0 {
+        return;
+    }
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(l4);
+    assert_eq!(csum(&pseudo), 0, "L4 checksum (protocol {proto})");
+}
+
+fn dst_of(f: &[u8], l3: usize) -> (Ipv4Addr, u16) {
+    let ihl = (f[l3] & 0x0f) as usize * 4;
+    (
+        Ipv4Addr::new(f[l3 + 16], f[l3 + 17], f[l3 + 18], f[l3 + 19]),
+        u16::from_be_bytes([f[l3 + ihl + 2], f[l3 + ihl + 3]]),
+    )
+}
+
+#[test]
+fn valid_tcp_and_udp_are_translated_with_correct_checksums() -> Result<()> {
+    let dp = Datapath::new()?;
+    for proto in [6u8, 17] {
+        let input = frame(&FrameSpec {
+            proto,
+            payload: 33,
+            ..Default::default()
+        });
+        assert_checksums_valid(&input, 14);
+        let (verdict, out) = dp.run(&input)?;
+        assert_eq!(
+            verdict, XDP_PASS,
+            "translated, handed to the kernel (redirect off)"
+        );
+        assert_eq!(dst_of(&out, 14), (BACKEND, 8080), "protocol {proto}");
+        assert_checksums_valid(&out, 14);
+    }
+    Ok(())
+}
+
+#[test]
+fn vlan_tagged_packet_is_translated_and_keeps_its_tag() -> Result<()> {
+    let dp = Datapath::new()?;
+    let input = frame(&FrameSpec {
+        vlan: Some(42),
+        ..Default::default()
+    });
+    let (verdict, out) = dp.run(&input)?;
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(&out[12..16], &[0x81, 0x00, 0, 42]);
+    assert_eq!(dst_of(&out, 18), (BACKEND, 8080));
+    assert_checksums_valid(&out, 18);
+    Ok(())
+}
+
+#[test]
+fn udp_without_checksum_keeps_zero() -> Result<()> {
+    let dp = Datapath::new()?;
+    let input = frame(&FrameSpec {
+        udp_checksum: false,
+        ..Default::default()
+    });
+    let (_, out) = dp.run(&input)?;
+    assert_eq!(dst_of(&out, 14), (BACKEND, 8080));
+    assert_eq!(
+        &out[14 + 20 + 6..14 + 20 + 8],
+        &[0, 0],
+        "UDP checksum 0 must stay 0"
+    );
+    assert_checksums_valid(&out, 14);
+    Ok(())
+}
+
+#[test]
+fn ip_options_and_first_fragments_for_a_frontend_are_dropped_and_counted() -> Result<()> {
+    let dp = Datapath::new()?;
+    let before = dp.stats(Protocol::Udp)?.drop_unsupported;
+    for spec in [
+        FrameSpec {
+            options: 4,
+            ..Default::default()
+        },
+        FrameSpec {
+            frag: 0x2000,
+            ..Default::default()
+        }, // MF, offset 0
+    ] {
+        let input = frame(&spec);
+        let (verdict, _) = dp.run(&input)?;
+        assert_eq!(verdict, XDP_DROP);
+    }
+    assert_eq!(dp.stats(Protocol::Udp)?.drop_unsupported - before, 2);
+    Ok(())
+}
+
+#[test]
+fn malformed_and_foreign_packets_pass_untouched() -> Result<()> {
+    let dp = Datapath::new()?;
+    let valid = frame(&FrameSpec::default());
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("Ethernet header only", valid[..14].to_vec()),
+        ("IPv4 header cut short", valid[..14 + 12].to_vec()),
+        ("UDP header cut short", valid[..14 + 20 + 4].to_vec()),
+        (
+            "TCP header cut short",
+            frame(&FrameSpec {
+                proto: 6,
+                ..Default::default()
+            })[..14 + 20 + 10]
+                .to_vec(),
+        ),
+        (
+            "later fragment",
+            frame(&FrameSpec {
+                frag: 0x0010,
+                ..Default::default()
+            }),
+        ),
+        (
+            "other port on the frontend address",
+            frame(&FrameSpec {
+                dport: 81,
+                ..Default::default()
+            }),
+        ),
+        (
+            "not a frontend address",
+            frame(&FrameSpec {
+                dst: Ipv4Addr::new(10, 200, 0, 99),
+                ..Default::default()
+            }),
+        ),
+    ];
+    let mut bad_ihl = valid.clone();
+    bad_ihl[14] = 0x44; // IHL 4 < 5
+    cases.push(("IHL below 5", bad_ihl));
+    let mut icmp = valid.clone();
+    icmp[14 + 9] = 1;
+    cases.push(("ICMP to the frontend", icmp));
+    let mut arp = valid[..42].to_vec();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    cases.push(("ARP", arp));
+    let mut ipv6 = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd, 0x60];
+    ipv6.resize(14 + 40 + 8, 0);
+    cases.push(("IPv6", ipv6));
+
+    let malformed_before = dp.global()?.malformed;
+    for (what, input) in &cases {
+        let (verdict, out) = dp.run(input)?;
+        assert_eq!(verdict, XDP_PASS, "{what}: must be passed");
+        assert_eq!(&out, input, "{what}: must leave untouched");
+    }
+    assert!(
+        dp.global()?.malformed - malformed_before >= 3,
+        "truncated headers must be counted as malformed"
+    );
+    Ok(())
+}
