@@ -36,6 +36,7 @@ pub struct AgentConfig {
     pub redirect: bool,
     pub sweep_interval: Duration,
     pub timeouts: Timeouts,
+    pub xdp_mode: attach::XdpModeChoice,
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
@@ -59,7 +60,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     netdev::prepare_forwarding(&cfg.ifaces);
     for iface in &cfg.ifaces {
-        let mode = attach::attach_interface(&mut ebpf, &pins, iface)?;
+        let mode = attach::attach_interface(&mut ebpf, &pins, iface, cfg.xdp_mode)?;
         let index = netdev::ifindex(iface)?;
         if cfg.redirect && mode == attach::XdpAttachMode::Native {
             maps.tx_ports

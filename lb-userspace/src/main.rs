@@ -74,6 +74,10 @@ enum Command {
         /// Never redirect in XDP; hand every translated packet to the kernel.
         #[arg(long, env = "XLB_NO_REDIRECT")]
         no_redirect: bool,
+        /// XDP attach mode: `auto` (native, else generic with a warning),
+        /// `native`, or `generic` (for drivers whose native XDP misbehaves).
+        #[arg(long, env = "XLB_XDP_MODE", value_enum, default_value_t = attach::XdpModeChoice::Auto)]
+        xdp_mode: attach::XdpModeChoice,
         /// Seconds between flow-table sweeps.
         #[arg(long, env = "XLB_SWEEP_INTERVAL", default_value_t = 10)]
         sweep_interval: u64,
@@ -143,6 +147,7 @@ fn run(command: Command) -> Result<()> {
             max_flows,
             snat_ports,
             no_redirect,
+            xdp_mode,
             sweep_interval,
             udp_timeout,
             udp_unanswered_timeout,
@@ -161,6 +166,7 @@ fn run(command: Command) -> Result<()> {
                 snat_ports: parse_ports(&snat_ports)?,
                 redirect: !no_redirect,
                 sweep_interval: Duration::from_secs(sweep_interval.max(1)),
+                xdp_mode,
                 timeouts: Timeouts {
                     udp_ns: udp_timeout * 1_000_000_000,
                     udp_unanswered_ns: udp_unanswered_timeout * 1_000_000_000,

@@ -612,3 +612,29 @@ fn snat_never_takes_a_port_the_node_uses() -> Result<()> {
     assert!(t.stat("drop_snat_exhausted")? > 0);
     Ok(())
 }
+
+#[test]
+fn generic_xdp_mode_carries_the_same_traffic() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, "")?;
+    let agent = t.start_agent_with(&["--xdp-mode", "generic"])?;
+    wait_backends(&t, 6)?;
+    let link = ns_sh(&t.node, &["ip", "-d", "link", "show", "dev", "uplink"])?;
+    assert!(link.contains("xdpgeneric"), "not in generic mode:\n{link}");
+    let mut seen = BTreeMap::new();
+    for _ in 0..60 {
+        let r = tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?;
+        seen.insert(r.backend.clone(), r.peer.ip());
+        udp_request(&t.client, SocketAddrV4::new(WEB, 53))?;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen["pod-c"], std::net::IpAddr::from(NODE_ADDR));
+    assert_eq!(seen["pod-a"], std::net::IpAddr::from(CLIENT_ADDR));
+    for ns in [&t.client, &t.pod("pod-a").ns, &t.pod("pod-c").ns] {
+        assert_eq!(snmp_counter(ns, "Tcp", "InCsumErrors")?, 0, "{ns}");
+    }
+    drop(agent);
+    Ok(())
+}

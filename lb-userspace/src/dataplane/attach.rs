@@ -30,6 +30,18 @@ pub enum XdpAttachMode {
     Generic,
 }
 
+/// Which XDP mode the operator asks for (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum XdpModeChoice {
+    /// Native, falling back to generic with a warning.
+    #[default]
+    Auto,
+    /// Native only: fail if the driver cannot.
+    Native,
+    /// Generic (skb) only: for drivers whose native XDP misbehaves.
+    Generic,
+}
+
 /// bpffs refuses names with a dot (EPERM: reserved for the kernel), and
 /// VLAN interfaces have one (`eth0.100`); interface names never contain ':',
 /// so '.' is written as ':' and ':' separates the suffix.
@@ -53,13 +65,23 @@ fn generic_marker(pins: &PinDir, iface: &str) -> std::path::PathBuf {
 
 /// Attaches (or re-attaches, adopting pinned links) both programs to
 /// `iface`. Returns the XDP mode in effect.
-pub fn attach_interface(ebpf: &mut Ebpf, pins: &PinDir, iface: &str) -> Result<XdpAttachMode> {
-    let mode = attach_xdp(ebpf, pins, iface)?;
+pub fn attach_interface(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    iface: &str,
+    choice: XdpModeChoice,
+) -> Result<XdpAttachMode> {
+    let mode = attach_xdp(ebpf, pins, iface, choice)?;
     attach_tc(ebpf, pins, iface)?;
     Ok(mode)
 }
 
-fn attach_xdp(ebpf: &mut Ebpf, pins: &PinDir, iface: &str) -> Result<XdpAttachMode> {
+fn attach_xdp(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    iface: &str,
+    choice: XdpModeChoice,
+) -> Result<XdpAttachMode> {
     let program: &mut Xdp = ebpf
         .program_mut(XDP_PROGRAM)
         .context("XDP program missing")?
@@ -68,6 +90,22 @@ fn attach_xdp(ebpf: &mut Ebpf, pins: &PinDir, iface: &str) -> Result<XdpAttachMo
         (xdp_pin(pins, iface), XdpAttachMode::Native),
         (generic_marker(pins, iface), XdpAttachMode::Generic),
     ] {
+        let wanted = match choice {
+            XdpModeChoice::Auto => true,
+            XdpModeChoice::Native => mode == XdpAttachMode::Native,
+            XdpModeChoice::Generic => mode == XdpAttachMode::Generic,
+        };
+        if path.exists() && !wanted {
+            // The operator changed the mode: drop the old link first (the
+            // interface misses the datapath for that moment).
+            remove_if_exists(&path)?;
+            tracing::warn!(
+                interface = iface,
+                ?mode,
+                "replacing XDP link of another mode"
+            );
+            continue;
+        }
         if path.exists() {
             let pinned = PinnedLink::from_pin(&path)
                 .with_context(|| format!("opening pinned link {}", path.display()))?;
@@ -80,16 +118,30 @@ fn attach_xdp(ebpf: &mut Ebpf, pins: &PinDir, iface: &str) -> Result<XdpAttachMo
             return Ok(mode);
         }
     }
-    let (link_id, mode) = match program.attach(iface, XdpMode::Driver) {
-        Ok(id) => (id, XdpAttachMode::Native),
-        Err(native_error) => {
-            let id = program.attach(iface, XdpMode::Skb).with_context(|| {
-                format!("attaching XDP to {iface} (native mode failed too: {native_error})")
-            })?;
-            tracing::warn!(interface = iface, error = %native_error,
-                "native XDP unavailable, fell back to generic XDP (slower)");
-            (id, XdpAttachMode::Generic)
-        }
+    let (link_id, mode) = match choice {
+        XdpModeChoice::Generic => (
+            program
+                .attach(iface, XdpMode::Skb)
+                .with_context(|| format!("attaching generic XDP to {iface}"))?,
+            XdpAttachMode::Generic,
+        ),
+        XdpModeChoice::Native => (
+            program
+                .attach(iface, XdpMode::Driver)
+                .with_context(|| format!("attaching native XDP to {iface} (--xdp-mode native)"))?,
+            XdpAttachMode::Native,
+        ),
+        XdpModeChoice::Auto => match program.attach(iface, XdpMode::Driver) {
+            Ok(id) => (id, XdpAttachMode::Native),
+            Err(native_error) => {
+                let id = program.attach(iface, XdpMode::Skb).with_context(|| {
+                    format!("attaching XDP to {iface} (native mode failed too: {native_error})")
+                })?;
+                tracing::warn!(interface = iface, error = %native_error,
+                    "native XDP unavailable, fell back to generic XDP (slower)");
+                (id, XdpAttachMode::Generic)
+            }
+        },
     };
     let link = program.take_link(link_id)?;
     let fd_link = FdLink::try_from(link).with_context(|| {
