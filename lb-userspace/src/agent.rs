@@ -20,15 +20,26 @@ use crate::{
     model::DesiredState,
     netdev,
     reconcile::Reconciler,
-    source::{manifest, translate},
+    source::{kube as kube_source, manifest, translate},
     state_file,
 };
+
+/// Where Services, EndpointSlices and Nodes come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests, watched with inotify.
+    Manifests(PathBuf),
+    /// The Kubernetes API (kubeconfig file, or KUBECONFIG / in-cluster).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub ifaces: Vec<String>,
     pub node_name: String,
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
+    /// `spec.loadBalancerClass` values handled besides none.
+    pub lb_classes: Vec<String>,
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
     pub limits: Limits,
@@ -83,9 +94,44 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     reconciler.adopt(found);
 
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let _watcher = watch_dir(&cfg.manifests, tx)?;
+    let mut _dir_watcher = None;
+    let mut stores = None;
+    match &cfg.source {
+        SourceConfig::Manifests(dir) => _dir_watcher = Some(watch_dir(dir, tx)?),
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = kube_source::client(kubeconfig.as_deref()).await?;
+            let watched = kube_source::watch(client, &cfg.node_name, tx);
+            tracing::info!("listing Services, EndpointSlices and this Node");
+            // Until the first complete list the maps keep what a previous
+            // agent left; an unreachable API server is retried with backoff
+            // (the watcher logs it) while traffic keeps flowing.
+            let mut waited = 0u64;
+            loop {
+                tokio::select! {
+                    _ = watched.ready() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                        waited += 5;
+                        tracing::warn!(waited_s = waited,
+                            "no complete list from the Kubernetes API yet (unreachable?); retrying with backoff, maps keep their last state");
+                    }
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+            tracing::info!(
+                waited_s = waited,
+                "Kubernetes API answered: initial lists complete"
+            );
+            stores = Some(watched);
+        }
+    }
     let mut node_config: Option<Config> = None;
-    sync(&cfg, &mut maps, &mut reconciler, &mut node_config)?;
+    sync(
+        &cfg,
+        stores.as_ref(),
+        &mut maps,
+        &mut reconciler,
+        &mut node_config,
+    )?;
     tracing::info!(node = %cfg.node_name, interfaces = ?cfg.ifaces, "agent ready");
 
     let mut sweep = tokio::time::interval(cfg.sweep_interval);
@@ -98,7 +144,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 // read the whole directory once.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while rx.try_recv().is_ok() {}
-                if let Err(e) = sync(&cfg, &mut maps, &mut reconciler, &mut node_config) {
+                if let Err(e) = sync(&cfg, stores.as_ref(), &mut maps, &mut reconciler, &mut node_config) {
                     tracing::error!(error = %format!("{e:#}"), "applying manifests failed");
                 }
             }
@@ -121,18 +167,27 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     Ok(())
 }
 
-/// Reads the manifests, translates them and applies the difference.
+/// Reads the source, translates and applies the difference.
 fn sync(
     cfg: &AgentConfig,
+    stores: Option<&kube_source::Stores>,
     maps: &mut Maps,
     reconciler: &mut Reconciler,
     node_config: &mut Option<Config>,
 ) -> Result<()> {
     let desired = {
-        let (objects, errors) = manifest::load_dir(&cfg.manifests);
-        for e in &errors {
-            tracing::warn!(error = %e, "skipping malformed manifest");
-        }
+        let mut objects = match (&cfg.source, stores) {
+            (SourceConfig::Kubernetes { .. }, Some(stores)) => stores.objects(),
+            (SourceConfig::Manifests(dir), _) => {
+                let (objects, errors) = manifest::load_dir(dir);
+                for e in &errors {
+                    tracing::warn!(error = %e, "skipping malformed manifest");
+                }
+                objects
+            }
+            (SourceConfig::Kubernetes { .. }, None) => bail!("Kubernetes source not started"),
+        };
+        kube_source::retain_classes(&mut objects, &cfg.lb_classes);
         let (desired, errors) = translate::translate(&objects, &cfg.node_name);
         for e in &errors {
             tracing::warn!(error = %e, "skipping invalid object");

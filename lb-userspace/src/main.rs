@@ -55,9 +55,19 @@ enum Command {
         )]
         ifaces: Vec<String>,
         /// Directory of Service / EndpointSlice / Node manifests (YAML or
-        /// JSON), watched for changes.
+        /// JSON), watched for changes. Without it the agent watches the
+        /// Kubernetes API.
         #[arg(long, env = "XLB_MANIFESTS")]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
+        /// Kubeconfig for the Kubernetes API (default: KUBECONFIG,
+        /// ~/.kube/config, or the in-cluster service account).
+        #[arg(long, env = "KUBECONFIG", conflicts_with = "manifests")]
+        kubeconfig: Option<PathBuf>,
+        /// `spec.loadBalancerClass` handled besides none; repeat or separate
+        /// with commas. Services of other classes are never touched.
+        #[arg(long = "lb-class", env = "XLB_LB_CLASS", value_delimiter = ',',
+              default_value = xlb::source::kube::DEFAULT_LB_CLASS)]
+        lb_classes: Vec<String>,
         /// Frontends the maps can hold.
         #[arg(long, env = "XLB_MAX_SERVICES", default_value_t = Limits::default().max_services)]
         max_services: u32,
@@ -142,6 +152,8 @@ fn run(command: Command) -> Result<()> {
             node,
             ifaces,
             manifests,
+            kubeconfig,
+            lb_classes,
             max_services,
             max_backends,
             max_flows,
@@ -155,7 +167,11 @@ fn run(command: Command) -> Result<()> {
             let cfg = AgentConfig {
                 ifaces,
                 node_name: node.node_name,
-                manifests,
+                source: match manifests {
+                    Some(dir) => agent::SourceConfig::Manifests(dir),
+                    None => agent::SourceConfig::Kubernetes { kubeconfig },
+                },
+                lb_classes,
                 bpffs: node.bpffs,
                 state_dir: node.state_dir,
                 limits: Limits {

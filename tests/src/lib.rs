@@ -341,6 +341,38 @@ impl Topology {
         Agent::start(self, extra)
     }
 
+    /// Starts the agent on the Kubernetes API (no manifest directory).
+    pub fn start_agent_kube(&self, kubeconfig: &Path, extra: &[&str]) -> Result<Agent> {
+        let log = self.dir.join("agent.log");
+        let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+        let state_dir = self.dir.join("state").to_string_lossy().into_owned();
+        let mut args = vec![
+            "--iface",
+            "uplink,n2",
+            "--node-name",
+            &self.node_name,
+            "--kubeconfig",
+            &kubeconfig,
+            "--state-dir",
+            &state_dir,
+            "--sweep-interval",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let child = spawn_agent(
+            &self.node,
+            &[],
+            &args,
+            &log,
+            "info,xlb=debug",
+            Duration::from_secs(30),
+        )?;
+        Ok(Agent {
+            child: Some(child),
+            log,
+        })
+    }
+
     pub fn xlb(&self, args: &[&str]) -> Result<String> {
         let mut full = vec![xlb_bin().to_string_lossy().into_owned()];
         full.extend(args.iter().map(|s| s.to_string()));
@@ -745,3 +777,4 @@ pub mod manifests {
     }
 }
 pub mod bench;
+pub mod fake_api;

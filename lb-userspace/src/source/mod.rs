@@ -3,6 +3,7 @@
 //! translated into a [`crate::model::DesiredState`] the way a node agent for
 //! `type: LoadBalancer` Services does.
 
+pub mod kube;
 pub mod manifest;
 pub mod translate;
 
