@@ -96,10 +96,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut _dir_watcher = None;
     let mut stores = None;
+    let mut event_sink = None;
     match &cfg.source {
         SourceConfig::Manifests(dir) => _dir_watcher = Some(watch_dir(dir, tx)?),
         SourceConfig::Kubernetes { kubeconfig } => {
             let client = kube_source::client(kubeconfig.as_deref()).await?;
+            event_sink = Some(kube_source::EventSink::new(client.clone(), &cfg.node_name));
             let watched = kube_source::watch(client, &cfg.node_name, tx);
             tracing::info!("listing Services, EndpointSlices and this Node");
             // Until the first complete list the maps keep what a previous
@@ -128,6 +130,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     sync(
         &cfg,
         stores.as_ref(),
+        event_sink.as_mut(),
         &mut maps,
         &mut reconciler,
         &mut node_config,
@@ -144,7 +147,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 // read the whole directory once.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while rx.try_recv().is_ok() {}
-                if let Err(e) = sync(&cfg, stores.as_ref(), &mut maps, &mut reconciler, &mut node_config) {
+                if let Err(e) = sync(&cfg, stores.as_ref(), event_sink.as_mut(), &mut maps, &mut reconciler, &mut node_config) {
                     tracing::error!(error = %format!("{e:#}"), "applying manifests failed");
                 }
             }
@@ -171,6 +174,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 fn sync(
     cfg: &AgentConfig,
     stores: Option<&kube_source::Stores>,
+    mut events: Option<&mut kube_source::EventSink>,
     maps: &mut Maps,
     reconciler: &mut Reconciler,
     node_config: &mut Option<Config>,
@@ -191,6 +195,9 @@ fn sync(
         let (desired, errors) = translate::translate(&objects, &cfg.node_name);
         for e in &errors {
             tracing::warn!(error = %e, "skipping invalid object");
+            if let Some(events) = events.as_deref_mut() {
+                events.report(&e.object, &e.reason);
+            }
         }
         desired
     };

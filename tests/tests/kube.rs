@@ -206,3 +206,46 @@ fn unreachable_api_at_start_is_retried_and_reported() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn an_invalid_service_gets_one_warning_event() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    let api = FakeApi::start_in_netns(&t.node, "127.0.0.1:0".parse()?)?;
+    let kubeconfig = t.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    api.apply(node(&t.node_name, xlb_tests::NODE_ADDR));
+    let _agent = t.start_agent_kube(&kubeconfig, &[])?;
+    let mut bad = service("bad", SECOND, None);
+    bad["spec"]["ports"][0]["protocol"] = json!("SCTP");
+    api.apply(bad);
+    api.apply(service("web", WEB, None));
+    api.apply(slice(&t, "web", &["pod-a"]));
+    let events_on_bad = || {
+        api.list("events.k8s.io/v1", "Event")
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == "bad" && e["regarding"]["kind"] == "Service")
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "a Warning Event on Service bad",
+        Duration::from_secs(10),
+        || !events_on_bad().is_empty(),
+    )?;
+    let event = &events_on_bad()[0];
+    assert_eq!(event["type"], "Warning");
+    assert!(
+        event["note"].as_str().unwrap_or("").contains("SCTP"),
+        "{event}"
+    );
+    // The valid service still works, and re-syncs do not repeat the Event.
+    wait_until("web programmed", Duration::from_secs(5), || {
+        frontends(&t).contains("10.200.0.10:80/TCP")
+    })?;
+    assert!(tcp_request(&t.client, SocketAddrV4::new(WEB, 80)).is_ok());
+    api.apply(slice(&t, "web", &["pod-a", "pod-b"]));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(events_on_bad().len(), 1, "{:?}", events_on_bad());
+    Ok(())
+}

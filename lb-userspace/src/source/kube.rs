@@ -13,14 +13,14 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, ObjectReference, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
-        WatchStreamExt,
+        WatchStreamExt, events,
         reflector::{self, Store},
         watcher,
     },
@@ -165,6 +165,71 @@ fn spawn_reflector<K>(
             }
         }
     });
+}
+
+/// Posts a Warning Event on each object the agent had to skip, once per
+/// distinct problem (a re-sync does not repeat it), so `kubectl describe`
+/// shows why a Service has no effect.
+pub struct EventSink {
+    recorder: events::Recorder,
+    reported: std::collections::HashSet<(String, String)>,
+}
+
+impl EventSink {
+    pub fn new(client: Client, node_name: &str) -> Self {
+        let reporter = events::Reporter {
+            controller: "xlb".into(),
+            instance: Some(node_name.to_string()),
+        };
+        Self {
+            recorder: events::Recorder::new(client, reporter),
+            reported: Default::default(),
+        }
+    }
+
+    /// `object` is `Kind namespace/name` as the translation names it.
+    pub fn report(&mut self, object: &str, reason: &str) {
+        if !self
+            .reported
+            .insert((object.to_string(), reason.to_string()))
+        {
+            return;
+        }
+        let Some(reference) = object_reference(object) else {
+            return;
+        };
+        let event = events::Event {
+            type_: events::EventType::Warning,
+            reason: "InvalidSpec".into(),
+            note: Some(reason.chars().take(1000).collect()),
+            action: "Program".into(),
+            secondary: None,
+        };
+        let recorder = self.recorder.clone();
+        let object = object.to_string();
+        tokio::spawn(async move {
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                tracing::debug!(object = %object, error = %error, "posting an Event failed");
+            }
+        });
+    }
+}
+
+/// `Service shop/web` → a reference Events can point at.
+fn object_reference(object: &str) -> Option<ObjectReference> {
+    let (kind, rest) = object.split_once(' ')?;
+    let (namespace, name) = rest.split_once('/')?;
+    let api_version = match kind {
+        "EndpointSlice" => "discovery.k8s.io/v1",
+        _ => "v1",
+    };
+    Some(ObjectReference {
+        api_version: Some(api_version.into()),
+        kind: Some(kind.into()),
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        ..ObjectReference::default()
+    })
 }
 
 /// Keeps the Services xlb handles: no `spec.loadBalancerClass`, or one of
