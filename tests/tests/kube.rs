@@ -58,6 +58,19 @@ fn slice(t: &Topology, service: &str, pods: &[&str]) -> Value {
            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]})
 }
 
+/// The reference topology with servers on 8080 and a fake API server in
+/// the node's namespace that knows this node; returns its kubeconfig path.
+fn api_topology() -> Result<(Topology, FakeApi, std::path::PathBuf)> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    let api = FakeApi::start_in_netns(&t.node, "127.0.0.1:0".parse()?)?;
+    let kubeconfig = t.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    api.apply(node(&t.node_name, xlb_tests::NODE_ADDR));
+    Ok((t, api, kubeconfig))
+}
+
 fn frontends(t: &Topology) -> BTreeSet<String> {
     t.inspect("services")
         .unwrap_or_default()
@@ -68,13 +81,7 @@ fn frontends(t: &Topology) -> BTreeSet<String> {
 
 #[test]
 fn services_follow_the_api_through_watch_cuts_and_expired_versions() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    let api = FakeApi::start_in_netns(&t.node, "127.0.0.1:0".parse()?)?;
-    let kubeconfig = t.dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    api.apply(node(&t.node_name, xlb_tests::NODE_ADDR));
+    let (t, api, kubeconfig) = api_topology()?;
     api.apply(node(&t.node2_name, xlb_tests::NODE2_ADDR));
     let _agent = t.start_agent_kube(&kubeconfig, &[])?;
     let to = SocketAddrV4::new(WEB, 80);
@@ -162,13 +169,7 @@ fn services_follow_the_api_through_watch_cuts_and_expired_versions() -> Result<(
 
 #[test]
 fn unreachable_api_at_start_is_retried_and_reported() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    let api = FakeApi::start_in_netns(&t.node, "127.0.0.1:0".parse()?)?;
-    let kubeconfig = t.dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    api.apply(node(&t.node_name, xlb_tests::NODE_ADDR));
+    let (t, api, kubeconfig) = api_topology()?;
     api.apply(service("web", WEB, None));
     api.apply(slice(&t, "web", &["pod-a", "pod-b"]));
     api.set_unavailable(true);
@@ -209,13 +210,7 @@ fn unreachable_api_at_start_is_retried_and_reported() -> Result<()> {
 
 #[test]
 fn an_invalid_service_gets_one_warning_event() -> Result<()> {
-    require_root();
-    let t = Topology::new()?;
-    t.start_servers(&[8080])?;
-    let api = FakeApi::start_in_netns(&t.node, "127.0.0.1:0".parse()?)?;
-    let kubeconfig = t.dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    api.apply(node(&t.node_name, xlb_tests::NODE_ADDR));
+    let (t, api, kubeconfig) = api_topology()?;
     let _agent = t.start_agent_kube(&kubeconfig, &[])?;
     let mut bad = service("bad", SECOND, None);
     bad["spec"]["ports"][0]["protocol"] = json!("SCTP");

@@ -192,14 +192,21 @@ fn frame(spec: &FrameSpec) -> Vec<u8> {
     f
 }
 
-fn l4_checksum(src: &Ipv4Addr, dst: &Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
+/// The checksum over the IPv4 pseudo-header and `l4` (0 when `l4` already
+/// holds a correct checksum).
+fn pseudo_checksum(src: &Ipv4Addr, dst: &Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&src.octets());
     pseudo.extend_from_slice(&dst.octets());
     pseudo.extend_from_slice(&[0, proto]);
     pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
     pseudo.extend_from_slice(l4);
-    let c = csum(&pseudo);
+    csum(&pseudo)
+}
+
+fn l4_checksum(src: &Ipv4Addr, dst: &Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
+    let c = pseudo_checksum(src, dst, proto, l4);
+    // A computed 0 is sent as 0xffff for UDP: 0 means "no checksum".
     if proto == 17 && c == 0 { 0xffff } else { c }
 }
 
@@ -216,13 +223,11 @@ fn assert_checksums_valid(f: &[u8], l3: usize) {
     if proto == 17 && l4[6] == 0 && l4[7] == 0 {
         return;
     }
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, proto]);
-    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(l4);
-    assert_eq!(csum(&pseudo), 0, "L4 checksum (protocol {proto})");
+    assert_eq!(
+        pseudo_checksum(&src, &dst, proto, l4),
+        0,
+        "L4 checksum (protocol {proto})"
+    );
 }
 
 fn dst_of(f: &[u8], l3: usize) -> (Ipv4Addr, u16) {
