@@ -190,6 +190,15 @@ fn test(filter: &[String]) -> Result<()> {
     lint()?;
     let root = workspace_root();
     let mut totals = Totals::default();
+    // deploy/ against the Kubernetes schemas (strict: unknown fields fail).
+    match validate_manifests() {
+        Ok(()) => totals.passed += 1,
+        Err(e) => {
+            totals.failed += 1;
+            totals.print();
+            return Err(e);
+        }
+    }
     // Unit tests (no privileges needed).
     let unit = run_counted(
         Command::new("cargo").current_dir(&root).args([
@@ -242,6 +251,39 @@ fn test(filter: &[String]) -> Result<()> {
     );
     totals.print();
     e2e.context("end-to-end tests failed")
+}
+
+/// Kubernetes version the manifests in deploy/ are validated against.
+const KUBERNETES_VERSION: &str = "1.34.0";
+
+/// Validates deploy/*.yaml with the `kubernetes-validate` tool (its schemas
+/// ship in the package, so no network is needed once it is installed into a
+/// venv under target/tools).
+fn validate_manifests() -> Result<()> {
+    let root = workspace_root();
+    let venv = root.join("target/tools/kubernetes-validate");
+    let tool = venv.join("bin/kubernetes-validate");
+    if !tool.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+            .context("creating a venv for kubernetes-validate (needs python3 with venv)")?;
+        run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "kubernetes-validate"]))
+            .context("installing kubernetes-validate from PyPI")?;
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("deploy"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    run(Command::new(&tool)
+        .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
+        .args(&files))
+    .context("deploy/ does not validate against the Kubernetes schemas")?;
+    println!(
+        "deploy: {} manifest files valid for Kubernetes {KUBERNETES_VERSION}",
+        files.len()
+    );
+    Ok(())
 }
 
 /// Test counts over every `cargo test` run, from libtest's result lines.
