@@ -61,11 +61,17 @@ fn stats(service_id: u32) -> Option<&'static mut ServiceStats> {
     STATS.get_ptr_mut(service_id).map(|p| unsafe { &mut *p })
 }
 
-/// Looks the packet's tuple up in `FLOWS` and refreshes the entry.
+/// Looks the packet's tuple up in `FLOWS` and refreshes the entry. A bare
+/// SYN that meets a closing forward flow is a new connection reusing the
+/// client port: it is reported as no flow (untouched, uncounted), so the
+/// caller picks a backend afresh and cannot land on one removed since.
 #[inline(always)]
 pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64) -> Option<Flow> {
     let flow = FLOWS.get_ptr_mut(key)?;
     let flow = unsafe { &mut *flow };
+    if is_reopened(key, tcp_flags, flow) {
+        return None;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(flow.last_seen_ns) > TOUCH_INTERVAL_NS {
         flow.last_seen_ns = now;
@@ -93,7 +99,7 @@ pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64) -> Option<Flow> {
 
 /// A bare SYN on a forward flow that already saw FIN or RST.
 #[inline(always)]
-pub fn is_reopened(key: &FlowKey, tcp_flags: u8, flow: &Flow) -> bool {
+fn is_reopened(key: &FlowKey, tcp_flags: u8, flow: &Flow) -> bool {
     key.proto == PROTO_TCP
         && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         && flow.flags & (FLOW_F_CLOSING | FLOW_F_REPLY) == FLOW_F_CLOSING

@@ -47,12 +47,6 @@ pub fn run(ctx: &XdpContext) -> u32 {
     };
     let bytes = parsed.ip_len as u64;
     let decision = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
-        // A SYN that meets a closing forward flow is a new connection
-        // reusing the client port: it gets a fresh backend choice, so it
-        // cannot land on a backend that has since been removed.
-        Some(flow) if nat::is_reopened(&parsed.key, parsed.tcp_flags, &flow) => {
-            nat::new_flow(ctx.ctx.cast(), &parsed.key, bytes)
-        }
         Some(flow) => Decision::Translate(flow),
         None => nat::new_flow(ctx.ctx.cast(), &parsed.key, bytes),
     };
