@@ -546,15 +546,7 @@ impl Store {
         {
             return Err(ApiError::conflict(kind, name, STALE_OBJECT));
         }
-        check_uid_precondition(kind, name, &old, &object)?;
-        let new = if status_only {
-            with_status_of(old.clone(), &object)
-        } else if kind.status_subresource {
-            with_status_of(object, &old)
-        } else {
-            object
-        };
-        Ok((200, self.update(key, old, new)))
+        self.write_over(key, kind, name, old, object, status_only)
     }
 
     fn patch(
@@ -613,13 +605,28 @@ impl Store {
         {
             return Err(ApiError::conflict(kind, name, STALE_OBJECT));
         }
-        check_uid_precondition(kind, name, &old, &patched)?;
+        self.write_over(key, kind, name, old, patched, status_only)
+    }
+
+    /// The end of a replace or a patch: the uid precondition, then only the
+    /// status (for `/status`) or everything but the status (for objects with
+    /// a status subresource) is taken from `incoming`.
+    fn write_over(
+        &mut self,
+        key: ObjectKey,
+        kind: &ResourceType,
+        name: &str,
+        old: Value,
+        incoming: Value,
+        status_only: bool,
+    ) -> Result<(u16, Value), ApiError> {
+        check_uid_precondition(kind, name, &old, &incoming)?;
         let new = if status_only {
-            with_status_of(old.clone(), &patched)
+            with_status_of(old.clone(), &incoming)
         } else if kind.status_subresource {
-            with_status_of(patched, &old)
+            with_status_of(incoming, &old)
         } else {
-            patched
+            incoming
         };
         Ok((200, self.update(key, old, new)))
     }

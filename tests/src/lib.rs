@@ -39,20 +39,25 @@ pub const FRONTEND_NET: &str = "10.200.0.0/24";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Runs a command, failing with its output when it fails.
-pub fn sh(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
+/// Runs `command`, returning its standard output, or failing with all its
+/// output; `what` names it in errors.
+fn output_of(command: &mut Command, what: &str) -> Result<String> {
+    let out = command
         .output()
-        .with_context(|| format!("running {args:?}"))?;
+        .with_context(|| format!("running {what}"))?;
     if !out.status.success() {
         bail!(
-            "{args:?} failed: {}{}",
+            "{what} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command, failing with its output when it fails.
+pub fn sh(args: &[&str]) -> Result<String> {
+    output_of(Command::new(args[0]).args(&args[1..]), &format!("{args:?}"))
 }
 
 /// `ip netns exec`-free command runner: enters only the network namespace
@@ -64,17 +69,7 @@ pub fn ns_cmd(ns: &str, args: &[&str]) -> Command {
 }
 
 pub fn ns_sh(ns: &str, args: &[&str]) -> Result<String> {
-    let out = ns_cmd(ns, args)
-        .output()
-        .with_context(|| format!("running {args:?} in {ns}"))?;
-    if !out.status.success() {
-        bail!(
-            "{args:?} in {ns} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    output_of(&mut ns_cmd(ns, args), &format!("{args:?} in {ns}"))
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns`; sockets it

@@ -334,10 +334,12 @@ fn run_counted(cmd: &mut Command, totals: &mut Totals) -> Result<()> {
     Ok(())
 }
 
-fn demo() -> Result<()> {
+/// Builds everything and runs `bin` of the test-support crate (demo,
+/// benchmark) as root.
+fn run_tool(bin: &str, args: &[&str], what: &str) -> Result<()> {
     build_all()?;
     if !is_root() {
-        bail!("the demo creates network namespaces and attaches XDP: run it as root");
+        bail!("{what} creates network namespaces and attaches XDP: run it as root");
     }
     run(Command::new("cargo")
         .current_dir(workspace_root())
@@ -348,35 +350,25 @@ fn demo() -> Result<()> {
             "-p",
             "xlb-tests",
             "--bin",
-            "xlb-demo",
-        ])
-        .env("XLB_BIN", xlb_binary()))
-}
-
-fn bench(quick: bool) -> Result<()> {
-    build_all()?;
-    if !is_root() {
-        bail!("the benchmark creates network namespaces and attaches XDP: run it as root");
-    }
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace_root())
-        .args([
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "xlb-tests",
-            "--bin",
-            "xlb-bench",
+            bin,
             "--",
         ])
+        .args(args)
         .env("XLB_BIN", xlb_binary())
         .env(
             "XLB_BENCH_OBJECT",
             workspace_root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf-bench"),
-        );
-    if quick {
-        cmd.arg("--quick");
-    }
-    run(&mut cmd)
+        ))
+}
+
+fn demo() -> Result<()> {
+    run_tool("xlb-demo", &[], "the demo")
+}
+
+fn bench(quick: bool) -> Result<()> {
+    run_tool(
+        "xlb-bench",
+        if quick { &["--quick"] } else { &[] },
+        "the benchmark",
+    )
 }
