@@ -7,12 +7,13 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use lb_common::{CONFIG_F_REDIRECT, Config};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::{
     conntrack::Timeouts,
@@ -20,7 +21,11 @@ use crate::{
     model::DesiredState,
     netdev,
     reconcile::Reconciler,
-    source::{kube as kube_source, manifest, translate},
+    source::{
+        AddressMode, kube as kube_source,
+        leader::{self, LeaseConfig},
+        manifest, status, translate,
+    },
     state_file,
 };
 
@@ -40,6 +45,10 @@ pub struct AgentConfig {
     pub source: SourceConfig,
     /// `spec.loadBalancerClass` values handled besides none.
     pub lb_classes: Vec<String>,
+    /// Where frontend addresses come from.
+    pub address_mode: AddressMode,
+    /// The leader Lease (Kubernetes source only): namespace, name, duration.
+    pub lease: LeaseSettings,
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
     pub limits: Limits,
@@ -48,6 +57,23 @@ pub struct AgentConfig {
     pub sweep_interval: Duration,
     pub timeouts: Timeouts,
     pub xdp_mode: attach::XdpModeChoice,
+}
+
+/// Where the leader Lease lives and how long it lasts.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    pub namespace: String,
+    pub name: String,
+    pub duration: Duration,
+}
+
+/// What the agent holds while it runs on the Kubernetes API.
+struct KubeParts {
+    stores: kube_source::Stores,
+    events: kube_source::EventSink,
+    candidate: leader::Candidate,
+    /// Wakes node mode's status writer after each sync.
+    status_changed: Option<Arc<Notify>>,
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
@@ -95,15 +121,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut _dir_watcher = None;
-    let mut stores = None;
-    let mut event_sink = None;
+    let mut kube = None;
     match &cfg.source {
         SourceConfig::Manifests(dir) => _dir_watcher = Some(watch_dir(dir, tx)?),
         SourceConfig::Kubernetes { kubeconfig } => {
             let client = kube_source::client(kubeconfig.as_deref()).await?;
-            event_sink = Some(kube_source::EventSink::new(client.clone(), &cfg.node_name));
-            let watched = kube_source::watch(client, &cfg.node_name, tx);
-            tracing::info!("listing Services, EndpointSlices and this Node");
+            let node_mode = cfg.address_mode == AddressMode::Node;
+            let watched = kube_source::watch(client.clone(), &cfg.node_name, node_mode, tx);
+            tracing::info!(
+                address_mode = ?cfg.address_mode,
+                "listing Services, EndpointSlices and {}",
+                if node_mode { "Nodes" } else { "this Node" }
+            );
             // Until the first complete list the maps keep what a previous
             // agent left; an unreachable API server is retried with backoff
             // (the watcher logs it) while traffic keeps flowing.
@@ -123,14 +152,41 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 waited_s = waited,
                 "Kubernetes API answered: initial lists complete"
             );
-            stores = Some(watched);
+            // One agent (the Lease holder) speaks for the cluster: Events on
+            // Services, and in node mode their status.
+            let candidate = leader::Candidate::spawn(
+                client.clone(),
+                LeaseConfig {
+                    namespace: cfg.lease.namespace.clone(),
+                    name: cfg.lease.name.clone(),
+                    identity: cfg.node_name.clone(),
+                    duration: cfg.lease.duration,
+                },
+            );
+            let status_changed = node_mode.then(|| {
+                let notify = Arc::new(Notify::new());
+                status::spawn(
+                    client.clone(),
+                    watched.clone(),
+                    cfg.lb_classes.clone(),
+                    candidate.watch(),
+                    notify.clone(),
+                );
+                notify
+            });
+            kube = Some(KubeParts {
+                stores: watched,
+                events: kube_source::EventSink::new(client, &cfg.node_name),
+                candidate,
+                status_changed,
+            });
         }
     }
+    let mut leading = kube.as_ref().map(|k| k.candidate.watch());
     let mut node_config: Option<Config> = None;
     sync(
         &cfg,
-        stores.as_ref(),
-        event_sink.as_mut(),
+        kube.as_mut(),
         &mut maps,
         &mut reconciler,
         &mut node_config,
@@ -147,8 +203,19 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 // read the whole directory once.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while rx.try_recv().is_ok() {}
-                if let Err(e) = sync(&cfg, stores.as_ref(), event_sink.as_mut(), &mut maps, &mut reconciler, &mut node_config) {
+                if let Err(e) = sync(&cfg, kube.as_mut(), &mut maps, &mut reconciler, &mut node_config) {
                     tracing::error!(error = %format!("{e:#}"), "applying manifests failed");
+                }
+            }
+            // A new leader posts the Events of problems that already exist.
+            Ok(()) = async {
+                match leading.as_mut() {
+                    Some(leading) => leading.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(e) = sync(&cfg, kube.as_mut(), &mut maps, &mut reconciler, &mut node_config) {
+                    tracing::error!(error = %format!("{e:#}"), "applying objects failed");
                 }
             }
             _ = sweep.tick() => {
@@ -166,6 +233,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
     }
     tracing::info!("stopping; programs, links and maps stay pinned and keep forwarding");
+    if let Some(kube) = kube {
+        // Hand the Lease over at once rather than after it expires.
+        kube.candidate.resign().await;
+    }
     drop(ebpf);
     Ok(())
 }
@@ -173,15 +244,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 /// Reads the source, translates and applies the difference.
 fn sync(
     cfg: &AgentConfig,
-    stores: Option<&kube_source::Stores>,
-    mut events: Option<&mut kube_source::EventSink>,
+    mut kube: Option<&mut KubeParts>,
     maps: &mut Maps,
     reconciler: &mut Reconciler,
     node_config: &mut Option<Config>,
 ) -> Result<()> {
     let desired = {
-        let mut objects = match (&cfg.source, stores) {
-            (SourceConfig::Kubernetes { .. }, Some(stores)) => stores.objects(),
+        let mut objects = match (&cfg.source, kube.as_deref()) {
+            (SourceConfig::Kubernetes { .. }, Some(kube)) => kube.stores.objects(),
             (SourceConfig::Manifests(dir), _) => {
                 let (objects, errors) = manifest::load_dir(dir);
                 for e in &errors {
@@ -192,15 +262,19 @@ fn sync(
             (SourceConfig::Kubernetes { .. }, None) => bail!("Kubernetes source not started"),
         };
         kube_source::retain_classes(&mut objects, &cfg.lb_classes);
-        let (desired, errors) = translate::translate(&objects, &cfg.node_name);
+        let (desired, errors) = translate::translate(&objects, &cfg.node_name, cfg.address_mode);
+        let leader = kube.as_deref().is_some_and(|k| k.candidate.is_leader());
         for e in &errors {
             tracing::warn!(error = %e, "skipping invalid object");
-            if let Some(events) = events.as_deref_mut() {
-                events.report(&e.object, &e.reason);
+            if let (Some(kube), true) = (kube.as_deref_mut(), leader) {
+                kube.events.report(&e.object, e.event_reason, &e.reason);
             }
         }
         desired
     };
+    if let Some(notify) = kube.as_deref().and_then(|k| k.status_changed.as_ref()) {
+        notify.notify_one();
+    }
     let result = apply(cfg, maps, reconciler, node_config, &desired);
     drop(desired);
     // Parsing a large directory allocates in a burst that glibc would keep;

@@ -8,7 +8,9 @@ use xlb::{
     agent::{self, AgentConfig},
     conntrack::Timeouts,
     dataplane::{Limits, Maps, PinDir, attach},
-    inspect, state_file,
+    inspect,
+    source::AddressMode,
+    state_file,
 };
 
 #[derive(Parser)]
@@ -38,6 +40,8 @@ struct NodeArgs {
     state_dir: PathBuf,
 }
 
+// Parsed once at start; boxing the agent's arguments would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent: attach the datapath to the uplinks and keep its
@@ -68,6 +72,23 @@ enum Command {
         #[arg(long = "lb-class", env = "XLB_LB_CLASS", value_delimiter = ',',
               default_value = xlb::source::kube::DEFAULT_LB_CLASS)]
         lb_classes: Vec<String>,
+        /// Where Services' frontend addresses come from: `status` (the
+        /// addresses in `status.loadBalancer.ingress`, assigned by an IPAM
+        /// such as MetalLB; xlb writes nothing) or `node` (K3s ServiceLB
+        /// style: the addresses of the nodes that run xlb, written into the
+        /// Services' status by the elected leader).
+        #[arg(long, env = "XLB_ADDRESS_MODE", value_enum, default_value_t = AddressMode::Status)]
+        address_mode: AddressMode,
+        /// Namespace of the leader Lease (Kubernetes source).
+        #[arg(long, env = "XLB_NAMESPACE", default_value = "xlb-system")]
+        lease_namespace: String,
+        /// Name of the leader Lease.
+        #[arg(long, env = "XLB_LEASE_NAME", default_value = "xlb-leader")]
+        lease_name: String,
+        /// Seconds a silent leader keeps the Lease; another agent takes over
+        /// within this (plus a fifth of it) after the leader dies.
+        #[arg(long, env = "XLB_LEASE_DURATION", default_value_t = 10)]
+        lease_duration: u64,
         /// Frontends the maps can hold.
         #[arg(long, env = "XLB_MAX_SERVICES", default_value_t = Limits::default().max_services)]
         max_services: u32,
@@ -154,6 +175,10 @@ fn run(command: Command) -> Result<()> {
             manifests,
             kubeconfig,
             lb_classes,
+            address_mode,
+            lease_namespace,
+            lease_name,
+            lease_duration,
             max_services,
             max_backends,
             max_flows,
@@ -172,6 +197,12 @@ fn run(command: Command) -> Result<()> {
                     None => agent::SourceConfig::Kubernetes { kubeconfig },
                 },
                 lb_classes,
+                address_mode,
+                lease: agent::LeaseSettings {
+                    namespace: lease_namespace,
+                    name: lease_name,
+                    duration: Duration::from_secs(lease_duration.max(1)),
+                },
                 bpffs: node.bpffs,
                 state_dir: node.state_dir,
                 limits: Limits {

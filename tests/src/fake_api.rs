@@ -16,7 +16,7 @@ use std::{
     collections::{BTreeMap, HashMap, hash_map::RandomState},
     hash::{BuildHasher, Hasher},
     io::{self, BufRead, BufReader, Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::Path,
     sync::{
@@ -1667,7 +1667,8 @@ struct Shared {
     address: SocketAddr,
     unavailable: AtomicBool,
     stopping: AtomicBool,
-    requests: Mutex<Vec<String>>,
+    /// Request lines with the client address they came from.
+    requests: Mutex<Vec<(Option<IpAddr>, String)>>,
     /// Every open connection, to close them all when the fake is dropped.
     connections: Mutex<HashMap<u64, TcpStream>>,
     next_connection_id: AtomicU64,
@@ -1719,6 +1720,7 @@ impl Shared {
         let Ok(read_half) = stream.try_clone() else {
             return;
         };
+        let peer = stream.peer_addr().ok().map(|peer| peer.ip());
         let mut reader = BufReader::new(read_half);
         let mut writer = stream;
         loop {
@@ -1736,7 +1738,7 @@ impl Shared {
             if self.stopping.load(Ordering::SeqCst) {
                 break;
             }
-            lock(&self.requests).push(format!("{} {}", request.method, request.target));
+            lock(&self.requests).push((peer, format!("{} {}", request.method, request.target)));
             let keep_alive = request.keep_alive;
             let reply = if self.unavailable.load(Ordering::SeqCst) {
                 Err(ApiError::unavailable())
@@ -2363,6 +2365,14 @@ impl FakeApi {
 
     /// Request lines seen so far, as `GET /api/v1/services?watch=true&...`.
     pub fn requests(&self) -> Vec<String> {
+        lock(&self.shared.requests)
+            .iter()
+            .map(|(_, line)| line.clone())
+            .collect()
+    }
+
+    /// Request lines with the address of the client that sent each.
+    pub fn requests_by_peer(&self) -> Vec<(Option<IpAddr>, String)> {
         lock(&self.shared.requests).clone()
     }
 }

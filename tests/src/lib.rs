@@ -338,14 +338,46 @@ impl Topology {
 
     /// Starts the agent on the Kubernetes API (no manifest directory).
     pub fn start_agent_kube(&self, kubeconfig: &Path, extra: &[&str]) -> Result<Agent> {
-        let log = self.dir.join("agent.log");
+        self.kube_agent(
+            &self.node,
+            "uplink,n2",
+            &self.node_name,
+            "agent.log",
+            kubeconfig,
+            extra,
+        )
+    }
+
+    /// Starts a second agent on the Kubernetes API, in node2 on its link to
+    /// the node (`n1`), logging to `agent2.log`.
+    pub fn start_agent2_kube(&self, kubeconfig: &Path, extra: &[&str]) -> Result<Agent> {
+        self.kube_agent(
+            &self.node2,
+            "n1",
+            &self.node2_name,
+            "agent2.log",
+            kubeconfig,
+            extra,
+        )
+    }
+
+    fn kube_agent(
+        &self,
+        ns: &str,
+        ifaces: &str,
+        node_name: &str,
+        log: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let log = self.dir.join(log);
         let kubeconfig = kubeconfig.to_string_lossy().into_owned();
         let state_dir = self.dir.join("state").to_string_lossy().into_owned();
         let mut args = vec![
             "--iface",
-            "uplink,n2",
+            ifaces,
             "--node-name",
-            &self.node_name,
+            node_name,
             "--kubeconfig",
             &kubeconfig,
             "--state-dir",
@@ -355,7 +387,7 @@ impl Topology {
         ];
         args.extend_from_slice(extra);
         let child = spawn_agent(
-            &self.node,
+            ns,
             &[],
             &args,
             &log,
@@ -399,10 +431,12 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        let _ = Command::new(xlb_bin())
-            .args(["reset", "--node-name", &self.node_name, "--state-dir"])
-            .arg(self.dir.join("state"))
-            .output();
+        for node_name in [&self.node_name, &self.node2_name] {
+            let _ = Command::new(xlb_bin())
+                .args(["reset", "--node-name", node_name, "--state-dir"])
+                .arg(self.dir.join("state"))
+                .output();
+        }
         for ns in self.namespaces.iter().rev() {
             let _ = sh(&["ip", "netns", "del", ns]);
         }
@@ -495,6 +529,15 @@ impl Agent {
 
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL and wait: a crash, or a node that vanished.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// SIGTERM and wait: what an orchestrator does on restart or upgrade.

@@ -4,13 +4,17 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
-    time::Duration,
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
+use serde::Deserialize;
 use serde_json::{Value, json};
-use xlb_tests::{Conn, Topology, fake_api::FakeApi, tcp_request, wait_until};
+use xlb_tests::{
+    Conn, NODE_ADDR, NODE_LINK_ADDR, NODE2_ADDR, Topology, fake_api::FakeApi, tcp_request,
+    wait_until,
+};
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const SECOND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
@@ -40,6 +44,52 @@ fn service(name: &str, ip: Ipv4Addr, class: Option<&str>) -> Value {
            "metadata": {"name": name, "namespace": "default"},
            "spec": spec,
            "status": {"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}})
+}
+
+/// A LoadBalancer Service on port 80 with no address yet, as node mode
+/// expects them.
+fn pending_service(name: &str) -> Value {
+    let mut service = service(name, WEB, None);
+    service.as_object_mut().unwrap().remove("status");
+    service
+}
+
+/// The sorted `status.loadBalancer.ingress[].ip` of Service `default/name`.
+fn ingress(api: &FakeApi, name: &str) -> Vec<String> {
+    let Some(service) = api.get("v1", "Service", Some("default"), name) else {
+        return Vec::new();
+    };
+    let mut ips: Vec<String> = service["status"]["loadBalancer"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["ip"].as_str().map(str::to_string))
+        .collect();
+    ips.sort();
+    ips
+}
+
+fn lease_holder(api: &FakeApi) -> String {
+    api.get(
+        "coordination.k8s.io/v1",
+        "Lease",
+        Some("xlb-system"),
+        "xlb-leader",
+    )
+    .and_then(|lease| lease["spec"]["holderIdentity"].as_str().map(str::to_string))
+    .unwrap_or_default()
+}
+
+/// Status writes (PATCH of services/.../status) that came from `peer`.
+fn status_writes_from(api: &FakeApi, peer: Ipv4Addr) -> usize {
+    api.requests_by_peer()
+        .iter()
+        .filter(|(from, line)| {
+            *from == Some(IpAddr::V4(peer))
+                && line.starts_with("PATCH /api/v1/namespaces/")
+                && line.contains("/status")
+        })
+        .count()
 }
 
 fn slice(t: &Topology, service: &str, pods: &[&str]) -> Value {
@@ -243,4 +293,321 @@ fn an_invalid_service_gets_one_warning_event() -> Result<()> {
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(events_on_bad().len(), 1, "{:?}", events_on_bad());
     Ok(())
+}
+
+#[test]
+fn node_mode_writes_node_addresses_and_a_port_conflict_leaves_the_later_service_pending()
+-> Result<()> {
+    let (t, api, kubeconfig) = api_topology()?;
+    api.apply(node(&t.node2_name, NODE2_ADDR));
+    let agent = t.start_agent_kube(&kubeconfig, &["--address-mode", "node"])?;
+    let both = [NODE_ADDR.to_string(), NODE2_ADDR.to_string()];
+    let to = SocketAddrV4::new(NODE_ADDR, 80);
+
+    // The leader writes every xlb node's address; this node serves its own.
+    api.apply(pending_service("web"));
+    api.apply(slice(&t, "web", &["pod-a", "pod-b"]));
+    wait_until(
+        "web's status lists both nodes",
+        Duration::from_secs(10),
+        || ingress(&api, "web") == both,
+    )?;
+    wait_until(
+        "web programmed on the node address",
+        Duration::from_secs(5),
+        || frontends(&t).contains("10.0.1.1:80/TCP"),
+    )?;
+    assert_eq!(
+        frontends(&t),
+        BTreeSet::from(["10.0.1.1:80/TCP".to_string()]),
+        "only this node's address is a frontend here"
+    );
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        seen.insert(tcp_request(&t.client, to)?.backend);
+    }
+    assert_eq!(seen, BTreeSet::from(["pod-a".into(), "pod-b".into()]));
+
+    // A later Service on the same port, whose name sorts first: creation
+    // time decides, it stays pending, and an Event says why.
+    std::thread::sleep(Duration::from_millis(1100));
+    api.apply(pending_service("a-later"));
+    api.apply(slice(&t, "a-later", &["pod-c"]));
+    let conflict_events = || {
+        api.list("events.k8s.io/v1", "Event")
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == "a-later" && e["reason"] == "PortConflict")
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "a PortConflict Event on a-later",
+        Duration::from_secs(10),
+        || !conflict_events().is_empty(),
+    )?;
+    let event = &conflict_events()[0];
+    assert_eq!(event["type"], "Warning");
+    let note = event["note"].as_str().unwrap_or("");
+    assert!(
+        note.contains("80/TCP") && note.contains("default/web"),
+        "{event}"
+    );
+    assert!(ingress(&api, "a-later").is_empty());
+    assert_eq!(ingress(&api, "web"), both);
+    for _ in 0..20 {
+        assert_ne!(tcp_request(&t.client, to)?.backend, "pod-c");
+    }
+
+    // Nodes come and go. Opt-in label on this node only: node2 leaves.
+    let mut labelled = node(&t.node_name, NODE_ADDR);
+    labelled["metadata"]["labels"] = json!({"xlb.dev/enabled": "true"});
+    api.apply(labelled);
+    wait_until(
+        "status narrowed to the labelled node",
+        Duration::from_secs(10),
+        || ingress(&api, "web") == [NODE_ADDR.to_string()],
+    )?;
+    // Label gone, node2 back; then node2 NotReady: withdrawn again.
+    api.apply(node(&t.node_name, NODE_ADDR));
+    wait_until("status back to both nodes", Duration::from_secs(10), || {
+        ingress(&api, "web") == both
+    })?;
+    let mut not_ready = node(&t.node2_name, NODE2_ADDR);
+    not_ready["status"]["conditions"] = json!([{"type": "Ready", "status": "Unknown"}]);
+    api.apply(not_ready);
+    wait_until("NotReady node2 withdrawn", Duration::from_secs(10), || {
+        ingress(&api, "web") == [NODE_ADDR.to_string()]
+    })?;
+
+    // The holder goes: the pending Service gets the port and its traffic.
+    api.delete("v1", "Service", Some("default"), "web");
+    wait_until("a-later gets an address", Duration::from_secs(10), || {
+        ingress(&api, "a-later") == [NODE_ADDR.to_string()]
+    })?;
+    wait_until("a-later answers on port 80", Duration::from_secs(5), || {
+        tcp_request(&t.client, to).is_ok_and(|r| r.backend == "pod-c")
+    })?;
+    assert!(
+        agent.log_text().contains("became leader"),
+        "{}",
+        agent.log_text()
+    );
+
+    wait_until(
+        "the leader renews its Lease",
+        Duration::from_secs(5),
+        || {
+            api.requests()
+                .iter()
+                .any(|r| r.starts_with("PUT /apis/coordination.k8s.io/"))
+        },
+    )?;
+    // deploy/rbac.yaml allows every request the agent made, and grants
+    // nothing it did not use (but Event patches, which the recorder sends
+    // for repeated Events).
+    let used = assert_deploy_rbac_allows(&api);
+    for rule in deploy_rbac_rules() {
+        for resource in &rule.resources {
+            for verb in &rule.verbs {
+                let pair = (verb.clone(), resource.clone());
+                if pair != ("patch".into(), "events".into()) {
+                    assert!(used.contains(&pair), "granted but unused: {pair:?}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn one_of_two_agents_holds_the_lease_and_the_other_takes_over() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    // On the node's link address, so that node2's agent reaches it too.
+    let api = FakeApi::start_in_netns(&t.node, SocketAddrV4::new(NODE_LINK_ADDR, 0).into())?;
+    let kubeconfig = t.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    api.apply(node(&t.node_name, NODE_ADDR));
+    api.apply(node(&t.node2_name, NODE2_ADDR));
+    let node_mode = ["--address-mode", "node"];
+
+    let mut first = t.start_agent_kube(&kubeconfig, &node_mode)?;
+    wait_until("the first agent leads", Duration::from_secs(10), || {
+        lease_holder(&api) == t.node_name
+    })?;
+    let mut second = t.start_agent2_kube(&kubeconfig, &node_mode)?;
+    api.apply(pending_service("web"));
+    api.apply(slice(&t, "web", &["pod-a"]));
+    wait_until(
+        "web's status lists both nodes",
+        Duration::from_secs(10),
+        || ingress(&api, "web") == [NODE_ADDR.to_string(), NODE2_ADDR.to_string()],
+    )?;
+    // Both agents run through several renewals; the Lease stays put and
+    // only its holder writes status.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut third = node("node-c", Ipv4Addr::new(10, 0, 9, 9));
+    third["metadata"]["name"] = json!(format!("{}-node-c", t.prefix));
+    api.apply(third.clone());
+    wait_until(
+        "the third node in web's status",
+        Duration::from_secs(10),
+        || ingress(&api, "web").contains(&"10.0.9.9".to_string()),
+    )?;
+    assert_eq!(lease_holder(&api), t.node_name);
+    assert!(status_writes_from(&api, NODE_LINK_ADDR) >= 2);
+    assert_eq!(
+        status_writes_from(&api, NODE2_ADDR),
+        0,
+        "the agent without the Lease wrote status"
+    );
+    assert!(tcp_request(&t.client, SocketAddrV4::new(NODE_ADDR, 80)).is_ok());
+
+    // The leader dies without a word: the other takes over within 15 s and
+    // does the leader's work.
+    first.kill()?;
+    let killed = Instant::now();
+    wait_until(
+        "the second agent takes over",
+        Duration::from_secs(15),
+        || lease_holder(&api) == t.node2_name,
+    )?;
+    eprintln!(
+        "takeover {:?} after the leader was killed",
+        killed.elapsed()
+    );
+    api.delete(
+        "v1",
+        "Node",
+        None,
+        third["metadata"]["name"].as_str().unwrap(),
+    );
+    wait_until(
+        "the new leader updates web's status",
+        Duration::from_secs(10),
+        || ingress(&api, "web") == [NODE_ADDR.to_string(), NODE2_ADDR.to_string()],
+    )?;
+    assert!(status_writes_from(&api, NODE2_ADDR) >= 1);
+    assert!(
+        second.log_text().contains("taking over"),
+        "{}",
+        second.log_text()
+    );
+
+    // The first comes back and waits; the second stops cleanly and hands the
+    // Lease over at once instead of letting it expire.
+    let _first = t.start_agent_kube(&kubeconfig, &node_mode)?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lease_holder(&api), t.node2_name);
+    second.stop()?;
+    let stopped = Instant::now();
+    wait_until("the first leads again", Duration::from_secs(5), || {
+        lease_holder(&api) == t.node_name
+    })?;
+    eprintln!("handover {:?} after a clean stop", stopped.elapsed());
+    assert_deploy_rbac_allows(&api);
+    Ok(())
+}
+
+/// One `deploy/rbac.yaml` rule, with the namespace a Role limits it to.
+struct Rule {
+    groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+    namespace: Option<String>,
+}
+
+fn deploy_rbac_rules() -> Vec<Rule> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/rbac.yaml");
+    let strings = |v: &serde_yaml::Value| -> Vec<String> {
+        v.as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
+    };
+    let mut rules = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let doc = serde_yaml::Value::deserialize(document).expect("rbac.yaml parses");
+        let namespace = match doc["kind"].as_str() {
+            Some("ClusterRole") => None,
+            Some("Role") => Some(doc["metadata"]["namespace"].as_str().unwrap().to_string()),
+            _ => continue,
+        };
+        for rule in doc["rules"].as_sequence().into_iter().flatten() {
+            rules.push(Rule {
+                groups: strings(&rule["apiGroups"]),
+                resources: strings(&rule["resources"]),
+                verbs: strings(&rule["verbs"]),
+                namespace: namespace.clone(),
+            });
+        }
+    }
+    rules
+}
+
+/// A request line as RBAC sees it: (verb, group, resource[/sub], namespace).
+fn rbac_request(line: &str) -> Option<(String, String, String, Option<String>)> {
+    let (method, target) = line.split_once(' ')?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None, // /version and other non-resource URLs
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        rest => (None, rest),
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => return None,
+    };
+    let verb = match (method, named) {
+        ("GET", _)
+            if query
+                .split('&')
+                .any(|p| p == "watch=true" || p == "watch=1") =>
+        {
+            "watch"
+        }
+        ("GET", false) => "list",
+        ("GET", true) => "get",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        _ => return None,
+    };
+    Some((verb.into(), group.into(), resource, namespace))
+}
+
+/// Every request the agents made is allowed by deploy/rbac.yaml; returns
+/// the (verb, resource) pairs used, for checking that nothing granted is
+/// unused.
+fn assert_deploy_rbac_allows(api: &FakeApi) -> BTreeSet<(String, String)> {
+    let rules = deploy_rbac_rules();
+    let mut used = BTreeSet::new();
+    for line in api.requests() {
+        let Some((verb, group, resource, namespace)) = rbac_request(&line) else {
+            continue;
+        };
+        let allowed = rules.iter().any(|rule| {
+            rule.verbs.contains(&verb)
+                && rule.groups.contains(&group)
+                && rule.resources.contains(&resource)
+                && rule.namespace.as_ref().is_none_or(|ns| {
+                    // The agents run with the default Lease namespace, the
+                    // one the DaemonSet lives in.
+                    namespace.as_ref() == Some(ns)
+                })
+        });
+        assert!(allowed, "deploy/rbac.yaml does not allow {line}");
+        used.insert((verb, resource));
+    }
+    used
 }

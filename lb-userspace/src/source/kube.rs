@@ -86,8 +86,15 @@ impl Stores {
     }
 }
 
-/// Starts the reflectors; each change sends `()` on `changed`.
-pub fn watch(client: Client, node_name: &str, changed: mpsc::UnboundedSender<()>) -> Stores {
+/// Starts the reflectors; each change sends `()` on `changed`. Nodes: all of
+/// them with `all_nodes` (node mode needs every node's addresses and
+/// labels), else only this one.
+pub fn watch(
+    client: Client,
+    node_name: &str,
+    all_nodes: bool,
+    changed: mpsc::UnboundedSender<()>,
+) -> Stores {
     let (services, services_writer) = reflector::store::<Service>();
     let (endpoint_slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
@@ -110,7 +117,11 @@ pub fn watch(client: Client, node_name: &str, changed: mpsc::UnboundedSender<()>
         "nodes",
         nodes_writer,
         Api::<Node>::all(client),
-        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        if all_nodes {
+            watcher::Config::default()
+        } else {
+            watcher::Config::default().fields(&format!("metadata.name={node_name}"))
+        },
         changed,
     );
     Stores {
@@ -187,11 +198,13 @@ impl EventSink {
         }
     }
 
-    /// `object` is `Kind namespace/name` as the translation names it.
-    pub fn report(&mut self, object: &str, reason: &str) {
+    /// `object` is `Kind namespace/name` as the translation names it;
+    /// `event_reason` the Event's reason (`InvalidSpec`, `PortConflict`, ...)
+    /// and `note` the explanation.
+    pub fn report(&mut self, object: &str, event_reason: &str, note: &str) {
         if !self
             .reported
-            .insert((object.to_string(), reason.to_string()))
+            .insert((object.to_string(), format!("{event_reason}: {note}")))
         {
             return;
         }
@@ -200,8 +213,8 @@ impl EventSink {
         };
         let event = events::Event {
             type_: events::EventType::Warning,
-            reason: "InvalidSpec".into(),
-            note: Some(reason.chars().take(1000).collect()),
+            reason: event_reason.into(),
+            note: Some(note.chars().take(1000).collect()),
             action: "Program".into(),
             secondary: None,
         };

@@ -4,8 +4,11 @@
 //! `type: LoadBalancer` Services does.
 
 pub mod kube;
+pub mod leader;
 pub mod manifest;
+pub mod node_mode;
+pub mod status;
 pub mod translate;
 
 pub use manifest::{Format, ManifestError, Objects, load_dir, load_file, parse};
-pub use translate::{TranslateError, node_address, translate};
+pub use translate::{AddressMode, TranslateError, node_address, translate};

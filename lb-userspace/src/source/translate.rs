@@ -29,7 +29,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use super::manifest::Objects;
+use super::{manifest::Objects, node_mode};
 use crate::model::{
     Backend, DesiredState, Frontend, FrontendSpec, Protocol, ServiceRef, SourceRange,
 };
@@ -49,15 +49,49 @@ pub struct TranslateError {
     /// Kind and `namespace/name`: `Service shop/web`, `EndpointSlice shop/web-x2vzq`.
     pub object: String,
     pub reason: String,
+    /// The `reason` of the Kubernetes Event that reports it.
+    pub event_reason: &'static str,
+}
+
+/// Event reasons of [`TranslateError`]s.
+pub const INVALID_SPEC: &str = "InvalidSpec";
+/// Two Services ask for the same frontend; the later one loses it.
+pub const ADDRESS_CONFLICT: &str = "AddressConflict";
+/// Node mode: the later of two Services on one port stays pending.
+pub const PORT_CONFLICT: &str = "PortConflict";
+
+/// Where a Service's frontend addresses come from (`--address-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AddressMode {
+    /// MetalLB-style: `status.loadBalancer.ingress` (and
+    /// `spec.loadBalancerIP`), assigned by whoever owns the addresses; xlb
+    /// writes nothing.
+    #[default]
+    Status,
+    /// K3s ServiceLB-style: the addresses of the nodes that run xlb, which
+    /// the elected leader writes into `status.loadBalancer.ingress`.
+    Node,
 }
 
 /// Translates `objects` into the datapath `node_name` should have.
 ///
-/// Two Services claiming the same frontend: the one whose `namespace/name`
-/// sorts first keeps it, so the outcome does not depend on the order objects
-/// were read in.
-pub fn translate(objects: &Objects, node_name: &str) -> (DesiredState, Vec<TranslateError>) {
+/// Two Services claiming the same frontend: the one created first keeps it
+/// (then the one whose `namespace/name` sorts first), so the outcome does not
+/// depend on the order objects were read in and a new Service never takes a
+/// frontend away from a working one.
+pub fn translate(
+    objects: &Objects,
+    node_name: &str,
+    mode: AddressMode,
+) -> (DesiredState, Vec<TranslateError>) {
     let mut errors = Vec::new();
+    let node_plan = match mode {
+        AddressMode::Status => None,
+        AddressMode::Node => Some(NodePlan {
+            addresses: node_mode::own_addresses(&objects.nodes, node_name),
+            allocation: node_mode::allocate(&objects.services),
+        }),
+    };
     let mut state = DesiredState {
         node_addr: node_address(objects, node_name),
         ..DesiredState::default()
@@ -82,24 +116,14 @@ pub fn translate(objects: &Objects, node_name: &str) -> (DesiredState, Vec<Trans
         slices.sort_by(|left, right| left.metadata.name.cmp(&right.metadata.name));
     }
 
-    let mut services: Vec<&Service> = objects.services.iter().collect();
     // Stable: duplicates of one Service keep the order they were read in.
-    services.sort_by(|left, right| {
-        let key = |service: &Service| {
-            (
-                namespace_of(&service.metadata).to_owned(),
-                service.metadata.name.clone(),
-            )
-        };
-        key(left).cmp(&key(right))
-    });
-
-    for service in services {
+    for service in node_mode::claim_order(&objects.services) {
         let namespace = namespace_of(&service.metadata);
         let Some(name) = service.metadata.name.as_deref() else {
             errors.push(TranslateError {
                 object: format!("Service {namespace}/(unnamed)"),
                 reason: "metadata.name missing; Service skipped".to_owned(),
+                event_reason: INVALID_SPEC,
             });
             continue;
         };
@@ -112,6 +136,7 @@ pub fn translate(objects: &Objects, node_name: &str) -> (DesiredState, Vec<Trans
             namespace,
             name,
             node_name,
+            node_plan: node_plan.as_ref(),
             errors: &mut errors,
         };
         for (frontend, spec) in context.translate(service, slices) {
@@ -119,11 +144,14 @@ pub fn translate(objects: &Objects, node_name: &str) -> (DesiredState, Vec<Trans
                 Entry::Vacant(entry) => {
                     entry.insert(spec);
                 }
-                Entry::Occupied(entry) => context.report(format!(
-                    "frontend {frontend} is already used by Service {}, which sorts first \
-                     and keeps it; frontend skipped",
-                    entry.get().service
-                )),
+                Entry::Occupied(entry) => context.report_as(
+                    ADDRESS_CONFLICT,
+                    format!(
+                        "frontend {frontend} is already used by Service {}, which was created \
+                         first and keeps it; frontend skipped",
+                        entry.get().service
+                    ),
+                ),
             }
         }
     }
@@ -152,6 +180,12 @@ fn namespace_of(metadata: &ObjectMeta) -> &str {
     metadata.namespace.as_deref().unwrap_or("default")
 }
 
+/// Node mode: this node's addresses and which Services are pending.
+struct NodePlan {
+    addresses: Vec<Ipv4Addr>,
+    allocation: node_mode::Allocation,
+}
+
 /// One Service being translated, and where its problems go.
 struct ServiceContext<'a> {
     /// `Service namespace/name`, for error messages.
@@ -159,6 +193,7 @@ struct ServiceContext<'a> {
     namespace: &'a str,
     name: &'a str,
     node_name: &'a str,
+    node_plan: Option<&'a NodePlan>,
     errors: &'a mut Vec<TranslateError>,
 }
 
@@ -195,9 +230,14 @@ struct SliceView<'a> {
 
 impl ServiceContext<'_> {
     fn report(&mut self, reason: String) {
+        self.report_as(INVALID_SPEC, reason);
+    }
+
+    fn report_as(&mut self, event_reason: &'static str, reason: String) {
         self.errors.push(TranslateError {
             object: self.object.clone(),
             reason,
+            event_reason,
         });
     }
 
@@ -226,7 +266,17 @@ impl ServiceContext<'_> {
         let local_only = self.local_only(spec);
         let affinity_timeout = self.affinity_timeout(spec);
         let ports = self.ports(spec);
-        let addresses = self.frontend_addresses(service);
+        let addresses = match self.node_plan {
+            None => self.frontend_addresses(service),
+            Some(plan) => {
+                let key = (self.namespace.to_owned(), self.name.to_owned());
+                if let Some(conflict) = plan.allocation.pending.get(&key) {
+                    self.report_as(PORT_CONFLICT, conflict.message());
+                    return Vec::new();
+                }
+                plan.addresses.iter().copied().collect()
+            }
+        };
         if ports.is_empty() {
             return Vec::new();
         }
@@ -448,6 +498,7 @@ impl ServiceContext<'_> {
                         reason: format!(
                             "endpoint address {text:?} is not an IPv4 address; address skipped"
                         ),
+                        event_reason: INVALID_SPEC,
                     }),
                 }
             }
@@ -548,6 +599,7 @@ impl ServiceContext<'_> {
                         "port {:?} number {raw} out of range 1-65535; port skipped",
                         port.name()
                     ),
+                    event_reason: INVALID_SPEC,
                 });
             }
             return number;
@@ -641,7 +693,7 @@ mod tests {
     }
 
     fn run(yaml: &str) -> (DesiredState, Vec<String>) {
-        let (state, errors) = translate(&objects(yaml), NODE);
+        let (state, errors) = translate(&objects(yaml), NODE, AddressMode::Status);
         (state, errors.iter().map(ToString::to_string).collect())
     }
 
@@ -1141,9 +1193,54 @@ mod tests {
             errors,
             [
                 "Service shop/zeta: frontend 192.0.2.10:80/TCP is already used by Service \
-              shop/alpha:http, which sorts first and keeps it; frontend skipped"
+              shop/alpha:http, which was created first and keeps it; frontend skipped"
             ]
         );
+    }
+
+    #[test]
+    fn frontend_conflict_goes_to_the_service_created_first_whatever_its_name() {
+        let created = |name: &str, at: &str| {
+            service(name, "", HTTP_PORT).replacen(
+                "namespace: shop\n",
+                &format!("namespace: shop\n  creationTimestamp: \"{at}\"\n"),
+                1,
+            )
+        };
+        let yaml =
+            created("alpha", "2026-02-01T00:00:00Z") + &created("zeta", "2026-01-01T00:00:00Z");
+        let (state, errors) = run(&yaml);
+        assert_eq!(state.frontends[&web_frontend()].service.name, "zeta");
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("Service shop/alpha: "), "{errors:?}");
+    }
+
+    #[test]
+    fn node_mode_serves_this_nodes_addresses_and_leaves_the_later_service_pending() {
+        let node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\nstatus:\n  addresses:\n\
+                    \x20 - type: InternalIP\n    address: 10.0.0.1\n\
+                    \x20 - type: ExternalIP\n    address: 203.0.113.1\n---\n";
+        let yaml = node.to_owned()
+            + &service("web", "", HTTP_PORT)
+            + &service("zz-later", "", HTTP_PORT)
+            + &slice(
+                "web-1",
+                "web",
+                SLICE_HTTP_PORT,
+                &endpoint("10.244.1.5", NODE, "{}"),
+            );
+        let (state, errors) = translate(&objects(&yaml), NODE, AddressMode::Node);
+        // The status address (192.0.2.10) is not used in node mode.
+        let frontends: Vec<String> = state.frontends.keys().map(ToString::to_string).collect();
+        assert_eq!(frontends, ["10.0.0.1:80/TCP", "203.0.113.1:80/TCP"]);
+        assert!(state.frontends.values().all(|s| s.service.name == "web"));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].event_reason, PORT_CONFLICT);
+        assert!(errors[0].reason.contains("shop/web"), "{errors:?}");
+
+        // Another node, not in the objects: nothing to serve.
+        let (state, _) = translate(&objects(&yaml), "node-9", AddressMode::Node);
+        assert!(state.frontends.is_empty());
     }
 
     #[test]
@@ -1161,7 +1258,7 @@ mod tests {
             Some(Ipv4Addr::new(10, 0, 0, 1))
         );
         assert_eq!(node_address(&objects, "node-3"), None);
-        let (state, _) = translate(&objects, NODE);
+        let (state, _) = translate(&objects, NODE, AddressMode::Status);
         assert_eq!(state.node_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
     }
 }

@@ -1,0 +1,488 @@
+//! `--address-mode node`, K3s ServiceLB's model: a LoadBalancer Service is
+//! reached at the addresses of the nodes that run xlb, on its own ports.
+//!
+//! - Which nodes: those labelled `xlb.dev/enabled=true` when any node carries
+//!   that label, else all; never those labelled
+//!   `node.kubernetes.io/exclude-from-external-load-balancers` (the upstream
+//!   label every load-balancer controller honours) or being deleted.
+//! - Which addresses: each such node's IPv4 `InternalIP` and `ExternalIP`.
+//! - Every agent programs its own node's addresses; the leader (see
+//!   [`super::leader`]) writes the addresses of the nodes that are Ready into
+//!   `status.loadBalancer.ingress`, only those with a ready local endpoint
+//!   for `externalTrafficPolicy: Local`, since the others drop the traffic.
+//! - All Services share the node addresses, so two of them asking for the
+//!   same port and protocol conflict: the one created first keeps it, the
+//!   later one stays pending (no frontend anywhere, empty status) with an
+//!   Event naming the Service that holds the port, until that one lets go.
+//!
+//! Every agent computes the same allocation from the same objects, so they
+//! agree on who is pending without talking to each other.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+
+use super::manifest::Objects;
+use crate::model::Protocol;
+
+/// Nodes with this label set to `true`, if any node has it, are the only
+/// ones that serve node-mode Services.
+pub const ENABLED_LABEL: &str = "xlb.dev/enabled";
+/// Upstream label: nodes carrying it are never load-balancer targets.
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// `namespace/name` of a Service.
+pub type ServiceKey = (String, String);
+
+/// A Service left pending because an earlier one holds one of its ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub port: u16,
+    pub protocol: Protocol,
+    /// `namespace/name` of the Service that holds the port.
+    pub holder: String,
+}
+
+impl Conflict {
+    /// The text of the Event on the pending Service.
+    pub fn message(&self) -> String {
+        format!(
+            "port {}/{} on the node addresses is already used by Service {}, which was \
+             created earlier; this Service stays pending (no address) until that port is free",
+            self.port, self.protocol, self.holder
+        )
+    }
+}
+
+/// Which node-mode Services are pending, and why.
+#[derive(Clone, Debug, Default)]
+pub struct Allocation {
+    pub pending: BTreeMap<ServiceKey, Conflict>,
+}
+
+/// Services in the order they claim ports: oldest first, then by
+/// `namespace/name` (objects without a creation time, such as manifest
+/// files, sort first and by name).
+pub fn claim_order<'a>(services: impl IntoIterator<Item = &'a Service>) -> Vec<&'a Service> {
+    let mut services: Vec<&Service> = services.into_iter().collect();
+    services.sort_by(|left, right| {
+        let key = |s: &'a Service| {
+            (
+                s.metadata.creation_timestamp.clone(),
+                s.metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                s.metadata.name.clone(),
+            )
+        };
+        key(left).cmp(&key(right))
+    });
+    services
+}
+
+/// Assigns ports to the LoadBalancer Services of `services` in
+/// [`claim_order`].
+pub fn allocate(services: &[Service]) -> Allocation {
+    let mut held: BTreeMap<(u16, Protocol), String> = BTreeMap::new();
+    let mut allocation = Allocation::default();
+    for service in claim_order(services) {
+        if !is_load_balancer(service) {
+            continue;
+        }
+        let key = service_key(service);
+        let claims = port_claims(service);
+        let conflict = claims.iter().find_map(|claim| {
+            held.get(claim).map(|holder| Conflict {
+                port: claim.0,
+                protocol: claim.1,
+                holder: holder.clone(),
+            })
+        });
+        match conflict {
+            Some(conflict) => {
+                allocation.pending.insert(key, conflict);
+            }
+            None => {
+                let name = format!("{}/{}", key.0, key.1);
+                for claim in claims {
+                    held.insert(claim, name.clone());
+                }
+            }
+        }
+    }
+    allocation
+}
+
+/// The addresses this node serves node-mode Services at: empty when the
+/// node is not one of the [`eligible`] ones (or is unknown).
+pub fn own_addresses(nodes: &[Node], node_name: &str) -> Vec<Ipv4Addr> {
+    eligible(nodes)
+        .into_iter()
+        .find(|node| node.metadata.name.as_deref() == Some(node_name))
+        .map(addresses)
+        .unwrap_or_default()
+}
+
+/// The nodes that serve node-mode Services.
+pub fn eligible(nodes: &[Node]) -> Vec<&Node> {
+    fn labelled<'n>(node: &'n Node, label: &str) -> Option<&'n str> {
+        node.metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(label))
+            .map(String::as_str)
+    }
+    let opt_in = nodes
+        .iter()
+        .any(|node| labelled(node, ENABLED_LABEL) == Some("true"));
+    nodes
+        .iter()
+        .filter(|node| !opt_in || labelled(node, ENABLED_LABEL) == Some("true"))
+        .filter(|node| labelled(node, EXCLUDE_LABEL).is_none())
+        .filter(|node| node.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+/// A node's IPv4 `InternalIP` and `ExternalIP` addresses, in that order.
+pub fn addresses(node: &Node) -> Vec<Ipv4Addr> {
+    let mut found = Vec::new();
+    for kind in ["InternalIP", "ExternalIP"] {
+        for address in node
+            .status
+            .iter()
+            .flat_map(|status| status.addresses.iter().flatten())
+            .filter(|address| address.type_ == kind)
+        {
+            if let Ok(ip) = address.address.parse::<Ipv4Addr>()
+                && !found.contains(&ip)
+            {
+                found.push(ip);
+            }
+        }
+    }
+    found
+}
+
+/// A node whose `Ready` condition is `False` or `Unknown` (the node
+/// controller's verdict on an unreachable kubelet) is not advertised.
+pub fn is_ready(node: &Node) -> bool {
+    !node
+        .status
+        .iter()
+        .flat_map(|status| status.conditions.iter().flatten())
+        .any(|condition| condition.type_ == "Ready" && condition.status != "True")
+}
+
+/// What the leader writes into `status.loadBalancer.ingress` of every
+/// LoadBalancer Service in `objects` (already filtered to the classes xlb
+/// handles): the sorted addresses of the eligible, Ready nodes (with a ready
+/// local endpoint for `Local`), nothing for pending Services.
+pub fn desired_ingress(objects: &Objects) -> BTreeMap<ServiceKey, Vec<Ipv4Addr>> {
+    let allocation = allocate(&objects.services);
+    let serving: Vec<&Node> = eligible(&objects.nodes)
+        .into_iter()
+        .filter(|node| is_ready(node))
+        .collect();
+    let all: BTreeSet<Ipv4Addr> = serving.iter().flat_map(|node| addresses(node)).collect();
+    let mut ready_nodes: BTreeMap<ServiceKey, BTreeSet<&str>> = BTreeMap::new();
+    for slice in &objects.endpoint_slices {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get("kubernetes.io/service-name"))
+        else {
+            continue;
+        };
+        let key = (
+            slice
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            service.clone(),
+        );
+        for endpoint in slice.endpoints.iter().flatten() {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            if let (true, Some(node)) = (ready, endpoint.node_name.as_deref()) {
+                ready_nodes.entry(key.clone()).or_default().insert(node);
+            }
+        }
+    }
+
+    let mut desired = BTreeMap::new();
+    for service in &objects.services {
+        if !is_load_balancer(service) {
+            continue;
+        }
+        let key = service_key(service);
+        let ingress = if allocation.pending.contains_key(&key) {
+            Vec::new()
+        } else if is_local(service) {
+            let with_endpoints = ready_nodes.get(&key);
+            let local: BTreeSet<Ipv4Addr> = serving
+                .iter()
+                .filter(|node| {
+                    with_endpoints.is_some_and(|names| {
+                        node.metadata
+                            .name
+                            .as_deref()
+                            .is_some_and(|name| names.contains(name))
+                    })
+                })
+                .flat_map(|node| addresses(node))
+                .collect();
+            local.into_iter().collect()
+        } else {
+            all.iter().copied().collect()
+        };
+        desired.insert(key, ingress);
+    }
+    desired
+}
+
+/// The IPv4 addresses `status.loadBalancer.ingress` holds now, sorted; `None`
+/// when it holds anything else (a hostname, an IPv6 address), which the
+/// leader replaces.
+pub fn current_ingress(service: &Service) -> Option<Vec<Ipv4Addr>> {
+    let mut found = BTreeSet::new();
+    for ingress in service
+        .status
+        .iter()
+        .filter_map(|status| status.load_balancer.as_ref())
+        .flat_map(|lb| lb.ingress.iter().flatten())
+    {
+        if ingress.hostname.is_some() {
+            return None;
+        }
+        found.insert(ingress.ip.as_deref()?.parse::<Ipv4Addr>().ok()?);
+    }
+    Some(found.into_iter().collect())
+}
+
+pub fn service_key(service: &Service) -> ServiceKey {
+    (
+        service
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        service.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+fn is_load_balancer(service: &Service) -> bool {
+    service.metadata.name.is_some()
+        && service
+            .spec
+            .as_ref()
+            .is_some_and(|spec| spec.type_.as_deref() == Some("LoadBalancer"))
+}
+
+fn is_local(service: &Service) -> bool {
+    service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.external_traffic_policy.as_deref())
+        == Some("Local")
+}
+
+/// The (port, protocol) pairs a Service asks for; ports the translation
+/// rejects (bad number or protocol) claim nothing.
+fn port_claims(service: &Service) -> Vec<(u16, Protocol)> {
+    let mut claims: Vec<(u16, Protocol)> = service
+        .spec
+        .iter()
+        .flat_map(|spec| spec.ports.iter().flatten())
+        .filter_map(|port| {
+            let protocol = match port.protocol.as_deref() {
+                None | Some("TCP") => Protocol::Tcp,
+                Some("UDP") => Protocol::Udp,
+                Some(_) => return None,
+            };
+            Some((u16::try_from(port.port).ok().filter(|p| *p != 0)?, protocol))
+        })
+        .collect();
+    claims.sort();
+    claims.dedup();
+    claims
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(name: &str, created: &str, ports: &[(i32, &str)]) -> Service {
+        let ports: Vec<_> = ports
+            .iter()
+            .map(|(port, protocol)| json!({"port": port, "protocol": protocol}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default", "creationTimestamp": created},
+            "spec": {"type": "LoadBalancer", "ports": ports}
+        }))
+        .unwrap()
+    }
+
+    fn node(name: &str, labels: serde_json::Value, addresses: &[(&str, &str)]) -> Node {
+        let addresses: Vec<_> = addresses
+            .iter()
+            .map(|(kind, ip)| json!({"type": kind, "address": ip}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "status": {"addresses": addresses}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_later_service_on_a_port_is_pending_whatever_its_name() {
+        let services = vec![
+            service("zz-old", "2026-01-01T00:00:00Z", &[(80, "TCP")]),
+            service(
+                "aa-new",
+                "2026-02-01T00:00:00Z",
+                &[(443, "TCP"), (80, "TCP")],
+            ),
+            // Same number, other protocol: no conflict.
+            service("dns", "2026-03-01T00:00:00Z", &[(80, "UDP")]),
+        ];
+        let allocation = allocate(&services);
+        assert_eq!(allocation.pending.len(), 1, "{allocation:?}");
+        let conflict = &allocation.pending[&("default".into(), "aa-new".into())];
+        assert_eq!(conflict.port, 80);
+        assert_eq!(conflict.holder, "default/zz-old");
+        assert!(conflict.message().contains("default/zz-old"));
+
+        // The pending one claims nothing: its 443 stays free for others.
+        let mut more = services.clone();
+        more.push(service("tls", "2026-04-01T00:00:00Z", &[(443, "TCP")]));
+        assert_eq!(allocate(&more).pending.len(), 1);
+
+        // The holder goes away: the pending one gets its ports.
+        assert!(allocate(&services[1..]).pending.is_empty());
+    }
+
+    #[test]
+    fn the_enabled_label_narrows_and_the_exclude_label_removes() {
+        let nodes = vec![
+            node("a", json!({}), &[("InternalIP", "10.0.0.1")]),
+            node(
+                "b",
+                json!({}),
+                &[
+                    ("InternalIP", "10.0.0.2"),
+                    ("ExternalIP", "203.0.113.2"),
+                    ("InternalIP", "fd00::2"),
+                    ("Hostname", "b"),
+                ],
+            ),
+            node(
+                "c",
+                json!({EXCLUDE_LABEL: ""}),
+                &[("InternalIP", "10.0.0.3")],
+            ),
+        ];
+        let names = |nodes: Vec<&Node>| -> Vec<String> {
+            nodes
+                .iter()
+                .map(|n| n.metadata.name.clone().unwrap())
+                .collect()
+        };
+        assert_eq!(names(eligible(&nodes)), ["a", "b"]);
+        assert_eq!(
+            own_addresses(&nodes, "b"),
+            [
+                "10.0.0.2".parse::<Ipv4Addr>().unwrap(),
+                "203.0.113.2".parse().unwrap()
+            ]
+        );
+        assert!(own_addresses(&nodes, "c").is_empty());
+
+        let mut labelled = nodes.clone();
+        labelled[1].metadata.labels = Some([(ENABLED_LABEL.into(), "true".into())].into());
+        assert_eq!(names(eligible(&labelled)), ["b"]);
+        assert!(own_addresses(&labelled, "a").is_empty());
+    }
+
+    #[test]
+    fn ingress_lists_ready_nodes_and_for_local_only_those_with_endpoints() {
+        let mut nodes = vec![
+            node("a", json!({}), &[("InternalIP", "10.0.0.1")]),
+            node("b", json!({}), &[("InternalIP", "10.0.0.2")]),
+            node("c", json!({}), &[("InternalIP", "10.0.0.3")]),
+        ];
+        nodes[2].status.as_mut().unwrap().conditions = Some(vec![
+            serde_json::from_value(json!({"type": "Ready", "status": "Unknown"})).unwrap(),
+        ]);
+        let mut local = service("local", "2026-01-01T00:00:00Z", &[(81, "TCP")]);
+        local.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+        let slice = serde_json::from_value(json!({
+            "metadata": {"name": "local-x", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "local"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.244.1.2"], "nodeName": "b"},
+                {"addresses": ["10.244.1.3"], "nodeName": "a",
+                 "conditions": {"ready": false}}
+            ]
+        }))
+        .unwrap();
+        let objects = Objects {
+            services: vec![
+                service("web", "2026-01-01T00:00:00Z", &[(80, "TCP")]),
+                service("late", "2026-02-01T00:00:00Z", &[(80, "TCP")]),
+                local,
+            ],
+            endpoint_slices: vec![slice],
+            nodes,
+        };
+        let desired = desired_ingress(&objects);
+        let ips =
+            |list: &[&str]| -> Vec<Ipv4Addr> { list.iter().map(|s| s.parse().unwrap()).collect() };
+        assert_eq!(
+            desired[&("default".into(), "web".into())],
+            ips(&["10.0.0.1", "10.0.0.2"])
+        );
+        assert_eq!(desired[&("default".into(), "late".into())], ips(&[]));
+        assert_eq!(
+            desired[&("default".into(), "local".into())],
+            ips(&["10.0.0.2"])
+        );
+    }
+
+    #[test]
+    fn current_ingress_reads_ips_and_flags_anything_else() {
+        let with = |ingress: serde_json::Value| -> Service {
+            serde_json::from_value(json!({"metadata": {"name": "s"},
+                "status": {"loadBalancer": {"ingress": ingress}}}))
+            .unwrap()
+        };
+        assert_eq!(
+            current_ingress(&with(
+                json!([{"ip": "10.0.0.2", "ipMode": "VIP"}, {"ip": "10.0.0.1"}])
+            )),
+            Some(vec![
+                "10.0.0.1".parse().unwrap(),
+                "10.0.0.2".parse().unwrap()
+            ])
+        );
+        assert_eq!(
+            current_ingress(&with(json!([{"hostname": "lb.example"}]))),
+            None
+        );
+        assert_eq!(current_ingress(&with(json!([{"ip": "fd00::1"}]))), None);
+        assert_eq!(current_ingress(&Service::default()), Some(vec![]));
+    }
+}
