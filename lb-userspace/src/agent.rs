@@ -5,6 +5,7 @@
 //! them.
 
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -12,6 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{CONFIG_F_REDIRECT, Config};
 use tokio::sync::{Notify, mpsc};
 
@@ -19,12 +21,15 @@ use crate::{
     conntrack::Timeouts,
     dataplane::{self, Limits, Maps, PinDir, attach},
     model::DesiredState,
+    model::Frontend,
     netdev,
     reconcile::Reconciler,
     source::{
-        AddressMode, kube as kube_source,
+        AddressMode,
+        kube::{self as kube_source, Change},
         leader::{self, LeaseConfig},
-        manifest, status, translate,
+        manifest, node_mode, status,
+        translate::{self, ServiceKey, Translator},
     },
     state_file,
 };
@@ -74,6 +79,64 @@ struct KubeParts {
     candidate: leader::Candidate,
     /// Wakes node mode's status writer after each sync.
     status_changed: Option<Arc<Notify>>,
+    /// The translation, updated per changed Service; `None` until the first
+    /// full build.
+    translator: Option<Translator>,
+    /// What of the Nodes the translation depends on, to tell a Node change
+    /// that matters (rebuild everything) from one that does not.
+    node_context: Option<NodeContext>,
+}
+
+/// This node's SNAT address and, in node mode, the addresses it serves.
+type NodeContext = (Option<Ipv4Addr>, Vec<Ipv4Addr>);
+
+fn node_context(nodes: &[k8s_openapi::api::core::v1::Node], cfg: &AgentConfig) -> NodeContext {
+    let serves = match cfg.address_mode {
+        AddressMode::Status => Vec::new(),
+        AddressMode::Node => node_mode::own_addresses(nodes, &cfg.node_name),
+    };
+    (translate::node_address_of(nodes, &cfg.node_name), serves)
+}
+
+/// What the agent last wrote outside the maps' entries: the node config map
+/// value, and the version of the names in the state file.
+#[derive(Debug, Default)]
+struct Published {
+    node_config: Option<Config>,
+    names_version: Option<u64>,
+}
+
+/// What changed since the last sync.
+#[derive(Debug, Default)]
+struct Dirty {
+    all: bool,
+    nodes: bool,
+    /// Services whose object changed (node mode re-allocates ports then).
+    services: BTreeSet<ServiceKey>,
+    /// Services whose EndpointSlices changed.
+    slices: BTreeSet<ServiceKey>,
+}
+
+impl Dirty {
+    fn everything() -> Self {
+        Dirty {
+            all: true,
+            ..Dirty::default()
+        }
+    }
+
+    fn add(&mut self, change: Change) {
+        match change {
+            Change::All => self.all = true,
+            Change::Nodes => self.nodes = true,
+            Change::Service(key) => {
+                self.services.insert(key);
+            }
+            Change::Slices(key) => {
+                self.slices.insert(key);
+            }
+        }
+    }
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
@@ -119,7 +182,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     reconciler.adopt(found);
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
     let mut _dir_watcher = None;
     let mut kube = None;
     match &cfg.source {
@@ -179,17 +242,20 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 events: kube_source::EventSink::new(client, &cfg.node_name),
                 candidate,
                 status_changed,
+                translator: None,
+                node_context: None,
             });
         }
     }
     let mut leading = kube.as_ref().map(|k| k.candidate.watch());
-    let mut node_config: Option<Config> = None;
+    let mut published = Published::default();
     sync(
         &cfg,
         kube.as_mut(),
+        Dirty::everything(),
         &mut maps,
         &mut reconciler,
-        &mut node_config,
+        &mut published,
     )?;
     tracing::info!(node = %cfg.node_name, interfaces = ?cfg.ifaces, "agent ready");
 
@@ -198,13 +264,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            Some(()) = rx.recv() => {
-                // Editors and `kubectl cp` write in bursts: settle, then
-                // read the whole directory once.
+            Some(change) = rx.recv() => {
+                // Editors, `kubectl apply` and rollouts change in bursts:
+                // settle, then apply the whole burst at once.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                while rx.try_recv().is_ok() {}
-                if let Err(e) = sync(&cfg, kube.as_mut(), &mut maps, &mut reconciler, &mut node_config) {
-                    tracing::error!(error = %format!("{e:#}"), "applying manifests failed");
+                let mut dirty = Dirty::default();
+                dirty.add(change);
+                while let Ok(change) = rx.try_recv() {
+                    dirty.add(change);
+                }
+                if let Err(e) = sync(&cfg, kube.as_mut(), dirty, &mut maps, &mut reconciler, &mut published) {
+                    tracing::error!(error = %format!("{e:#}"), "applying the desired state failed");
                 }
             }
             // A new leader posts the Events of problems that already exist.
@@ -214,8 +284,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     None => std::future::pending().await,
                 }
             } => {
-                if let Err(e) = sync(&cfg, kube.as_mut(), &mut maps, &mut reconciler, &mut node_config) {
-                    tracing::error!(error = %format!("{e:#}"), "applying objects failed");
+                // Rebuilding reports every current problem again, and only
+                // the leader posts them as Events.
+                if let Err(e) = sync(&cfg, kube.as_mut(), Dirty::everything(), &mut maps, &mut reconciler, &mut published) {
+                    tracing::error!(error = %format!("{e:#}"), "applying the desired state failed");
                 }
             }
             _ = sweep.tick() => {
@@ -241,62 +313,132 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     Ok(())
 }
 
-/// Reads the source, translates and applies the difference.
+/// Reads what changed, translates it and applies the difference.
 fn sync(
     cfg: &AgentConfig,
-    mut kube: Option<&mut KubeParts>,
+    kube: Option<&mut KubeParts>,
+    dirty: Dirty,
     maps: &mut Maps,
     reconciler: &mut Reconciler,
-    node_config: &mut Option<Config>,
+    published: &mut Published,
 ) -> Result<()> {
-    let desired = {
-        let mut objects = match (&cfg.source, kube.as_deref()) {
-            (SourceConfig::Kubernetes { .. }, Some(kube)) => kube.stores.objects(),
-            (SourceConfig::Manifests(dir), _) => {
-                let (objects, errors) = manifest::load_dir(dir);
-                for e in &errors {
-                    tracing::warn!(error = %e, "skipping malformed manifest");
-                }
-                objects
-            }
-            (SourceConfig::Kubernetes { .. }, None) => bail!("Kubernetes source not started"),
+    let Some(kube) = kube else {
+        let SourceConfig::Manifests(dir) = &cfg.source else {
+            bail!("Kubernetes source not started");
         };
+        let (mut objects, errors) = manifest::load_dir(dir);
+        for e in &errors {
+            tracing::warn!(error = %e, "skipping malformed manifest");
+        }
         kube_source::retain_classes(&mut objects, &cfg.lb_classes);
         let (desired, errors) = translate::translate(&objects, &cfg.node_name, cfg.address_mode);
-        let leader = kube.as_deref().is_some_and(|k| k.candidate.is_leader());
+        drop(objects);
         for e in &errors {
             tracing::warn!(error = %e, "skipping invalid object");
-            if let (Some(kube), true) = (kube.as_deref_mut(), leader) {
-                kube.events.report(&e.object, e.event_reason, &e.reason);
-            }
         }
-        desired
+        let result = apply(cfg, maps, reconciler, published, &desired, None);
+        drop(desired);
+        // Parsing a large directory allocates in a burst that glibc would
+        // keep; give it back so the agent's resident size reflects its state.
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+        return result;
     };
-    if let Some(notify) = kube.as_deref().and_then(|k| k.status_changed.as_ref()) {
+
+    let mut full = dirty.all || kube.translator.is_none();
+    if dirty.nodes && !full {
+        // Most Node updates (conditions, images) change nothing here.
+        full = kube.node_context.as_ref() != Some(&node_context(&kube.stores.nodes(), cfg));
+    }
+    let mut errors = Vec::new();
+    let result = if full {
+        // From the watch caches as they are: no copy of every object.
+        let services = kube.stores.services();
+        let services: Vec<&Service> = services
+            .iter()
+            .map(|s| &**s)
+            .filter(|s| kube_source::handles_class(s, &cfg.lb_classes))
+            .collect();
+        let slices = kube.stores.endpoint_slices();
+        let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
+        let nodes = kube.stores.nodes();
+        let (translator, found) =
+            Translator::build_from(&services, &slices, &nodes, &cfg.node_name, cfg.address_mode);
+        kube.node_context = Some(node_context(&nodes, cfg));
+        errors = found;
+        let translator = kube.translator.insert(translator);
+        let result = apply(cfg, maps, reconciler, published, translator.desired(), None);
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+        result
+    } else if let Some(translator) = kube.translator.as_mut()
+        && !(dirty.services.is_empty() && dirty.slices.is_empty())
+    {
+        let handled = |service: &Service| kube_source::handles_class(service, &cfg.lb_classes);
+        let mut keys = dirty.slices;
+        if !dirty.services.is_empty() {
+            // Node mode: a Service's ports can make another one pending, or
+            // free it.
+            let services = kube.stores.services();
+            keys.extend(
+                translator.reallocate(services.iter().map(|s| &**s).filter(|s| handled(s))),
+            );
+            keys.extend(dirty.services);
+        }
+        let slices = kube.stores.slices_of(&keys);
+        let mut changed = BTreeSet::new();
+        for key in &keys {
+            let service = kube.stores.service(key).filter(|s| handled(s));
+            let slices: Vec<&EndpointSlice> = slices
+                .get(key)
+                .map(|found| found.iter().map(|s| &**s).collect())
+                .unwrap_or_default();
+            translator.update(key, service.as_deref(), &slices, &mut errors, &mut changed);
+        }
+        tracing::debug!(
+            services = keys.len(),
+            frontends = changed.len(),
+            "re-translated changed Services"
+        );
+        apply(
+            cfg,
+            maps,
+            reconciler,
+            published,
+            translator.desired(),
+            Some(&changed),
+        )
+    } else {
+        Ok(())
+    };
+
+    let leader = kube.candidate.is_leader();
+    for e in &errors {
+        tracing::warn!(error = %e, "skipping invalid object");
+        if leader {
+            kube.events.report(&e.object, e.event_reason, &e.reason);
+        }
+    }
+    if let Some(notify) = &kube.status_changed {
         notify.notify_one();
     }
-    let result = apply(cfg, maps, reconciler, node_config, &desired);
-    drop(desired);
-    // Parsing a large directory allocates in a burst that glibc would keep;
-    // give it back so the agent's resident size reflects its state.
-    // SAFETY: malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
     result
 }
 
-pub fn apply(
+fn apply(
     cfg: &AgentConfig,
     maps: &mut Maps,
     reconciler: &mut Reconciler,
-    node_config: &mut Option<Config>,
+    published: &mut Published,
     desired: &DesiredState,
+    changed: Option<&BTreeSet<Frontend>>,
 ) -> Result<()> {
     let node_addr = match desired.node_addr {
         Some(a) => Some(a),
         None => netdev::first_ipv4(&cfg.ifaces[0])?,
     };
     let config = node_config_value(node_addr, cfg);
-    if node_config.as_ref() != Some(&config) {
+    if published.node_config.as_ref() != Some(&config) {
         maps.write_config(&config)?;
         match node_addr {
             Some(a) => tracing::info!(node_addr = %a, "SNAT address for remote backends"),
@@ -304,9 +446,12 @@ pub fn apply(
                 "no node address (no Node InternalIP, no IPv4 on the uplink): flows to remote backends will be dropped"
             ),
         }
-        *node_config = Some(config);
+        published.node_config = Some(config);
     }
-    let summary = reconciler.apply(desired, maps);
+    let summary = match changed {
+        None => reconciler.apply(desired, maps),
+        Some(changed) => reconciler.apply_changed(desired, changed, maps),
+    };
     for e in &summary.errors {
         tracing::error!(error = %e, "programming failed");
     }
@@ -320,8 +465,15 @@ pub fn apply(
             "services programmed"
         );
     }
-    if let Err(e) = state_file::write(&cfg.state_dir, &cfg.node_name, reconciler) {
-        tracing::warn!(error = %format!("{e:#}"), "writing the inspect state file failed");
+    // Rewriting the names of every frontend is O(services): only when they
+    // changed, not for each backend change.
+    if published.names_version != Some(reconciler.names_version()) {
+        match state_file::write(&cfg.state_dir, &cfg.node_name, reconciler) {
+            Ok(()) => published.names_version = Some(reconciler.names_version()),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "writing the inspect state file failed")
+            }
+        }
     }
     Ok(())
 }
@@ -338,7 +490,7 @@ fn node_config_value(node_addr: Option<Ipv4Addr>, cfg: &AgentConfig) -> Config {
 }
 
 /// inotify on the manifest directory; every event just says "look again".
-fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Result<notify::RecommendedWatcher> {
+fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<Change>) -> Result<notify::RecommendedWatcher> {
     use notify::Watcher;
     if !dir.is_dir() {
         bail!("manifest directory {} does not exist", dir.display());
@@ -349,7 +501,7 @@ fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Result<notify::Recomm
         if let Ok(event) = event
             && !matches!(event.kind, notify::EventKind::Access(_))
         {
-            let _ = tx.send(());
+            let _ = tx.send(Change::All);
         }
     })
     .context("creating the manifest watcher")?;

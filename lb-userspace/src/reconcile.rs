@@ -92,6 +92,10 @@ pub struct Reconciler {
     used_backend_ids: HashSet<u32>,
     next_backend_id: u32,
     max_backends: u32,
+    /// Bumped whenever what [`Reconciler::programmed`] names changes (a
+    /// frontend added or removed, or its Service, policy, affinity or
+    /// source ranges); backend changes leave it alone.
+    names_version: u64,
 }
 
 pub fn frontend_key(frontend: &Frontend) -> Result<FrontendKey> {
@@ -179,7 +183,14 @@ impl Reconciler {
             used_backend_ids: HashSet::new(),
             next_backend_id: 1,
             max_backends,
+            names_version: 0,
         }
+    }
+
+    /// See the field: a caller that publishes names (the state file) needs
+    /// to do so only when this moved.
+    pub fn names_version(&self) -> u64 {
+        self.names_version
     }
 
     /// Takes over what a previous agent left in the pinned maps: service ids
@@ -373,6 +384,22 @@ impl Reconciler {
                 }
             }
         };
+        let renamed = p.spec.as_ref().is_none_or(|old| {
+            (
+                &old.service,
+                old.local_only,
+                old.affinity_timeout,
+                &old.source_ranges,
+            ) != (
+                &spec.service,
+                spec.local_only,
+                spec.affinity_timeout,
+                &spec.source_ranges,
+            )
+        });
+        if renamed {
+            self.names_version += 1;
+        }
         let result = self.write_frontend(&key, spec, &mut p, w);
         if result.is_err() {
             // Retry everything next time.
@@ -503,6 +530,7 @@ impl Reconciler {
             self.used_backend_ids.remove(id);
         }
         self.programmed.remove(frontend);
+        self.names_version += 1;
         self.free_service_ids.push_back(p.service_id);
         Ok(())
     }

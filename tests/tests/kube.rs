@@ -133,7 +133,7 @@ fn frontends(t: &Topology) -> BTreeSet<String> {
 fn services_follow_the_api_through_watch_cuts_and_expired_versions() -> Result<()> {
     let (t, api, kubeconfig) = api_topology()?;
     api.apply(node(&t.node2_name, xlb_tests::NODE2_ADDR));
-    let _agent = t.start_agent_kube(&kubeconfig, &[])?;
+    let agent = t.start_agent_kube(&kubeconfig, &[])?;
     let to = SocketAddrV4::new(WEB, 80);
 
     // A Service appears: traffic flows to all three backends.
@@ -187,6 +187,19 @@ fn services_follow_the_api_through_watch_cuts_and_expired_versions() -> Result<(
         || frontends(&t).contains("10.200.0.11:80/TCP"),
     )?;
     assert_eq!(kept.ask("after relist")?.backend, "pod-c");
+
+    // An EndpointSlice event re-translates and re-programs its Service only.
+    let log_before = agent.log_text().len();
+    api.apply(slice(&t, "second", &["pod-a", "pod-b"]));
+    wait_until("second scaled up", Duration::from_secs(5), || {
+        t.inspect("backends").map(|b| b.len() == 4).unwrap_or(false)
+    })?;
+    let new_log = agent.log_text()[log_before..].to_string();
+    assert!(
+        new_log.contains("re-translated changed Services services=1 frontends=1")
+            && new_log.contains("updated=1 removed=0 unchanged=0"),
+        "{new_log}"
+    );
     // The re-list really happened: a second plain LIST of Services.
     let lists = api
         .requests()

@@ -1,14 +1,21 @@
 //! The Kubernetes source: reflectors (list + watch) on Services (all
-//! namespaces), `discovery.k8s.io/v1` EndpointSlices and this agent's Node.
-//! Every change wakes the agent, which rebuilds [`Objects`] from the stores
-//! and runs the same translation as the manifest source.
+//! namespaces), `discovery.k8s.io/v1` EndpointSlices and Nodes (this agent's,
+//! or all in node mode). Every change wakes the agent with what changed: a
+//! Service or one of its EndpointSlices names that Service, which alone is
+//! translated again ([`super::translate::Translator`]); a completed (re-)list
+//! asks for a full rebuild from the stores.
 //!
 //! Watch disconnects, API server restarts and `410 Gone` end in a re-list
 //! (kube-runtime's watcher, with backoff). The reflector swaps a re-listed
 //! store in only when the list is complete, so the agent keeps programming
 //! from the last known state meanwhile: maps are never cleared by a relist.
 
-use std::{path::Path, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -27,7 +34,23 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use super::manifest::Objects;
+use super::{
+    manifest::Objects,
+    translate::{ServiceKey, slice_service},
+};
+
+/// What a watch event changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// This Service.
+    Service(ServiceKey),
+    /// An EndpointSlice of this Service.
+    Slices(ServiceKey),
+    /// A Node.
+    Nodes,
+    /// A complete (re-)list: rebuild from the stores.
+    All,
+}
 
 /// The class a Service may carry to be handled by xlb, besides none.
 pub const DEFAULT_LB_CLASS: &str = "xlb.dev/xlb";
@@ -56,26 +79,82 @@ pub struct Stores {
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    slice_index: Arc<Mutex<SliceIndex>>,
+}
+
+/// Which EndpointSlices belong to which Service (by the
+/// `kubernetes.io/service-name` label), kept by the slice reflector.
+#[derive(Default)]
+struct SliceIndex {
+    /// Slice `namespace/name` → its Service.
+    owner: HashMap<(String, String), ServiceKey>,
+    /// Service → the names of its slices (same namespace).
+    slices: HashMap<ServiceKey, BTreeSet<String>>,
+}
+
+impl SliceIndex {
+    /// Records that slice `id` belongs to `owner` (or to none); returns the
+    /// Service it belonged to before.
+    fn set(&mut self, id: (String, String), owner: Option<ServiceKey>) -> Option<ServiceKey> {
+        let before = match &owner {
+            Some(key) => self.owner.insert(id.clone(), key.clone()),
+            None => self.owner.remove(&id),
+        };
+        if let Some(old) = &before
+            && let Some(names) = self.slices.get_mut(old)
+        {
+            names.remove(&id.1);
+            if names.is_empty() {
+                self.slices.remove(old);
+            }
+        }
+        if let Some(key) = owner {
+            self.slices.entry(key).or_default().insert(id.1);
+        }
+        before
+    }
 }
 
 impl Stores {
-    /// What the stores hold now, as the translation takes it.
-    pub fn objects(&self) -> Objects {
-        Objects {
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| (**s).clone())
-                .collect(),
-            endpoint_slices: self
-                .endpoint_slices
-                .state()
-                .iter()
-                .map(|s| (**s).clone())
-                .collect(),
-            nodes: self.nodes.state().iter().map(|n| (**n).clone()).collect(),
+    /// The Service `namespace/name`, if the store has it.
+    pub fn service(&self, key: &ServiceKey) -> Option<Arc<Service>> {
+        self.services
+            .get(&reflector::ObjectRef::new(&key.1).within(&key.0))
+    }
+
+    /// Every Service, shared with the store.
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.services.state()
+    }
+
+    /// The EndpointSlices of the Services in `keys`: O(their slices), not
+    /// O(all slices).
+    pub fn slices_of(
+        &self,
+        keys: &BTreeSet<ServiceKey>,
+    ) -> HashMap<ServiceKey, Vec<Arc<EndpointSlice>>> {
+        let index = self.slice_index.lock().unwrap_or_else(|e| e.into_inner());
+        let mut found: HashMap<_, Vec<_>> = HashMap::new();
+        for key in keys {
+            for name in index.slices.get(key).into_iter().flatten() {
+                if let Some(slice) = self
+                    .endpoint_slices
+                    .get(&reflector::ObjectRef::new(name).within(&key.0))
+                {
+                    found.entry(key.clone()).or_default().push(slice);
+                }
+            }
         }
+        found
+    }
+
+    /// Every EndpointSlice, shared with the store.
+    pub fn endpoint_slices(&self) -> Vec<Arc<EndpointSlice>> {
+        self.endpoint_slices.state()
+    }
+
+    pub fn nodes(&self) -> Vec<Node> {
+        self.nodes.state().iter().map(|n| (**n).clone()).collect()
     }
 
     /// Resolves once every store has been listed completely.
@@ -86,14 +165,14 @@ impl Stores {
     }
 }
 
-/// Starts the reflectors; each change sends `()` on `changed`. Nodes: all of
+/// Starts the reflectors; each change is sent on `changed`. Nodes: all of
 /// them with `all_nodes` (node mode needs every node's addresses and
 /// labels), else only this one.
 pub fn watch(
     client: Client,
     node_name: &str,
     all_nodes: bool,
-    changed: mpsc::UnboundedSender<()>,
+    changed: mpsc::UnboundedSender<Change>,
 ) -> Stores {
     let (services, services_writer) = reflector::store::<Service>();
     let (endpoint_slices, slices_writer) = reflector::store::<EndpointSlice>();
@@ -104,7 +183,20 @@ pub fn watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
         changed.clone(),
+        |event: &watcher::Event<Service>| match event {
+            watcher::Event::Apply(service) | watcher::Event::Delete(service) => {
+                vec![Change::Service(super::node_mode::service_key(service))]
+            }
+            watcher::Event::InitDone => vec![Change::All],
+            watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
+        },
     );
+    // Which Service each slice belongs to, so that a slice whose label
+    // changed (or that is deleted) also dirties its old Service, and so that
+    // a Service's slices are found without a scan of all of them.
+    let index = Arc::new(Mutex::new(SliceIndex::default()));
+    let mut relisted = SliceIndex::default();
+    let writer_index = index.clone();
     spawn_reflector(
         "endpointslices",
         slices_writer,
@@ -112,6 +204,40 @@ pub fn watch(
         // Only slices that belong to a Service.
         watcher::Config::default().labels("kubernetes.io/service-name"),
         changed.clone(),
+        move |event: &watcher::Event<EndpointSlice>| {
+            let id = |slice: &EndpointSlice| {
+                (
+                    slice.metadata.namespace.clone().unwrap_or_default(),
+                    slice.metadata.name.clone().unwrap_or_default(),
+                )
+            };
+            let mut index = writer_index.lock().unwrap_or_else(|e| e.into_inner());
+            let mut dirty = Vec::new();
+            match event {
+                watcher::Event::Apply(slice) => {
+                    let owner = slice_service(slice);
+                    let before = index.set(id(slice), owner.clone());
+                    dirty.extend(owner.clone().map(Change::Slices));
+                    if before != owner {
+                        dirty.extend(before.map(Change::Slices));
+                    }
+                }
+                watcher::Event::Delete(slice) => {
+                    dirty.extend(index.set(id(slice), None).map(Change::Slices));
+                    dirty.extend(slice_service(slice).map(Change::Slices));
+                }
+                watcher::Event::Init => relisted = SliceIndex::default(),
+                watcher::Event::InitApply(slice) => {
+                    relisted.set(id(slice), slice_service(slice));
+                }
+                watcher::Event::InitDone => {
+                    *index = std::mem::take(&mut relisted);
+                    dirty.push(Change::All);
+                }
+            }
+            dirty.dedup();
+            dirty
+        },
     );
     spawn_reflector(
         "nodes",
@@ -123,11 +249,17 @@ pub fn watch(
             watcher::Config::default().fields(&format!("metadata.name={node_name}"))
         },
         changed,
+        |event: &watcher::Event<Node>| match event {
+            watcher::Event::Apply(_) | watcher::Event::Delete(_) => vec![Change::Nodes],
+            watcher::Event::InitDone => vec![Change::All],
+            watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
+        },
     );
     Stores {
         services,
         endpoint_slices,
         nodes,
+        slice_index: index,
     }
 }
 
@@ -136,9 +268,11 @@ fn spawn_reflector<K>(
     writer: reflector::store::Writer<K>,
     api: Api<K>,
     config: watcher::Config,
-    changed: mpsc::UnboundedSender<()>,
+    changed: mpsc::UnboundedSender<Change>,
+    mut what_changed: impl FnMut(&watcher::Event<K>) -> Vec<Change> + Send + 'static,
 ) where
     K: kube::Resource<DynamicType = ()>
+        + Slim
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
@@ -147,7 +281,11 @@ fn spawn_reflector<K>(
         + 'static,
 {
     tokio::spawn(async move {
-        let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+        // The stores hold every object of the cluster: keep only what the
+        // translation reads (managedFields and last-applied annotations are
+        // often most of an object).
+        let stream = watcher(api, config).default_backoff().modify(K::slim);
+        let stream = reflector::reflector(writer, stream);
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(event) = stream.next().await {
@@ -159,8 +297,8 @@ fn spawn_reflector<K>(
                     }
                     // Init and InitApply change nothing visible until
                     // InitDone swaps the new list in.
-                    if !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
-                        let _ = changed.send(());
+                    for change in what_changed(&event) {
+                        let _ = changed.send(change);
                     }
                 }
                 Err(error) => {
@@ -176,6 +314,57 @@ fn spawn_reflector<K>(
             }
         }
     });
+}
+
+/// Drops the parts of an object the agent never reads, before it is stored.
+pub trait Slim {
+    fn slim(&mut self);
+}
+
+fn slim_metadata(metadata: &mut kube::api::ObjectMeta) {
+    metadata.managed_fields = None;
+    metadata.annotations = None;
+    metadata.owner_references = None;
+}
+
+impl Slim for Service {
+    fn slim(&mut self) {
+        slim_metadata(&mut self.metadata);
+    }
+}
+
+impl Slim for EndpointSlice {
+    fn slim(&mut self) {
+        slim_metadata(&mut self.metadata);
+        for endpoint in self.endpoints.iter_mut().flatten() {
+            endpoint.target_ref = None;
+            endpoint.hints = None;
+            endpoint.deprecated_topology = None;
+            endpoint.hostname = None;
+            endpoint.zone = None;
+        }
+    }
+}
+
+impl Slim for Node {
+    fn slim(&mut self) {
+        slim_metadata(&mut self.metadata);
+        // Addresses, conditions and labels are read; images and the rest of
+        // the status are large and not.
+        if let Some(status) = self.status.as_mut() {
+            status.images = None;
+            status.volumes_attached = None;
+            status.volumes_in_use = None;
+            status.node_info = None;
+            status.capacity = None;
+            status.allocatable = None;
+            status.daemon_endpoints = None;
+            status.config = None;
+            status.features = None;
+            status.runtime_handlers = None;
+        }
+        self.spec = None;
+    }
 }
 
 /// Posts a Warning Event on each object the agent had to skip, once per
@@ -248,16 +437,22 @@ fn object_reference(object: &str) -> Option<ObjectReference> {
 /// Keeps the Services xlb handles: no `spec.loadBalancerClass`, or one of
 /// `classes`. Services of other classes are never touched.
 pub fn retain_classes(objects: &mut Objects, classes: &[String]) {
-    objects.services.retain(|service| {
-        match service
-            .spec
-            .as_ref()
-            .and_then(|s| s.load_balancer_class.as_deref())
-        {
-            None => true,
-            Some(class) => classes.iter().any(|c| c == class),
-        }
-    });
+    objects
+        .services
+        .retain(|service| handles_class(service, classes));
+}
+
+/// Whether xlb handles `service`: no `spec.loadBalancerClass`, or one of
+/// `classes`.
+pub fn handles_class(service: &Service, classes: &[String]) -> bool {
+    match service
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_class.as_deref())
+    {
+        None => true,
+        Some(class) => classes.iter().any(|c| c == class),
+    }
 }
 
 #[cfg(test)]

@@ -23,9 +23,11 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
-use super::manifest::Objects;
 use crate::model::Protocol;
 
 /// Nodes with this label set to `true`, if any node has it, are the only
@@ -86,7 +88,7 @@ pub fn claim_order<'a>(services: impl IntoIterator<Item = &'a Service>) -> Vec<&
 
 /// Assigns ports to the LoadBalancer Services of `services` in
 /// [`claim_order`].
-pub fn allocate(services: &[Service]) -> Allocation {
+pub fn allocate<'a>(services: impl IntoIterator<Item = &'a Service>) -> Allocation {
     let mut held: BTreeMap<(u16, Protocol), String> = BTreeMap::new();
     let mut allocation = Allocation::default();
     for service in claim_order(services) {
@@ -181,15 +183,19 @@ pub fn is_ready(node: &Node) -> bool {
 /// LoadBalancer Service in `objects` (already filtered to the classes xlb
 /// handles): the sorted addresses of the eligible, Ready nodes (with a ready
 /// local endpoint for `Local`), nothing for pending Services.
-pub fn desired_ingress(objects: &Objects) -> BTreeMap<ServiceKey, Vec<Ipv4Addr>> {
-    let allocation = allocate(&objects.services);
-    let serving: Vec<&Node> = eligible(&objects.nodes)
+pub fn desired_ingress(
+    services: &[&Service],
+    endpoint_slices: &[&EndpointSlice],
+    nodes: &[Node],
+) -> BTreeMap<ServiceKey, Vec<Ipv4Addr>> {
+    let allocation = allocate(services.iter().copied());
+    let serving: Vec<&Node> = eligible(nodes)
         .into_iter()
         .filter(|node| is_ready(node))
         .collect();
     let all: BTreeSet<Ipv4Addr> = serving.iter().flat_map(|node| addresses(node)).collect();
     let mut ready_nodes: BTreeMap<ServiceKey, BTreeSet<&str>> = BTreeMap::new();
-    for slice in &objects.endpoint_slices {
+    for slice in endpoint_slices {
         let Some(service) = slice
             .metadata
             .labels
@@ -219,7 +225,7 @@ pub fn desired_ingress(objects: &Objects) -> BTreeMap<ServiceKey, Vec<Ipv4Addr>>
     }
 
     let mut desired = BTreeMap::new();
-    for service in &objects.services {
+    for &service in services {
         if !is_load_balancer(service) {
             continue;
         }
@@ -428,7 +434,7 @@ mod tests {
         ]);
         let mut local = service("local", "2026-01-01T00:00:00Z", &[(81, "TCP")]);
         local.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
-        let slice = serde_json::from_value(json!({
+        let slice: EndpointSlice = serde_json::from_value(json!({
             "metadata": {"name": "local-x", "namespace": "default",
                          "labels": {"kubernetes.io/service-name": "local"}},
             "addressType": "IPv4",
@@ -439,16 +445,13 @@ mod tests {
             ]
         }))
         .unwrap();
-        let objects = Objects {
-            services: vec![
-                service("web", "2026-01-01T00:00:00Z", &[(80, "TCP")]),
-                service("late", "2026-02-01T00:00:00Z", &[(80, "TCP")]),
-                local,
-            ],
-            endpoint_slices: vec![slice],
-            nodes,
-        };
-        let desired = desired_ingress(&objects);
+        let services = [
+            service("web", "2026-01-01T00:00:00Z", &[(80, "TCP")]),
+            service("late", "2026-02-01T00:00:00Z", &[(80, "TCP")]),
+            local,
+        ];
+        let services: Vec<&Service> = services.iter().collect();
+        let desired = desired_ingress(&services, &[&slice], &nodes);
         let ips =
             |list: &[&str]| -> Vec<Ipv4Addr> { list.iter().map(|s| s.parse().unwrap()).collect() };
         assert_eq!(

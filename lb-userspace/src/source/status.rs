@@ -10,7 +10,7 @@
 use std::{collections::HashMap, net::Ipv4Addr, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::{Notify, watch};
 
 use super::{
-    kube::{Stores, retain_classes},
+    kube::{Stores, handles_class},
     node_mode::{self, ServiceKey},
 };
 
@@ -81,11 +81,17 @@ async fn write_pass(
     leading: &watch::Receiver<bool>,
     written: &mut HashMap<ServiceKey, (Vec<Ipv4Addr>, Option<String>)>,
 ) -> usize {
-    let mut objects = stores.objects();
-    retain_classes(&mut objects, classes);
-    let desired = node_mode::desired_ingress(&objects);
+    let services = stores.services();
+    let services: Vec<&Service> = services
+        .iter()
+        .map(|s| &**s)
+        .filter(|s| handles_class(s, classes))
+        .collect();
+    let slices = stores.endpoint_slices();
+    let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
+    let desired = node_mode::desired_ingress(&services, &slices, &stores.nodes());
     let mut todo = Vec::new();
-    for service in &objects.services {
+    for service in services {
         let key = node_mode::service_key(service);
         let Some(want) = desired.get(&key) else {
             continue;

@@ -17,16 +17,19 @@
 //! skips only that part; everything else is still translated.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
+        core::v1::{Node, Service, ServicePort, ServiceSpec},
         discovery::v1::{EndpointPort, EndpointSlice},
     },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::{ObjectMeta, Time},
+        util::intstr::IntOrString,
+    },
 };
 
 use super::{manifest::Objects, node_mode};
@@ -78,91 +81,345 @@ pub enum AddressMode {
 /// Two Services claiming the same frontend: the one created first keeps it
 /// (then the one whose `namespace/name` sorts first), so the outcome does not
 /// depend on the order objects were read in and a new Service never takes a
-/// frontend away from a working one.
+/// frontend away from a working one. A Service read twice (same
+/// `namespace/name`): the first definition counts.
 pub fn translate(
     objects: &Objects,
     node_name: &str,
     mode: AddressMode,
 ) -> (DesiredState, Vec<TranslateError>) {
-    let mut errors = Vec::new();
-    let node_plan = match mode {
-        AddressMode::Status => None,
-        AddressMode::Node => Some(NodePlan {
-            addresses: node_mode::own_addresses(&objects.nodes, node_name),
-            allocation: node_mode::allocate(&objects.services),
-        }),
-    };
-    let mut state = DesiredState {
-        node_addr: node_address(objects, node_name),
-        ..DesiredState::default()
-    };
+    let (translator, errors) = Translator::build(objects, node_name, mode);
+    (translator.desired, errors)
+}
 
-    let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in &objects.endpoint_slices {
-        let Some(service_name) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        slices_by_service
-            .entry((namespace_of(&slice.metadata), service_name.as_str()))
-            .or_default()
-            .push(slice);
-    }
-    for slices in slices_by_service.values_mut() {
-        slices.sort_by(|left, right| left.metadata.name.cmp(&right.metadata.name));
+/// `namespace/name` of a Service.
+pub type ServiceKey = node_mode::ServiceKey;
+
+/// Claim order of a Service: creation time, then `namespace/name`.
+type Order = (Option<Time>, String, String);
+
+/// What one Service translated to: its frontends (their specs live in
+/// [`Claims`] or, for the holder, in the desired state).
+struct Translated {
+    order: Order,
+    frontends: Vec<Frontend>,
+}
+
+/// The Services that claim one frontend. Each spec is stored once: the
+/// holder's (first in [`Order`]) is the desired state's, the others wait
+/// here for the holder to let go.
+struct Claims {
+    holder: Order,
+    waiting: BTreeMap<Order, FrontendSpec>,
+}
+
+/// The translation, kept current one Service at a time: a source that knows
+/// which Services changed (a watch event on a Service or one of its
+/// EndpointSlices) re-translates only those, and learns which frontends
+/// changed, so one event costs O(that Service), not O(all Services).
+/// [`translate`] is the same machine fed every Service at once.
+pub struct Translator {
+    node_name: String,
+    node_plan: Option<NodePlan>,
+    services: HashMap<ServiceKey, Translated>,
+    claims: HashMap<Frontend, Claims>,
+    desired: DesiredState,
+}
+
+impl Translator {
+    /// A translator for `node_name` with the Nodes of `objects`, and every
+    /// Service of `objects` translated; plus what could not be translated.
+    pub fn build(
+        objects: &Objects,
+        node_name: &str,
+        mode: AddressMode,
+    ) -> (Translator, Vec<TranslateError>) {
+        let services: Vec<&Service> = objects.services.iter().collect();
+        let slices: Vec<&EndpointSlice> = objects.endpoint_slices.iter().collect();
+        Self::build_from(&services, &slices, &objects.nodes, node_name, mode)
     }
 
-    // Stable: duplicates of one Service keep the order they were read in.
-    for service in node_mode::claim_order(&objects.services) {
-        let namespace = namespace_of(&service.metadata);
-        let Some(name) = service.metadata.name.as_deref() else {
-            errors.push(TranslateError {
-                object: format!("Service {namespace}/(unnamed)"),
-                reason: "metadata.name missing; Service skipped".to_owned(),
-                event_reason: INVALID_SPEC,
-            });
-            continue;
+    /// [`Translator::build`] on borrowed objects (a watch cache's), so that
+    /// a rebuild does not copy every object first.
+    pub fn build_from(
+        services: &[&Service],
+        endpoint_slices: &[&EndpointSlice],
+        nodes: &[Node],
+        node_name: &str,
+        mode: AddressMode,
+    ) -> (Translator, Vec<TranslateError>) {
+        let mut translator = Translator {
+            node_name: node_name.to_owned(),
+            node_plan: match mode {
+                AddressMode::Status => None,
+                AddressMode::Node => Some(NodePlan {
+                    addresses: node_mode::own_addresses(nodes, node_name),
+                    allocation: node_mode::allocate(services.iter().copied()),
+                }),
+            },
+            services: HashMap::new(),
+            claims: HashMap::new(),
+            desired: DesiredState {
+                node_addr: node_address_of(nodes, node_name),
+                ..DesiredState::default()
+            },
         };
-        let slices = slices_by_service
-            .get(&(namespace, name))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let mut context = ServiceContext {
-            object: format!("Service {namespace}/{name}"),
-            namespace,
-            name,
-            node_name,
-            node_plan: node_plan.as_ref(),
-            errors: &mut errors,
+        let mut errors = Vec::new();
+        let mut slices_by_service: HashMap<ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
+        for &slice in endpoint_slices {
+            if let Some(key) = slice_service(slice) {
+                slices_by_service.entry(key).or_default().push(slice);
+            }
+        }
+        let mut changed = BTreeSet::new();
+        // In claim order, so that conflicts are reported on the later
+        // Service. Stable: of two definitions of one Service, the first read
+        // comes first.
+        for service in node_mode::claim_order(services.iter().copied()) {
+            let namespace = namespace_of(&service.metadata);
+            let Some(name) = service.metadata.name.as_deref() else {
+                errors.push(TranslateError {
+                    object: format!("Service {namespace}/(unnamed)"),
+                    reason: "metadata.name missing; Service skipped".to_owned(),
+                    event_reason: INVALID_SPEC,
+                });
+                continue;
+            };
+            let key = (namespace.to_owned(), name.to_owned());
+            if translator.services.contains_key(&key) {
+                errors.push(TranslateError {
+                    object: format!("Service {namespace}/{name}"),
+                    reason: "defined more than once; the first definition is used".to_owned(),
+                    event_reason: INVALID_SPEC,
+                });
+                continue;
+            }
+            let slices = slices_by_service.get(&key).map(Vec::as_slice);
+            translator.update(
+                &key,
+                Some(service),
+                slices.unwrap_or_default(),
+                &mut errors,
+                &mut changed,
+            );
+        }
+        (translator, errors)
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// Node mode: re-runs the port allocation over `services` (every Service
+    /// xlb handles) and returns the Services whose pending state changed,
+    /// which must then be [`Translator::update`]d.
+    pub fn reallocate<'a>(
+        &mut self,
+        services: impl IntoIterator<Item = &'a Service>,
+    ) -> BTreeSet<ServiceKey> {
+        let Some(plan) = self.node_plan.as_mut() else {
+            return BTreeSet::new();
         };
-        for (frontend, spec) in context.translate(service, slices) {
-            match state.frontends.entry(frontend) {
-                Entry::Vacant(entry) => {
-                    entry.insert(spec);
+        let allocation = node_mode::allocate(services);
+        let mut moved = BTreeSet::new();
+        for (key, conflict) in &allocation.pending {
+            if plan.allocation.pending.get(key) != Some(conflict) {
+                moved.insert(key.clone());
+            }
+        }
+        for key in plan.allocation.pending.keys() {
+            if !allocation.pending.contains_key(key) {
+                moved.insert(key.clone());
+            }
+        }
+        plan.allocation = allocation;
+        moved
+    }
+
+    /// Re-translates Service `key`: `service` is its current version (`None`
+    /// when it is gone or not handled) and `slices` its EndpointSlices.
+    /// Frontends whose spec changed (added, changed, removed) go into
+    /// `changed`; problems of this Service into `errors`.
+    pub fn update(
+        &mut self,
+        key: &ServiceKey,
+        service: Option<&Service>,
+        slices: &[&EndpointSlice],
+        errors: &mut Vec<TranslateError>,
+        changed: &mut BTreeSet<Frontend>,
+    ) {
+        let mut touched = BTreeSet::new();
+        let mut frontends = Vec::new();
+        if let Some(service) = service {
+            let mut slices = slices.to_vec();
+            slices.sort_by(|left, right| left.metadata.name.cmp(&right.metadata.name));
+            let mut context = ServiceContext {
+                object: format!("Service {}/{}", key.0, key.1),
+                namespace: &key.0,
+                name: &key.1,
+                node_name: &self.node_name,
+                node_plan: self.node_plan.as_ref(),
+                errors,
+            };
+            for (frontend, spec) in context.translate(service, &slices) {
+                if frontends.iter().any(|(f, _)| *f == frontend) {
+                    context.report(format!(
+                        "frontend {frontend} listed twice (same port and protocol); the first \
+                         port is used"
+                    ));
+                } else {
+                    frontends.push((frontend, spec));
                 }
-                Entry::Occupied(entry) => context.report_as(
-                    ADDRESS_CONFLICT,
-                    format!(
-                        "frontend {frontend} is already used by Service {}, which was created \
-                         first and keeps it; frontend skipped",
-                        entry.get().service
-                    ),
-                ),
+            }
+        }
+        let order = service.map(|service| {
+            (
+                service.metadata.creation_timestamp.clone(),
+                key.0.clone(),
+                key.1.clone(),
+            )
+        });
+        touched.extend(frontends.iter().map(|(frontend, _)| *frontend));
+        if let Some(old) = self.services.get(key) {
+            touched.extend(old.frontends.iter().copied());
+        }
+        let before: BTreeMap<Frontend, (Option<FrontendSpec>, Option<Order>)> = touched
+            .iter()
+            .map(|frontend| {
+                let holder = self.claims.get(frontend).map(|c| c.holder.clone());
+                (
+                    *frontend,
+                    (self.desired.frontends.get(frontend).cloned(), holder),
+                )
+            })
+            .collect();
+
+        if let Some(old) = self.services.remove(key) {
+            for frontend in &old.frontends {
+                self.withdraw(frontend, &old.order);
+            }
+        }
+        if let Some(order) = order {
+            let mut claimed = Vec::with_capacity(frontends.len());
+            for (frontend, spec) in frontends {
+                claimed.push(frontend);
+                self.claim(frontend, order.clone(), spec);
+            }
+            self.services.insert(
+                key.clone(),
+                Translated {
+                    order,
+                    frontends: claimed,
+                },
+            );
+        }
+
+        for (frontend, (spec_before, holder_before)) in before {
+            if self.desired.frontends.get(&frontend) != spec_before.as_ref() {
+                changed.insert(frontend);
+            }
+            self.report_waiting(&frontend, key, holder_before.as_ref(), errors);
+        }
+    }
+
+    /// `order` claims `frontend` with `spec`: it holds it if it comes first.
+    fn claim(&mut self, frontend: Frontend, order: Order, spec: FrontendSpec) {
+        match self.claims.get_mut(&frontend) {
+            None => {
+                self.claims.insert(
+                    frontend,
+                    Claims {
+                        holder: order,
+                        waiting: BTreeMap::new(),
+                    },
+                );
+                self.desired.frontends.insert(frontend, spec);
+            }
+            Some(claims) if order < claims.holder => {
+                let previous = std::mem::replace(&mut claims.holder, order);
+                if let Some(held) = self.desired.frontends.insert(frontend, spec) {
+                    claims.waiting.insert(previous, held);
+                }
+            }
+            Some(claims) => {
+                claims.waiting.insert(order, spec);
             }
         }
     }
-    (state, errors)
+
+    /// `order` gives `frontend` up; the next in line takes it over.
+    fn withdraw(&mut self, frontend: &Frontend, order: &Order) {
+        let Some(claims) = self.claims.get_mut(frontend) else {
+            return;
+        };
+        if claims.holder != *order {
+            claims.waiting.remove(order);
+            return;
+        }
+        match claims.waiting.pop_first() {
+            Some((next, spec)) => {
+                claims.holder = next;
+                self.desired.frontends.insert(*frontend, spec);
+            }
+            None => {
+                self.claims.remove(frontend);
+                self.desired.frontends.remove(frontend);
+            }
+        }
+    }
+
+    /// A conflict on `frontend` is reported on the Service just updated if it
+    /// waits, and on the previous holder if it just lost the frontend.
+    fn report_waiting(
+        &self,
+        frontend: &Frontend,
+        updated: &ServiceKey,
+        holder_before: Option<&Order>,
+        errors: &mut Vec<TranslateError>,
+    ) {
+        let Some(claims) = self.claims.get(frontend) else {
+            return;
+        };
+        let Some(holder) = self
+            .desired
+            .frontends
+            .get(frontend)
+            .map(|s| s.service.to_string())
+        else {
+            return;
+        };
+        for waiting in claims.waiting.keys() {
+            let is_updated = waiting.1 == updated.0 && waiting.2 == updated.1;
+            if is_updated || holder_before == Some(waiting) {
+                errors.push(TranslateError {
+                    object: format!("Service {}/{}", waiting.1, waiting.2),
+                    reason: format!(
+                        "frontend {frontend} is already used by Service {holder}, which was \
+                         created first and keeps it; frontend skipped"
+                    ),
+                    event_reason: ADDRESS_CONFLICT,
+                });
+            }
+        }
+    }
+}
+
+/// The Service an EndpointSlice belongs to, from its
+/// `kubernetes.io/service-name` label.
+pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceKey> {
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((namespace_of(&slice.metadata).to_owned(), service.clone()))
 }
 
 /// The first IPv4 `InternalIP` of the Node named `node_name`: the address
 /// remote-backend flows are source-translated to.
 pub fn node_address(objects: &Objects, node_name: &str) -> Option<Ipv4Addr> {
-    objects
-        .nodes
+    node_address_of(&objects.nodes, node_name)
+}
+
+/// [`node_address`] among `nodes`.
+pub fn node_address_of(nodes: &[Node], node_name: &str) -> Option<Ipv4Addr> {
+    nodes
         .iter()
         .find(|node| node.metadata.name.as_deref() == Some(node_name))?
         .status
@@ -1260,5 +1517,218 @@ mod tests {
         assert_eq!(node_address(&objects, "node-3"), None);
         let (state, _) = translate(&objects, NODE, AddressMode::Status);
         assert_eq!(state.node_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
+    }
+}
+
+#[cfg(test)]
+mod incremental_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// xorshift: reproducible without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// A Service whose address and ports come from small pools, so that
+    /// Services often claim the same frontends.
+    fn random_service(rng: &mut Rng, name: &str, created: u64) -> Service {
+        let ip = format!("192.0.2.{}", 1 + rng.below(3));
+        let mut ports = vec![json!({"name": "a", "port": 80 + rng.below(2), "protocol": "TCP"})];
+        if rng.below(2) == 0 {
+            ports.push(json!({"name": "b", "port": 53, "protocol": "UDP"}));
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns",
+                         "creationTimestamp": format!("2026-01-01T00:{:02}:00Z", created % 60)},
+            "spec": {"type": "LoadBalancer", "ports": ports,
+                     "externalTrafficPolicy": if rng.below(3) == 0 { "Local" } else { "Cluster" }},
+            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}
+        }))
+        .unwrap()
+    }
+
+    fn random_slice(rng: &mut Rng, service: &str) -> EndpointSlice {
+        let endpoints: Vec<_> = (0..rng.below(4))
+            .map(|i| {
+                json!({"addresses": [format!("10.244.{}.{}", rng.below(3), i + 2)],
+                       "nodeName": if rng.below(2) == 0 { "node-1" } else { "node-2" },
+                       "conditions": {"ready": rng.below(4) != 0}})
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{service}-x"), "namespace": "ns",
+                         "labels": {SERVICE_NAME_LABEL: service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "a", "port": 8080, "protocol": "TCP"},
+                      {"name": "b", "port": 5353, "protocol": "UDP"}],
+            "endpoints": endpoints
+        }))
+        .unwrap()
+    }
+
+    fn node() -> k8s_openapi::api::core::v1::Node {
+        serde_json::from_value(json!({"metadata": {"name": "node-1"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}}))
+        .unwrap()
+    }
+
+    /// Random changes to single Services, fed to the translator one at a
+    /// time, always end where a full translation of the same objects ends,
+    /// and report exactly the frontends whose spec changed.
+    fn incremental_equals_full(mode: AddressMode, seed: u64) {
+        let mut rng = Rng(seed);
+        let names: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
+        let mut objects = Objects {
+            nodes: vec![node()],
+            ..Objects::default()
+        };
+        let (mut translator, _) = Translator::build(&objects, "node-1", mode);
+        let mut clock = 0;
+        for step in 0..400 {
+            let name = &names[rng.below(names.len() as u64) as usize];
+            let present = objects
+                .services
+                .iter()
+                .position(|s| s.metadata.name.as_deref() == Some(name.as_str()));
+            match (rng.below(4), present) {
+                // Delete it (and its slice).
+                (0, Some(index)) => {
+                    objects.services.remove(index);
+                    objects
+                        .endpoint_slices
+                        .retain(|s| slice_service(s) != Some(("ns".into(), name.clone())));
+                }
+                // Change its slice.
+                (1, Some(_)) => {
+                    objects
+                        .endpoint_slices
+                        .retain(|s| slice_service(s) != Some(("ns".into(), name.clone())));
+                    objects.endpoint_slices.push(random_slice(&mut rng, name));
+                }
+                // Change the Service, keeping its creation time.
+                (_, Some(index)) => {
+                    let created = objects.services[index].metadata.creation_timestamp.clone();
+                    let mut service = random_service(&mut rng, name, 0);
+                    service.metadata.creation_timestamp = created;
+                    objects.services[index] = service;
+                }
+                // Create it.
+                (_, None) => {
+                    clock += 1;
+                    objects.services.push(random_service(&mut rng, name, clock));
+                    objects.endpoint_slices.push(random_slice(&mut rng, name));
+                }
+            }
+
+            let before = translator.desired().clone();
+            let key: ServiceKey = ("ns".into(), name.clone());
+            let mut keys = translator.reallocate(&objects.services);
+            keys.insert(key);
+            let mut changed = BTreeSet::new();
+            let mut errors = Vec::new();
+            for key in &keys {
+                let service = objects
+                    .services
+                    .iter()
+                    .find(|s| s.metadata.name.as_deref() == Some(key.1.as_str()));
+                let slices: Vec<&EndpointSlice> = objects
+                    .endpoint_slices
+                    .iter()
+                    .filter(|s| slice_service(s).as_ref() == Some(key))
+                    .collect();
+                translator.update(key, service, &slices, &mut errors, &mut changed);
+            }
+
+            let (full, _) = translate(&objects, "node-1", mode);
+            assert_eq!(
+                translator.desired(),
+                &full,
+                "step {step} ({mode:?}, seed {seed})"
+            );
+            let differing: BTreeSet<Frontend> = before
+                .frontends
+                .keys()
+                .chain(full.frontends.keys())
+                .filter(|f| before.frontends.get(f) != full.frontends.get(f))
+                .copied()
+                .collect();
+            assert_eq!(changed, differing, "step {step} ({mode:?}, seed {seed})");
+        }
+    }
+
+    #[test]
+    fn incremental_updates_equal_a_full_translation_in_status_mode() {
+        for seed in [1, 7, 1234567] {
+            incremental_equals_full(AddressMode::Status, seed);
+        }
+    }
+
+    #[test]
+    fn incremental_updates_equal_a_full_translation_in_node_mode() {
+        for seed in [3, 99, 7654321] {
+            incremental_equals_full(AddressMode::Node, seed);
+        }
+    }
+
+    #[test]
+    fn a_conflict_is_reported_on_the_later_service_also_when_the_earlier_comes_second() {
+        let mut rng = Rng(5);
+        let mut older = random_service(&mut rng, "older", 1);
+        let mut younger = older.clone();
+        younger.metadata.name = Some("younger".into());
+        younger.metadata.creation_timestamp =
+            random_service(&mut rng, "x", 2).metadata.creation_timestamp;
+        older
+            .spec
+            .as_mut()
+            .unwrap()
+            .ports
+            .as_mut()
+            .unwrap()
+            .truncate(1);
+        younger
+            .spec
+            .as_mut()
+            .unwrap()
+            .ports
+            .as_mut()
+            .unwrap()
+            .truncate(1);
+        let objects = Objects {
+            nodes: vec![node()],
+            ..Objects::default()
+        };
+        let (mut translator, _) = Translator::build(&objects, "node-1", AddressMode::Status);
+        let (mut errors, mut changed) = (Vec::new(), BTreeSet::new());
+        let key = |name: &str| ("ns".to_string(), name.to_string());
+        translator.update(
+            &key("younger"),
+            Some(&younger),
+            &[],
+            &mut errors,
+            &mut changed,
+        );
+        assert!(errors.is_empty());
+        translator.update(&key("older"), Some(&older), &[], &mut errors, &mut changed);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].object, "Service ns/younger");
+        assert_eq!(errors[0].event_reason, ADDRESS_CONFLICT);
+        // An update of the holder does not repeat it.
+        errors.clear();
+        translator.update(&key("older"), Some(&older), &[], &mut errors, &mut changed);
+        assert!(errors.is_empty(), "{errors:?}");
+        let frontend = *translator.desired().frontends.keys().next().unwrap();
+        assert_eq!(
+            translator.desired().frontends[&frontend].service.name,
+            "older"
+        );
     }
 }

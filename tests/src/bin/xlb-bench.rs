@@ -22,6 +22,7 @@ use xlb_tests::bench::{
     iptables_service, nft_ruleset, nft_service, process_cpu_ns, rss_bytes, scoped_in_netns,
     service_manifest, template,
 };
+use xlb_tests::fake_api::FakeApi;
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum System {
@@ -172,6 +173,16 @@ fn main() -> Result<()> {
             anyhow::bail!("harness broken: {} delivered nothing: {r}", r["system"]);
         }
     }
+    let kube = if only.is_empty() || only.split(',').any(|o| o == "xlb") {
+        let n = *scales.last().unwrap();
+        eprintln!(
+            "[{:>5.0}s] xlb on the Kubernetes API with {n} services",
+            started.elapsed().as_secs_f64()
+        );
+        kube_source(&bench, n, if quick { 1.0 } else { 5.0 })?
+    } else {
+        serde_json::Value::Null
+    };
     let alone = xdp_alone(&mut bench, &scales, quick)?;
     let machine = json!({
         "kernel": fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
@@ -183,7 +194,7 @@ fn main() -> Result<()> {
     });
     let results = json!({
         "machine": machine, "throughput": rows, "apply": apply,
-        "xdp_alone_ns": alone, "agent_footprint": footprint,
+        "xdp_alone_ns": alone, "agent_footprint": footprint, "kube_source": kube,
     });
     fs::write(
         out_dir.join("results.json"),
@@ -320,6 +331,125 @@ fn agent_footprint(bench: &Bench, a: &AgentRun, seconds: f64) -> Result<serde_js
         "idle_rss_bytes": idle_rss, "idle_cpu_fraction": idle_cpu,
         "churn_writes_per_s": writes as f64 / started.elapsed().as_secs_f64(),
         "churn_max_rss_bytes": max_rss, "churn_cpu_fraction": churn_cpu,
+    }))
+}
+
+/// The agent on the Kubernetes API (the fake API server, in the DUT
+/// namespace) with `n` services: time to the first complete programming,
+/// latency of one EndpointSlice change until its map writes are done, and
+/// CPU while EndpointSlices change 50 times a second.
+fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<serde_json::Value> {
+    let dut = &bench.net.dut;
+    let node_name = format!("{dut}-kube");
+    let api = FakeApi::start_in_netns(dut, "127.0.0.1:0".parse()?)?;
+    let kubeconfig = bench.net.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let text = xlb_tests::bench::manifests(n, &node_name);
+    let mut slices = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let object: serde_json::Value = serde::Deserialize::deserialize(document)?;
+        if object["kind"] == "EndpointSlice" {
+            slices.push(object.clone());
+        }
+        api.apply(object);
+    }
+    let log = bench.net.dir.join("agent-kube.log");
+    let state = bench.net.dir.join("state").to_string_lossy().into_owned();
+    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+    let started = Instant::now();
+    let mut child = xlb_tests::spawn_agent(
+        dut,
+        &["taskset", "-c", "0"],
+        &[
+            "--sweep-interval",
+            "3600",
+            "--iface",
+            "dut0,dut1",
+            "--node-name",
+            &node_name,
+            "--kubeconfig",
+            &kubeconfig,
+            "--state-dir",
+            &state,
+            "--max-services",
+            "32768",
+            "--max-backends",
+            "131072",
+            "--max-flows",
+            "1048576",
+        ],
+        &log,
+        "info",
+        Duration::from_secs(300),
+    )?;
+    let initial = started.elapsed();
+    let pid = child.id();
+
+    // One slice at a time: its first endpoint moves to another address.
+    let mut round = 0u32;
+    let mut change_slice = |i: usize| {
+        round += 1;
+        let mut slice = slices[i].clone();
+        slice["endpoints"][0]["addresses"][0] = json!(format!(
+            "10.{}.{}.{}",
+            130 + round % 100,
+            (i / 256) % 256,
+            i % 256
+        ));
+        api.apply(slice);
+    };
+    let programmed = || -> usize {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("services programmed")
+            .count()
+    };
+    let mut latencies = Vec::new();
+    for k in 0..5 {
+        let before = programmed();
+        let t = Instant::now();
+        change_slice((k * 7919) % slices.len());
+        while programmed() == before {
+            if t.elapsed() > Duration::from_secs(30) {
+                anyhow::bail!("a slice change was never programmed");
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    latencies.sort_by(f64::total_cmp);
+
+    let cpu0 = process_cpu_ns(pid)?;
+    let churn_started = Instant::now();
+    let mut changes = 0usize;
+    while churn_started.elapsed().as_secs_f64() < seconds {
+        change_slice((changes * 104_729) % slices.len());
+        changes += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let churn_s = churn_started.elapsed().as_secs_f64();
+    let churn_cpu = (process_cpu_ns(pid)? - cpu0) as f64 / churn_s / 1e9;
+    let rss = rss_bytes(pid)?;
+
+    // SAFETY: signalling our child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    child.wait()?;
+    std::process::Command::new(xlb_tests::xlb_bin())
+        .args(["reset", "--node-name", &node_name, "--state-dir", &state])
+        .output()?;
+    eprintln!(
+        "    initial {:.1}s, one slice change {:.0} ms (median), churn {:.0}/s at {:.1} % CPU",
+        initial.as_secs_f64(),
+        latencies[latencies.len() / 2],
+        changes as f64 / churn_s,
+        churn_cpu * 100.0
+    );
+    Ok(json!({
+        "services": n, "initial_s": initial.as_secs_f64(),
+        "slice_change_ms_median": latencies[latencies.len() / 2],
+        "churn_changes_per_s": changes as f64 / churn_s, "churn_cpu_fraction": churn_cpu,
+        "rss_bytes": rss,
     }))
 }
 
@@ -645,6 +775,25 @@ fn report(results: &serde_json::Value) -> String {
             fp["churn_writes_per_s"].as_f64().unwrap_or(0.0),
             fp["churn_max_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
             fp["churn_cpu_fraction"].as_f64().unwrap_or(0.0) * 100.0
+        );
+    }
+    let k = &results["kube_source"];
+    if !k.is_null() {
+        let _ = writeln!(s, "\n## Kubernetes source\n");
+        let _ = writeln!(
+            s,
+            "The agent on the (fake) Kubernetes API with {} services and as many EndpointSlices: \
+             first complete programming {:.1} s after start (lists included); one EndpointSlice \
+             change programmed {:.0} ms after the API server took it (median of 5; 100 ms of it \
+             is the agent's deliberate settle time); EndpointSlice churn at {:.0} changes/s: \
+             {:.1} % of a CPU, {:.1} MiB resident. Each change re-translates and re-programs only \
+             its Service.",
+            k["services"],
+            k["initial_s"].as_f64().unwrap_or(0.0),
+            k["slice_change_ms_median"].as_f64().unwrap_or(0.0),
+            k["churn_changes_per_s"].as_f64().unwrap_or(0.0),
+            k["churn_cpu_fraction"].as_f64().unwrap_or(0.0) * 100.0,
+            k["rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         );
     }
     s
