@@ -867,6 +867,7 @@ pub struct AgentRun {
 }
 
 impl AgentRun {
+    /// The agent on a manifest directory holding `services` services.
     pub fn start(net: &BenchNet, services: u32) -> Result<AgentRun> {
         let node_name = format!("{}-node", net.dut);
         let manifests = net.dir.join("manifests");
@@ -876,47 +877,55 @@ impl AgentRun {
             manifests.join("services.yaml"),
             self::manifests(services, &node_name),
         )?;
-        let log = net.dir.join("agent.log");
+        let manifests = manifests.to_string_lossy().into_owned();
+        Self::spawn(net, node_name, &["--manifests", &manifests], "agent.log")
+    }
+
+    /// The agent as node `node_name` with `source` (`--manifests DIR` or
+    /// `--kubeconfig FILE`), logging to `log` in the bench directory.
+    pub fn spawn(
+        net: &BenchNet,
+        node_name: String,
+        source: &[&str],
+        log: &str,
+    ) -> Result<AgentRun> {
+        let log = net.dir.join(log);
         let state_dir = net.dir.join("state");
-        let (manifests, state) = (
-            manifests.to_string_lossy().into_owned(),
-            state_dir.to_string_lossy().into_owned(),
-        );
+        let state = state_dir.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--sweep-interval",
+            "3600",
+            "--iface",
+            "dut0,dut1",
+            "--node-name",
+            &node_name,
+            "--state-dir",
+            &state,
+            "--max-services",
+            "32768",
+            "--max-backends",
+            "131072",
+            "--max-flows",
+            "1048576",
+        ];
+        args.extend_from_slice(source);
         // The agent's own work (manifest parsing, the flow sweeper) is the
         // control plane: it runs on the generator's CPU so that CPU 1
         // measures the datapath only; its cost is reported separately.
         let child = spawn_agent(
             &net.dut,
             &["taskset", "-c", "0"],
-            &[
-                "--sweep-interval",
-                "3600",
-                "--iface",
-                "dut0,dut1",
-                "--node-name",
-                &node_name,
-                "--manifests",
-                &manifests,
-                "--state-dir",
-                &state,
-                "--max-services",
-                "32768",
-                "--max-backends",
-                "131072",
-                "--max-flows",
-                "1048576",
-            ],
+            &args,
             &log,
             "info",
             Duration::from_secs(300),
         )?;
-        let run = AgentRun {
+        Ok(AgentRun {
             child,
             node_name,
             log,
             state_dir,
-        };
-        Ok(run)
+        })
     }
 
     pub fn pid(&self) -> u32 {

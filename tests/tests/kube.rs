@@ -170,6 +170,7 @@ fn services_follow_the_api_through_watch_cuts_and_expired_versions() -> Result<(
 
     // The watch is cut and history compacted: the agent re-lists (410 Gone)
     // without clearing the maps, and sees what changed meanwhile.
+    let cut_at = api.requests().len();
     api.cut_watches();
     api.compact();
     api.apply(service("second", SECOND, None));
@@ -188,7 +189,27 @@ fn services_follow_the_api_through_watch_cuts_and_expired_versions() -> Result<(
     )?;
     assert_eq!(kept.ask("after relist")?.backend, "pod-c");
 
-    // An EndpointSlice event re-translates and re-programs its Service only.
+    // An EndpointSlice event re-translates and re-programs its Service only
+    // (once every re-list is over: a completed re-list rebuilds everything).
+    wait_until(
+        "all three watches re-established",
+        Duration::from_secs(20),
+        || {
+            let since_cut = &api.requests()[cut_at..];
+            [
+                "/api/v1/services?",
+                "/apis/discovery.k8s.io/v1/endpointslices?",
+                "/api/v1/nodes?",
+            ]
+            .iter()
+            .all(|path| {
+                since_cut
+                    .iter()
+                    .any(|r| r.starts_with(&format!("GET {path}")) && r.contains("watch=true"))
+            })
+        },
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
     let log_before = agent.log_text().len();
     api.apply(slice(&t, "second", &["pod-a", "pod-b"]));
     wait_until("second scaled up", Duration::from_secs(5), || {

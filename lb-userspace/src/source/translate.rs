@@ -1686,22 +1686,10 @@ mod incremental_tests {
         younger.metadata.name = Some("younger".into());
         younger.metadata.creation_timestamp =
             random_service(&mut rng, "x", 2).metadata.creation_timestamp;
-        older
-            .spec
-            .as_mut()
-            .unwrap()
-            .ports
-            .as_mut()
-            .unwrap()
-            .truncate(1);
-        younger
-            .spec
-            .as_mut()
-            .unwrap()
-            .ports
-            .as_mut()
-            .unwrap()
-            .truncate(1);
+        for service in [&mut older, &mut younger] {
+            let spec = service.spec.as_mut().unwrap();
+            spec.ports.as_mut().unwrap().truncate(1);
+        }
         let objects = Objects {
             nodes: vec![node()],
             ..Objects::default()

@@ -353,37 +353,17 @@ fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<serde_json::Value>
         }
         api.apply(object);
     }
-    let log = bench.net.dir.join("agent-kube.log");
-    let state = bench.net.dir.join("state").to_string_lossy().into_owned();
     let kubeconfig = kubeconfig.to_string_lossy().into_owned();
     let started = Instant::now();
-    let mut child = xlb_tests::spawn_agent(
-        dut,
-        &["taskset", "-c", "0"],
-        &[
-            "--sweep-interval",
-            "3600",
-            "--iface",
-            "dut0,dut1",
-            "--node-name",
-            &node_name,
-            "--kubeconfig",
-            &kubeconfig,
-            "--state-dir",
-            &state,
-            "--max-services",
-            "32768",
-            "--max-backends",
-            "131072",
-            "--max-flows",
-            "1048576",
-        ],
-        &log,
-        "info",
-        Duration::from_secs(300),
+    let agent = AgentRun::spawn(
+        &bench.net,
+        node_name,
+        &["--kubeconfig", &kubeconfig],
+        "agent-kube.log",
     )?;
     let initial = started.elapsed();
-    let pid = child.id();
+    let pid = agent.pid();
+    let log = agent.log.clone();
 
     // One slice at a time: its first endpoint moves to another address.
     let mut round = 0u32;
@@ -432,12 +412,7 @@ fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<serde_json::Value>
     let churn_cpu = (process_cpu_ns(pid)? - cpu0) as f64 / churn_s / 1e9;
     let rss = rss_bytes(pid)?;
 
-    // SAFETY: signalling our child.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    child.wait()?;
-    std::process::Command::new(xlb_tests::xlb_bin())
-        .args(["reset", "--node-name", &node_name, "--state-dir", &state])
-        .output()?;
+    agent.stop()?;
     eprintln!(
         "    initial {:.1}s, one slice change {:.0} ms (median), churn {:.0}/s at {:.1} % CPU",
         initial.as_secs_f64(),
