@@ -328,12 +328,15 @@ impl Topology {
 
     /// Starts the agent in the node namespace.
     pub fn start_agent(&self) -> Result<Agent> {
-        Agent::start(self, &[])
+        self.start_agent_with(&[])
     }
 
     /// Starts the agent with extra command-line arguments.
     pub fn start_agent_with(&self, extra: &[&str]) -> Result<Agent> {
-        Agent::start(self, extra)
+        let manifests = self.manifests().to_string_lossy().into_owned();
+        let mut args = vec!["--manifests", manifests.as_str()];
+        args.extend_from_slice(extra);
+        self.agent_in(&self.node, "uplink,n2", &self.node_name, "agent.log", &args)
     }
 
     /// Starts the agent on the Kubernetes API (no manifest directory).
@@ -370,22 +373,36 @@ impl Topology {
         kubeconfig: &Path,
         extra: &[&str],
     ) -> Result<Agent> {
-        let log = self.dir.join(log);
         let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+        let mut args = vec!["--kubeconfig", kubeconfig.as_str()];
+        args.extend_from_slice(extra);
+        self.agent_in(ns, ifaces, node_name, log, &args)
+    }
+
+    /// `xlb agent` in namespace `ns` as node `node_name` on `ifaces`, logging
+    /// to `log` in the test directory; `source_and_extra` names the source
+    /// and any further flags.
+    fn agent_in(
+        &self,
+        ns: &str,
+        ifaces: &str,
+        node_name: &str,
+        log: &str,
+        source_and_extra: &[&str],
+    ) -> Result<Agent> {
+        let log = self.dir.join(log);
         let state_dir = self.dir.join("state").to_string_lossy().into_owned();
         let mut args = vec![
             "--iface",
             ifaces,
             "--node-name",
             node_name,
-            "--kubeconfig",
-            &kubeconfig,
             "--state-dir",
             &state_dir,
             "--sweep-interval",
             "1",
         ];
-        args.extend_from_slice(extra);
+        args.extend_from_slice(source_and_extra);
         let child = spawn_agent(
             ns,
             &[],
@@ -496,37 +513,6 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn start(t: &Topology, extra: &[&str]) -> Result<Agent> {
-        let log = t.dir.join("agent.log");
-        let manifests = t.manifests().to_string_lossy().into_owned();
-        let state_dir = t.dir.join("state").to_string_lossy().into_owned();
-        let mut args = vec![
-            "--iface",
-            "uplink,n2",
-            "--node-name",
-            &t.node_name,
-            "--manifests",
-            &manifests,
-            "--state-dir",
-            &state_dir,
-            "--sweep-interval",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        let child = spawn_agent(
-            &t.node,
-            &[],
-            &args,
-            &log,
-            "info,xlb=debug",
-            Duration::from_secs(20),
-        )?;
-        Ok(Agent {
-            child: Some(child),
-            log,
-        })
-    }
-
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

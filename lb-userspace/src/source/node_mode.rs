@@ -28,6 +28,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
+use super::translate::{port_number, port_protocol, slice_service};
 use crate::model::Protocol;
 
 /// Nodes with this label set to `true`, if any node has it, are the only
@@ -196,22 +197,9 @@ pub fn desired_ingress(
     let all: BTreeSet<Ipv4Addr> = serving.iter().flat_map(|node| addresses(node)).collect();
     let mut ready_nodes: BTreeMap<ServiceKey, BTreeSet<&str>> = BTreeMap::new();
     for slice in endpoint_slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get("kubernetes.io/service-name"))
-        else {
+        let Some(key) = slice_service(slice) else {
             continue;
         };
-        let key = (
-            slice
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            service.clone(),
-        );
         for endpoint in slice.endpoints.iter().flatten() {
             let ready = endpoint
                 .conditions
@@ -308,14 +296,7 @@ fn port_claims(service: &Service) -> Vec<(u16, Protocol)> {
         .spec
         .iter()
         .flat_map(|spec| spec.ports.iter().flatten())
-        .filter_map(|port| {
-            let protocol = match port.protocol.as_deref() {
-                None | Some("TCP") => Protocol::Tcp,
-                Some("UDP") => Protocol::Udp,
-                Some(_) => return None,
-            };
-            Some((u16::try_from(port.port).ok().filter(|p| *p != 0)?, protocol))
-        })
+        .filter_map(|port| Some((port_number(port.port)?, port_protocol(port)?)))
         .collect();
     claims.sort();
     claims.dedup();

@@ -664,16 +664,12 @@ impl ServiceContext<'_> {
                 Some(name) if !name.is_empty() => format!("port {} ({name})", port.port),
                 _ => format!("port {}", port.port),
             };
-            let protocol = match port.protocol.as_deref() {
-                None | Some("TCP") => Protocol::Tcp,
-                Some("UDP") => Protocol::Udp,
-                Some(other) => {
-                    self.report(format!(
-                        "{label}: protocol {other} is not supported (only TCP and UDP); \
-                         port skipped"
-                    ));
-                    continue;
-                }
+            let Some(protocol) = port_protocol(port) else {
+                self.report(format!(
+                    "{label}: protocol {} is not supported (only TCP and UDP); port skipped",
+                    port.protocol.as_deref().unwrap_or_default()
+                ));
+                continue;
             };
             let Some(number) = port_number(port.port) else {
                 self.report(format!("{label} out of range 1-65535; port skipped"));
@@ -889,7 +885,17 @@ impl ServiceContext<'_> {
     }
 }
 
-fn port_number(number: i32) -> Option<u16> {
+/// A Service port's protocol, TCP when unset; `None` for protocols xlb does
+/// not handle (SCTP).
+pub(super) fn port_protocol(port: &ServicePort) -> Option<Protocol> {
+    match port.protocol.as_deref() {
+        None | Some("TCP") => Some(Protocol::Tcp),
+        Some("UDP") => Some(Protocol::Udp),
+        Some(_) => None,
+    }
+}
+
+pub(super) fn port_number(number: i32) -> Option<u16> {
     u16::try_from(number).ok().filter(|&number| number != 0)
 }
 
