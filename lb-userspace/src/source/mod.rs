@@ -11,4 +11,4 @@ pub mod status;
 pub mod translate;
 
 pub use manifest::{Format, ManifestError, Objects, load_dir, load_file, parse};
-pub use translate::{AddressMode, TranslateError, node_address, translate};
+pub use translate::{AddressMode, TranslateError, node_address_of, translate};

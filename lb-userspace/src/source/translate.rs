@@ -413,11 +413,6 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceKey> {
 
 /// The first IPv4 `InternalIP` of the Node named `node_name`: the address
 /// remote-backend flows are source-translated to.
-pub fn node_address(objects: &Objects, node_name: &str) -> Option<Ipv4Addr> {
-    node_address_of(&objects.nodes, node_name)
-}
-
-/// [`node_address`] among `nodes`.
 pub fn node_address_of(nodes: &[Node], node_name: &str) -> Option<Ipv4Addr> {
     nodes
         .iter()
@@ -1517,10 +1512,10 @@ mod tests {
                     \x20 - type: InternalIP\n    address: 10.0.0.1\n";
         let objects = objects(yaml);
         assert_eq!(
-            node_address(&objects, NODE),
+            node_address_of(&objects.nodes, NODE),
             Some(Ipv4Addr::new(10, 0, 0, 1))
         );
-        assert_eq!(node_address(&objects, "node-3"), None);
+        assert_eq!(node_address_of(&objects.nodes, "node-3"), None);
         let (state, _) = translate(&objects, NODE, AddressMode::Status);
         assert_eq!(state.node_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
     }
