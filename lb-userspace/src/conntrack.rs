@@ -5,16 +5,26 @@
 
 use std::collections::HashSet;
 
+use crate::flags;
 use lb_common::{FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_REPLY, Flow, FlowKey, PROTO_TCP};
 
 /// Idle timeouts, close to the kernel's conntrack defaults as kube-proxy
-/// tunes them.
-#[derive(Clone, Copy, Debug)]
+/// tunes them. The UDP ones are flags; the flag defaults are
+/// [`Timeouts::default`]'s.
+#[derive(Clone, Copy, Debug, clap::Args)]
 pub struct Timeouts {
+    #[arg(skip = Timeouts::default().tcp_established_ns)]
     pub tcp_established_ns: u64,
+    #[arg(skip = Timeouts::default().tcp_closing_ns)]
     pub tcp_closing_ns: u64,
+    /// Idle timeout of UDP flows, seconds.
+    #[arg(long = "udp-timeout", value_name = "UDP_TIMEOUT", env = "XLB_UDP_TIMEOUT", default_value = "120",
+          value_parser = flags::seconds_as_nanoseconds)]
     pub udp_ns: u64,
-    /// UDP flows the backend never answered (conntrack's "unreplied").
+    /// Idle timeout of UDP flows the backend never answered, seconds: such
+    /// flows give their SNAT port back sooner.
+    #[arg(long = "udp-unanswered-timeout", value_name = "UDP_UNANSWERED_TIMEOUT", env = "XLB_UDP_UNANSWERED_TIMEOUT",
+          default_value = "30", value_parser = flags::seconds_as_nanoseconds)]
     pub udp_unanswered_ns: u64,
 }
 

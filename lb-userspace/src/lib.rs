@@ -1,16 +1,23 @@
-//! xlb agent library: sources → `DesiredState` → reconciler → BPF maps.
+//! xlb agent library: a source → `DesiredState` → reconciler → BPF maps.
 //!
-//! Pure modules (`model`, `maglev`, `source`, `reconcile`, `conntrack`) use
-//! neither aya nor the network; `dataplane`, `netdev` and `agent` are the
-//! edges with side effects.
+//! Pure modules, tested without root or a cluster, use neither aya nor a
+//! Kubernetes client: `model`, `maglev`, `translate` (Kubernetes objects →
+//! `DesiredState`), `reconcile`, `conntrack`, `change`, `flags`. The
+//! edges with side effects: `manifest` (reads a directory), `kubernetes`
+//! (watches, Lease, Events, Service status), `dataplane` and `netdev`
+//! (the kernel), `state_file`, and `agent`, which wires them together.
 
 pub mod agent;
+pub mod change;
 pub mod conntrack;
 pub mod dataplane;
+pub mod flags;
 pub mod inspect;
+pub mod kubernetes;
 pub mod maglev;
+pub mod manifest;
 pub mod model;
 pub mod netdev;
 pub mod reconcile;
-pub mod source;
 pub mod state_file;
+pub mod translate;

@@ -6,6 +6,9 @@
 
 pub mod attach;
 pub mod maps;
+mod start;
+
+pub use start::{Uplinks, start};
 
 use std::{
     fs,
@@ -26,10 +29,16 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Map sizes, chosen at load time. Pinned maps that already exist keep the
 /// size they were created with.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, clap::Args)]
 pub struct Limits {
+    /// Frontends the maps can hold.
+    #[arg(long, env = "XLB_MAX_SERVICES", default_value_t = Limits::default().max_services)]
     pub max_services: u32,
+    /// Backends over all services.
+    #[arg(long, env = "XLB_MAX_BACKENDS", default_value_t = Limits::default().max_backends)]
     pub max_backends: u32,
+    /// Connection-tracking entries (two per flow).
+    #[arg(long, env = "XLB_MAX_FLOWS", default_value_t = Limits::default().max_flows)]
     pub max_flows: u32,
 }
 

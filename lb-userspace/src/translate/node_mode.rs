@@ -7,7 +7,7 @@
 //!   label every load-balancer controller honours) or being deleted.
 //! - Which addresses: each such node's IPv4 `InternalIP` and `ExternalIP`.
 //! - Every agent programs its own node's addresses; the leader (see
-//!   [`super::leader`]) writes the addresses of the nodes that are Ready into
+//!   `crate::kubernetes::lease`) writes the addresses of the nodes that are Ready into
 //!   `status.loadBalancer.ingress`, only those with a ready local endpoint
 //!   for `externalTrafficPolicy: Local`, since the others drop the traffic.
 //! - All Services share the node addresses, so two of them asking for the
@@ -28,7 +28,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use super::translate::{port_number, port_protocol, slice_service};
+use super::objects::{
+    ServiceKey, claim_order, endpoint_ready, node_addresses, port_number, port_protocol,
+    slice_service,
+};
 use crate::model::Protocol;
 
 /// Nodes with this label set to `true`, if any node has it, are the only
@@ -37,16 +40,13 @@ pub const ENABLED_LABEL: &str = "xlb.dev/enabled";
 /// Upstream label: nodes carrying it are never load-balancer targets.
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 
-/// `namespace/name` of a Service.
-pub type ServiceKey = (String, String);
-
 /// A Service left pending because an earlier one holds one of its ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
     pub port: u16,
     pub protocol: Protocol,
-    /// `namespace/name` of the Service that holds the port.
-    pub holder: String,
+    /// The Service that holds the port.
+    pub holder: ServiceKey,
 }
 
 impl Conflict {
@@ -60,43 +60,43 @@ impl Conflict {
     }
 }
 
+/// What node mode decides for this node: the addresses it serves, and
+/// which Services are pending.
+#[derive(Clone, Debug)]
+pub struct NodePlan {
+    pub addresses: Vec<Ipv4Addr>,
+    pub allocation: Allocation,
+}
+
+impl NodePlan {
+    pub fn new<'a>(
+        nodes: &[Node],
+        node_name: &str,
+        services: impl IntoIterator<Item = &'a Service>,
+    ) -> Self {
+        NodePlan {
+            addresses: own_addresses(nodes, node_name),
+            allocation: allocate(services),
+        }
+    }
+}
+
 /// Which node-mode Services are pending, and why.
 #[derive(Clone, Debug, Default)]
 pub struct Allocation {
     pub pending: BTreeMap<ServiceKey, Conflict>,
 }
 
-/// Services in the order they claim ports: oldest first, then by
-/// `namespace/name` (objects without a creation time, such as manifest
-/// files, sort first and by name).
-pub fn claim_order<'a>(services: impl IntoIterator<Item = &'a Service>) -> Vec<&'a Service> {
-    let mut services: Vec<&Service> = services.into_iter().collect();
-    services.sort_by(|left, right| {
-        let key = |s: &'a Service| {
-            (
-                s.metadata.creation_timestamp.clone(),
-                s.metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-                s.metadata.name.clone(),
-            )
-        };
-        key(left).cmp(&key(right))
-    });
-    services
-}
-
-/// Assigns ports to the LoadBalancer Services of `services` in
-/// [`claim_order`].
+/// Assigns ports to the LoadBalancer Services of `services` in claim
+/// order ([`super::objects::Order`]).
 pub fn allocate<'a>(services: impl IntoIterator<Item = &'a Service>) -> Allocation {
-    let mut held: BTreeMap<(u16, Protocol), String> = BTreeMap::new();
+    let mut held: BTreeMap<(u16, Protocol), ServiceKey> = BTreeMap::new();
     let mut allocation = Allocation::default();
     for service in claim_order(services) {
         if !is_load_balancer(service) {
             continue;
         }
-        let key = service_key(service);
+        let key = ServiceKey::of(service);
         let claims = port_claims(service);
         let conflict = claims.iter().find_map(|claim| {
             held.get(claim).map(|holder| Conflict {
@@ -110,9 +110,8 @@ pub fn allocate<'a>(services: impl IntoIterator<Item = &'a Service>) -> Allocati
                 allocation.pending.insert(key, conflict);
             }
             None => {
-                let name = format!("{}/{}", key.0, key.1);
                 for claim in claims {
-                    held.insert(claim, name.clone());
+                    held.insert(claim, key.clone());
                 }
             }
         }
@@ -126,7 +125,7 @@ pub fn own_addresses(nodes: &[Node], node_name: &str) -> Vec<Ipv4Addr> {
     eligible(nodes)
         .into_iter()
         .find(|node| node.metadata.name.as_deref() == Some(node_name))
-        .map(addresses)
+        .map(node_addresses)
         .unwrap_or_default()
 }
 
@@ -148,26 +147,6 @@ pub fn eligible(nodes: &[Node]) -> Vec<&Node> {
         .filter(|node| labelled(node, EXCLUDE_LABEL).is_none())
         .filter(|node| node.metadata.deletion_timestamp.is_none())
         .collect()
-}
-
-/// A node's IPv4 `InternalIP` and `ExternalIP` addresses, in that order.
-pub fn addresses(node: &Node) -> Vec<Ipv4Addr> {
-    let mut found = Vec::new();
-    for kind in ["InternalIP", "ExternalIP"] {
-        for address in node
-            .status
-            .iter()
-            .flat_map(|status| status.addresses.iter().flatten())
-            .filter(|address| address.type_ == kind)
-        {
-            if let Ok(ip) = address.address.parse::<Ipv4Addr>()
-                && !found.contains(&ip)
-            {
-                found.push(ip);
-            }
-        }
-    }
-    found
 }
 
 /// A node whose `Ready` condition is `False` or `Unknown` (the node
@@ -194,19 +173,17 @@ pub fn desired_ingress(
         .into_iter()
         .filter(|node| is_ready(node))
         .collect();
-    let all: BTreeSet<Ipv4Addr> = serving.iter().flat_map(|node| addresses(node)).collect();
+    let all: BTreeSet<Ipv4Addr> = serving
+        .iter()
+        .flat_map(|node| node_addresses(node))
+        .collect();
     let mut ready_nodes: BTreeMap<ServiceKey, BTreeSet<&str>> = BTreeMap::new();
     for slice in endpoint_slices {
         let Some(key) = slice_service(slice) else {
             continue;
         };
         for endpoint in slice.endpoints.iter().flatten() {
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
-            if let (true, Some(node)) = (ready, endpoint.node_name.as_deref()) {
+            if let (true, Some(node)) = (endpoint_ready(endpoint), endpoint.node_name.as_deref()) {
                 ready_nodes.entry(key.clone()).or_default().insert(node);
             }
         }
@@ -217,7 +194,7 @@ pub fn desired_ingress(
         if !is_load_balancer(service) {
             continue;
         }
-        let key = service_key(service);
+        let key = ServiceKey::of(service);
         let ingress = if allocation.pending.contains_key(&key) {
             Vec::new()
         } else if is_local(service) {
@@ -232,7 +209,7 @@ pub fn desired_ingress(
                             .is_some_and(|name| names.contains(name))
                     })
                 })
-                .flat_map(|node| addresses(node))
+                .flat_map(|node| node_addresses(node))
                 .collect();
             local.into_iter().collect()
         } else {
@@ -260,17 +237,6 @@ pub fn current_ingress(service: &Service) -> Option<Vec<Ipv4Addr>> {
         found.insert(ingress.ip.as_deref()?.parse::<Ipv4Addr>().ok()?);
     }
     Some(found.into_iter().collect())
-}
-
-pub fn service_key(service: &Service) -> ServiceKey {
-    (
-        service
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        service.metadata.name.clone().unwrap_or_default(),
-    )
 }
 
 fn is_load_balancer(service: &Service) -> bool {
@@ -347,9 +313,9 @@ mod tests {
         ];
         let allocation = allocate(&services);
         assert_eq!(allocation.pending.len(), 1, "{allocation:?}");
-        let conflict = &allocation.pending[&("default".into(), "aa-new".into())];
+        let conflict = &allocation.pending[&ServiceKey::new("default", "aa-new")];
         assert_eq!(conflict.port, 80);
-        assert_eq!(conflict.holder, "default/zz-old");
+        assert_eq!(conflict.holder, ServiceKey::new("default", "zz-old"));
         assert!(conflict.message().contains("default/zz-old"));
 
         // The pending one claims nothing: its 443 stays free for others.
@@ -436,12 +402,12 @@ mod tests {
         let ips =
             |list: &[&str]| -> Vec<Ipv4Addr> { list.iter().map(|s| s.parse().unwrap()).collect() };
         assert_eq!(
-            desired[&("default".into(), "web".into())],
+            desired[&ServiceKey::new("default", "web")],
             ips(&["10.0.0.1", "10.0.0.2"])
         );
-        assert_eq!(desired[&("default".into(), "late".into())], ips(&[]));
+        assert_eq!(desired[&ServiceKey::new("default", "late")], ips(&[]));
         assert_eq!(
-            desired[&("default".into(), "local".into())],
+            desired[&ServiceKey::new("default", "local")],
             ips(&["10.0.0.2"])
         );
     }

@@ -1,4 +1,4 @@
-//! Reading Kubernetes objects from a directory of manifest files, the way
+//! Parsing Kubernetes objects from a directory of manifest files, the way
 //! `kubectl apply -f DIR` would see them: `*.yaml` / `*.yml` (possibly several
 //! documents separated by `---`) and `*.json`, each document one object or a
 //! `List` of objects.
@@ -12,33 +12,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
 use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
 
-/// The objects a source knows about, in the order it read them.
-#[derive(Clone, Debug, Default)]
-pub struct Objects {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
-}
-
-impl Objects {
-    /// Moves every object of `other` to the end of `self`.
-    pub fn append(&mut self, mut other: Objects) {
-        self.services.append(&mut other.services);
-        self.endpoint_slices.append(&mut other.endpoint_slices);
-        self.nodes.append(&mut other.nodes);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.endpoint_slices.is_empty() && self.nodes.is_empty()
-    }
-}
+use crate::translate::{Objects, objects::DEFAULT_NAMESPACE};
 
 /// A file, document or object that could not be read. The rest of the file
 /// and of the directory is still used.
@@ -456,7 +433,10 @@ fn object_name(kind: &str, mapping: &Mapping) -> String {
     if kind == "Node" {
         format!("{kind} {name}")
     } else {
-        format!("{kind} {}/{name}", field("namespace").unwrap_or("default"))
+        format!(
+            "{kind} {}/{name}",
+            field("namespace").unwrap_or(DEFAULT_NAMESPACE)
+        )
     }
 }
 

@@ -1,8 +1,8 @@
-//! The Kubernetes source: reflectors (list + watch) on Services (all
+//! The Kubernetes watches: reflectors (list + watch) on Services (all
 //! namespaces), `discovery.k8s.io/v1` EndpointSlices and Nodes (this agent's,
 //! or all in node mode). Every change wakes the agent with what changed: a
 //! Service or one of its EndpointSlices names that Service, which alone is
-//! translated again ([`super::translate::Translator`]); a completed (re-)list
+//! translated again ([`crate::translate::Translator`]); a completed (re-)list
 //! asks for a full rebuild from the stores.
 //!
 //! Watch disconnects, API server restarts and `410 Gone` end in a re-list
@@ -20,40 +20,24 @@ use std::{
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Node, ObjectReference, Service},
+    core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
-        WatchStreamExt, events,
+        WatchStreamExt,
         reflector::{self, Store},
         watcher,
     },
 };
 use tokio::sync::mpsc;
 
-use super::{
-    manifest::Objects,
-    translate::{ServiceKey, slice_service},
+use crate::{
+    change::Change,
+    translate::{ServiceKey, objects::namespace_of, slice_service},
 };
-
-/// What a watch event changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
-    /// This Service.
-    Service(ServiceKey),
-    /// An EndpointSlice of this Service.
-    Slices(ServiceKey),
-    /// A Node.
-    Nodes,
-    /// A complete (re-)list: rebuild from the stores.
-    All,
-}
-
-/// The class a Service may carry to be handled by xlb, besides none.
-pub const DEFAULT_LB_CLASS: &str = "xlb.dev/xlb";
 
 /// Builds a client from `kubeconfig`, else from `KUBECONFIG`/`~/.kube/config`
 /// or the in-cluster service account.
@@ -86,16 +70,23 @@ pub struct Stores {
 /// `kubernetes.io/service-name` label), kept by the slice reflector.
 #[derive(Default)]
 struct SliceIndex {
-    /// Slice `namespace/name` → its Service.
-    owner: HashMap<(String, String), ServiceKey>,
+    /// Slice → its Service.
+    owner: HashMap<SliceKey, ServiceKey>,
     /// Service → the names of its slices (same namespace).
     slices: HashMap<ServiceKey, BTreeSet<String>>,
+}
+
+/// Which EndpointSlice: `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SliceKey {
+    namespace: String,
+    name: String,
 }
 
 impl SliceIndex {
     /// Records that slice `id` belongs to `owner` (or to none); returns the
     /// Service it belonged to before.
-    fn set(&mut self, id: (String, String), owner: Option<ServiceKey>) -> Option<ServiceKey> {
+    fn set(&mut self, id: SliceKey, owner: Option<ServiceKey>) -> Option<ServiceKey> {
         let before = match &owner {
             Some(key) => self.owner.insert(id.clone(), key.clone()),
             None => self.owner.remove(&id),
@@ -103,13 +94,13 @@ impl SliceIndex {
         if let Some(old) = &before
             && let Some(names) = self.slices.get_mut(old)
         {
-            names.remove(&id.1);
+            names.remove(&id.name);
             if names.is_empty() {
                 self.slices.remove(old);
             }
         }
         if let Some(key) = owner {
-            self.slices.entry(key).or_default().insert(id.1);
+            self.slices.entry(key).or_default().insert(id.name);
         }
         before
     }
@@ -118,8 +109,7 @@ impl SliceIndex {
 impl Stores {
     /// The Service `namespace/name`, if the store has it.
     pub fn service(&self, key: &ServiceKey) -> Option<Arc<Service>> {
-        self.services
-            .get(&reflector::ObjectRef::new(&key.1).within(&key.0))
+        self.services.get(&key.object_ref())
     }
 
     /// Every Service, shared with the store.
@@ -139,7 +129,7 @@ impl Stores {
             for name in index.slices.get(key).into_iter().flatten() {
                 if let Some(slice) = self
                     .endpoint_slices
-                    .get(&reflector::ObjectRef::new(name).within(&key.0))
+                    .get(&reflector::ObjectRef::new(name).within(&key.namespace))
                 {
                     found.entry(key.clone()).or_default().push(slice);
                 }
@@ -185,7 +175,7 @@ pub fn watch(
         changed.clone(),
         |event: &watcher::Event<Service>| match event {
             watcher::Event::Apply(service) | watcher::Event::Delete(service) => {
-                vec![Change::Service(super::node_mode::service_key(service))]
+                vec![Change::Service(ServiceKey::of(service))]
             }
             watcher::Event::InitDone => vec![Change::All],
             watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
@@ -205,11 +195,9 @@ pub fn watch(
         watcher::Config::default().labels("kubernetes.io/service-name"),
         changed.clone(),
         move |event: &watcher::Event<EndpointSlice>| {
-            let id = |slice: &EndpointSlice| {
-                (
-                    slice.metadata.namespace.clone().unwrap_or_default(),
-                    slice.metadata.name.clone().unwrap_or_default(),
-                )
+            let id = |slice: &EndpointSlice| SliceKey {
+                namespace: namespace_of(&slice.metadata).to_owned(),
+                name: slice.metadata.name.clone().unwrap_or_default(),
             };
             let mut index = writer_index.lock().unwrap_or_else(|e| e.into_inner());
             let mut dirty = Vec::new();
@@ -364,127 +352,5 @@ impl Slim for Node {
             status.runtime_handlers = None;
         }
         self.spec = None;
-    }
-}
-
-/// Posts a Warning Event on each object the agent had to skip, once per
-/// distinct problem (a re-sync does not repeat it), so `kubectl describe`
-/// shows why a Service has no effect.
-pub struct EventSink {
-    recorder: events::Recorder,
-    reported: std::collections::HashSet<(String, String)>,
-}
-
-impl EventSink {
-    pub fn new(client: Client, node_name: &str) -> Self {
-        let reporter = events::Reporter {
-            controller: "xlb".into(),
-            instance: Some(node_name.to_string()),
-        };
-        Self {
-            recorder: events::Recorder::new(client, reporter),
-            reported: Default::default(),
-        }
-    }
-
-    /// `object` is `Kind namespace/name` as the translation names it;
-    /// `event_reason` the Event's reason (`InvalidSpec`, `PortConflict`, ...)
-    /// and `note` the explanation.
-    pub fn report(&mut self, object: &str, event_reason: &str, note: &str) {
-        if !self
-            .reported
-            .insert((object.to_string(), format!("{event_reason}: {note}")))
-        {
-            return;
-        }
-        let Some(reference) = object_reference(object) else {
-            return;
-        };
-        let event = events::Event {
-            type_: events::EventType::Warning,
-            reason: event_reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: "Program".into(),
-            secondary: None,
-        };
-        let recorder = self.recorder.clone();
-        let object = object.to_string();
-        tokio::spawn(async move {
-            if let Err(error) = recorder.publish(&event, &reference).await {
-                tracing::debug!(object = %object, error = %error, "posting an Event failed");
-            }
-        });
-    }
-}
-
-/// `Service shop/web` → a reference Events can point at.
-fn object_reference(object: &str) -> Option<ObjectReference> {
-    let (kind, rest) = object.split_once(' ')?;
-    let (namespace, name) = rest.split_once('/')?;
-    let api_version = match kind {
-        "EndpointSlice" => "discovery.k8s.io/v1",
-        _ => "v1",
-    };
-    Some(ObjectReference {
-        api_version: Some(api_version.into()),
-        kind: Some(kind.into()),
-        namespace: Some(namespace.into()),
-        name: Some(name.into()),
-        ..ObjectReference::default()
-    })
-}
-
-/// Keeps the Services xlb handles: no `spec.loadBalancerClass`, or one of
-/// `classes`. Services of other classes are never touched.
-pub fn retain_classes(objects: &mut Objects, classes: &[String]) {
-    objects
-        .services
-        .retain(|service| handles_class(service, classes));
-}
-
-/// Whether xlb handles `service`: no `spec.loadBalancerClass`, or one of
-/// `classes`.
-pub fn handles_class(service: &Service, classes: &[String]) -> bool {
-    match service
-        .spec
-        .as_ref()
-        .and_then(|s| s.load_balancer_class.as_deref())
-    {
-        None => true,
-        Some(class) => classes.iter().any(|c| c == class),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn service(name: &str, class: Option<&str>) -> Service {
-        let mut s = Service::default();
-        s.metadata.name = Some(name.into());
-        s.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
-            load_balancer_class: class.map(str::to_string),
-            ..Default::default()
-        });
-        s
-    }
-
-    #[test]
-    fn other_classes_are_left_alone() {
-        let mut objects = Objects {
-            services: vec![
-                service("plain", None),
-                service("ours", Some(DEFAULT_LB_CLASS)),
-                service("metallb", Some("metallb.io/metallb")),
-            ],
-            ..Objects::default()
-        };
-        retain_classes(&mut objects, &[DEFAULT_LB_CLASS.to_string()]);
-        let names: Vec<_> = objects
-            .services
-            .iter()
-            .map(|s| s.metadata.name.clone().unwrap())
-            .collect();
-        assert_eq!(names, ["plain", "ours"]);
     }
 }

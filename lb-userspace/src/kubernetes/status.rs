@@ -1,5 +1,6 @@
-//! Node mode's status writer: while this agent holds the leader Lease, keep
-//! `status.loadBalancer.ingress` of every Service xlb handles equal to
+//! Where Service status is written. Node mode's status writer: while this
+//! agent holds the leader Lease, keep `status.loadBalancer.ingress` of
+//! every Service xlb handles equal to
 //! [`node_mode::desired_ingress`], re-checking whenever the watched objects
 //! change (Services, EndpointSlices, Nodes) and when leadership is won.
 //!
@@ -18,10 +19,8 @@ use kube::{
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 
-use super::{
-    kube::{Stores, handles_class},
-    node_mode::{self, ServiceKey},
-};
+use super::watch::Stores;
+use crate::translate::{ServiceKey, handles_class, node_mode};
 
 /// Status patches in flight at once.
 const CONCURRENT_WRITES: usize = 8;
@@ -92,7 +91,7 @@ async fn write_pass(
     let desired = node_mode::desired_ingress(&services, &slices, &stores.nodes());
     let mut todo = Vec::new();
     for service in services {
-        let key = node_mode::service_key(service);
+        let key = ServiceKey::of(service);
         let Some(want) = desired.get(&key) else {
             continue;
         };
@@ -130,7 +129,7 @@ async fn write_pass(
     for (key, want, version, result) in results {
         match result {
             Ok(true) => {
-                tracing::info!(service = %format!("{}/{}", key.0, key.1), ingress = ?want,
+                tracing::info!(service = %key, ingress = ?want,
                     "wrote status.loadBalancer.ingress");
                 written.insert(key, (want, version));
             }
@@ -142,7 +141,7 @@ async fn write_pass(
                 {
                     continue;
                 }
-                tracing::warn!(service = %format!("{}/{}", key.0, key.1), error = %error,
+                tracing::warn!(service = %key, error = %error,
                     "writing status.loadBalancer.ingress failed");
                 failed += 1;
             }
@@ -152,13 +151,13 @@ async fn write_pass(
 }
 
 async fn patch(client: &Client, key: &ServiceKey, ingress: &[Ipv4Addr]) -> kube::Result<()> {
-    let api: Api<Service> = Api::namespaced(client.clone(), &key.0);
+    let api: Api<Service> = Api::namespaced(client.clone(), &key.namespace);
     let ingress: Vec<_> = ingress
         .iter()
         .map(|ip| json!({"ip": ip.to_string()}))
         .collect();
     let body = json!({"status": {"loadBalancer": {"ingress": ingress}}});
-    api.patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&body))
+    api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&body))
         .await?;
     Ok(())
 }

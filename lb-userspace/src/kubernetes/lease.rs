@@ -1,4 +1,4 @@
-//! Leader election on a `coordination.k8s.io/v1` Lease, for the work one
+//! Where the Lease is held: leader election on a `coordination.k8s.io/v1` Lease, for the work one
 //! agent does for the whole cluster: writing `status.loadBalancer.ingress`
 //! in node mode, and posting Events about Services (one Event, not one per
 //! node).
@@ -27,17 +27,46 @@ use kube::{
 };
 use tokio::sync::{oneshot, watch};
 
-#[derive(Clone, Debug)]
+use crate::flags;
+
+/// Where the leader Lease lives and how long it lasts.
+#[derive(Clone, Debug, clap::Args)]
 pub struct LeaseConfig {
+    /// Namespace of the leader Lease (Kubernetes source).
+    #[arg(
+        long = "lease-namespace",
+        value_name = "LEASE_NAMESPACE",
+        env = "XLB_NAMESPACE",
+        default_value = "xlb-system"
+    )]
     pub namespace: String,
+    /// Name of the leader Lease.
+    #[arg(
+        long = "lease-name",
+        value_name = "LEASE_NAME",
+        env = "XLB_LEASE_NAME",
+        default_value = "xlb-leader"
+    )]
     pub name: String,
-    /// This candidate: the node name.
-    pub identity: String,
-    /// `leaseDurationSeconds`: how long a silent holder keeps the Lease.
+    /// Seconds a silent leader keeps the Lease; another agent takes over
+    /// within this (plus a fifth of it) after the leader dies.
+    #[arg(long = "lease-duration", value_name = "LEASE_DURATION", env = "XLB_LEASE_DURATION", default_value = "10",
+          value_parser = flags::seconds_at_least_one)]
     pub duration: Duration,
 }
 
-impl LeaseConfig {
+/// One candidate's campaign: the Lease, and who campaigns.
+#[derive(Clone, Debug)]
+struct Campaign {
+    namespace: String,
+    name: String,
+    /// This candidate: the node name.
+    identity: String,
+    /// `leaseDurationSeconds`: how long a silent holder keeps the Lease.
+    duration: Duration,
+}
+
+impl Campaign {
     /// A leader steps down when it could not renew for this long: well
     /// before the Lease expires for the others.
     fn renew_deadline(&self) -> Duration {
@@ -58,7 +87,14 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    pub fn spawn(client: Client, config: LeaseConfig) -> Candidate {
+    /// Campaigns for the Lease of `config` as `identity`.
+    pub fn spawn(client: Client, config: &LeaseConfig, identity: &str) -> Candidate {
+        let config = Campaign {
+            namespace: config.namespace.clone(),
+            name: config.name.clone(),
+            identity: identity.to_owned(),
+            duration: config.duration,
+        };
         let (leading_tx, leading) = watch::channel(false);
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(run(client, config, leading_tx, stop_rx));
@@ -89,7 +125,7 @@ impl Candidate {
 
 async fn run(
     client: Client,
-    config: LeaseConfig,
+    config: Campaign,
     leading: watch::Sender<bool>,
     mut stop: oneshot::Receiver<()>,
 ) {
@@ -139,7 +175,7 @@ async fn run(
     }
 }
 
-fn set(leading: &watch::Sender<bool>, now: bool, config: &LeaseConfig) {
+fn set(leading: &watch::Sender<bool>, now: bool, config: &Campaign) {
     if *leading.borrow() != now {
         if now {
             tracing::info!(lease = %format!("{}/{}", config.namespace, config.name),
@@ -155,7 +191,7 @@ fn set(leading: &watch::Sender<bool>, now: bool, config: &LeaseConfig) {
 /// One round: `Ok(true)` when this candidate holds the Lease afterwards.
 async fn try_acquire_or_renew(
     api: &Api<Lease>,
-    config: &LeaseConfig,
+    config: &Campaign,
     observed: &mut Option<(String, Instant)>,
 ) -> Result<bool> {
     let now = MicroTime(Timestamp::now());
@@ -226,7 +262,7 @@ fn lost_race_is_false(result: kube::Result<Lease>) -> Result<bool> {
     }
 }
 
-async fn release(api: &Api<Lease>, config: &LeaseConfig) -> Result<()> {
+async fn release(api: &Api<Lease>, config: &Campaign) -> Result<()> {
     let mut lease = api.get(&config.name).await?;
     let Some(spec) = lease.spec.as_mut() else {
         return Ok(());

@@ -1,0 +1,225 @@
+//! The Kubernetes pipeline: watches feed the [`Translator`] one changed
+//! Service at a time (everything after a re-list, or when a Node change
+//! matters); the Lease holder posts the problems as Events and, in node
+//! mode, writes the Services' status.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Result;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::{
+    events::EventSink,
+    lease::{Candidate, LeaseConfig},
+    status,
+    watch::{self as watches, Stores},
+};
+use crate::{
+    change::{Change, Changes},
+    model::{DesiredState, Frontend},
+    translate::{AddressMode, Scope, Translator, handles_class, node_address_of, node_mode},
+};
+
+/// The agent's view of the cluster, and what it writes back.
+pub struct ClusterSource {
+    scope: Scope,
+    stores: Stores,
+    events: EventSink,
+    candidate: Candidate,
+    leading: watch::Receiver<bool>,
+    /// Wakes node mode's status writer after each sync.
+    status_changed: Option<Arc<Notify>>,
+    /// The translation, updated per changed Service; `None` until the first
+    /// full build.
+    translator: Option<Translator>,
+    /// What of the Nodes the translation depends on, to tell a Node change
+    /// that matters (rebuild everything) from one that does not.
+    node_context: Option<NodeContext>,
+}
+
+/// This node's SNAT address and, in node mode, the addresses it serves.
+type NodeContext = (Option<Ipv4Addr>, Vec<Ipv4Addr>);
+
+fn node_context(nodes: &[Node], scope: &Scope) -> NodeContext {
+    let serves = match scope.address_mode {
+        AddressMode::Status => Vec::new(),
+        AddressMode::Node => node_mode::own_addresses(nodes, &scope.node_name),
+    };
+    (node_address_of(nodes, &scope.node_name), serves)
+}
+
+impl ClusterSource {
+    /// Connects, starts the watches (each change is sent on `changes`) and
+    /// waits for their first complete lists; then campaigns for the Lease.
+    /// `None` when interrupted (SIGINT) while waiting.
+    pub async fn start(
+        kubeconfig: Option<&Path>,
+        scope: Scope,
+        lease: &LeaseConfig,
+        changes: mpsc::UnboundedSender<Change>,
+    ) -> Result<Option<Self>> {
+        let client = watches::client(kubeconfig).await?;
+        let node_mode = scope.address_mode == AddressMode::Node;
+        let stores = watches::watch(client.clone(), &scope.node_name, node_mode, changes);
+        tracing::info!(
+            address_mode = ?scope.address_mode,
+            "listing Services, EndpointSlices and {}",
+            if node_mode { "Nodes" } else { "this Node" }
+        );
+        // Until the first complete list the maps keep what a previous
+        // agent left; an unreachable API server is retried with backoff
+        // (the watcher logs it) while traffic keeps flowing.
+        let mut waited = 0u64;
+        loop {
+            tokio::select! {
+                _ = stores.ready() => break,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    waited += 5;
+                    tracing::warn!(waited_s = waited,
+                        "no complete list from the Kubernetes API yet (unreachable?); retrying with backoff, maps keep their last state");
+                }
+                _ = tokio::signal::ctrl_c() => return Ok(None),
+            }
+        }
+        tracing::info!(
+            waited_s = waited,
+            "Kubernetes API answered: initial lists complete"
+        );
+        // One agent (the Lease holder) speaks for the cluster: Events on
+        // Services, and in node mode their status.
+        let candidate = Candidate::spawn(client.clone(), lease, &scope.node_name);
+        let status_changed = node_mode.then(|| {
+            let notify = Arc::new(Notify::new());
+            status::spawn(
+                client.clone(),
+                stores.clone(),
+                scope.lb_classes.clone(),
+                candidate.watch(),
+                notify.clone(),
+            );
+            notify
+        });
+        Ok(Some(ClusterSource {
+            events: EventSink::new(client, &scope.node_name),
+            leading: candidate.watch(),
+            scope,
+            stores,
+            candidate,
+            status_changed,
+            translator: None,
+            node_context: None,
+        }))
+    }
+
+    /// Resolves when this agent wins or loses the Lease.
+    pub async fn leadership_changed(&mut self) {
+        if self.leading.changed().await.is_err() {
+            // The candidate is gone: leadership never changes again.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Re-translates what `changes` name (everything on a re-list or a Node
+    /// change that matters) and hands the desired state to `apply`, with
+    /// the frontends that changed (`None`: compare everything). Problems
+    /// are logged, and posted as Events by the leader.
+    pub fn sync(
+        &mut self,
+        changes: Changes,
+        apply: impl FnOnce(&DesiredState, Option<&BTreeSet<Frontend>>) -> Result<()>,
+    ) -> Result<()> {
+        let mut full = changes.all || self.translator.is_none();
+        if changes.nodes && !full {
+            // Most Node updates (conditions, images) change nothing here.
+            full = self.node_context.as_ref()
+                != Some(&node_context(&self.stores.nodes(), &self.scope));
+        }
+        let mut problems = Vec::new();
+        let scope = &self.scope;
+        let handled = |service: &Service| handles_class(service, &scope.lb_classes);
+        let result = if full {
+            // From the watch caches as they are: no copy of every object.
+            let services = self.stores.services();
+            let services: Vec<&Service> = services
+                .iter()
+                .map(|s| &**s)
+                .filter(|s| handled(s))
+                .collect();
+            let slices = self.stores.endpoint_slices();
+            let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
+            let nodes = self.stores.nodes();
+            let (translator, found) = Translator::build_from(
+                &services,
+                &slices,
+                &nodes,
+                &scope.node_name,
+                scope.address_mode,
+            );
+            self.node_context = Some(node_context(&nodes, scope));
+            problems = found;
+            let translator = self.translator.insert(translator);
+            let result = apply(translator.desired(), None);
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+            result
+        } else if let Some(translator) = self.translator.as_mut()
+            && !(changes.services.is_empty() && changes.slices.is_empty())
+        {
+            let mut keys = changes.slices;
+            if !changes.services.is_empty() {
+                // Node mode: a Service's ports can make another one pending, or
+                // free it.
+                let services = self.stores.services();
+                keys.extend(
+                    translator.reallocate(services.iter().map(|s| &**s).filter(|s| handled(s))),
+                );
+                keys.extend(changes.services);
+            }
+            let slices = self.stores.slices_of(&keys);
+            let mut changed = BTreeSet::new();
+            for key in &keys {
+                let service = self.stores.service(key).filter(|s| handled(s));
+                let slices: Vec<&EndpointSlice> = slices
+                    .get(key)
+                    .map(|found| found.iter().map(|s| &**s).collect())
+                    .unwrap_or_default();
+                translator.update(
+                    key,
+                    service.as_deref(),
+                    &slices,
+                    &mut problems,
+                    &mut changed,
+                );
+            }
+            tracing::debug!(
+                services = keys.len(),
+                frontends = changed.len(),
+                "re-translated changed Services"
+            );
+            apply(translator.desired(), Some(&changed))
+        } else {
+            Ok(())
+        };
+
+        let leader = self.candidate.is_leader();
+        for problem in &problems {
+            tracing::warn!(error = %problem, "skipping invalid object");
+            if leader {
+                self.events.report(problem);
+            }
+        }
+        if let Some(notify) = &self.status_changed {
+            notify.notify_one();
+        }
+        result
+    }
+
+    /// Hands the Lease over at once rather than after it expires.
+    pub async fn stop(self) {
+        self.candidate.resign().await;
+    }
+}

@@ -1,0 +1,963 @@
+//! One Service → its frontends and their backends, with the semantics a
+//! node agent for `type: LoadBalancer` Services must have (see the
+//! [module docs](super)). A problem with one port, address or EndpointSlice
+//! is reported and skips only that part.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{ObjectReference, Service, ServicePort, ServiceSpec},
+        discovery::v1::{EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::{
+    node_mode::NodePlan,
+    objects::{ServiceKey, endpoint_ready, port_number, port_protocol},
+    problem::{EventReason, Problem, reference_to},
+};
+use crate::model::{Backend, Frontend, FrontendSpec, Protocol, ServiceRef, SourceRange};
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` default and maximum, as
+/// the API server applies and validates them (3 hours, 1 day).
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
+/// One Service being translated, and where its problems go.
+pub(super) struct ServiceContext<'a> {
+    /// The Service, for its Events.
+    object: ObjectReference,
+    key: &'a ServiceKey,
+    node_name: &'a str,
+    node_plan: Option<&'a NodePlan>,
+    problems: &'a mut Vec<Problem>,
+}
+
+/// A Service port that passed validation.
+struct ValidPort<'a> {
+    port: &'a ServicePort,
+    number: u16,
+    protocol: Protocol,
+}
+
+impl ValidPort<'_> {
+    fn name(&self) -> &str {
+        self.port.name.as_deref().unwrap_or("")
+    }
+}
+
+/// One endpoint of an EndpointSlice, with its conditions as the API defines
+/// their defaults: `ready` and `serving` nil mean true, `terminating` nil
+/// means false.
+struct EndpointView {
+    addresses: Vec<Ipv4Addr>,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+}
+
+/// An IPv4 EndpointSlice of the Service, its addresses already parsed.
+struct SliceView<'a> {
+    object: ObjectReference,
+    ports: &'a [EndpointPort],
+    endpoints: Vec<EndpointView>,
+}
+
+impl<'a> ServiceContext<'a> {
+    pub(super) fn new(
+        service: &Service,
+        key: &'a ServiceKey,
+        node_name: &'a str,
+        node_plan: Option<&'a NodePlan>,
+        problems: &'a mut Vec<Problem>,
+    ) -> Self {
+        ServiceContext {
+            object: reference_to(service),
+            key,
+            node_name,
+            node_plan,
+            problems,
+        }
+    }
+
+    pub(super) fn report(&mut self, message: String) {
+        self.report_as(EventReason::InvalidSpec, message);
+    }
+
+    fn report_as(&mut self, reason: EventReason, message: String) {
+        self.problems
+            .push(Problem::new(self.object.clone(), reason, message));
+    }
+
+    /// The frontends `service` asks for on this node, each with its
+    /// backends from `slices`.
+    pub(super) fn frontends(
+        &mut self,
+        service: &Service,
+        slices: &[&EndpointSlice],
+    ) -> Vec<(Frontend, FrontendSpec)> {
+        let Some(spec) = service.spec.as_ref() else {
+            tracing::debug!(service = %self.key, "skipping Service without spec");
+            return Vec::new();
+        };
+        if spec.type_.as_deref() != Some("LoadBalancer") {
+            tracing::debug!(
+                service = %self.key,
+                r#type = spec.type_.as_deref().unwrap_or("ClusterIP"),
+                "skipping Service that is not of type LoadBalancer"
+            );
+            return Vec::new();
+        }
+        // First, so that an invalid range withdraws the Service before
+        // anything else is built for it.
+        let Some(source_ranges) = self.source_ranges(spec) else {
+            return Vec::new();
+        };
+        let local_only = self.local_only(spec);
+        let affinity_timeout = self.affinity_timeout(spec);
+        let ports = self.ports(spec);
+        let addresses = match self.node_plan {
+            None => self.frontend_addresses(service),
+            Some(plan) => {
+                if let Some(conflict) = plan.allocation.pending.get(self.key) {
+                    self.report_as(EventReason::PortConflict, conflict.message());
+                    return Vec::new();
+                }
+                plan.addresses.iter().copied().collect()
+            }
+        };
+        if ports.is_empty() {
+            return Vec::new();
+        }
+        if addresses.is_empty() {
+            tracing::debug!(
+                service = %self.key,
+                "LoadBalancer Service has no address yet (pending)"
+            );
+            return Vec::new();
+        }
+        let slices: Vec<SliceView> = slices
+            .iter()
+            .filter_map(|slice| self.slice_view(slice))
+            .collect();
+
+        let mut frontends = Vec::new();
+        for port in &ports {
+            let backends = self.backends(port, &slices, local_only);
+            tracing::debug!(
+                service = %self.key,
+                port = port.name(),
+                backends = backends.len(),
+                "translated Service port"
+            );
+            let service_ref = ServiceRef {
+                namespace: self.key.namespace.clone(),
+                name: self.key.name.clone(),
+                port_name: port.name().to_owned(),
+            };
+            for &address in &addresses {
+                let frontend = Frontend {
+                    addr: IpAddr::V4(address),
+                    port: port.number,
+                    protocol: port.protocol,
+                };
+                let spec = FrontendSpec {
+                    service: service_ref.clone(),
+                    backends: backends.clone(),
+                    local_only,
+                    affinity_timeout,
+                    source_ranges: source_ranges.clone(),
+                };
+                frontends.push((frontend, spec));
+            }
+        }
+        frontends
+    }
+
+    /// `None` when any entry is invalid: the Service must then not be
+    /// programmed at all, since dropping the bad entry could widen the set of
+    /// allowed sources to everyone.
+    fn source_ranges(&mut self, spec: &ServiceSpec) -> Option<Vec<SourceRange>> {
+        let mut ranges = Vec::new();
+        for text in spec.load_balancer_source_ranges.iter().flatten() {
+            match parse_source_range(text) {
+                Some(range) => ranges.push(range),
+                None => {
+                    self.report(format!(
+                        "loadBalancerSourceRanges entry {text:?} is not a CIDR or an IP \
+                         address; Service skipped so that it is not open to every source"
+                    ));
+                    return None;
+                }
+            }
+        }
+        ranges.sort();
+        ranges.dedup();
+        Some(ranges)
+    }
+
+    fn local_only(&mut self, spec: &ServiceSpec) -> bool {
+        match spec.external_traffic_policy.as_deref() {
+            None | Some("Cluster") => false,
+            Some("Local") => true,
+            Some(other) => {
+                self.report(format!(
+                    "unknown externalTrafficPolicy {other:?} (expected Cluster or Local); \
+                     using Cluster"
+                ));
+                false
+            }
+        }
+    }
+
+    fn affinity_timeout(&mut self, spec: &ServiceSpec) -> Option<u32> {
+        match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => {
+                let configured = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|config| config.client_ip.as_ref())
+                    .and_then(|client_ip| client_ip.timeout_seconds);
+                let Some(seconds) = configured else {
+                    return Some(DEFAULT_AFFINITY_TIMEOUT);
+                };
+                match u32::try_from(seconds) {
+                    Ok(seconds) if (1..=MAX_AFFINITY_TIMEOUT).contains(&seconds) => Some(seconds),
+                    _ => {
+                        self.report(format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {seconds} out of \
+                             range 1-{MAX_AFFINITY_TIMEOUT}; using the default \
+                             {DEFAULT_AFFINITY_TIMEOUT}"
+                        ));
+                        Some(DEFAULT_AFFINITY_TIMEOUT)
+                    }
+                }
+            }
+            Some(other) => {
+                self.report(format!(
+                    "unknown sessionAffinity {other:?} (expected None or ClientIP); \
+                     no affinity"
+                ));
+                None
+            }
+        }
+    }
+
+    fn ports<'s>(&mut self, spec: &'s ServiceSpec) -> Vec<ValidPort<'s>> {
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        if ports.is_empty() {
+            self.report("no ports in spec.ports; Service skipped".to_owned());
+            return Vec::new();
+        }
+        let mut valid = Vec::new();
+        for port in ports {
+            let label = match port.name.as_deref() {
+                Some(name) if !name.is_empty() => format!("port {} ({name})", port.port),
+                _ => format!("port {}", port.port),
+            };
+            let Some(protocol) = port_protocol(port) else {
+                self.report(format!(
+                    "{label}: protocol {} is not supported (only TCP and UDP); port skipped",
+                    port.protocol.as_deref().unwrap_or_default()
+                ));
+                continue;
+            };
+            let Some(number) = port_number(port.port) else {
+                self.report(format!("{label} out of range 1-65535; port skipped"));
+                continue;
+            };
+            valid.push(ValidPort {
+                port,
+                number,
+                protocol,
+            });
+        }
+        valid
+    }
+
+    /// The addresses clients reach the Service at, deduplicated and sorted.
+    fn frontend_addresses(&mut self, service: &Service) -> BTreeSet<Ipv4Addr> {
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|status| status.load_balancer.as_ref())
+            .and_then(|load_balancer| load_balancer.ingress.as_deref())
+            .unwrap_or_default()
+            .iter()
+            // An ingress with only a hostname is a cloud load balancer's DNS
+            // name: nothing this node can answer for.
+            .filter_map(|ingress| ingress.ip.as_deref())
+            .map(|text| ("status.loadBalancer.ingress ip", text));
+        let requested = service
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.load_balancer_ip.as_deref())
+            .map(|text| ("spec.loadBalancerIP", text));
+
+        let mut addresses = BTreeSet::new();
+        for (field, text) in ingress.chain(requested) {
+            if text.is_empty() {
+                continue;
+            }
+            match text.parse::<IpAddr>() {
+                Ok(IpAddr::V4(address)) => {
+                    addresses.insert(address);
+                }
+                Ok(IpAddr::V6(_)) => self.report(format!(
+                    "{field} {text} is IPv6, which xlb does not support yet; address skipped"
+                )),
+                Err(_) => self.report(format!(
+                    "{field} {text:?} is not an IP address; address skipped"
+                )),
+            }
+        }
+        addresses
+    }
+
+    /// Parses an EndpointSlice of the Service once, reporting invalid
+    /// addresses on the slice itself. `None` for slices of another address
+    /// family.
+    fn slice_view<'s>(&mut self, slice: &'s EndpointSlice) -> Option<SliceView<'s>> {
+        let object = reference_to(slice);
+        if slice.address_type != "IPv4" {
+            tracing::debug!(
+                slice = ?object.name,
+                address_type = %slice.address_type,
+                "skipping EndpointSlice that is not IPv4"
+            );
+            return None;
+        }
+        let mut endpoints = Vec::new();
+        for endpoint in slice.endpoints.iter().flatten() {
+            let mut addresses = Vec::new();
+            for text in &endpoint.addresses {
+                match text.parse::<Ipv4Addr>() {
+                    Ok(address) => addresses.push(address),
+                    Err(_) => self.problems.push(Problem::new(
+                        object.clone(),
+                        EventReason::InvalidSpec,
+                        format!(
+                            "endpoint address {text:?} is not an IPv4 address; address skipped"
+                        ),
+                    )),
+                }
+            }
+            let conditions = endpoint.conditions.as_ref();
+            endpoints.push(EndpointView {
+                addresses,
+                ready: endpoint_ready(endpoint),
+                serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                local: endpoint.node_name.as_deref() == Some(self.node_name),
+            });
+        }
+        Some(SliceView {
+            object,
+            ports: slice.ports.as_deref().unwrap_or_default(),
+            endpoints,
+        })
+    }
+
+    /// The backends of one Service port, sorted and deduplicated.
+    fn backends(
+        &mut self,
+        port: &ValidPort,
+        slices: &[SliceView],
+        local_only: bool,
+    ) -> Vec<Backend> {
+        // (endpoint, backend port) of every slice that serves this port.
+        let mut candidates: Vec<(&EndpointView, u16)> = Vec::new();
+        for slice in slices {
+            let Some(backend_port) = self.backend_port(port, slice) else {
+                continue;
+            };
+            candidates.extend(
+                slice
+                    .endpoints
+                    .iter()
+                    // Local traffic policy: remote endpoints are never used,
+                    // so the terminating fallback below looks at local ones
+                    // only (as kube-proxy does).
+                    .filter(|endpoint| !local_only || endpoint.local)
+                    .map(|endpoint| (endpoint, backend_port)),
+            );
+        }
+        // Ready endpoints; if there is none, serving endpoints that are
+        // terminating keep taking new flows rather than dropping them, which
+        // matters most during a rolling update of a Local Service.
+        let any_ready = candidates.iter().any(|(endpoint, _)| endpoint.ready);
+        let terminating = !any_ready;
+        let mut backends: Vec<Backend> = candidates
+            .into_iter()
+            .filter(|(endpoint, _)| {
+                if any_ready {
+                    endpoint.ready
+                } else {
+                    endpoint.serving && endpoint.terminating
+                }
+            })
+            .flat_map(|(endpoint, backend_port)| {
+                endpoint.addresses.iter().map(move |&address| Backend {
+                    addr: IpAddr::V4(address),
+                    port: backend_port,
+                    local: endpoint.local,
+                    terminating,
+                })
+            })
+            .collect();
+        backends.sort();
+        // The same address and port listed twice (in two slices, say) is one
+        // backend; flags only differ in contradictory input.
+        backends.dedup_by_key(|backend| (backend.addr, backend.port));
+        backends
+    }
+
+    /// The port `slice`'s endpoints serve `port` on. EndpointSlice ports are
+    /// named after the Service ports and already hold the resolved target
+    /// port, named `targetPort`s included; so match by name and protocol,
+    /// as kube-proxy does, and use the slice's number.
+    fn backend_port(&mut self, port: &ValidPort, slice: &SliceView) -> Option<u16> {
+        let Some(slice_port) = slice.ports.iter().find(|slice_port| {
+            slice_port.name.as_deref().unwrap_or("") == port.name()
+                && slice_port.protocol.as_deref().unwrap_or("TCP") == port.protocol.to_string()
+        }) else {
+            tracing::debug!(
+                service = %self.key,
+                port = port.name(),
+                slice = ?slice.object.name,
+                "EndpointSlice has no port of this name and protocol"
+            );
+            return None;
+        };
+        if let Some(raw) = slice_port.port {
+            let number = port_number(raw);
+            if number.is_none() {
+                self.problems.push(Problem::new(
+                    slice.object.clone(),
+                    EventReason::InvalidSpec,
+                    format!(
+                        "port {:?} number {raw} out of range 1-65535; port skipped",
+                        port.name()
+                    ),
+                ));
+            }
+            return number;
+        }
+        // A slice port without a number (allowed for slices not derived from
+        // a Service, such as hand-written ones): the Service's own numeric
+        // target port, which defaults to its port.
+        match &port.port.target_port {
+            None => Some(port.number),
+            Some(IntOrString::Int(target)) => {
+                let number = port_number(*target);
+                if number.is_none() {
+                    self.report(format!(
+                        "port {} targetPort {target} out of range 1-65535; port has no backends",
+                        port.number
+                    ));
+                }
+                number
+            }
+            Some(IntOrString::String(target)) => {
+                tracing::debug!(
+                    service = %self.key,
+                    target_port = %target,
+                    slice = ?slice.object.name,
+                    "named targetPort, but the EndpointSlice port has no number to resolve it"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// A CIDR (`10.0.0.0/8`) or a bare address (one host), surrounding white
+/// space ignored as kube-proxy does. Host bits are cleared, as Go's
+/// `net.ParseCIDR` does, so `10.1.2.3/8` means `10.0.0.0/8`.
+fn parse_source_range(text: &str) -> Option<SourceRange> {
+    let text = text.trim();
+    let (address_text, prefix_text) = match text.split_once('/') {
+        Some((address, prefix)) => (address, Some(prefix)),
+        None => (text, None),
+    };
+    let address: IpAddr = address_text.parse().ok()?;
+    let max_prefix: u8 = if address.is_ipv4() { 32 } else { 128 };
+    let prefix_len = match prefix_text {
+        None => max_prefix,
+        // Digits only: u8's parser would also take "+8".
+        Some(prefix) if !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit()) => {
+            let prefix_len: u8 = prefix.parse().ok()?;
+            if prefix_len > max_prefix {
+                return None;
+            }
+            prefix_len
+        }
+        Some(_) => return None,
+    };
+    let addr = match address {
+        IpAddr::V4(address) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len))
+                .unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(address) & mask))
+        }
+        IpAddr::V6(address) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix_len))
+                .unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(address) & mask))
+        }
+    };
+    Some(SourceRange { addr, prefix_len })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::{super::fixtures::*, *};
+
+    #[test]
+    fn load_balancer_service_with_ready_endpoints() {
+        let endpoints = endpoint("10.1.0.5", NODE, "{ready: true}")
+            + &endpoint("10.1.0.4", "node-2", "{}")
+            + &endpoint("10.1.0.6", "node-2", "{ready: false}");
+        let yaml =
+            service("web", "", HTTP_PORT) + &slice("web-1", "web", SLICE_HTTP_PORT, &endpoints);
+        let (state, errors) = run(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(state.frontends.len(), 1);
+        let spec = &state.frontends[&web_frontend()];
+        assert_eq!(
+            spec.service,
+            ServiceRef {
+                namespace: "shop".into(),
+                name: "web".into(),
+                port_name: "http".into()
+            }
+        );
+        assert_eq!(
+            spec.backends,
+            [
+                backend([10, 1, 0, 4], 8080, false, false),
+                backend([10, 1, 0, 5], 8080, true, false)
+            ]
+        );
+        assert!(!spec.local_only);
+        assert_eq!(spec.affinity_timeout, None);
+        assert!(spec.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn services_of_other_types_are_skipped_silently() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: internal\n\
+                    spec:\n  type: ClusterIP\n  ports:\n  - port: 80\n---\n\
+                    apiVersion: v1\nkind: Service\nmetadata:\n  name: bare\n";
+        let (state, errors) = run(yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(state.frontends.is_empty());
+    }
+
+    #[test]
+    fn every_address_times_every_port_is_a_frontend() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n\
+                    spec:\n  type: LoadBalancer\n  loadBalancerIP: 192.0.2.20\n  ports:\n\
+                    \x20 - name: dns\n    port: 53\n    protocol: UDP\n\
+                    \x20 - name: dns-tcp\n    port: 53\n    protocol: TCP\n\
+                    status:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.20\n\
+                    \x20   - ip: 192.0.2.21\n    - hostname: lb.example.com\n";
+        let (state, errors) = run(yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        let frontends: Vec<Frontend> = state.frontends.keys().copied().collect();
+        assert_eq!(
+            frontends,
+            [
+                frontend([192, 0, 2, 20], 53, Protocol::Tcp),
+                frontend([192, 0, 2, 20], 53, Protocol::Udp),
+                frontend([192, 0, 2, 21], 53, Protocol::Tcp),
+                frontend([192, 0, 2, 21], 53, Protocol::Udp),
+            ]
+        );
+        let udp = &state.frontends[&frontend([192, 0, 2, 21], 53, Protocol::Udp)];
+        assert_eq!(udp.service.namespace, "default");
+        assert_eq!(udp.service.port_name, "dns");
+        assert!(udp.backends.is_empty());
+    }
+
+    #[test]
+    fn pending_service_has_no_frontend_and_no_error() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n\
+                    spec:\n  type: LoadBalancer\n  ports:\n  - port: 80\n";
+        let (state, errors) = run(yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(state.frontends.is_empty());
+    }
+
+    #[test]
+    fn service_without_ports_is_an_error() {
+        let yaml = service("web", "", "    []\n");
+        let (state, errors) = run(&yaml);
+        assert!(state.frontends.is_empty());
+        assert_eq!(
+            errors,
+            ["Service shop/web: no ports in spec.ports; Service skipped"]
+        );
+    }
+
+    #[test]
+    fn sctp_port_is_skipped_with_an_error() {
+        let ports = "  - name: sig\n    port: 3868\n    protocol: SCTP\n".to_owned() + HTTP_PORT;
+        let (state, errors) = run(&service("web", "", &ports));
+        assert_eq!(
+            errors,
+            [
+                "Service shop/web: port 3868 (sig): protocol SCTP is not supported (only TCP and \
+              UDP); port skipped"
+            ]
+        );
+        assert_eq!(
+            state.frontends.keys().copied().collect::<Vec<_>>(),
+            [web_frontend()]
+        );
+    }
+
+    #[test]
+    fn port_out_of_range_is_skipped_with_an_error() {
+        let ports = "  - port: 70000\n".to_owned() + HTTP_PORT;
+        let (state, errors) = run(&service("web", "", &ports));
+        assert_eq!(
+            errors,
+            ["Service shop/web: port 70000 out of range 1-65535; port skipped"]
+        );
+        assert_eq!(state.frontends.len(), 1);
+    }
+
+    #[test]
+    fn ipv6_and_invalid_ingress_addresses_are_reported_and_skipped() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\n\
+                    spec:\n  type: LoadBalancer\n  ports:\n  - port: 80\n\
+                    status:\n  loadBalancer:\n    ingress:\n    - ip: 2001:db8::10\n\
+                    \x20   - ip: not-an-ip\n    - ip: 192.0.2.10\n";
+        let (state, errors) = run(yaml);
+        assert_eq!(
+            errors,
+            [
+                "Service shop/web: status.loadBalancer.ingress ip 2001:db8::10 is IPv6, which \
+                 xlb does not support yet; address skipped",
+                "Service shop/web: status.loadBalancer.ingress ip \"not-an-ip\" is not an IP \
+                 address; address skipped",
+            ]
+        );
+        assert_eq!(
+            state.frontends.keys().copied().collect::<Vec<_>>(),
+            [web_frontend()]
+        );
+    }
+
+    #[test]
+    fn named_target_port_is_resolved_through_the_slice_port_name() {
+        let ports = "  - name: http\n    port: 80\n    targetPort: web\n";
+        let yaml = service("web", "", ports)
+            + &slice(
+                "web-1",
+                "web",
+                SLICE_HTTP_PORT,
+                &endpoint("10.1.0.5", "node-2", "{}"),
+            );
+        let (state, errors) = run(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            state.frontends[&web_frontend()].backends,
+            [backend([10, 1, 0, 5], 8080, false, false)]
+        );
+    }
+
+    #[test]
+    fn numeric_target_port_of_an_unnamed_port() {
+        let ports = "  - port: 80\n    targetPort: 9090\n";
+        let slice_port = "- port: 9090\n";
+        let yaml = service("web", "", ports)
+            + &slice(
+                "web-1",
+                "web",
+                slice_port,
+                &endpoint("10.1.0.5", "node-2", "{}"),
+            );
+        let (state, errors) = run(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        let spec = &state.frontends[&web_frontend()];
+        assert_eq!(spec.service.port_name, "");
+        assert_eq!(spec.backends, [backend([10, 1, 0, 5], 9090, false, false)]);
+    }
+
+    #[test]
+    fn slice_port_without_number_falls_back_to_the_target_port() {
+        let ports = "  - port: 80\n    targetPort: 9090\n  - name: b\n    port: 81\n";
+        let slice_ports = "- name: \"\"\n- name: b\n";
+        let yaml = service("web", "", ports)
+            + &slice(
+                "web-1",
+                "web",
+                slice_ports,
+                &endpoint("10.1.0.5", "node-2", "{}"),
+            );
+        let (state, errors) = run(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            state.frontends[&web_frontend()].backends,
+            [backend([10, 1, 0, 5], 9090, false, false)]
+        );
+        // No targetPort: the Service port itself.
+        assert_eq!(
+            state.frontends[&frontend([192, 0, 2, 10], 81, Protocol::Tcp)].backends,
+            [backend([10, 1, 0, 5], 81, false, false)]
+        );
+    }
+
+    #[test]
+    fn slices_without_a_matching_port_or_of_another_service_or_family_contribute_nothing() {
+        let other_name = "- name: metrics\n  port: 9100\n";
+        let udp = "- name: http\n  port: 8080\n  protocol: UDP\n";
+        let ipv6 = slice(
+            "web-6",
+            "web",
+            SLICE_HTTP_PORT,
+            "- addresses: [\"fd00::5\"]\n",
+        )
+        .replace("addressType: IPv4", "addressType: IPv6");
+        let yaml = service("web", "", HTTP_PORT)
+            + &slice(
+                "web-1",
+                "web",
+                other_name,
+                &endpoint("10.1.0.1", NODE, "{}"),
+            )
+            + &slice("web-2", "web", udp, &endpoint("10.1.0.2", NODE, "{}"))
+            + &slice(
+                "api-1",
+                "api",
+                SLICE_HTTP_PORT,
+                &endpoint("10.1.0.3", NODE, "{}"),
+            )
+            + &ipv6
+            + &slice(
+                "web-4",
+                "web",
+                SLICE_HTTP_PORT,
+                &endpoint("10.1.0.4", NODE, "{}"),
+            );
+        let (state, errors) = run(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            state.frontends[&web_frontend()].backends,
+            [backend([10, 1, 0, 4], 8080, true, false)]
+        );
+    }
+
+    #[test]
+    fn invalid_endpoint_address_is_reported_on_the_slice() {
+        let endpoints = "- addresses: [\"10.1.0.300\", \"10.1.0.5\"]\n";
+        let yaml =
+            service("web", "", HTTP_PORT) + &slice("web-1", "web", SLICE_HTTP_PORT, endpoints);
+        let (state, errors) = run(&yaml);
+        assert_eq!(
+            errors,
+            [
+                "EndpointSlice shop/web-1: endpoint address \"10.1.0.300\" is not an IPv4 address; \
+              address skipped"
+            ]
+        );
+        assert_eq!(
+            state.frontends[&web_frontend()].backends,
+            [backend([10, 1, 0, 5], 8080, false, false)]
+        );
+    }
+
+    #[test]
+    fn backends_are_sorted_and_deduplicated_across_slices() {
+        let yaml = service("web", "", HTTP_PORT)
+            + &slice(
+                "web-1",
+                "web",
+                SLICE_HTTP_PORT,
+                &endpoint("10.1.0.9", "node-2", "{}"),
+            )
+            + &slice(
+                "web-2",
+                "web",
+                SLICE_HTTP_PORT,
+                &(endpoint("10.1.0.9", "node-2", "{}") + &endpoint("10.1.0.2", "node-2", "{}")),
+            );
+        let (state, _) = run(&yaml);
+        assert_eq!(
+            state.frontends[&web_frontend()].backends,
+            [
+                backend([10, 1, 0, 2], 8080, false, false),
+                backend([10, 1, 0, 9], 8080, false, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn terminating_serving_endpoints_are_used_only_when_none_is_ready() {
+        let terminating = "{ready: false, serving: true, terminating: true}";
+        let gone = "{ready: false, serving: false, terminating: true}";
+        let endpoints = endpoint("10.1.0.1", "node-2", terminating)
+            + &endpoint("10.1.0.2", "node-2", gone)
+            + &endpoint("10.1.0.3", "node-2", "{ready: false}");
+        let yaml =
+            service("web", "", HTTP_PORT) + &slice("web-1", "web", SLICE_HTTP_PORT, &endpoints);
+        let (state, _) = run(&yaml);
+        assert_eq!(
+            state.frontends[&web_frontend()].backends,
+            [backend([10, 1, 0, 1], 8080, false, true)]
+        );
+
+        // One ready endpoint, even in another slice: terminating ones are not used.
+        let yaml = yaml
+            + &slice(
+                "web-2",
+                "web",
+                SLICE_HTTP_PORT,
+                &endpoint("10.1.0.4", "node-2", "{}"),
+            );
+        let (state, _) = run(&yaml);
+        assert_eq!(
+            state.frontends[&web_frontend()].backends,
+            [backend([10, 1, 0, 4], 8080, false, false)]
+        );
+    }
+
+    #[test]
+    fn local_policy_keeps_only_local_endpoints() {
+        let endpoints = endpoint("10.1.0.1", NODE, "{}") + &endpoint("10.1.0.2", "node-2", "{}");
+        let yaml = service("web", "  externalTrafficPolicy: Local\n", HTTP_PORT)
+            + &slice("web-1", "web", SLICE_HTTP_PORT, &endpoints);
+        let (state, errors) = run(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        let spec = &state.frontends[&web_frontend()];
+        assert!(spec.local_only);
+        assert_eq!(spec.backends, [backend([10, 1, 0, 1], 8080, true, false)]);
+    }
+
+    #[test]
+    fn local_policy_falls_back_to_local_terminating_despite_remote_ready_endpoints() {
+        let endpoints = endpoint(
+            "10.1.0.1",
+            NODE,
+            "{ready: false, serving: true, terminating: true}",
+        ) + &endpoint("10.1.0.2", "node-2", "{ready: true}");
+        let yaml = service("web", "  externalTrafficPolicy: Local\n", HTTP_PORT)
+            + &slice("web-1", "web", SLICE_HTTP_PORT, &endpoints);
+        let (state, _) = run(&yaml);
+        assert_eq!(
+            state.frontends[&web_frontend()].backends,
+            [backend([10, 1, 0, 1], 8080, true, true)]
+        );
+    }
+
+    #[test]
+    fn local_policy_without_local_endpoints_has_no_backends() {
+        let yaml = service("web", "  externalTrafficPolicy: Local\n", HTTP_PORT)
+            + &slice(
+                "web-1",
+                "web",
+                SLICE_HTTP_PORT,
+                &endpoint("10.1.0.2", "node-2", "{}"),
+            );
+        let (state, _) = run(&yaml);
+        let spec = &state.frontends[&web_frontend()];
+        assert!(spec.local_only);
+        assert!(spec.backends.is_empty());
+    }
+
+    #[test]
+    fn client_ip_affinity_default_explicit_and_invalid_timeouts() {
+        let timeout = |spec: &str| {
+            let (state, errors) = run(&service("web", spec, HTTP_PORT));
+            (state.frontends[&web_frontend()].affinity_timeout, errors)
+        };
+        assert_eq!(
+            timeout("  sessionAffinity: ClientIP\n"),
+            (Some(10_800), vec![])
+        );
+        let explicit = "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      \
+                        timeoutSeconds: 60\n";
+        assert_eq!(timeout(explicit), (Some(60), vec![]));
+        let (value, errors) = timeout(&explicit.replace("60", "86401"));
+        assert_eq!(value, Some(10_800));
+        assert_eq!(
+            errors,
+            [
+                "Service shop/web: sessionAffinityConfig.clientIP.timeoutSeconds 86401 out of \
+              range 1-86400; using the default 10800"
+            ]
+        );
+        assert_eq!(timeout("  sessionAffinity: None\n"), (None, vec![]));
+    }
+
+    #[test]
+    fn source_ranges_are_parsed_normalised_and_sorted() {
+        let spec = "  loadBalancerSourceRanges:\n  - \" 198.51.100.0/24 \"\n  - 10.1.2.3/8\n\
+                    \x20 - 203.0.113.7\n  - 10.0.0.0/8\n";
+        let (state, errors) = run(&service("web", spec, HTTP_PORT));
+        assert!(errors.is_empty(), "{errors:?}");
+        let ranges: Vec<String> = state.frontends[&web_frontend()]
+            .source_ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ranges, ["10.0.0.0/8", "198.51.100.0/24", "203.0.113.7/32"]);
+    }
+
+    #[test]
+    fn invalid_source_range_withdraws_the_whole_service() {
+        for bad in ["10.0.0.0/33", "10.0.0/8", "10.0.0.0/+8", "", "any"] {
+            let spec = format!("  loadBalancerSourceRanges:\n  - 10.0.0.0/8\n  - {bad:?}\n");
+            let yaml = service("web", &spec, HTTP_PORT)
+                + &service("api", "", HTTP_PORT.replace("80", "81").as_str());
+            let (state, errors) = run(&yaml);
+            assert_eq!(
+                errors,
+                [format!(
+                    "Service shop/web: loadBalancerSourceRanges entry {bad:?} is not a CIDR or \
+                     an IP address; Service skipped so that it is not open to every source"
+                )]
+            );
+            // Only the other Service remains.
+            assert!(
+                state
+                    .frontends
+                    .values()
+                    .all(|spec| spec.service.name == "api"),
+                "{bad}"
+            );
+            assert_eq!(state.frontends.len(), 1);
+        }
+    }
+
+    #[test]
+    fn parse_source_range_accepts_ipv6() {
+        assert_eq!(
+            parse_source_range("2001:db8::1/32"),
+            Some(SourceRange {
+                addr: "2001:db8::".parse().unwrap(),
+                prefix_len: 32
+            })
+        );
+        assert_eq!(
+            parse_source_range("0.0.0.0/0"),
+            Some(SourceRange {
+                addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                prefix_len: 0
+            })
+        );
+    }
+}
