@@ -5,9 +5,10 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr},
 };
 
+use ipnet::IpNet;
 use k8s_openapi::{
     api::{
         core::v1::{ObjectReference, Service, ServicePort, ServiceSpec},
@@ -483,39 +484,21 @@ impl<'a> ServiceContext<'a> {
 /// `net.ParseCIDR` does, so `10.1.2.3/8` means `10.0.0.0/8`.
 fn parse_source_range(text: &str) -> Option<SourceRange> {
     let text = text.trim();
-    let (address_text, prefix_text) = match text.split_once('/') {
-        Some((address, prefix)) => (address, Some(prefix)),
-        None => (text, None),
+    let (address, network) = match text.split_once('/') {
+        Some((address, _)) => (address, text.parse::<IpNet>().ok()?),
+        // No prefix: one host.
+        None => (text, IpNet::from(text.parse::<IpAddr>().ok()?)),
     };
-    let address: IpAddr = address_text.parse().ok()?;
-    let max_prefix: u8 = if address.is_ipv4() { 32 } else { 128 };
-    let prefix_len = match prefix_text {
-        None => max_prefix,
-        // Digits only: u8's parser would also take "+8".
-        Some(prefix) if !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit()) => {
-            let prefix_len: u8 = prefix.parse().ok()?;
-            if prefix_len > max_prefix {
-                return None;
-            }
-            prefix_len
-        }
-        Some(_) => return None,
-    };
-    let addr = match address {
-        IpAddr::V4(address) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(prefix_len))
-                .unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(u32::from(address) & mask))
-        }
-        IpAddr::V6(address) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(prefix_len))
-                .unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(u128::from(address) & mask))
-        }
-    };
-    Some(SourceRange { addr, prefix_len })
+    // ipnet reads `010.0.0.0` as 10.0.0.0; the standard parser, like Go's
+    // since 1.17, rejects leading zeros, which some parsers read as octal.
+    // Fail closed rather than guess.
+    address.parse::<IpAddr>().ok()?;
+    let network = network.trunc();
+    // The datapath's own type, so that the reconciler needs no new vocabulary.
+    Some(SourceRange {
+        addr: network.network(),
+        prefix_len: network.prefix_len(),
+    })
 }
 
 #[cfg(test)]
@@ -941,6 +924,25 @@ mod tests {
             );
             assert_eq!(state.frontends.len(), 1);
         }
+    }
+
+    #[test]
+    fn parse_source_range_rejects_leading_zeros_and_zones() {
+        for bad in [
+            "010.0.0.0/8",
+            "fe80::1%eth0",
+            "10.0.0.0/ 8",
+            "2001:db8::/129",
+        ] {
+            assert_eq!(parse_source_range(bad), None, "{bad}");
+        }
+        assert_eq!(
+            parse_source_range("10.1.0.0/08"),
+            Some(SourceRange {
+                addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)),
+                prefix_len: 8
+            })
+        );
     }
 
     #[test]
