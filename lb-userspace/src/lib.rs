@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod conntrack;
 pub mod dataplane;
+pub mod encode;
 pub mod inspect;
 pub mod maglev;
 pub mod model;
