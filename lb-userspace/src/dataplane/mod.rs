@@ -17,6 +17,7 @@ use aya::{Ebpf, EbpfLoader, programs::ProgramError};
 use lb_common::MAGLEV_TABLE_SIZE;
 
 pub use maps::Maps;
+use maps::names;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -123,13 +124,13 @@ pub fn load(pins: &PinDir, limits: Limits) -> Result<Ebpf> {
         .context("--max-services too large for the Maglev table")?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.maps())
-        .map_max_entries("XLB_SERVICES", limits.max_services)
-        .map_max_entries("XLB_STATS", limits.max_services)
-        .map_max_entries("XLB_MAGLEV", maglev_slots)
-        .map_max_entries("XLB_SRC_RANGES", limits.max_services.saturating_mul(4))
-        .map_max_entries("XLB_BACKENDS", limits.max_backends)
-        .map_max_entries("XLB_AFFINITY", limits.max_flows / 4 + 1)
-        .map_max_entries("XLB_FLOWS", limits.max_flows)
+        .map_max_entries(names::SERVICES, limits.max_services)
+        .map_max_entries(names::STATS, limits.max_services)
+        .map_max_entries(names::MAGLEV, maglev_slots)
+        .map_max_entries(names::SOURCE_RANGES, limits.max_services.saturating_mul(4))
+        .map_max_entries(names::BACKENDS, limits.max_backends)
+        .map_max_entries(names::AFFINITY, limits.max_flows / 4 + 1)
+        .map_max_entries(names::FLOWS, limits.max_flows)
         .load(OBJECT)
         .context("loading the xlb eBPF object (creating or opening its maps)")?;
     for name in [attach::XDP_PROGRAM, attach::TC_PROGRAM] {
