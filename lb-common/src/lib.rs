@@ -235,6 +235,26 @@ pub struct ServiceStats {
     pub drop_unsupported: u64,
 }
 
+impl ServiceStats {
+    /// The sum of the per-CPU copies of a service's counters (`STATS` is a
+    /// per-CPU array: each CPU counts without contention, readers add up).
+    pub fn accumulate<'a>(per_cpu: impl IntoIterator<Item = &'a Self>) -> Self {
+        let mut sum = Self::default();
+        for s in per_cpu {
+            sum.packets += s.packets;
+            sum.bytes += s.bytes;
+            sum.reply_packets += s.reply_packets;
+            sum.reply_bytes += s.reply_bytes;
+            sum.new_flows += s.new_flows;
+            sum.drop_source_range += s.drop_source_range;
+            sum.drop_no_backend += s.drop_no_backend;
+            sum.drop_snat_exhausted += s.drop_snat_exhausted;
+            sum.drop_unsupported += s.drop_unsupported;
+        }
+        sum
+    }
+}
+
 /// Index of the single entry in `GLOBAL_STATS`.
 pub const GLOBAL_STATS_KEY: u32 = 0;
 
@@ -251,6 +271,20 @@ pub struct GlobalStats {
     pub translated_passed: u64,
     /// Truncated or malformed headers.
     pub malformed: u64,
+}
+
+impl GlobalStats {
+    /// The sum of the per-CPU copies of the node-wide counters.
+    pub fn accumulate<'a>(per_cpu: impl IntoIterator<Item = &'a Self>) -> Self {
+        let mut sum = Self::default();
+        for s in per_cpu {
+            sum.passed += s.passed;
+            sum.redirected += s.redirected;
+            sum.translated_passed += s.translated_passed;
+            sum.malformed += s.malformed;
+        }
+        sum
+    }
 }
 
 /// Index of the single entry in `CONFIG`.
@@ -398,6 +432,30 @@ mod tests {
         assert_eq!(offset_of!(SourceRange, addr), 4);
         assert_eq!(offset_of!(Backend, service_id), 20);
         assert_eq!(offset_of!(Flow, src_addr), 8);
+    }
+
+    #[test]
+    fn per_cpu_counters_add_up_field_by_field() {
+        let cpu = |n: u64| ServiceStats {
+            packets: n,
+            bytes: 2 * n,
+            reply_packets: 3 * n,
+            reply_bytes: 4 * n,
+            new_flows: 5 * n,
+            drop_source_range: 6 * n,
+            drop_no_backend: 7 * n,
+            drop_snat_exhausted: 8 * n,
+            drop_unsupported: 9 * n,
+        };
+        assert_eq!(ServiceStats::accumulate(&[cpu(1), cpu(10)]), cpu(11));
+        assert_eq!(ServiceStats::accumulate(&[]), ServiceStats::default());
+        let node = |n: u64| GlobalStats {
+            passed: n,
+            redirected: 2 * n,
+            translated_passed: 3 * n,
+            malformed: 4 * n,
+        };
+        assert_eq!(GlobalStats::accumulate(&[node(2), node(5)]), node(7));
     }
 
     #[test]

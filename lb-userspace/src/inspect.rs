@@ -1,6 +1,6 @@
 //! `xlb inspect`: the live maps, read from their pins, as tables or JSON.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 use lb_common::{
@@ -10,7 +10,10 @@ use lb_common::{
 use serde_json::{Value, json};
 
 use crate::{
-    dataplane::Maps, model::Protocol, netdev, reconcile::frontend_from_key,
+    dataplane::Maps,
+    encode::{addr_from16, frontend_from_key},
+    model::Protocol,
+    netdev,
     state_file::FrontendInfo,
 };
 
@@ -22,8 +25,9 @@ pub enum What {
     Stats,
 }
 
-fn v4(a: &[u8; 16]) -> Ipv4Addr {
-    Ipv4Addr::new(a[0], a[1], a[2], a[3])
+/// `address:port` as `SocketAddr` prints it (IPv6 in brackets).
+fn endpoint(addr: IpAddr, port: u16) -> String {
+    SocketAddr::new(addr, port).to_string()
 }
 
 fn flags_text(pairs: &[(bool, &str)]) -> String {
@@ -81,7 +85,7 @@ pub fn rows(
                     "backend_id": id,
                     "service_id": b.service_id,
                     "service": name_of(b.service_id),
-                    "address": format!("{}:{}", v4(&b.addr), b.port.host()),
+                    "address": endpoint(addr_from16(&b.addr, b.family), b.port.host()),
                     "flags": flags_text(&[
                         (b.flags & BACKEND_F_LOCAL != 0, "local"),
                         (b.flags & BACKEND_F_TERMINATING != 0, "terminating"),
@@ -97,12 +101,15 @@ pub fn rows(
                 let proto = Protocol::from_number(key.proto)
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| key.proto.to_string());
+                // A flow entry carries no family of its own: the rewritten
+                // tuple has its key's.
+                let addr = |a: &[u8; 16]| addr_from16(a, key.family);
                 out.push(json!({
                     "protocol": proto,
-                    "from": format!("{}:{}", v4(&key.src_addr), key.src_port.host()),
-                    "to": format!("{}:{}", v4(&key.dst_addr), key.dst_port.host()),
-                    "rewritten_from": format!("{}:{}", v4(&flow.src_addr), flow.src_port.host()),
-                    "rewritten_to": format!("{}:{}", v4(&flow.dst_addr), flow.dst_port.host()),
+                    "from": endpoint(addr(&key.src_addr), key.src_port.host()),
+                    "to": endpoint(addr(&key.dst_addr), key.dst_port.host()),
+                    "rewritten_from": endpoint(addr(&flow.src_addr), flow.src_port.host()),
+                    "rewritten_to": endpoint(addr(&flow.dst_addr), flow.dst_port.host()),
                     "service_id": flow.service_id,
                     "backend_id": flow.backend_id,
                     "direction": if flow.flags & FLOW_F_REPLY != 0 { "reply" } else { "forward" },

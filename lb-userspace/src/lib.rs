@@ -2,15 +2,17 @@
 //!
 //! Pure modules, tested without root or a cluster, use neither aya nor a
 //! Kubernetes client: `model`, `maglev`, `translate` (Kubernetes objects →
-//! `DesiredState`), `reconcile`, `conntrack`, `change`, `flags`. The
-//! edges with side effects: `manifest` (reads a directory), `kubernetes`
-//! (watches, Lease, Events, Service status), `dataplane` and `netdev`
-//! (the kernel), `state_file`, and `agent`, which wires them together.
+//! `DesiredState`), `encode` (the map contract's encoding), `reconcile`,
+//! `conntrack`, `change`, `flags`. The edges with side effects: `manifest`
+//! (reads a directory), `kubernetes` (watches, Lease, Events, Service
+//! status), `dataplane` and `netdev` (the kernel), `state_file`, and
+//! `agent`, which wires them together.
 
 pub mod agent;
 pub mod change;
 pub mod conntrack;
 pub mod dataplane;
+pub mod encode;
 pub mod flags;
 pub mod inspect;
 pub mod kubernetes;

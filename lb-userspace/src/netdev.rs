@@ -1,49 +1,24 @@
 //! Interface facts and the few sysctls the datapath relies on.
 
-use std::{ffi::CString, fs, net::Ipv4Addr};
+use std::{fs, net::Ipv4Addr};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use nix::{
+    ifaddrs::getifaddrs,
+    net::if_::if_nametoindex,
+    time::{ClockId, clock_gettime},
+};
 
 pub fn ifindex(name: &str) -> Result<u32> {
-    let c = CString::new(name).with_context(|| format!("bad interface name {name:?}"))?;
-    // SAFETY: valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if index == 0 {
-        bail!("interface {name} not found");
-    }
-    Ok(index)
+    if_nametoindex(name).with_context(|| format!("interface {name} not found"))
 }
 
 /// First IPv4 address of an interface (getifaddrs order).
 pub fn first_ipv4(name: &str) -> Result<Option<Ipv4Addr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getifaddrs");
-    }
-    let mut found = None;
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list returned by getifaddrs.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_name is a valid C string for the list's lifetime.
-        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if ifname.to_bytes() != name.as_bytes() {
-            continue;
-        }
-        // SAFETY: ifa_addr is non-null; the family says how to read it.
-        if unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET {
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            break;
-        }
-    }
-    // SAFETY: `head` came from getifaddrs.
-    unsafe { libc::freeifaddrs(head) };
+    let found = getifaddrs()
+        .context("getifaddrs")?
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address?.as_sockaddr_in().map(|sin| sin.ip()));
     Ok(found)
 }
 
@@ -89,11 +64,38 @@ pub fn prepare_forwarding(ifaces: &[String]) {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    // Reading CLOCK_MONOTONIC cannot fail on Linux.
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|now| now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Every network namespace has `lo`; it holds 127.0.0.1 once up, as it is
+    // where unit tests run.
+    #[test]
+    fn loopback_is_found_with_its_address() {
+        assert!(ifindex("lo").unwrap() > 0);
+        assert_eq!(first_ipv4("lo").unwrap(), Some(Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn a_missing_interface_is_named_in_the_error() {
+        let error = format!("{:#}", ifindex("xlb-no-such0").unwrap_err());
+        assert!(
+            error.starts_with("interface xlb-no-such0 not found"),
+            "{error}"
+        );
+        assert_eq!(first_ipv4("xlb-no-such0").unwrap(), None);
+    }
+
+    #[test]
+    fn the_monotonic_clock_moves_forward() {
+        let before = monotonic_ns();
+        assert!(before > 0);
+        assert!(monotonic_ns() >= before);
+    }
 }

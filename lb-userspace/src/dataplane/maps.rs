@@ -97,31 +97,12 @@ impl Maps {
     /// Sums a service's per-CPU counters.
     pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats> {
         let per_cpu = self.stats.get(&service_id, 0)?;
-        let mut sum = ServiceStats::default();
-        for s in per_cpu.iter() {
-            sum.packets += s.packets;
-            sum.bytes += s.bytes;
-            sum.reply_packets += s.reply_packets;
-            sum.reply_bytes += s.reply_bytes;
-            sum.new_flows += s.new_flows;
-            sum.drop_source_range += s.drop_source_range;
-            sum.drop_no_backend += s.drop_no_backend;
-            sum.drop_snat_exhausted += s.drop_snat_exhausted;
-            sum.drop_unsupported += s.drop_unsupported;
-        }
-        Ok(sum)
+        Ok(ServiceStats::accumulate(per_cpu.iter()))
     }
 
     pub fn global_stats(&self) -> Result<GlobalStats> {
         let per_cpu = self.global.get(&lb_common::GLOBAL_STATS_KEY, 0)?;
-        let mut sum = GlobalStats::default();
-        for s in per_cpu.iter() {
-            sum.passed += s.passed;
-            sum.redirected += s.redirected;
-            sum.translated_passed += s.translated_passed;
-            sum.malformed += s.malformed;
-        }
-        Ok(sum)
+        Ok(GlobalStats::accumulate(per_cpu.iter()))
     }
 }
 

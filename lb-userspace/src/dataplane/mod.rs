@@ -18,14 +18,16 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader, programs::ProgramError};
 use lb_common::MAGLEV_TABLE_SIZE;
+use nix::{
+    mount::{MsFlags, mount},
+    sys::statfs::{BPF_FS_MAGIC, statfs},
+};
 
 pub use maps::Maps;
+use maps::names;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
-
-/// `statfs` magic of a BPF filesystem.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Map sizes, chosen at load time. Pinned maps that already exist keep the
 /// size they were created with.
@@ -78,20 +80,13 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     if is_bpffs(bpffs)? {
         return Ok(());
     }
-    let target = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
-    let fstype = c"bpf";
-    // SAFETY: all pointers are valid NUL-terminated strings for the call.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    if let Err(err) = mount(
+        Some("bpf"),
+        bpffs,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    ) {
         bail!(
             "{} is not a BPF filesystem and mounting one there failed: {err} (run as root, or mount it: mount -t bpf bpf {})",
             bpffs.display(),
@@ -103,14 +98,8 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
 }
 
 fn is_bpffs(path: &Path) -> Result<bool> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid path and `st` a valid out-pointer.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", path.display()));
-    }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    let st = statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(st.filesystem_type() == BPF_FS_MAGIC)
 }
 
 /// Loads the embedded object, creating or adopting the pinned maps, and
@@ -132,13 +121,13 @@ pub fn load(pins: &PinDir, limits: Limits) -> Result<Ebpf> {
         .context("--max-services too large for the Maglev table")?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.maps())
-        .map_max_entries("XLB_SERVICES", limits.max_services)
-        .map_max_entries("XLB_STATS", limits.max_services)
-        .map_max_entries("XLB_MAGLEV", maglev_slots)
-        .map_max_entries("XLB_SRC_RANGES", limits.max_services.saturating_mul(4))
-        .map_max_entries("XLB_BACKENDS", limits.max_backends)
-        .map_max_entries("XLB_AFFINITY", limits.max_flows / 4 + 1)
-        .map_max_entries("XLB_FLOWS", limits.max_flows)
+        .map_max_entries(names::SERVICES, limits.max_services)
+        .map_max_entries(names::STATS, limits.max_services)
+        .map_max_entries(names::MAGLEV, maglev_slots)
+        .map_max_entries(names::SOURCE_RANGES, limits.max_services.saturating_mul(4))
+        .map_max_entries(names::BACKENDS, limits.max_backends)
+        .map_max_entries(names::AFFINITY, limits.max_flows / 4 + 1)
+        .map_max_entries(names::FLOWS, limits.max_flows)
         .load(OBJECT)
         .context("loading the xlb eBPF object (creating or opening its maps)")?;
     for name in [attach::XDP_PROGRAM, attach::TC_PROGRAM] {

@@ -1,0 +1,494 @@
+//! Diff the programmed state against a new `DesiredState` and write only
+//! what changed, in an order that never lets a packet see a dangling
+//! reference: backends first, then Maglev slots, then the service entry;
+//! removals in reverse (service entry, then slots' old backends).
+//!
+//! Maglev tables are updated in place, slot by slot, rather than
+//! double-buffered: a new flow reads exactly one slot, each slot write is an
+//! atomic u32 store, and a backend leaves `BACKENDS` only after no slot
+//! points at it, so every read sees either the old or the new backend, both
+//! valid. That keeps one table per service (`table_id == service_id`) and
+//! writes only the ~M/N slots a change moves.
+//!
+//! Pure: map writes go through [`MapWriter`], so this is unit-tested without
+//! root.
+
+mod ids;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::IpAddr,
+};
+
+use anyhow::{Result, anyhow};
+use lb_common::{FrontendKey, MAGLEV_TABLE_SIZE};
+
+use self::{ids::IdPool, writer::Counting};
+// The encoding lived here first; callers outside the crate import it from here.
+pub use crate::encode::{frontend_from_key, frontend_key};
+use crate::{
+    encode::{
+        backend_from_value, backend_value, service_value, source_range_from_key,
+        source_range_is_written, source_range_key,
+    },
+    maglev,
+    model::{Backend, DesiredState, Frontend, FrontendSpec, SourceRange},
+};
+pub use writer::MapWriter;
+
+/// What is in the maps for one frontend.
+#[derive(Clone, Debug)]
+struct Programmed {
+    /// `None` for an entry adopted from pinned maps: its spec is unknown, so
+    /// the next apply rewrites it completely (same ids).
+    spec: Option<FrontendSpec>,
+    service_id: u32,
+    backend_ids: BTreeMap<(IpAddr, u16), u32>,
+    backend_values: BTreeMap<u32, lb_common::Backend>,
+    /// Whether the Maglev slots hold `spec`'s table. The table itself is not
+    /// kept (4 KiB per frontend): it is recomputed from the spec when a
+    /// change needs to know which slots move.
+    table_written: bool,
+    service_value: Option<lb_common::Service>,
+    source_ranges: BTreeSet<SourceRange>,
+}
+
+/// What one apply did, for logs and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+    pub map_writes: usize,
+    pub errors: Vec<String>,
+}
+
+/// An entry found in the pinned maps at start-up.
+pub struct AdoptedService {
+    pub key: FrontendKey,
+    pub value: lb_common::Service,
+}
+
+/// What a previous agent left in the pinned maps.
+#[derive(Default)]
+pub struct Adoption {
+    pub services: Vec<AdoptedService>,
+    pub backends: Vec<(u32, lb_common::Backend)>,
+    /// Trie keys with their prefix lengths.
+    pub source_ranges: Vec<(lb_common::SourceRange, u32)>,
+}
+
+pub struct Reconciler {
+    programmed: BTreeMap<Frontend, Programmed>,
+    service_id_pool: IdPool,
+    backend_id_pool: IdPool,
+    /// Bumped whenever what [`Reconciler::programmed`] names changes (a
+    /// frontend added or removed, or its Service, policy, affinity or
+    /// source ranges); backend changes leave it alone.
+    names_version: u64,
+}
+
+/// The Maglev table (slot → backend id) for `backends`, whose ids are in
+/// `ids`. Empty when there is no backend.
+fn maglev_table(backends: &[Backend], ids: &BTreeMap<(IpAddr, u16), u32>) -> Vec<u32> {
+    let identities: Vec<Vec<u8>> = backends.iter().map(maglev_identity).collect();
+    let refs: Vec<&[u8]> = identities.iter().map(|v| v.as_slice()).collect();
+    maglev::populate(&refs, MAGLEV_TABLE_SIZE)
+        .iter()
+        .map(|i| ids[&(backends[*i as usize].addr, backends[*i as usize].port)])
+        .collect()
+}
+
+/// Stable identity of a backend for Maglev: address octets and port.
+fn maglev_identity(b: &Backend) -> Vec<u8> {
+    let mut v = match b.addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    v.extend_from_slice(&b.port.to_be_bytes());
+    v
+}
+
+impl Reconciler {
+    pub fn new(max_services: u32, max_backends: u32) -> Self {
+        Self {
+            programmed: BTreeMap::new(),
+            service_id_pool: IdPool::services(max_services),
+            backend_id_pool: IdPool::backends(max_backends),
+            names_version: 0,
+        }
+    }
+
+    /// See the field: a caller that publishes names (the state file) needs
+    /// to do so only when this moved.
+    pub fn names_version(&self) -> u64 {
+        self.names_version
+    }
+
+    /// Takes over what a previous agent left in the pinned maps: service ids
+    /// and backend ids are kept (so affinity pins and counters survive); every
+    /// adopted frontend is rewritten on the next apply.
+    pub fn adopt(&mut self, found: Adoption) {
+        let Adoption {
+            services,
+            backends,
+            source_ranges,
+        } = found;
+        let mut by_service: BTreeMap<u32, Programmed> = BTreeMap::new();
+        let mut frontends: BTreeMap<u32, Frontend> = BTreeMap::new();
+        for s in services {
+            let Some(frontend) = frontend_from_key(&s.key) else {
+                continue;
+            };
+            self.service_id_pool.adopt(s.value.service_id);
+            frontends.insert(s.value.service_id, frontend);
+            let mut p = Programmed::empty(s.value.service_id);
+            p.service_value = Some(s.value);
+            by_service.insert(s.value.service_id, p);
+        }
+        for (id, value) in backends {
+            self.backend_id_pool.adopt(id);
+            if let Some(p) = by_service.get_mut(&value.service_id) {
+                let backend = backend_from_value(&value);
+                p.backend_ids.insert((backend.addr, backend.port), id);
+                p.backend_values.insert(id, value);
+            }
+        }
+        for (key, prefix_len) in source_ranges {
+            let (service_id, range) = source_range_from_key(&key, prefix_len);
+            if let Some(p) = by_service.get_mut(&service_id) {
+                p.source_ranges.insert(range);
+            }
+        }
+        for (id, p) in by_service {
+            if let Some(f) = frontends.remove(&id) {
+                self.programmed.insert(f, p);
+            }
+        }
+    }
+
+    /// Service ids in use (for the flow sweeper).
+    pub fn active_service_ids(&self) -> HashSet<u32> {
+        self.programmed.values().map(|p| p.service_id).collect()
+    }
+
+    /// Backend ids in use (for the flow sweeper).
+    pub fn active_backend_ids(&self) -> HashSet<u32> {
+        self.backend_id_pool.in_use().clone()
+    }
+
+    /// `(service id, frontend, spec)` of every programmed frontend.
+    pub fn programmed(&self) -> impl Iterator<Item = (u32, &Frontend, Option<&FrontendSpec>)> {
+        self.programmed
+            .iter()
+            .map(|(f, p)| (p.service_id, f, p.spec.as_ref()))
+    }
+
+    pub fn apply(&mut self, desired: &DesiredState, w: &mut dyn MapWriter) -> ApplySummary {
+        let mut summary = ApplySummary::default();
+        let mut counting = Counting::new(w);
+        let removed: Vec<Frontend> = self
+            .programmed
+            .keys()
+            .filter(|f| !desired.frontends.contains_key(f))
+            .copied()
+            .collect();
+        for frontend in removed {
+            self.remove_one(&frontend, &mut counting, &mut summary);
+        }
+        for (frontend, spec) in &desired.frontends {
+            self.apply_one(frontend, spec, &mut counting, &mut summary);
+        }
+        summary.map_writes = counting.writes;
+        summary
+    }
+
+    /// Like [`Reconciler::apply`], but looks only at `changed`: each listed
+    /// frontend is programmed as `desired` has it, or removed if `desired`
+    /// lacks it. For sources that know what changed (a watch event), so a
+    /// change costs O(changed), not a diff over every frontend.
+    pub fn apply_changed(
+        &mut self,
+        desired: &DesiredState,
+        changed: &BTreeSet<Frontend>,
+        w: &mut dyn MapWriter,
+    ) -> ApplySummary {
+        let mut summary = ApplySummary::default();
+        let mut counting = Counting::new(w);
+        for frontend in changed {
+            match desired.frontends.get(frontend) {
+                Some(spec) => self.apply_one(frontend, spec, &mut counting, &mut summary),
+                None if self.programmed.contains_key(frontend) => {
+                    self.remove_one(frontend, &mut counting, &mut summary)
+                }
+                None => {}
+            }
+        }
+        summary.map_writes = counting.writes;
+        summary
+    }
+
+    fn apply_one(
+        &mut self,
+        frontend: &Frontend,
+        spec: &FrontendSpec,
+        w: &mut dyn MapWriter,
+        summary: &mut ApplySummary,
+    ) {
+        let existing = self.programmed.get(frontend);
+        if existing.is_some_and(|p| p.spec.as_ref() == Some(spec) && p.table_written) {
+            summary.unchanged += 1;
+            return;
+        }
+        let is_new = existing.is_none();
+        match self.program_frontend(frontend, spec, w) {
+            Ok(()) if is_new => summary.added += 1,
+            Ok(()) => summary.updated += 1,
+            Err(e) => summary
+                .errors
+                .push(format!("programming {frontend} ({}): {e:#}", spec.service)),
+        }
+    }
+
+    fn remove_one(
+        &mut self,
+        frontend: &Frontend,
+        w: &mut dyn MapWriter,
+        summary: &mut ApplySummary,
+    ) {
+        match self.remove_frontend(frontend, w) {
+            Ok(()) => summary.removed += 1,
+            Err(e) => summary.errors.push(format!("removing {frontend}: {e:#}")),
+        }
+    }
+
+    fn program_frontend(
+        &mut self,
+        frontend: &Frontend,
+        spec: &FrontendSpec,
+        w: &mut dyn MapWriter,
+    ) -> Result<()> {
+        let key = frontend_key(frontend)?;
+        let mut p = match self.programmed.remove(frontend) {
+            Some(p) => p,
+            None => {
+                let service_id = self
+                    .service_id_pool
+                    .allocate()
+                    .map_err(|_| anyhow!("service table full (see --max-services)"))?;
+                w.reset_stats(service_id)?;
+                Programmed::empty(service_id)
+            }
+        };
+        if p.names_change(spec) {
+            self.names_version += 1;
+        }
+        let result = self.write_frontend(&key, spec, &mut p, w);
+        if result.is_err() {
+            // Retry everything next time.
+            p.spec = None;
+            p.table_written = false;
+        }
+        self.programmed.insert(*frontend, p);
+        result
+    }
+
+    /// Backends first, then Maglev slots, then the service entry, then the
+    /// backends no slot points at any more: a packet never meets an id
+    /// that is not (yet, or any more) in `BACKENDS`.
+    fn write_frontend(
+        &mut self,
+        key: &FrontendKey,
+        spec: &FrontendSpec,
+        p: &mut Programmed,
+        w: &mut dyn MapWriter,
+    ) -> Result<()> {
+        let old_table = p.written_table();
+        let wanted = p.write_backends(spec, &mut self.backend_id_pool, w)?;
+        p.write_maglev_slots(&old_table, spec, w)?;
+        p.write_service_entry(key, spec, w)?;
+        p.drop_stale_backends(&wanted, &mut self.backend_id_pool, w)?;
+        p.spec = Some(spec.clone());
+        Ok(())
+    }
+
+    /// The write order reversed: the service entry first, so no new flow
+    /// reaches the ranges and backends going away.
+    fn remove_frontend(&mut self, frontend: &Frontend, w: &mut dyn MapWriter) -> Result<()> {
+        let Some(p) = self.programmed.get(frontend) else {
+            return Ok(());
+        };
+        let key = frontend_key(frontend)?;
+        w.delete_service(&key)?;
+        for r in p
+            .source_ranges
+            .iter()
+            .filter(|r| source_range_is_written(r))
+        {
+            let (k, len) = source_range_key(p.service_id, r)?;
+            w.delete_source_range(&k, len)?;
+        }
+        for id in p.backend_ids.values() {
+            w.delete_backend(*id)?;
+            self.backend_id_pool.release(*id);
+        }
+        let service_id = p.service_id;
+        self.programmed.remove(frontend);
+        self.names_version += 1;
+        self.service_id_pool.release(service_id);
+        Ok(())
+    }
+}
+
+impl Programmed {
+    /// Nothing written yet for `service_id`.
+    fn empty(service_id: u32) -> Self {
+        Self {
+            spec: None,
+            service_id,
+            backend_ids: BTreeMap::new(),
+            backend_values: BTreeMap::new(),
+            table_written: false,
+            service_value: None,
+            source_ranges: BTreeSet::new(),
+        }
+    }
+
+    /// Whether `spec` changes what the state file names: the Service,
+    /// policy, affinity or source ranges (not the backends).
+    fn names_change(&self, spec: &FrontendSpec) -> bool {
+        self.spec.as_ref().is_none_or(|old| {
+            (
+                &old.service,
+                old.local_only,
+                old.affinity_timeout,
+                &old.source_ranges,
+            ) != (
+                &spec.service,
+                spec.local_only,
+                spec.affinity_timeout,
+                &spec.source_ranges,
+            )
+        })
+    }
+
+    /// What the slots hold now (before any backend id is added or removed):
+    /// unknown after adoption or a failed write, then every slot is written.
+    fn written_table(&self) -> Vec<u32> {
+        match (&self.spec, self.table_written) {
+            (Some(old), true) => maglev_table(&old.backends, &self.backend_ids),
+            _ => Vec::new(),
+        }
+    }
+
+    /// New backends and changed flags; returns the ids of `spec`'s backends.
+    fn write_backends(
+        &mut self,
+        spec: &FrontendSpec,
+        pool: &mut IdPool,
+        w: &mut dyn MapWriter,
+    ) -> Result<BTreeSet<u32>> {
+        let mut wanted = BTreeSet::new();
+        for b in &spec.backends {
+            let id = match self.backend_ids.get(&(b.addr, b.port)) {
+                Some(id) => *id,
+                None => {
+                    let id = pool.allocate().map_err(|e| {
+                        anyhow!(
+                            "backend table full ({} backends, see --max-backends)",
+                            e.capacity
+                        )
+                    })?;
+                    self.backend_ids.insert((b.addr, b.port), id);
+                    id
+                }
+            };
+            let value = backend_value(b, self.service_id)?;
+            if self.backend_values.get(&id) != Some(&value) {
+                w.put_backend(id, &value)?;
+                self.backend_values.insert(id, value);
+            }
+            wanted.insert(id);
+        }
+        Ok(wanted)
+    }
+
+    /// The Maglev slots that differ from `old_table`.
+    fn write_maglev_slots(
+        &mut self,
+        old_table: &[u32],
+        spec: &FrontendSpec,
+        w: &mut dyn MapWriter,
+    ) -> Result<()> {
+        let new_table = maglev_table(&spec.backends, &self.backend_ids);
+        let base = self.service_id * MAGLEV_TABLE_SIZE;
+        for (slot, backend_id) in new_table.iter().enumerate() {
+            if old_table.get(slot) != Some(backend_id) {
+                w.put_maglev_slot(base + slot as u32, *backend_id)?;
+            }
+        }
+        // With no backend the service entry says so (count 0) and new flows
+        // are dropped; the slots are left as they are.
+        self.table_written = true;
+        Ok(())
+    }
+
+    /// Source ranges to add, then the service entry, then ranges to remove:
+    /// a range is never missing while the service relies on it.
+    fn write_service_entry(
+        &mut self,
+        key: &FrontendKey,
+        spec: &FrontendSpec,
+        w: &mut dyn MapWriter,
+    ) -> Result<()> {
+        let new_ranges: BTreeSet<SourceRange> = spec.source_ranges.iter().copied().collect();
+        for r in new_ranges
+            .difference(&self.source_ranges)
+            .filter(|r| source_range_is_written(r))
+        {
+            let (k, len) = source_range_key(self.service_id, r)?;
+            w.put_source_range(&k, len)?;
+        }
+        let value = service_value(self.service_id, spec);
+        if self.service_value != Some(value) {
+            w.put_service(key, &value)?;
+            self.service_value = Some(value);
+        }
+        for r in self
+            .source_ranges
+            .difference(&new_ranges)
+            .filter(|r| source_range_is_written(r))
+        {
+            let (k, len) = source_range_key(self.service_id, r)?;
+            w.delete_source_range(&k, len)?;
+        }
+        self.source_ranges = new_ranges;
+        Ok(())
+    }
+
+    /// Backends not in `wanted`: no slot points at them any more.
+    fn drop_stale_backends(
+        &mut self,
+        wanted: &BTreeSet<u32>,
+        pool: &mut IdPool,
+        w: &mut dyn MapWriter,
+    ) -> Result<()> {
+        let stale: Vec<((IpAddr, u16), u32)> = self
+            .backend_ids
+            .iter()
+            .filter(|(_, id)| !wanted.contains(id))
+            .map(|(k, id)| (*k, *id))
+            .collect();
+        for (k, id) in stale {
+            w.delete_backend(id)?;
+            self.backend_ids.remove(&k);
+            self.backend_values.remove(&id);
+            pool.release(id);
+        }
+        Ok(())
+    }
+}

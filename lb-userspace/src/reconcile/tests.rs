@@ -1,0 +1,267 @@
+//! The reconciler against an in-memory fake of the maps.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use lb_common::SERVICE_F_SOURCE_RANGES;
+
+use super::*;
+use crate::model::{Protocol, ServiceRef};
+
+/// An in-memory stand-in for the BPF maps.
+#[derive(Default)]
+struct FakeMaps {
+    services: HashMap<FrontendKey, lb_common::Service>,
+    backends: HashMap<u32, lb_common::Backend>,
+    maglev: HashMap<u32, u32>,
+    ranges: BTreeSet<(u32, [u8; 16], u32)>,
+    /// Every write checks that no slot points at a missing backend.
+    dangling_seen: bool,
+}
+
+impl FakeMaps {
+    fn check(&mut self) {
+        for s in self.services.values() {
+            if s.backend_count == 0 {
+                continue;
+            }
+            for slot in 0..MAGLEV_TABLE_SIZE {
+                let i = s.table_id * MAGLEV_TABLE_SIZE + slot;
+                if self
+                    .maglev
+                    .get(&i)
+                    .is_some_and(|b| !self.backends.contains_key(b))
+                {
+                    self.dangling_seen = true;
+                }
+            }
+        }
+    }
+    /// What a new flow with slot hash `h` would reach.
+    fn lookup(&self, f: &Frontend, h: u32) -> Option<lb_common::Backend> {
+        let s = self.services.get(&frontend_key(f).unwrap())?;
+        let id = self
+            .maglev
+            .get(&(s.table_id * MAGLEV_TABLE_SIZE + h % MAGLEV_TABLE_SIZE))?;
+        self.backends.get(id).copied()
+    }
+}
+
+impl MapWriter for FakeMaps {
+    fn put_backend(&mut self, id: u32, b: &lb_common::Backend) -> Result<()> {
+        self.backends.insert(id, *b);
+        Ok(())
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        self.backends.remove(&id);
+        self.check();
+        Ok(())
+    }
+    fn put_maglev_slot(&mut self, index: u32, backend_id: u32) -> Result<()> {
+        self.maglev.insert(index, backend_id);
+        Ok(())
+    }
+    fn put_service(&mut self, key: &FrontendKey, s: &lb_common::Service) -> Result<()> {
+        self.services.insert(*key, *s);
+        self.check();
+        Ok(())
+    }
+    fn delete_service(&mut self, key: &FrontendKey) -> Result<()> {
+        self.services.remove(key);
+        Ok(())
+    }
+    fn put_source_range(&mut self, k: &lb_common::SourceRange, len: u32) -> Result<()> {
+        self.ranges.insert((k.service_id.host(), k.addr, len));
+        Ok(())
+    }
+    fn delete_source_range(&mut self, k: &lb_common::SourceRange, len: u32) -> Result<()> {
+        self.ranges.remove(&(k.service_id.host(), k.addr, len));
+        Ok(())
+    }
+    fn reset_stats(&mut self, _id: u32) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn frontend(last: u8, port: u16) -> Frontend {
+    Frontend {
+        addr: IpAddr::V4(Ipv4Addr::new(10, 200, 0, last)),
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn spec(name: &str, backends: &[u8]) -> FrontendSpec {
+    FrontendSpec {
+        service: ServiceRef {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: String::new(),
+        },
+        backends: backends
+            .iter()
+            .map(|b| Backend {
+                addr: IpAddr::V4(Ipv4Addr::new(10, 1, 0, *b)),
+                port: 8080,
+                local: true,
+                terminating: false,
+            })
+            .collect(),
+        local_only: false,
+        affinity_timeout: None,
+        source_ranges: vec![],
+    }
+}
+
+fn state(entries: &[(Frontend, FrontendSpec)]) -> DesiredState {
+    DesiredState {
+        frontends: entries.iter().cloned().collect(),
+        node_addr: None,
+    }
+}
+
+#[test]
+fn programs_then_leaves_unchanged_services_alone() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(16, 1024);
+    let d = state(&[
+        (frontend(1, 80), spec("a", &[1, 2, 3])),
+        (frontend(2, 80), spec("b", &[4])),
+    ]);
+    let s = r.apply(&d, &mut maps);
+    assert_eq!((s.added, s.errors.len()), (2, 0));
+    assert_eq!(maps.services.len(), 2);
+    assert_eq!(maps.backends.len(), 4);
+    let again = r.apply(&d, &mut maps);
+    assert_eq!((again.unchanged, again.map_writes), (2, 0));
+}
+
+#[test]
+fn one_backend_change_touches_only_its_service_and_few_slots() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(16, 1024);
+    let before = state(&[
+        (frontend(1, 80), spec("a", &[1, 2, 3, 4])),
+        (frontend(2, 80), spec("b", &[5, 6])),
+    ]);
+    r.apply(&before, &mut maps);
+    let after = state(&[
+        (frontend(1, 80), spec("a", &[1, 2, 3])),
+        (frontend(2, 80), spec("b", &[5, 6])),
+    ]);
+    let s = r.apply(&after, &mut maps);
+    assert_eq!((s.updated, s.unchanged), (1, 1));
+    // About M/4 slots move, plus the service entry and one backend delete.
+    assert!(
+        s.map_writes < MAGLEV_TABLE_SIZE as usize / 4 + 20,
+        "{} writes",
+        s.map_writes
+    );
+    assert!(!maps.dangling_seen, "a slot pointed at a deleted backend");
+    assert_eq!(maps.backends.len(), 5);
+    for h in 0..2000 {
+        let b = maps.lookup(&frontend(1, 80), h).unwrap();
+        assert_ne!(b.addr[3], 4, "removed backend still reachable");
+    }
+}
+
+#[test]
+fn removal_frees_everything_and_ids_are_reused_last() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(4, 1024);
+    let mut s = spec("a", &[1]);
+    s.source_ranges = vec![SourceRange {
+        addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)),
+        prefix_len: 24,
+    }];
+    r.apply(&state(&[(frontend(1, 80), s)]), &mut maps);
+    assert_eq!(maps.ranges.len(), 1);
+    assert_ne!(
+        maps.services.values().next().unwrap().flags & SERVICE_F_SOURCE_RANGES,
+        0
+    );
+    let sum = r.apply(&state(&[]), &mut maps);
+    assert_eq!(sum.removed, 1);
+    assert!(maps.services.is_empty() && maps.backends.is_empty() && maps.ranges.is_empty());
+    r.apply(&state(&[(frontend(2, 80), spec("b", &[1]))]), &mut maps);
+    // id 0 went to the back of the queue.
+    assert_eq!(maps.services.values().next().unwrap().service_id, 1);
+}
+
+#[test]
+fn full_service_table_is_reported_not_fatal() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(1, 1024);
+    let s = r.apply(
+        &state(&[
+            (frontend(1, 80), spec("a", &[1])),
+            (frontend(2, 80), spec("b", &[2])),
+        ]),
+        &mut maps,
+    );
+    assert_eq!(s.added, 1);
+    assert_eq!(s.errors.len(), 1);
+    assert!(s.errors[0].contains("service table full"), "{:?}", s.errors);
+}
+
+#[test]
+fn adopted_state_keeps_ids_and_is_rewritten() {
+    let mut maps = FakeMaps::default();
+    let mut first = Reconciler::new(16, 1024);
+    let d = state(&[(frontend(1, 80), spec("a", &[1, 2]))]);
+    first.apply(&d, &mut maps);
+    let services: Vec<AdoptedService> = maps
+        .services
+        .iter()
+        .map(|(k, v)| AdoptedService { key: *k, value: *v })
+        .collect();
+    let backends: Vec<(u32, lb_common::Backend)> =
+        maps.backends.iter().map(|(k, v)| (*k, *v)).collect();
+    let ids_before: BTreeSet<u32> = maps.backends.keys().copied().collect();
+    let mut second = Reconciler::new(16, 1024);
+    second.adopt(Adoption {
+        services,
+        backends,
+        source_ranges: vec![],
+    });
+    let s = second.apply(&d, &mut maps);
+    assert_eq!((s.updated, s.added), (1, 0));
+    let ids_after: BTreeSet<u32> = maps.backends.keys().copied().collect();
+    assert_eq!(ids_before, ids_after);
+    assert_eq!(second.apply(&d, &mut maps).map_writes, 0);
+}
+
+#[test]
+fn apply_changed_touches_only_the_listed_frontends() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(16, 1024);
+    let before = state(&[
+        (frontend(1, 80), spec("a", &[1])),
+        (frontend(2, 80), spec("b", &[2])),
+    ]);
+    r.apply(&before, &mut maps);
+    // b changes and c appears, but only c is listed: b stays as it was.
+    let after = state(&[
+        (frontend(1, 80), spec("a", &[1])),
+        (frontend(2, 80), spec("b", &[3])),
+        (frontend(3, 80), spec("c", &[4])),
+    ]);
+    let s = r.apply_changed(&after, &[frontend(3, 80)].into(), &mut maps);
+    assert_eq!((s.added, s.updated, s.removed), (1, 0, 0));
+    assert_eq!(maps.lookup(&frontend(2, 80), 0).unwrap().addr[3], 2);
+    // Listing a frontend the desired state lacks removes it.
+    let s = r.apply_changed(&before, &[frontend(3, 80)].into(), &mut maps);
+    assert_eq!(s.removed, 1);
+    assert!(maps.lookup(&frontend(3, 80), 0).is_none());
+}
+
+#[test]
+fn no_backends_means_count_zero() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(4, 1024);
+    let s = r.apply(&state(&[(frontend(1, 80), spec("a", &[]))]), &mut maps);
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(maps.services.values().next().unwrap().backend_count, 0);
+}
