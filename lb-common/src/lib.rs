@@ -105,7 +105,10 @@ pub const SERVICE_F_SOURCE_RANGES: u32 = 1 << 1;
 /// `sessionAffinity: ClientIP`.
 pub const SERVICE_F_AFFINITY: u32 = 1 << 2;
 
-/// `SERVICES` value.
+/// `SERVICES` value: one frontend (address, port, protocol) of a Kubernetes
+/// Service. "Service" here is the datapath's word, as in Cilium's
+/// `lb4_service`: a Service with two ports and two addresses is four of
+/// these, each with its own `service_id`, backends and Maglev table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {

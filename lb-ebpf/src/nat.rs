@@ -15,12 +15,13 @@ use lb_common::{
     Affinity, AffinityKey, BACKEND_F_LOCAL, Backend, Be16, Be32, CONFIG_KEY, FLOW_F_ANSWERED,
     FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_SNAT, Flow, FlowKey, FrontendKey, MAGLEV_TABLE_SIZE,
     PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES,
-    SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange,
+    SOURCE_RANGE_ID_BITS, Service, SourceRange,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONFIG, FLOWS, MAGLEV, SERVICES, SOURCE_RANGES, STATS},
+    maps::{AFFINITY, BACKENDS, CONFIG, FLOWS, MAGLEV, SERVICES, SOURCE_RANGES},
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, v4_raw},
+    stats::service as stats,
 };
 
 /// How often a flow's `last_seen_ns` is refreshed: writing it on every packet
@@ -30,13 +31,13 @@ const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 /// occupancy of one backend's ports, 32 probes all fail once in ~60 000.
 const SNAT_TRIES: u32 = 32;
 
-pub enum Decision {
+/// What happens to a packet that is not rewritten. The NAT core returns
+/// `Result<Flow, Verdict>`: `Ok` is the tuple to rewrite the packet to.
+pub enum Verdict {
     /// Not ours: hand the packet on untouched.
     Pass,
     /// Ours, and dropped (the reason is already counted).
     Drop,
-    /// Rewrite the packet to this flow's tuple.
-    Translate(Flow),
 }
 
 /// murmur3's 32-bit finaliser: cheap and mixes every input bit.
@@ -54,11 +55,6 @@ fn mix(mut h: u32) -> u32 {
 pub fn flow_hash(key: &FlowKey) -> u32 {
     let ports = ((key.src_port.wire() as u32) << 16) | key.dst_port.wire() as u32;
     mix(v4_raw(&key.src_addr) ^ mix(v4_raw(&key.dst_addr) ^ mix(ports ^ mix(key.proto as u32))))
-}
-
-#[inline(always)]
-fn stats(service_id: u32) -> Option<&'static mut ServiceStats> {
-    STATS.get_ptr_mut(service_id).map(|p| unsafe { &mut *p })
 }
 
 /// Looks the packet's tuple up in `FLOWS` and refreshes the entry. A bare
@@ -120,23 +116,23 @@ pub fn frontend_of(key: &FlowKey) -> Option<&'static Service> {
 /// Counts a packet for a frontend that xlb does not translate (IP options,
 /// fragments) and says to drop it.
 #[inline(always)]
-pub fn unsupported(service: &Service) -> Decision {
+pub fn unsupported(service: &Service) -> Verdict {
     if let Some(s) = stats(service.service_id) {
         s.drop_unsupported += 1;
     }
-    Decision::Drop
+    Verdict::Drop
 }
 
 /// A packet without a flow entry: if it is for a frontend, pick a backend and
 /// create both directions of the flow.
 #[inline(always)]
-pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Decision {
+pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Result<Flow, Verdict> {
     let Some(service) = frontend_of(key) else {
-        return Decision::Pass;
+        return Err(Verdict::Pass);
     };
     let service = *service;
     let Some(st) = stats(service.service_id) else {
-        return Decision::Drop;
+        return Err(Verdict::Drop);
     };
     st.packets += 1;
     st.bytes += bytes;
@@ -151,19 +147,19 @@ pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Decis
         );
         if SOURCE_RANGES.get(&range).is_none() {
             st.drop_source_range += 1;
-            return Decision::Drop;
+            return Err(Verdict::Drop);
         }
     }
     if service.backend_count == 0 {
         st.drop_no_backend += 1;
-        return Decision::Drop;
+        return Err(Verdict::Drop);
     }
 
     let hash = flow_hash(key);
     let now = unsafe { bpf_ktime_get_ns() };
     let Some((backend_id, backend)) = pick_backend(&service, key, hash, now) else {
         st.drop_no_backend += 1;
-        return Decision::Drop;
+        return Err(Verdict::Drop);
     };
 
     let snat = backend.flags & BACKEND_F_LOCAL == 0 && service.flags & SERVICE_F_LOCAL_ONLY == 0;
@@ -200,7 +196,7 @@ pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Decis
             }
             None => {
                 st.drop_snat_exhausted += 1;
-                return Decision::Drop;
+                return Err(Verdict::Drop);
             }
         }
     } else {
@@ -214,14 +210,14 @@ pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Decis
             _pad: [0; 2],
         };
         if FLOWS.insert(reply_key, reply, 0).is_err() {
-            return Decision::Drop;
+            return Err(Verdict::Drop);
         }
     }
     if FLOWS.insert(key, forward, 0).is_err() {
-        return Decision::Drop;
+        return Err(Verdict::Drop);
     }
     st.new_flows += 1;
-    Decision::Translate(forward)
+    Ok(forward)
 }
 
 /// `sessionAffinity: ClientIP` first, then the service's Maglev table.

@@ -42,10 +42,43 @@ pub struct Ports {
     pub dest: u16,
 }
 
-pub const TCP_CHECK_OFFSET: usize = 16;
-pub const UDP_CHECK_OFFSET: usize = 6;
+#[repr(C)]
+pub struct TcpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub seq: u32,
+    pub ack_seq: u32,
+    /// Data offset (high 4 bits) and reserved bits.
+    pub data_offset: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub check: u16,
+    pub urg_ptr: u16,
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
+// Field offsets, from the header layouts so they cannot drift from them.
+pub const IPV4_TTL_OFFSET: usize = core::mem::offset_of!(Ipv4Hdr, ttl);
+pub const IPV4_CHECK_OFFSET: usize = core::mem::offset_of!(Ipv4Hdr, check);
+pub const IPV4_SADDR_OFFSET: usize = core::mem::offset_of!(Ipv4Hdr, saddr);
+pub const IPV4_DADDR_OFFSET: usize = core::mem::offset_of!(Ipv4Hdr, daddr);
+pub const PORTS_SOURCE_OFFSET: usize = core::mem::offset_of!(Ports, source);
+pub const PORTS_DEST_OFFSET: usize = core::mem::offset_of!(Ports, dest);
+pub const TCP_CHECK_OFFSET: usize = core::mem::offset_of!(TcpHdr, check);
+pub const UDP_CHECK_OFFSET: usize = core::mem::offset_of!(UdpHdr, check);
 /// Offset of the TCP flags byte (FIN=0x01, SYN=0x02, RST=0x04).
-pub const TCP_FLAGS_OFFSET: usize = 13;
+pub const TCP_FLAGS_OFFSET: usize = core::mem::offset_of!(TcpHdr, flags);
+/// How much of an skb the tc hook pulls into the linear area before parsing:
+/// the headers `parse` reads (Ethernet, a VLAN tag, IPv4, TCP) with room to
+/// spare.
+pub const MAX_HEADERS_LEN: usize = 78;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;

@@ -12,14 +12,13 @@ use lb_common::{CONFIG_F_REDIRECT, CONFIG_KEY, Flow, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     checksum::CsumDelta,
-    global,
     maps::{CONFIG, TX_PORTS},
-    nat::{self, Decision},
+    nat::{self, Verdict},
     packet::{
-        EthHdr, Ipv4Hdr, Parsed, Ports, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, parse, ptr_at,
-        v4_raw,
+        EthHdr, IPV4_TTL_OFFSET, Ipv4Hdr, Parsed, Ports, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
+        parse, ptr_at, v4_raw,
     },
-    xdp_verdict,
+    stats::global,
 };
 
 const AF_INET: u8 = 2;
@@ -31,9 +30,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Ok(p) => p,
         Err(Skip::Unsupported(key)) => {
             return match nat::frontend_of(&key) {
-                Some(service) => {
-                    xdp_verdict(&nat::unsupported(service)).unwrap_or(xdp_action::XDP_DROP)
-                }
+                Some(service) => nat::unsupported(service).xdp_action(),
                 None => pass(),
             };
         }
@@ -46,19 +43,28 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Err(_) => return pass(),
     };
     let bytes = parsed.ip_len as u64;
-    let decision = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
-        Some(flow) => Decision::Translate(flow),
-        None => nat::new_flow(ctx.ctx.cast(), &parsed.key, bytes),
-    };
-    let flow = match decision {
-        Decision::Translate(flow) => flow,
-        Decision::Pass => return pass(),
-        d => return xdp_verdict(&d).unwrap_or(xdp_action::XDP_DROP),
+    let flow = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
+        Some(flow) => flow,
+        None => match nat::new_flow(ctx.ctx.cast(), &parsed.key, bytes) {
+            Ok(flow) => flow,
+            Err(verdict) => return verdict.xdp_action(),
+        },
     };
     if rewrite(data, data_end, &parsed, &flow).is_err() {
         return xdp_action::XDP_DROP;
     }
     forward(ctx, &parsed)
+}
+
+impl Verdict {
+    /// The XDP action for a packet that is not rewritten; a pass is counted.
+    #[inline(always)]
+    pub fn xdp_action(self) -> u32 {
+        match self {
+            Verdict::Pass => pass(),
+            Verdict::Drop => xdp_action::XDP_DROP,
+        }
+    }
 }
 
 #[inline(always)]
@@ -166,8 +172,8 @@ fn forward(ctx: &XdpContext, p: &Parsed) -> u32 {
         if (*ip).ttl <= 1 {
             return passed();
         }
-        let word = ip as *mut u8;
-        let ttl_word = word.add(8) as *mut u16;
+        // TTL and protocol share the 16-bit word the checksum covers.
+        let ttl_word = (ip as *mut u8).add(IPV4_TTL_OFFSET) as *mut u16;
         let old = *ttl_word;
         (*ip).ttl -= 1;
         let mut delta = CsumDelta::new();
