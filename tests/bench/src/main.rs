@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick]`: see `xlb_tests::bench` and
+//! `cargo xtask bench [--quick]`: see `harness.rs` and
 //! docs/benchmarks.md. Writes target/bench/{results.json,report.md,plot.svg}.
 
 use std::{
@@ -17,12 +17,14 @@ use xlb::{
     model::{Backend, DesiredState, Frontend, FrontendSpec, Protocol, ServiceRef},
     reconcile::{Reconciler, frontend_key},
 };
-use xlb_tests::bench::{
+mod harness;
+
+use harness::{
     AgentRun, Bench, DUT_ADDR, PORT_BASE, RunResult, backend, feed, iptables_ruleset,
-    iptables_service, nft_ruleset, nft_service, process_cpu_ns, rss_bytes, scoped_in_netns,
-    service_manifest, template,
+    iptables_service, nft_ruleset, nft_service, process_cpu_ns, rss_bytes, service_manifest,
+    template,
 };
-use xlb_tests::fake_api::FakeApi;
+use xlb_tests::{fake_api::FakeApi, scoped_in_netns};
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum System {
@@ -80,7 +82,7 @@ const TRAFFIC: [Traffic; 4] = [
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     fs::create_dir_all(&out_dir)?;
     // XLB_BENCH_SCALES=1,100 and XLB_BENCH_ONLY=xlb,iptables narrow a run
     // down while investigating; the report covers whatever ran.
@@ -344,7 +346,7 @@ fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<serde_json::Value>
     let api = FakeApi::start_in_netns(dut, "127.0.0.1:0".parse()?)?;
     let kubeconfig = bench.net.dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
-    let text = xlb_tests::bench::manifests(n, &node_name);
+    let text = harness::manifests(n, &node_name);
     let mut slices = Vec::new();
     for document in serde_yaml::Deserializer::from_str(&text) {
         let object: serde_json::Value = serde::Deserialize::deserialize(document)?;

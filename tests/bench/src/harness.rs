@@ -11,7 +11,6 @@
 use std::{
     fs,
     net::Ipv4Addr,
-    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -24,144 +23,31 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 
-use crate::{ns_cmd, ns_sh, sh, spawn_agent, xlb_bin};
+use xlb_tests::{
+    netns::{Namespace, VethEnd, ns_cmd, ns_sh, scoped_in_netns, veth},
+    packet::{TestRunSpec, checksum, test_run},
+    spawn_agent, xlb_bin,
+};
 
-pub const GEN_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 8, 1);
 pub const DUT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 8, 2);
 pub const DUT_SINK_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 1);
-pub const SINK_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 2);
 /// Service i listens on DUT_ADDR:(PORT_BASE + i), as K3s ServiceLB does
 /// (every LoadBalancer port is a port on the node address).
 pub const PORT_BASE: u16 = 10_000;
 pub const CLIENT_BASE: Ipv4Addr = Ipv4Addr::new(10, 101, 0, 0);
 
-pub use lb_common::bench::{GenConfig, GenState};
+pub use xlb_bench_common::{GenConfig, GenState};
 
 pub fn bench_object() -> PathBuf {
     std::env::var_os("XLB_BENCH_OBJECT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/ebpf/bpfel-unknown-none/release/lb-ebpf-bench")
+                .join("../../target/ebpf/bpfel-unknown-none/release/xlb-bench-ebpf")
         })
 }
 
-// ---------------------------------------------------------------- test run
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-pub const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-
-/// `struct xdp_md` as BPF_PROG_TEST_RUN takes it for ctx_in.
-#[repr(C)]
-#[derive(Default)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
-}
-
-/// `bpf_attr.test` (kernel uapi): offsets are fixed by the ABI.
-#[repr(C)]
-#[derive(Default)]
-struct TestAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-/// Issues BPF_PROG_TEST_RUN (aya has no wrapper). Returns (retval, mean ns
-/// per repetition as the kernel measured it).
-pub fn test_run(
-    prog_fd: i32,
-    frame: &[u8],
-    repeat: u32,
-    flags: u32,
-    ingress_ifindex: u32,
-) -> Result<(u32, u32)> {
-    let (retval, duration, _) = test_run_frame(prog_fd, frame, repeat, flags, ingress_ifindex)?;
-    Ok((retval, duration))
-}
-
-/// Like [`test_run`], also returning the frame as the program left it
-/// (empty in live-frames mode, where frames leave through a device).
-pub fn test_run_frame(
-    prog_fd: i32,
-    frame: &[u8],
-    repeat: u32,
-    flags: u32,
-    ingress_ifindex: u32,
-) -> Result<(u32, u32, Vec<u8>)> {
-    let live = flags & BPF_F_TEST_XDP_LIVE_FRAMES != 0;
-    let mut out = vec![0u8; if live { 0 } else { frame.len() + 256 }];
-    let mut data = frame.to_vec();
-    let mut ctx = XdpMd {
-        data_end: frame.len() as u32,
-        ingress_ifindex,
-        ..XdpMd::default()
-    };
-    let mut attr = TestAttr {
-        prog_fd: prog_fd as u32,
-        data_size_in: data.len() as u32,
-        data_in: data.as_mut_ptr() as u64,
-        repeat,
-        ctx_size_in: std::mem::size_of::<XdpMd>() as u32,
-        ctx_in: &mut ctx as *mut XdpMd as u64,
-        flags,
-        batch_size: if live { 64 } else { 0 },
-        data_size_out: out.len() as u32,
-        data_out: if live { 0 } else { out.as_mut_ptr() as u64 },
-        ..TestAttr::default()
-    };
-    // SAFETY: attr points at valid buffers that outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestAttr,
-            std::mem::size_of::<TestAttr>() as u32,
-        )
-    };
-    if rc != 0 {
-        bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-    }
-    out.truncate(attr.data_size_out as usize);
-    Ok((attr.retval, attr.duration, out))
-}
-
 // ------------------------------------------------------------------ frames
-
-/// The Internet checksum (RFC 1071) of `bytes`.
-pub fn csum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for c in bytes.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            (c[0] as u16) << 8
-        };
-        sum += w as u32;
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
 
 /// A 60-byte template frame (UDP, or TCP SYN) and the generator config
 /// describing it.
@@ -184,7 +70,7 @@ pub fn template(
     ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
-    let ip_check = csum(&ip);
+    let ip_check = checksum(&ip);
     ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
     f.extend_from_slice(&ip);
     let mut l4 = Vec::new();
@@ -200,7 +86,7 @@ pub fn template(
         pseudo.extend_from_slice(&dst.octets());
         pseudo.extend_from_slice(&[0, 6, 0, 20]);
         pseudo.extend_from_slice(&l4);
-        l4_check = csum(&pseudo);
+        l4_check = checksum(&pseudo);
         l4[16..18].copy_from_slice(&l4_check.to_be_bytes());
     } else {
         l4.extend_from_slice(&(l4_len as u16).to_be_bytes());
@@ -235,24 +121,6 @@ pub fn template(
 
 // ---------------------------------------------------------------- topology
 
-/// Runs `f` on a thread that entered network namespace `ns`; unlike
-/// `in_netns` it may borrow from the caller.
-pub fn scoped_in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let path = format!("/var/run/netns/{ns}");
-    let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: valid namespace fd; only this thread switches.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {path}: {}", std::io::Error::last_os_error());
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
-    })
-}
-
 pub fn pin_thread_to_cpu(pid: i32, cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
     unsafe {
@@ -276,6 +144,8 @@ pub struct BenchNet {
     pub dut0_mac: [u8; 6],
     pub gen0_index: u32,
     pub dir: PathBuf,
+    /// Deleted on drop.
+    namespaces: Vec<Namespace>,
 }
 
 fn mac_of(ns: &str, dev: &str) -> Result<[u8; 6]> {
@@ -308,44 +178,35 @@ impl BenchNet {
         let dir = std::env::temp_dir().join(format!("xlb-bench-{p}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("manifests"))?;
-        let net = BenchNet {
-            gen_ns: format!("{p}-gen"),
-            dut: format!("{p}-dut"),
-            sink: format!("{p}-sink"),
+        let (gen_ns, dut, sink) = (format!("{p}-gen"), format!("{p}-dut"), format!("{p}-sink"));
+        let namespaces = [&gen_ns, &dut, &sink]
+            .into_iter()
+            .map(|ns| Namespace::new(ns))
+            .collect::<Result<Vec<_>>>()?;
+        let mut net = BenchNet {
+            gen_ns,
+            dut,
+            sink,
             gen_mac: [0; 6],
             dut0_mac: [0; 6],
             gen0_index: 0,
             dir,
+            namespaces,
         };
-        for ns in [&net.gen_ns, &net.dut, &net.sink] {
-            let _ = sh(&["ip", "netns", "del", ns]);
-            sh(&["ip", "netns", "add", ns])?;
-            ns_sh(ns, &["ip", "link", "set", "lo", "up"])?;
-        }
-        let mut net = net;
         net.wire()?;
         Ok(net)
     }
 
     fn wire(&mut self) -> Result<()> {
         let (g, d, s) = (self.gen_ns.clone(), self.dut.clone(), self.sink.clone());
-        let pair =
-            |a_ns: &str, a: &str, a_ip: &str, b_ns: &str, b: &str, b_ip: &str| -> Result<()> {
-                let ta = format!("{}t{a}", &g[..g.len() - 4]);
-                let tb = format!("{}t{b}", &g[..g.len() - 4]);
-                sh(&[
-                    "ip", "link", "add", &ta, "type", "veth", "peer", "name", &tb,
-                ])?;
-                for (ns, tmp, name, ip) in [(a_ns, &ta, a, a_ip), (b_ns, &tb, b, b_ip)] {
-                    sh(&["ip", "link", "set", tmp, "netns", ns])?;
-                    ns_sh(ns, &["ip", "link", "set", tmp, "name", name])?;
-                    ns_sh(ns, &["ip", "addr", "add", ip, "dev", name])?;
-                    ns_sh(ns, &["ip", "link", "set", name, "up"])?;
-                }
-                Ok(())
-            };
-        pair(&g, "gen0", "10.0.8.1/24", &d, "dut0", "10.0.8.2/24")?;
-        pair(&d, "dut1", "10.0.9.1/24", &s, "sink1", "10.0.9.2/24")?;
+        veth(
+            VethEnd::new(&g, "gen0", "10.0.8.1/24"),
+            VethEnd::new(&d, "dut0", "10.0.8.2/24"),
+        )?;
+        veth(
+            VethEnd::new(&d, "dut1", "10.0.9.1/24"),
+            VethEnd::new(&s, "sink1", "10.0.9.2/24"),
+        )?;
         ns_sh(&d, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         ns_sh(
             &d,
@@ -413,9 +274,7 @@ impl BenchNet {
 
 impl Drop for BenchNet {
     fn drop(&mut self) {
-        for ns in [&self.gen_ns, &self.dut, &self.sink] {
-            let _ = sh(&["ip", "netns", "del", ns]);
-        }
+        self.namespaces.clear();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -541,24 +400,24 @@ impl Bench {
         cfg.rate_pps = rate_pps;
         self.set_template(&frame)?;
         self.set_config(cfg)?;
-        let fd = {
-            let p: &Xdp = self.ebpf.program("bench_gen").unwrap().try_into()?;
-            p.fd()?.as_fd().as_raw_fd()
+        let generator: &Xdp = self.ebpf.program("bench_gen").unwrap().try_into()?;
+        let spec = TestRunSpec {
+            // One call repeats the frame `repeat` times; at a fixed ~25 ms
+            // per call, long calls keep that overhead small. Repetitions
+            // count paced-out runs too (a few ns each), so paced calls are
+            // as long as unpaced ones.
+            repeat: 1 << 21,
+            live_batch: Some(64),
+            ingress_ifindex: self.net.gen0_index,
         };
-        let ingress = self.net.gen0_index;
         let gen_ns = self.net.gen_ns.clone();
         let sink_before = self.sink_packets()?;
         let cpu_before = cpu_busy_ns(1)?;
         let started = Instant::now();
-        // One call repeats the frame `chunk` times; at a fixed ~25 ms per
-        // call, long calls keep that overhead small.
-        // Repetitions count paced-out runs too (a few ns each), so paced
-        // calls are as long as unpaced ones.
-        let chunk: u32 = 1 << 21;
         scoped_in_netns(&gen_ns, || -> Result<()> {
             pin_thread_to_cpu(0, 0)?;
             while started.elapsed().as_secs_f64() < seconds {
-                test_run(fd, &frame, chunk, BPF_F_TEST_XDP_LIVE_FRAMES, ingress)?;
+                test_run(generator, &frame, spec)?;
             }
             Ok(())
         })??;
@@ -633,12 +492,16 @@ impl Bench {
         let with = |ebpf: &mut Ebpf, fd: &aya::programs::ProgramFd| -> Result<f64> {
             let mut arr = ProgramArray::try_from(ebpf.map_mut("TARGET").unwrap())?;
             arr.set(0, fd, 0)?;
-            let gen_fd = {
-                let p: &Xdp = ebpf.program("bench_gen").unwrap().try_into()?;
-                p.fd()?.as_fd().as_raw_fd()
-            };
-            let (_, ns) = test_run(gen_fd, frame, repeat, 0, 1)?;
-            Ok(ns as f64)
+            let generator: &Xdp = ebpf.program("bench_gen").unwrap().try_into()?;
+            let outcome = test_run(
+                generator,
+                frame,
+                TestRunSpec {
+                    repeat,
+                    ..TestRunSpec::ONCE
+                },
+            )?;
+            Ok(outcome.per_run.as_nanos() as f64)
         };
         let mut c = cfg;
         c.ifindex = 0;
