@@ -1,9 +1,10 @@
-//! `cargo xtask bench [--quick]`: see `harness.rs` and
-//! docs/benchmarks.md. Writes target/bench/{results.json,report.md,plot.svg}.
+//! `cargo xtask bench [--quick]`: xlb against the iptables and nftables
+//! paths and a bare XDP forwarder, on one topology (`network`), with one
+//! generator and one sink (`generator`); the systems are set up by
+//! `systems`, the results typed in `results`. See docs/benchmarks.md. Writes target/bench/{results.json,report.md,plot.svg}.
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     fs,
     net::IpAddr,
     path::PathBuf,
@@ -11,74 +12,29 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use serde_json::json;
 use xlb::{
     dataplane::{self, Limits, Maps, PinDir},
     model::{Backend, DesiredState, Frontend, FrontendSpec, Protocol, ServiceRef},
     reconcile::{Reconciler, frontend_key},
 };
-mod harness;
+mod generator;
+mod network;
+mod plot;
+mod results;
+mod systems;
 
-use harness::{
-    AgentRun, Bench, DUT_ADDR, PORT_BASE, RunResult, backend, feed, iptables_ruleset,
-    iptables_service, nft_ruleset, nft_service, process_cpu_ns, rss_bytes, service_manifest,
-    template,
+use generator::{Bench, RunResult, template};
+use network::{DUT_ADDR, PORT_BASE};
+use systems::{
+    AgentRun, backend, feed, iptables_ruleset, iptables_service, nft_ruleset, nft_service,
+    process_cpu_ns, rss_bytes, service_manifest,
 };
 use xlb_tests::{fake_api::FakeApi, scoped_in_netns};
 
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum System {
-    Xlb,
-    Iptables,
-    Nftables,
-    Ceiling,
-}
-
-impl System {
-    fn name(self) -> &'static str {
-        match self {
-            System::Xlb => "xlb",
-            System::Iptables => "iptables",
-            System::Nftables => "nftables",
-            System::Ceiling => "ceiling",
-        }
-    }
-}
-
-/// Flows of the "many flows" traffic: below the 3 x 28 232 SNAT ports one
-/// service with three remote backends has, so no system runs out of ports.
-const MANY_FLOWS: u32 = 60_000;
-
-struct Traffic {
-    name: &'static str,
-    proto: u8,
-    flows: u32,
-}
-
-const TRAFFIC: [Traffic; 4] = [
-    Traffic {
-        name: "udp-60k-flows",
-        proto: 17,
-        flows: MANY_FLOWS,
-    },
-    Traffic {
-        name: "tcp-syn-60k-flows",
-        proto: 6,
-        flows: MANY_FLOWS,
-    },
-    Traffic {
-        name: "udp-1-flow",
-        proto: 17,
-        flows: 1,
-    },
-    // Every packet a new flow: conntrack creation and, for iptables, the
-    // rule walk, on every packet.
-    Traffic {
-        name: "udp-new-flows",
-        proto: 17,
-        flows: u32::MAX,
-    },
-];
+use crate::results::{
+    AgentFootprint, Apply, KubeSource, Load, MANY_FLOWS, Machine, Results, Row, System, Traffic,
+    XdpAlone,
+};
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -98,14 +54,9 @@ fn main() -> Result<()> {
     let mut bench = Bench::new()?;
     let mut rows = Vec::new();
     let mut apply = Vec::new();
-    let mut footprint = serde_json::Value::Null;
+    let mut footprint = None;
 
-    for system in [
-        System::Ceiling,
-        System::Xlb,
-        System::Iptables,
-        System::Nftables,
-    ] {
+    for system in System::ALL {
         if !only.is_empty() && !only.split(',').any(|o| o == system.name()) {
             continue;
         }
@@ -126,42 +77,43 @@ fn main() -> Result<()> {
             bench.net.pin_dut_napi()?;
             // Warm-up: neighbours, conntrack, flow tables.
             bench.run(17, n, MANY_FLOWS, 0, seconds / 2.0)?;
-            for t in &TRAFFIC {
-                if t.flows == 1 && n != 1 {
+            for t in Traffic::ALL {
+                if t.flows() == 1 && n != 1 {
                     continue;
                 }
-                let r = bench.run(t.proto, n, t.flows, 0, seconds)?;
+                let r = bench.run(t.proto(), n, t.flows(), 0, seconds)?;
                 eprintln!(
                     "    {:<18} offered {:>6.3} Mpps delivered {:>6.3} Mpps, {:>6.0} ns/pkt on the DUT CPU",
-                    t.name,
+                    t.name(),
                     r.offered_pps / 1e6,
                     r.delivered_pps / 1e6,
                     r.dut_ns_per_packet
                 );
-                rows.push(row(system, n, t.name, "overload", &r));
-                if !quick && n == 1 && t.flows == MANY_FLOWS && t.proto == 17 {
-                    let nl = bench.no_loss_rate(t.proto, n, t.flows, r.offered_pps, seconds)?;
+                rows.push(row(system, n, t, Load::Overload, &r));
+                if !quick && n == 1 && t == Traffic::UdpManyFlows {
+                    let nl = bench.no_loss_rate(t.proto(), n, t.flows(), r.offered_pps, seconds)?;
                     eprintln!(
                         "    {:<18} no-loss {:>6.3} Mpps",
-                        t.name,
+                        t.name(),
                         nl.offered_pps / 1e6
                     );
-                    rows.push(row(system, n, t.name, "no-loss", &nl));
+                    rows.push(row(system, n, t, Load::NoLoss, &nl));
                 }
             }
             if system != System::Ceiling {
                 let one_more = apply_one_more(&bench, system, n, &guard)?;
-                apply.push(json!({
-                    "system": system.name(), "services": n,
-                    "apply_one_more_us": one_more.as_secs_f64() * 1e6,
-                    "initial_setup_s": setup_time.as_secs_f64(),
-                }));
+                apply.push(Apply {
+                    system,
+                    services: n,
+                    apply_one_more_us: one_more.as_secs_f64() * 1e6,
+                    initial_setup_s: setup_time.as_secs_f64(),
+                });
             }
             if system == System::Xlb
                 && n == *scales.last().unwrap()
                 && let Guard::Agent(a) = &guard
             {
-                footprint = agent_footprint(&bench, a, if quick { 1.0 } else { 5.0 })?;
+                footprint = Some(agent_footprint(&bench, a, if quick { 1.0 } else { 5.0 })?);
             }
             teardown(&mut bench, guard)?;
         }
@@ -170,9 +122,12 @@ fn main() -> Result<()> {
     // The harness works only if every system that ran carried traffic: a
     // broken topology or generator must fail the run, not report zeros.
     for r in &rows {
-        let delivered = r["delivered_pps"].as_f64().unwrap_or(0.0);
-        if r["traffic"] == "udp-60k-flows" && r["load"] == "overload" && delivered <= 0.0 {
-            anyhow::bail!("harness broken: {} delivered nothing: {r}", r["system"]);
+        if r.traffic == Traffic::UdpManyFlows && r.load == Load::Overload && r.delivered_pps <= 0.0
+        {
+            anyhow::bail!(
+                "harness broken: {} delivered nothing: {r:?}",
+                r.system.name()
+            );
         }
     }
     let kube = if only.is_empty() || only.split(',').any(|o| o == "xlb") {
@@ -181,30 +136,42 @@ fn main() -> Result<()> {
             "[{:>5.0}s] xlb on the Kubernetes API with {n} services",
             started.elapsed().as_secs_f64()
         );
-        kube_source(&bench, n, if quick { 1.0 } else { 5.0 })?
+        Some(kube_source(&bench, n, if quick { 1.0 } else { 5.0 })?)
     } else {
-        serde_json::Value::Null
+        None
     };
     let alone = xdp_alone(&mut bench, &scales, quick)?;
-    let machine = json!({
-        "kernel": fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
-        "cpus": std::thread::available_parallelism()?.get(),
-        "cpu_model": fs::read_to_string("/proc/cpuinfo")?.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()),
-        "date_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
-        "quick": quick,
-        "seconds_per_run": seconds,
-    });
-    let results = json!({
-        "machine": machine, "throughput": rows, "apply": apply,
-        "xdp_alone_ns": alone, "agent_footprint": footprint, "kube_source": kube,
-    });
+    let machine = Machine {
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")?
+            .trim()
+            .to_string(),
+        cpus: std::thread::available_parallelism()?.get(),
+        cpu_model: fs::read_to_string("/proc/cpuinfo")?
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()),
+        date_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+        quick,
+        seconds_per_run: seconds,
+    };
+    let results = Results {
+        machine,
+        throughput: rows,
+        apply,
+        xdp_alone_ns: alone,
+        agent_footprint: footprint,
+        kube_source: kube,
+    };
     fs::write(
         out_dir.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    fs::write(out_dir.join("plot.svg"), plot(&results))?;
-    fs::write(out_dir.join("report.md"), report(&results))?;
-    println!("{}", report(&results));
+    fs::write(out_dir.join("plot.svg"), plot::plot(&results))?;
+    let report = results.report();
+    fs::write(out_dir.join("report.md"), &report)?;
+    println!("{report}");
     println!(
         "bench: wrote {} in {:.0}s",
         out_dir.display(),
@@ -213,12 +180,18 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn row(system: System, n: u32, traffic: &str, load: &str, r: &RunResult) -> serde_json::Value {
-    json!({
-        "system": system.name(), "services": n, "traffic": traffic, "load": load,
-        "offered_pps": r.offered_pps, "delivered_pps": r.delivered_pps,
-        "loss": r.loss, "dut_ns_per_packet": r.dut_ns_per_packet,
-    })
+fn row(system: System, services: u32, traffic: Traffic, load: Load, r: &RunResult) -> Row {
+    Row {
+        system,
+        services,
+        traffic,
+        load,
+        offered_pps: r.offered_pps,
+        delivered_pps: r.delivered_pps,
+        loss: r.loss,
+        // NaN (nothing delivered) was written as null before the type.
+        dut_ns_per_packet: (!r.dut_ns_per_packet.is_nan()).then_some(r.dut_ns_per_packet),
+    }
 }
 
 enum Guard {
@@ -308,7 +281,7 @@ fn apply_one_more(bench: &Bench, system: System, n: u32, guard: &Guard) -> Resul
 
 /// Resident memory and CPU of the agent, idle and while one manifest file
 /// is rewritten 100 times a second.
-fn agent_footprint(bench: &Bench, a: &AgentRun, seconds: f64) -> Result<serde_json::Value> {
+fn agent_footprint(bench: &Bench, a: &AgentRun, seconds: f64) -> Result<AgentFootprint> {
     let pid = a.pid();
     let cpu0 = process_cpu_ns(pid)?;
     std::thread::sleep(Duration::from_secs_f64(seconds));
@@ -329,24 +302,26 @@ fn agent_footprint(bench: &Bench, a: &AgentRun, seconds: f64) -> Result<serde_js
         std::thread::sleep(Duration::from_millis(10));
     }
     let churn_cpu = (process_cpu_ns(pid)? - cpu1) as f64 / started.elapsed().as_secs_f64() / 1e9;
-    Ok(json!({
-        "idle_rss_bytes": idle_rss, "idle_cpu_fraction": idle_cpu,
-        "churn_writes_per_s": writes as f64 / started.elapsed().as_secs_f64(),
-        "churn_max_rss_bytes": max_rss, "churn_cpu_fraction": churn_cpu,
-    }))
+    Ok(AgentFootprint {
+        idle_rss_bytes: idle_rss,
+        idle_cpu_fraction: idle_cpu,
+        churn_writes_per_s: writes as f64 / started.elapsed().as_secs_f64(),
+        churn_max_rss_bytes: max_rss,
+        churn_cpu_fraction: churn_cpu,
+    })
 }
 
 /// The agent on the Kubernetes API (the fake API server, in the DUT
 /// namespace) with `n` services: time to the first complete programming,
 /// latency of one EndpointSlice change until its map writes are done, and
 /// CPU while EndpointSlices change 50 times a second.
-fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<serde_json::Value> {
+fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<KubeSource> {
     let dut = &bench.net.dut;
     let node_name = format!("{dut}-kube");
     let api = FakeApi::start_in_netns(dut, "127.0.0.1:0".parse()?)?;
     let kubeconfig = bench.net.dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
-    let text = harness::manifests(n, &node_name);
+    let text = systems::manifests(n, &node_name);
     let mut slices = Vec::new();
     for document in serde_yaml::Deserializer::from_str(&text) {
         let object: serde_json::Value = serde::Deserialize::deserialize(document)?;
@@ -372,7 +347,7 @@ fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<serde_json::Value>
     let mut change_slice = |i: usize| {
         round += 1;
         let mut slice = slices[i].clone();
-        slice["endpoints"][0]["addresses"][0] = json!(format!(
+        slice["endpoints"][0]["addresses"][0] = serde_json::Value::from(format!(
             "10.{}.{}.{}",
             130 + round % 100,
             (i / 256) % 256,
@@ -422,16 +397,18 @@ fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<serde_json::Value>
         changes as f64 / churn_s,
         churn_cpu * 100.0
     );
-    Ok(json!({
-        "services": n, "initial_s": initial.as_secs_f64(),
-        "slice_change_ms_median": latencies[latencies.len() / 2],
-        "churn_changes_per_s": changes as f64 / churn_s, "churn_cpu_fraction": churn_cpu,
-        "rss_bytes": rss,
-    }))
+    Ok(KubeSource {
+        services: n,
+        initial_s: initial.as_secs_f64(),
+        slice_change_ms_median: latencies[latencies.len() / 2],
+        churn_changes_per_s: changes as f64 / churn_s,
+        churn_cpu_fraction: churn_cpu,
+        rss_bytes: rss,
+    })
 }
 
 /// ns/packet of `xlb_xdp` alone (BPF_PROG_TEST_RUN, 10^6 repetitions).
-fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<serde_json::Value> {
+fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<BTreeMap<u32, XdpAlone>> {
     let repeat = if quick { 200_000 } else { 1_000_000 };
     let node = format!("{}-alone", bench.net.dut);
     let pins = PinDir::new(std::path::Path::new("/sys/fs/bpf"), &node);
@@ -493,12 +470,15 @@ fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<serde_jso
         let ct_hit = measure(1, 1, PORT_BASE, None, repeat)?;
         let new_flow = measure(u32::MAX, n, PORT_BASE, None, repeat)?;
         let not_service = measure(1, 1, 9_000, None, repeat)?;
-        let mut entry = json!({
-            "ct_hit": ct_hit, "new_flow": new_flow, "not_service": not_service,
-            "program_all_ms": program_time.as_secs_f64() * 1e3,
-            "reconcile_one_more_us": one_more.as_secs_f64() * 1e6,
-            "full_diff_unchanged_us": full_diff.as_secs_f64() * 1e6,
-        });
+        let mut entry = XdpAlone {
+            ct_hit,
+            new_flow,
+            not_service,
+            program_all_ms: program_time.as_secs_f64() * 1e3,
+            reconcile_one_more_us: one_more.as_secs_f64() * 1e6,
+            full_diff_unchanged_us: full_diff.as_secs_f64() * 1e6,
+            ..XdpAlone::default()
+        };
         if n == *sizes.last().unwrap() && !quick {
             // Fill the flow table to about a million flows, then again.
             measure(
@@ -508,23 +488,23 @@ fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<serde_jso
                 Some(std::net::Ipv4Addr::new(10, 102, 0, 0)),
                 1_000_000,
             )?;
-            entry["ct_hit_1m_flows"] = json!(measure(1, 1, PORT_BASE, None, repeat)?);
-            entry["new_flow_1m_flows"] = json!(measure(
+            entry.ct_hit_1m_flows = Some(measure(1, 1, PORT_BASE, None, repeat)?);
+            entry.new_flow_1m_flows = Some(measure(
                 u32::MAX,
                 n,
                 PORT_BASE,
                 Some(std::net::Ipv4Addr::new(10, 103, 0, 0)),
-                repeat
+                repeat,
             )?);
-            entry["flows_in_table"] = json!(maps.flows.keys().count());
+            entry.flows_in_table = Some(maps.flows.keys().count() as u64);
         }
-        eprintln!("xdp alone, {n} services: {entry}");
-        out.insert(n.to_string(), entry);
+        eprintln!("xdp alone, {n} services: {entry:?}");
+        out.insert(n, entry);
     }
     drop(maps);
     drop(ebpf);
     dataplane::attach::reset(&pins)?;
-    Ok(json!(out))
+    Ok(out)
 }
 
 fn desired_local(n: u32) -> DesiredState {
@@ -557,344 +537,4 @@ fn desired_local(n: u32) -> DesiredState {
         );
     }
     d
-}
-
-// ------------------------------------------------------------------ output
-
-fn get<'a>(
-    results: &'a serde_json::Value,
-    system: &str,
-    n: u64,
-    traffic: &str,
-    load: &str,
-) -> Option<&'a serde_json::Value> {
-    results["throughput"].as_array()?.iter().find(|r| {
-        r["system"] == system && r["services"] == n && r["traffic"] == traffic && r["load"] == load
-    })
-}
-
-fn mpps(v: Option<&serde_json::Value>) -> String {
-    v.and_then(|r| r["delivered_pps"].as_f64())
-        .map(|p| format!("{:.2}", p / 1e6))
-        .unwrap_or_else(|| "-".into())
-}
-
-fn report(results: &serde_json::Value) -> String {
-    let mut s = String::new();
-    let m = &results["machine"];
-    let _ = writeln!(s, "# xlb benchmark\n");
-    let _ = writeln!(
-        s,
-        "Kernel {}, {} CPUs ({}), {} s per run{}. Generator: BPF_PROG_TEST_RUN live frames on CPU 0; device under test: dut0's threaded NAPI on CPU 1; sink: XDP counter. Delivered = frames counted at the sink.\n",
-        m["kernel"].as_str().unwrap_or("?"),
-        m["cpus"],
-        m["cpu_model"].as_str().unwrap_or("?"),
-        m["seconds_per_run"],
-        if m["quick"].as_bool() == Some(true) {
-            " (--quick)"
-        } else {
-            ""
-        }
-    );
-    let systems = ["xlb", "iptables", "nftables"];
-    let sizes: Vec<u64> = {
-        let mut v: Vec<u64> = results["throughput"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|r| r["services"].as_u64())
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    };
-    for traffic in ["udp-60k-flows", "tcp-syn-60k-flows", "udp-new-flows"] {
-        let _ = writeln!(s, "## Delivered Mpps under overload, {traffic}\n");
-        let _ = writeln!(
-            s,
-            "| services | xlb | iptables | nftables | xlb/iptables | xlb/nftables |\n|---|---|---|---|---|---|"
-        );
-        for &n in &sizes {
-            let x = get(results, "xlb", n, traffic, "overload")
-                .and_then(|r| r["delivered_pps"].as_f64());
-            let i = get(results, "iptables", n, traffic, "overload")
-                .and_then(|r| r["delivered_pps"].as_f64());
-            let f = get(results, "nftables", n, traffic, "overload")
-                .and_then(|r| r["delivered_pps"].as_f64());
-            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.1}x", a / b),
-                _ => "-".into(),
-            };
-            let _ = writeln!(
-                s,
-                "| {n} | {} | {} | {} | {} | {} |",
-                mpps(get(results, "xlb", n, traffic, "overload")),
-                mpps(get(results, "iptables", n, traffic, "overload")),
-                mpps(get(results, "nftables", n, traffic, "overload")),
-                ratio(x, i),
-                ratio(x, f)
-            );
-        }
-        let _ = writeln!(s);
-    }
-    let _ = writeln!(
-        s,
-        "## DUT CPU ns per delivered packet (udp-60k-flows, overload)\n"
-    );
-    let _ = writeln!(
-        s,
-        "| services | xlb | iptables | nftables |\n|---|---|---|---|"
-    );
-    for &n in &sizes {
-        let ns = |sys: &str| {
-            get(results, sys, n, "udp-60k-flows", "overload")
-                .and_then(|r| r["dut_ns_per_packet"].as_f64())
-                .map(|v| format!("{v:.0}"))
-                .unwrap_or("-".into())
-        };
-        let _ = writeln!(
-            s,
-            "| {n} | {} | {} | {} |",
-            ns("xlb"),
-            ns("iptables"),
-            ns("nftables")
-        );
-    }
-    let ceiling = get(results, "ceiling", 1, "udp-60k-flows", "overload")
-        .and_then(|r| r["delivered_pps"].as_f64());
-    let xlb1 = get(results, "xlb", 1, "udp-60k-flows", "overload")
-        .and_then(|r| r["delivered_pps"].as_f64());
-    let _ = writeln!(s, "\n## Ceiling and single flow\n");
-    let _ = writeln!(
-        s,
-        "Bare XDP redirect (ceiling): {} Mpps; xlb at 1 service: {} Mpps = {} of the ceiling.\n",
-        ceiling
-            .map(|c| format!("{:.2}", c / 1e6))
-            .unwrap_or("-".into()),
-        xlb1.map(|c| format!("{:.2}", c / 1e6))
-            .unwrap_or("-".into()),
-        match (xlb1, ceiling) {
-            (Some(x), Some(c)) => format!("{:.0} %", 100.0 * x / c),
-            _ => "-".into(),
-        }
-    );
-    let _ = writeln!(
-        s,
-        "| system | udp-1-flow Mpps | no-loss Mpps (udp-60k-flows, 1 service) |\n|---|---|---|"
-    );
-    for sys in systems.iter().chain(["ceiling"].iter()) {
-        let _ = writeln!(
-            s,
-            "| {sys} | {} | {} |",
-            mpps(get(results, sys, 1, "udp-1-flow", "overload")),
-            get(results, sys, 1, "udp-60k-flows", "no-loss")
-                .and_then(|r| r["offered_pps"].as_f64())
-                .map(|p| format!("{:.2}", p / 1e6))
-                .unwrap_or("-".into())
-        );
-    }
-    let _ = writeln!(s, "\n## Applying one more service\n");
-    let _ = writeln!(
-        s,
-        "| system | services | one more (µs) | initial set-up (s) |\n|---|---|---|---|"
-    );
-    for a in results["apply"].as_array().unwrap() {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {:.0} | {:.2} |",
-            a["system"].as_str().unwrap_or(""),
-            a["services"],
-            a["apply_one_more_us"].as_f64().unwrap_or(0.0),
-            a["initial_setup_s"].as_f64().unwrap_or(0.0)
-        );
-    }
-    let _ = writeln!(
-        s,
-        "\nxlb's figure is end to end through the manifest directory (inotify, 100 ms debounce, re-reading every file); the reconciler's own map writes for one more service are in the next table.\n"
-    );
-    let _ = writeln!(s, "## xlb_xdp alone (BPF_PROG_TEST_RUN, ns per packet)\n");
-    let _ = writeln!(
-        s,
-        "| services | flow hit | new flow | not a service | flow hit, ~1M flows | new flow, ~1M flows | program all (ms) | reconcile one more (µs) |\n|---|---|---|---|---|---|---|---|"
-    );
-    if let Some(o) = results["xdp_alone_ns"].as_object() {
-        let mut keys: Vec<&String> = o.keys().collect();
-        keys.sort_by_key(|k| k.parse::<u64>().unwrap_or(0));
-        for k in keys {
-            let e = &o[k];
-            let f = |name: &str| {
-                e[name]
-                    .as_f64()
-                    .map(|v| format!("{v:.0}"))
-                    .unwrap_or("-".into())
-            };
-            let _ = writeln!(
-                s,
-                "| {k} | {} | {} | {} | {} | {} | {} | {} |",
-                f("ct_hit"),
-                f("new_flow"),
-                f("not_service"),
-                f("ct_hit_1m_flows"),
-                f("new_flow_1m_flows"),
-                f("program_all_ms"),
-                f("reconcile_one_more_us")
-            );
-        }
-    }
-    let fp = &results["agent_footprint"];
-    if fp.is_object() {
-        let _ = writeln!(s, "\n## Agent footprint at the largest size\n");
-        let _ = writeln!(
-            s,
-            "Idle: {:.1} MiB resident, {:.1} % of a CPU. Manifest churn ({:.0} file writes/s): up to {:.1} MiB, {:.1} % of a CPU.",
-            fp["idle_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-            fp["idle_cpu_fraction"].as_f64().unwrap_or(0.0) * 100.0,
-            fp["churn_writes_per_s"].as_f64().unwrap_or(0.0),
-            fp["churn_max_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-            fp["churn_cpu_fraction"].as_f64().unwrap_or(0.0) * 100.0
-        );
-    }
-    let k = &results["kube_source"];
-    if !k.is_null() {
-        let _ = writeln!(s, "\n## Kubernetes source\n");
-        let _ = writeln!(
-            s,
-            "The agent on the (fake) Kubernetes API with {} services and as many EndpointSlices: \
-             first complete programming {:.1} s after start (lists included); one EndpointSlice \
-             change programmed {:.0} ms after the API server took it (median of 5; 100 ms of it \
-             is the agent's deliberate settle time); EndpointSlice churn at {:.0} changes/s: \
-             {:.1} % of a CPU, {:.1} MiB resident. Each change re-translates and re-programs only \
-             its Service.",
-            k["services"],
-            k["initial_s"].as_f64().unwrap_or(0.0),
-            k["slice_change_ms_median"].as_f64().unwrap_or(0.0),
-            k["churn_changes_per_s"].as_f64().unwrap_or(0.0),
-            k["churn_cpu_fraction"].as_f64().unwrap_or(0.0) * 100.0,
-            k["rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-        );
-    }
-    s
-}
-
-/// Delivered Mpps vs number of services, one line per system (SVG).
-fn plot(results: &serde_json::Value) -> String {
-    let (w, h, l, r, t, b) = (640.0, 400.0, 60.0, 120.0, 30.0, 50.0);
-    let rows = results["throughput"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let pts = |sys: &str| -> Vec<(f64, f64)> {
-        let mut v: Vec<(f64, f64)> = rows
-            .iter()
-            .filter(|x| {
-                x["system"] == sys && x["traffic"] == "udp-60k-flows" && x["load"] == "overload"
-            })
-            .filter_map(|x| Some((x["services"].as_f64()?, x["delivered_pps"].as_f64()? / 1e6)))
-            .collect();
-        v.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
-        v
-    };
-    let max_y = rows
-        .iter()
-        .filter_map(|x| x["delivered_pps"].as_f64())
-        .fold(0.1f64, f64::max)
-        / 1e6
-        * 1.1;
-    let max_x = rows
-        .iter()
-        .filter_map(|x| x["services"].as_f64())
-        .fold(1.0f64, f64::max)
-        .max(10.0);
-    let sx = |x: f64| l + (x.max(1.0).log10() / max_x.log10()) * (w - l - r);
-    let sy = |y: f64| h - b - y / max_y * (h - t - b);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    );
-    let _ = writeln!(
-        s,
-        "<text x=\"{}\" y=\"18\" text-anchor=\"middle\">Delivered Mpps vs services (UDP, 60k flows, overload)</text>",
-        w / 2.0
-    );
-    let _ = writeln!(
-        s,
-        "<line x1=\"{l}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{}\" stroke=\"black\"/>",
-        h - b,
-        w - r,
-        h - b,
-        h - b
-    );
-    let mut x = 1.0;
-    while x <= max_x {
-        let _ = writeln!(
-            s,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x}</text>",
-            sx(x),
-            h - b + 16.0
-        );
-        x *= 10.0;
-    }
-    for i in 0..=4 {
-        let y = max_y * i as f64 / 4.0;
-        let _ = writeln!(
-            s,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y:.1}</text>",
-            l - 6.0,
-            sy(y) + 4.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">services (log)</text>",
-        (l + w - r) / 2.0,
-        h - 12.0
-    );
-    for (i, (sys, color)) in [
-        ("xlb", "#d62728"),
-        ("iptables", "#1f77b4"),
-        ("nftables", "#2ca02c"),
-        ("ceiling", "#7f7f7f"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let mut p = pts(sys);
-        if *sys == "ceiling"
-            && let Some(c) = p.first().copied()
-        {
-            p = vec![(1.0, c.1), (max_x, c.1)];
-        }
-        if p.is_empty() {
-            continue;
-        }
-        let path: Vec<String> = p
-            .iter()
-            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
-            .collect();
-        let dash = if *sys == "ceiling" {
-            " stroke-dasharray=\"6,4\""
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            s,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
-            path.join(" ")
-        );
-        for (x, y) in &p {
-            let _ = writeln!(
-                s,
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>",
-                sx(*x),
-                sy(*y)
-            );
-        }
-        let _ = writeln!(
-            s,
-            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{sys}</text>",
-            w - r + 10.0,
-            t + 20.0 + i as f64 * 18.0
-        );
-    }
-    s.push_str("</svg>\n");
-    s
 }
