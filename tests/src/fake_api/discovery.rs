@@ -1,4 +1,9 @@
-use super::*;
+//! The resources the fake serves and the discovery documents (`/version`,
+//! `/api`, `/apis/...`) kube-rs reads to find them.
+
+use serde_json::{Map, Value, json};
+
+use super::{patch::merge_patch, status::ApiError};
 
 /// A resource the fake serves, with the registry-strategy facts that change
 /// what a client observes.

@@ -1,4 +1,16 @@
-use super::*;
+//! Plain HTTP/1.1 on a TCP socket: reading requests (with chunked bodies
+//! and percent-encoded paths and queries), writing JSON and chunks.
+
+use std::{
+    io,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    os::fd::AsRawFd,
+};
+
+use serde_json::Value;
+
+use super::status::ApiError;
 
 pub(crate) struct Request {
     pub(crate) method: String,

@@ -13,23 +13,40 @@
 //! admission, managedFields and dry runs.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    io::{self, BufRead, BufReader, Read, Write},
+    collections::HashMap,
+    io,
+    io::{BufReader, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::Path,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{self, Receiver, RecvTimeoutError, Sender},
+        mpsc::RecvTimeoutError,
     },
-    thread::{self, JoinHandle},
+    thread,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
+use self::{
+    discovery::{
+        RESOURCE_TYPES, api_group, api_group_list, api_resource_list, expect_kind, find_resource,
+        version_info,
+    },
+    http::{Request, peer_closed, percent_decode, read_request, write_chunk, write_json},
+    patch::patch_type,
+    selectors::Filter,
+    status::ApiError,
+    store::{
+        ObjectKey, Store, WatchMessage, WatchPlan, WatchStart, bookmark_line, bump_generation,
+        carry_system_fields, event_line, metadata_mut, metadata_str, new_uid, object_key,
+        timestamp_now,
+    },
+};
 /// How often a watch with `allowWatchBookmarks=true` gets a BOOKMARK. The
 /// real server sends them about once a minute; tests cannot wait that long.
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
@@ -59,13 +76,6 @@ mod status;
 mod store;
 #[cfg(test)]
 mod tests;
-
-use discovery::*;
-use http::*;
-use patch::*;
-use selectors::*;
-use status::*;
-use store::*;
 
 /// Recovers the data of a mutex whose holder panicked: one failed test
 /// thread must not take the whole fake down with it.

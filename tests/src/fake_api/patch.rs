@@ -1,4 +1,9 @@
-use super::*;
+//! PATCH bodies: the media types kube-apiserver accepts, served with the
+//! `json-patch` crate (RFC 7386 merge patch, RFC 6902 JSON patch).
+
+use serde_json::Value;
+
+use super::status::ApiError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PatchType {
@@ -45,7 +50,7 @@ pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// RFC 6902 JSON patch on a copy of `target`: all operations apply or none
 /// do.
-pub(crate) fn json_patch(target: &Value, operations: &Value) -> Result<Value, String> {
+pub(crate) fn apply_json_patch(target: &Value, operations: &Value) -> Result<Value, String> {
     let operations: json_patch::Patch = serde_json::from_value(operations.clone())
         .map_err(|e| format!("a JSON patch must be an array of operations: {e}"))?;
     let mut document = target.clone();

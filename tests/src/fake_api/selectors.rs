@@ -1,4 +1,13 @@
-use super::*;
+//! Label and field selectors, and the filter a list or watch applies: a
+//! label change seen through a selector watch becomes ADDED or DELETED.
+
+use serde_json::{Map, Value};
+
+use super::{
+    http::Request,
+    status::ApiError,
+    store::{Change, ChangeType, metadata_mut, metadata_str},
+};
 
 #[derive(Debug, PartialEq)]
 pub(crate) enum LabelRequirement {

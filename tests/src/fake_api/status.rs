@@ -1,4 +1,8 @@
-use super::*;
+//! API errors as `Status` objects with kube-apiserver's reasons and codes.
+
+use serde_json::{Map, Value, json};
+
+use super::discovery::ResourceType;
 
 /// An error answered as a `Status` object, as kube-rs decodes it.
 #[derive(Debug)]

@@ -1,4 +1,26 @@
-use super::*;
+//! The object store and its watch semantics: one global resourceVersion,
+//! history for watches to replay, compaction (410 Expired), finalizers,
+//! system fields (uid, creationTimestamp, generation), and watch plans.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Shutdown, TcpStream},
+    sync::{
+        Arc, mpsc,
+        mpsc::{Receiver, Sender},
+    },
+    time::Duration,
+};
+
+use serde_json::{Map, Value, json};
+
+use super::{
+    FIRST_RESOURCE_VERSION, INITIAL_EVENTS_END, STALE_OBJECT,
+    discovery::{RESOURCE_TYPES, ResourceType},
+    patch::{PatchType, apply_json_patch, merge_patch},
+    selectors::Filter,
+    status::ApiError,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct ObjectKey {
@@ -291,7 +313,7 @@ impl Store {
                 patched
             }
             PatchType::Json => {
-                json_patch(&old, patch).map_err(|why| ApiError::invalid(kind, name, &why))?
+                apply_json_patch(&old, patch).map_err(|why| ApiError::invalid(kind, name, &why))?
             }
         };
         if !patched.is_object() {

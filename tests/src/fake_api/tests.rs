@@ -1,4 +1,19 @@
-use super::*;
+//! Self-tests of the fake API server over real HTTP, as kube-rs sees it.
+
+use std::{
+    io,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use super::{
+    FakeApi, INITIAL_EVENTS_END, STALE_OBJECT,
+    http::invalid_data,
+    store::{format_timestamp, metadata_str},
+};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
