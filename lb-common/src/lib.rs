@@ -309,53 +309,6 @@ pub struct Config {
     pub flags: u32,
 }
 
-/// Types of the benchmark's own eBPF programs (`lb-ebpf/src/bench.rs`),
-/// shared with the harness in `tests/src/bench.rs`. Never used by the agent.
-pub mod bench {
-    /// What `bench_gen` writes into each frame. Addresses and ports are in
-    /// network byte order; `*_base` values are the template's, from which the
-    /// checksums are derived.
-    #[repr(C)]
-    #[derive(Clone, Copy, Debug, Default)]
-    pub struct GenConfig {
-        /// Output interface (redirect) or 0 (tail call into TARGET[0]).
-        pub ifindex: u32,
-        /// Distinct flows to cycle through (1 = one established flow).
-        pub flows: u32,
-        /// Services: flow f goes to port `dst_port_base + f % services`.
-        pub services: u32,
-        pub dst_addr: u32,
-        pub dst_port_base: u16,
-        /// 6 = TCP SYN, 17 = UDP.
-        pub proto: u8,
-        pub _pad: u8,
-        /// Source addresses start here (host order), 50 000 ports each.
-        pub src_addr_base: u32,
-        /// The template's IPv4 header checksum and TCP checksum (as stored).
-        pub ip_check_base: u16,
-        pub l4_check_base: u16,
-        /// Template values those checksums were computed with (network order).
-        pub src_addr_tmpl: u32,
-        pub dst_addr_tmpl: u32,
-        pub src_port_tmpl: u16,
-        pub dst_port_tmpl: u16,
-        /// Frames per second to send (0: as fast as possible). Frames ahead of
-        /// schedule are dropped by the generator, never sent: a schedule on
-        /// `bpf_ktime_get_ns`, so the offered load is smooth, not bursty.
-        pub rate_pps: u64,
-    }
-
-    /// Per-CPU generator state, reset by userspace before each run.
-    #[repr(C)]
-    #[derive(Clone, Copy, Debug, Default)]
-    pub struct GenState {
-        /// When the next frame may leave (paced runs).
-        pub start_ns: u64,
-        /// Frames actually sent (redirected or tail-called).
-        pub sent: u64,
-    }
-}
-
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -375,8 +328,6 @@ mod pod {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for GlobalStats {}
     unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for bench::GenConfig {}
-    unsafe impl aya::Pod for bench::GenState {}
 }
 
 #[cfg(test)]
@@ -412,17 +363,6 @@ mod tests {
             (32, 8)
         );
         assert_eq!((size_of::<Config>(), align_of::<Config>()), (24, 4));
-        assert_eq!(
-            (
-                size_of::<bench::GenConfig>(),
-                align_of::<bench::GenConfig>()
-            ),
-            (48, 8)
-        );
-        assert_eq!(
-            (size_of::<bench::GenState>(), align_of::<bench::GenState>()),
-            (16, 8)
-        );
     }
 
     #[test]

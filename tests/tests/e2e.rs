@@ -9,10 +9,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{ClientIPConfig, ServiceSpec, SessionAffinityConfig};
 use xlb_tests::{
-    Agent, CLIENT_ADDR, CLIENT_ADDR_2, Conn, NODE_ADDR, Topology,
-    manifests::{ServiceSpec, endpoint_slice, service},
-    ns_sh, sh, snmp_counter, tcp_request, udp_request, wait_until,
+    Agent, CLIENT_ADDR, CLIENT_ADDR_2, Conn, NODE_ADDR, Topology, ns_sh,
+    objects::{endpoint_slice, service, spec_mut, to_yaml},
+    sh, snmp_counter, tcp_request, udp_request, wait_until,
 };
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
@@ -30,27 +31,25 @@ fn require_root() {
 
 /// Writes the node objects and the `web` service (TCP 80 → 8080, UDP 53 →
 /// 8080) over pods a, b (local) and c (remote).
-fn web_service(t: &Topology, extra_spec: &str) -> Result<()> {
+fn web_service(t: &Topology, adjust: impl FnOnce(&mut ServiceSpec)) -> Result<()> {
     t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
-    t.write_manifest(
-        "web.yaml",
-        &service(&ServiceSpec {
-            name: "web",
-            frontend: WEB,
-            ports: &[("http", "TCP", 80, "8080"), ("dns", "UDP", 53, "8080")],
-            extra_spec,
-        }),
-    )?;
+    let mut web = service(
+        "web",
+        WEB,
+        &[("http", "TCP", 80, "8080"), ("dns", "UDP", 53, "8080")],
+    );
+    adjust(spec_mut(&mut web));
+    t.write_manifest("web.yaml", &to_yaml(&web))?;
     write_web_endpoints(t, &["pod-a", "pod-b", "pod-c"])
 }
 
 /// The reference topology with servers on 8080, the `web` service
-/// (`extra_spec` added to its spec) and a ready agent that programmed it.
-fn web_topology(extra_spec: &str) -> Result<(Topology, Agent)> {
+/// (its spec changed by `adjust`) and a ready agent that programmed it.
+fn web_topology(adjust: impl FnOnce(&mut ServiceSpec)) -> Result<(Topology, Agent)> {
     require_root();
     let t = Topology::new()?;
     t.start_servers(&[8080])?;
-    web_service(&t, extra_spec)?;
+    web_service(&t, adjust)?;
     let agent = t.start_agent()?;
     wait_backends(&t, 6)?;
     Ok((t, agent))
@@ -66,7 +65,11 @@ fn write_web_endpoints(t: &Topology, pods: &[&str]) -> Result<()> {
         .collect();
     t.write_manifest(
         "web-endpoints.yaml",
-        &endpoint_slice("web", &eps, &[("http", "TCP", 8080), ("dns", "UDP", 8080)]),
+        &to_yaml(&endpoint_slice(
+            "web",
+            &eps,
+            &[("http", "TCP", 8080), ("dns", "UDP", 8080)],
+        )),
     )
 }
 
@@ -137,7 +140,7 @@ fn smoke_native_xdp_attach_and_detach() -> Result<()> {
 
 #[test]
 fn tcp_and_udp_reach_every_backend_evenly() -> Result<()> {
-    let (t, _agent) = web_topology("")?;
+    let (t, _agent) = web_topology(|_| ())?;
 
     let mut tcp = Vec::new();
     for _ in 0..300 {
@@ -163,7 +166,7 @@ fn tcp_and_udp_reach_every_backend_evenly() -> Result<()> {
 
 #[test]
 fn remote_backend_sees_node_address_local_backends_see_client() -> Result<()> {
-    let (t, _agent) = web_topology("")?;
+    let (t, _agent) = web_topology(|_| ())?;
     let mut seen = BTreeMap::new();
     for _ in 0..60 {
         let r = tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?;
@@ -197,12 +200,9 @@ fn local_policy_keeps_client_address_and_drops_without_local_backend() -> Result
     t.start_servers(&[8080])?;
     t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
     let local = |name: &str, ip: Ipv4Addr| {
-        service(&ServiceSpec {
-            name,
-            frontend: ip,
-            ports: &[("http", "TCP", 80, "8080")],
-            extra_spec: "  externalTrafficPolicy: Local\n",
-        })
+        let mut local = service(name, ip, &[("http", "TCP", 80, "8080")]);
+        spec_mut(&mut local).external_traffic_policy = Some("Local".into());
+        to_yaml(&local)
     };
     t.write_manifest("local.yaml", &local("local", LOCAL))?;
     let all: Vec<(Ipv4Addr, &str, bool)> = t
@@ -212,18 +212,18 @@ fn local_policy_keeps_client_address_and_drops_without_local_backend() -> Result
         .collect();
     t.write_manifest(
         "local-endpoints.yaml",
-        &endpoint_slice("local", &all, &[("http", "TCP", 8080)]),
+        &to_yaml(&endpoint_slice("local", &all, &[("http", "TCP", 8080)])),
     )?;
     // A Local service whose only endpoint is on the other node.
     t.write_manifest("remote-only.yaml", &local("remote-only", DNS))?;
     let pod_c = t.pod("pod-c");
     t.write_manifest(
         "remote-only-endpoints.yaml",
-        &endpoint_slice(
+        &to_yaml(&endpoint_slice(
             "remote-only",
             &[(pod_c.addr, t.node_of(pod_c), true)],
             &[("http", "TCP", 8080)],
-        ),
+        )),
     )?;
     let _agent = t.start_agent()?;
     wait_backends(&t, 2)?;
@@ -259,12 +259,11 @@ fn named_target_port_resolves_through_endpoint_slice() -> Result<()> {
     t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
     t.write_manifest(
         "named.yaml",
-        &service(&ServiceSpec {
-            name: "named",
-            frontend: WEB,
-            ports: &[("http", "TCP", 80, "web"), ("alt", "TCP", 81, "8080")],
-            extra_spec: "",
-        }),
+        &to_yaml(&service(
+            "named",
+            WEB,
+            &[("http", "TCP", 80, "web"), ("alt", "TCP", 81, "8080")],
+        )),
     )?;
     let eps: Vec<(Ipv4Addr, &str, bool)> = t
         .pods
@@ -275,11 +274,11 @@ fn named_target_port_resolves_through_endpoint_slice() -> Result<()> {
     // names the slice port after the Service port (`http`).
     t.write_manifest(
         "named-endpoints.yaml",
-        &endpoint_slice(
+        &to_yaml(&endpoint_slice(
             "named",
             &eps,
             &[("http", "TCP", 8081), ("alt", "TCP", 8080)],
-        ),
+        )),
     )?;
     let _agent = t.start_agent()?;
     wait_backends(&t, 6)?;
@@ -298,7 +297,7 @@ fn named_target_port_resolves_through_endpoint_slice() -> Result<()> {
 
 #[test]
 fn established_flow_survives_backend_removal() -> Result<()> {
-    let (t, _agent) = web_topology("")?;
+    let (t, _agent) = web_topology(|_| ())?;
 
     // One established connection per backend.
     let mut conns: BTreeMap<String, Conn> = BTreeMap::new();
@@ -342,7 +341,7 @@ fn established_flow_survives_backend_removal() -> Result<()> {
 
 #[test]
 fn established_flow_survives_agent_restart() -> Result<()> {
-    let (t, mut agent) = web_topology("")?;
+    let (t, mut agent) = web_topology(|_| ())?;
     let mut conns = Vec::new();
     for _ in 0..12 {
         let mut c = Conn::open(&t.client, SocketAddrV4::new(WEB, 80), None)?;
@@ -379,9 +378,9 @@ fn established_flow_survives_agent_restart() -> Result<()> {
 
 #[test]
 fn source_range_blocks_client_outside_it() -> Result<()> {
-    let (t, _agent) = web_topology(&format!(
-        "  loadBalancerSourceRanges:\n  - {CLIENT_ADDR}/32\n"
-    ))?;
+    let (t, _agent) = web_topology(|spec| {
+        spec.load_balancer_source_ranges = Some(vec![format!("{CLIENT_ADDR}/32")]);
+    })?;
     let to = SocketAddrV4::new(WEB, 80);
     for _ in 0..5 {
         let mut c = Conn::open(&t.client, to, Some(CLIENT_ADDR))?;
@@ -401,28 +400,22 @@ fn malformed_manifests_are_reported_and_others_keep_working() -> Result<()> {
     require_root();
     let t = Topology::new()?;
     t.start_servers(&[8080])?;
-    web_service(&t, "")?;
+    web_service(&t, |_| ())?;
     t.write_manifest(
         "broken.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: [not, a, map\n",
     )?;
     t.write_manifest(
         "bad-port.yaml",
-        &service(&ServiceSpec {
-            name: "bad-port",
-            frontend: DNS,
-            ports: &[("http", "TCP", 70000, "8080")],
-            extra_spec: "",
-        }),
+        &to_yaml(&service("bad-port", DNS, &[("http", "TCP", 70000, "8080")])),
     )?;
     t.write_manifest(
         "bad-proto.yaml",
-        &service(&ServiceSpec {
-            name: "bad-proto",
-            frontend: LOCAL,
-            ports: &[("http", "SCTP", 80, "8080")],
-            extra_spec: "",
-        }),
+        &to_yaml(&service(
+            "bad-proto",
+            LOCAL,
+            &[("http", "SCTP", 80, "8080")],
+        )),
     )?;
     let agent = t.start_agent()?;
     wait_backends(&t, 6)?;
@@ -455,7 +448,7 @@ fn malformed_manifests_are_reported_and_others_keep_working() -> Result<()> {
 
 #[test]
 fn checksums_are_accepted_by_the_receiving_kernels() -> Result<()> {
-    let (t, _agent) = web_topology("")?;
+    let (t, _agent) = web_topology(|_| ())?;
     for _ in 0..60 {
         let mut c = Conn::open(&t.client, SocketAddrV4::new(WEB, 80), None)?;
         c.ask("a")?;
@@ -480,7 +473,7 @@ fn checksums_are_accepted_by_the_receiving_kernels() -> Result<()> {
 
 #[test]
 fn non_service_traffic_passes_untouched() -> Result<()> {
-    let (t, _agent) = web_topology("")?;
+    let (t, _agent) = web_topology(|_| ())?;
     // ICMP to the node and through it to a pod.
     ns_sh(
         &t.client,
@@ -536,7 +529,7 @@ fn non_service_traffic_passes_untouched() -> Result<()> {
 
 #[test]
 fn service_removal_stops_the_frontend() -> Result<()> {
-    let (t, _agent) = web_topology("")?;
+    let (t, _agent) = web_topology(|_| ())?;
     tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?;
     t.remove_manifest("web.yaml")?;
     wait_backends(&t, 0)?;
@@ -551,9 +544,14 @@ fn service_removal_stops_the_frontend() -> Result<()> {
 
 #[test]
 fn client_ip_affinity_pins_a_client_to_one_backend() -> Result<()> {
-    let (t, _agent) = web_topology(
-        "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 60\n",
-    )?;
+    let (t, _agent) = web_topology(|spec| {
+        spec.session_affinity = Some("ClientIP".into());
+        spec.session_affinity_config = Some(SessionAffinityConfig {
+            client_ip: Some(ClientIPConfig {
+                timeout_seconds: Some(60),
+            }),
+        });
+    })?;
     for from in [CLIENT_ADDR, CLIENT_ADDR_2] {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..30 {
@@ -579,21 +577,16 @@ fn snat_never_takes_a_port_the_node_uses() -> Result<()> {
     t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
     t.write_manifest(
         "remote.yaml",
-        &service(&ServiceSpec {
-            name: "remote",
-            frontend: DNS,
-            ports: &[("dns", "UDP", 53, "8080")],
-            extra_spec: "",
-        }),
+        &to_yaml(&service("remote", DNS, &[("dns", "UDP", 53, "8080")])),
     )?;
     let pod_c = t.pod("pod-c");
     t.write_manifest(
         "remote-endpoints.yaml",
-        &endpoint_slice(
+        &to_yaml(&endpoint_slice(
             "remote",
             &[(pod_c.addr, t.node_of(pod_c), true)],
             &[("dns", "UDP", 8080)],
-        ),
+        )),
     )?;
     // The node's own socket holds 40000 of the two SNAT ports.
     let _own = xlb_tests::in_netns(&t.node, || std::net::UdpSocket::bind("10.0.1.1:40000"))??;
@@ -618,7 +611,7 @@ fn generic_xdp_mode_carries_the_same_traffic() -> Result<()> {
     require_root();
     let t = Topology::new()?;
     t.start_servers(&[8080])?;
-    web_service(&t, "")?;
+    web_service(&t, |_| ())?;
     let agent = t.start_agent_with(&["--xdp-mode", "generic"])?;
     wait_backends(&t, 6)?;
     let link = ns_sh(&t.node, &["ip", "-d", "link", "show", "dev", "uplink"])?;

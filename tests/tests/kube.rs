@@ -12,7 +12,7 @@ use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use xlb_tests::{
-    Conn, NODE_ADDR, NODE_LINK_ADDR, NODE2_ADDR, Topology, fake_api::FakeApi, tcp_request,
+    Conn, NODE_ADDR, NODE_LINK_ADDR, NODE2_ADDR, Topology, fake_api::FakeApi, objects, tcp_request,
     wait_until,
 };
 
@@ -31,28 +31,26 @@ fn require_root() {
 }
 
 fn node(name: &str, ip: Ipv4Addr) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-           "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]}})
+    objects::to_json(&objects::node(name, ip))
 }
 
+/// A LoadBalancer Service `default/name` on TCP 80 → 8080, its frontend
+/// `ip` already in its status, of load-balancer class `class`.
 fn service(name: &str, ip: Ipv4Addr, class: Option<&str>) -> Value {
-    let mut spec = json!({"type": "LoadBalancer",
-        "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]});
-    if let Some(class) = class {
-        spec["loadBalancerClass"] = json!(class);
-    }
-    json!({"apiVersion": "v1", "kind": "Service",
-           "metadata": {"name": name, "namespace": "default"},
-           "spec": spec,
-           "status": {"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}})
+    let mut service = objects::service(name, ip, &[("http", "TCP", 80, "8080")]);
+    objects::spec_mut(&mut service).load_balancer_class = class.map(str::to_string);
+    objects::to_json(&service)
 }
 
 /// A LoadBalancer Service on port 80 with no address yet, as node mode
 /// expects them.
 fn pending_service(name: &str) -> Value {
-    let mut service = service(name, WEB, None);
-    service.as_object_mut().unwrap().remove("status");
-    service
+    objects::to_json(&objects::service_in(
+        objects::NAMESPACE,
+        name,
+        None,
+        &[("http", "TCP", 80, "8080")],
+    ))
 }
 
 /// The sorted `status.loadBalancer.ingress[].ip` of Service `default/name`.
@@ -94,19 +92,18 @@ fn status_writes_from(api: &FakeApi, peer: Ipv4Addr) -> usize {
 }
 
 fn slice(t: &Topology, service: &str, pods: &[&str]) -> Value {
-    let endpoints: Vec<Value> = pods
+    let endpoints: Vec<objects::EndpointOf> = pods
         .iter()
         .map(|p| {
             let pod = t.pod(p);
-            json!({"addresses": [pod.addr.to_string()], "nodeName": t.node_of(pod),
-                   "conditions": {"ready": true, "serving": true, "terminating": false}})
+            (pod.addr, t.node_of(pod), true)
         })
         .collect();
-    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-           "metadata": {"name": format!("{service}-abc"), "namespace": "default",
-                        "labels": {"kubernetes.io/service-name": service}},
-           "addressType": "IPv4", "endpoints": endpoints,
-           "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]})
+    objects::to_json(&objects::endpoint_slice(
+        service,
+        &endpoints,
+        &[("http", "TCP", 8080)],
+    ))
 }
 
 /// The reference topology with servers on 8080 and a fake API server in

@@ -1,11 +1,11 @@
-//! The real `xlb_xdp` program on crafted frames (BPF_PROG_TEST_RUN): every
+//! The real `xlb_xdp` program on crafted frames (BPF_PROG_TEST_RUN, through
+//! aya's `TestRun`): every
 //! malformed or unsupported packet is passed untouched or dropped and
 //! counted, never mis-translated; valid ones come out with correct
 //! checksums. Needs root (loads the program).
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsFd, AsRawFd},
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -17,7 +17,7 @@ use xlb::{
     model::{Backend, DesiredState, Frontend, FrontendSpec, Protocol, ServiceRef},
     reconcile::{Reconciler, frontend_key},
 };
-use xlb_tests::bench::{csum, test_run_frame};
+use xlb_tests::packet::{FrameSpec, TestRunSpec, checksum, frame, pseudo_checksum, test_run};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -93,15 +93,14 @@ impl Datapath {
     }
 
     /// Runs the program once on `frame`: (verdict, frame as it left).
-    fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    fn run(&self, input: &[u8]) -> Result<(u32, Vec<u8>)> {
         let program: &Xdp = self
             .ebpf
             .program("xlb_xdp")
             .context("xlb_xdp")?
             .try_into()?;
-        let fd = program.fd()?.as_fd().as_raw_fd();
-        let (verdict, _, out) = test_run_frame(fd, frame, 1, 0, 1)?;
-        Ok((verdict, out))
+        let outcome = test_run(program, input, TestRunSpec::ONCE)?;
+        Ok((outcome.verdict, outcome.frame))
     }
 
     fn stats(&self, protocol: Protocol) -> Result<ServiceStats> {
@@ -125,96 +124,16 @@ impl Drop for Datapath {
     }
 }
 
-/// Builds Ethernet (optionally 802.1Q-tagged) + IPv4 (+ options) + TCP/UDP
-/// frames with correct checksums.
-struct FrameSpec {
-    vlan: Option<u16>,
-    options: usize,
-    frag: u16,
-    proto: u8,
-    dst: Ipv4Addr,
-    dport: u16,
-    udp_checksum: bool,
-    payload: usize,
-}
-
-impl Default for FrameSpec {
-    fn default() -> Self {
-        FrameSpec {
-            vlan: None,
-            options: 0,
-            frag: 0x4000, // DF
-            proto: 17,
-            dst: FRONTEND,
-            dport: 80,
-            udp_checksum: true,
-            payload: 16,
-        }
-    }
-}
-
-fn frame(spec: &FrameSpec) -> Vec<u8> {
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
-    if let Some(vid) = spec.vlan {
-        f.extend_from_slice(&[0x81, 0x00]);
-        f.extend_from_slice(&vid.to_be_bytes());
-    }
-    f.extend_from_slice(&[0x08, 0x00]);
-    let l4_len = if spec.proto == 6 { 20 } else { 8 } + spec.payload;
-    let ihl = 5 + spec.options / 4;
-    let mut ip = vec![(0x40 | ihl) as u8, 0];
-    ip.extend_from_slice(&((ihl * 4 + l4_len) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34]);
-    ip.extend_from_slice(&spec.frag.to_be_bytes());
-    ip.extend_from_slice(&[64, spec.proto, 0, 0]);
-    ip.extend_from_slice(&CLIENT.octets());
-    ip.extend_from_slice(&spec.dst.octets());
-    ip.extend(std::iter::repeat_n(1u8, spec.options)); // NOP options
-    let c = csum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&40000u16.to_be_bytes());
-    l4.extend_from_slice(&spec.dport.to_be_bytes());
-    if spec.proto == 6 {
-        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-    } else {
-        l4.extend_from_slice(&(l4_len as u16).to_be_bytes());
-        l4.extend_from_slice(&[0, 0]);
-    }
-    l4.extend(std::iter::repeat_n(0xabu8, spec.payload));
-    let check_at = if spec.proto == 6 { 16 } else { 6 };
-    if spec.proto == 6 || spec.udp_checksum {
-        let c = l4_checksum(&CLIENT, &spec.dst, spec.proto, &l4);
-        l4[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
-    }
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&l4);
-    f
-}
-
-/// The checksum over the IPv4 pseudo-header and `l4` (0 when `l4` already
-/// holds a correct checksum).
-fn pseudo_checksum(src: &Ipv4Addr, dst: &Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, proto]);
-    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(l4);
-    csum(&pseudo)
-}
-
-fn l4_checksum(src: &Ipv4Addr, dst: &Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
-    let c = pseudo_checksum(src, dst, proto, l4);
-    // A computed 0 is sent as 0xffff for UDP: 0 means "no checksum".
-    if proto == 17 && c == 0 { 0xffff } else { c }
+/// A UDP datagram from CLIENT to FRONTEND:80, to adjust.
+fn spec() -> FrameSpec {
+    FrameSpec::new(CLIENT, FRONTEND)
 }
 
 /// Checks an IPv4 packet at `l3` the way a receiving kernel would: header
 /// checksum, then the L4 checksum over the pseudo-header (UDP 0 = none).
 fn assert_checksums_valid(f: &[u8], l3: usize) {
     let ihl = (f[l3] & 0x0f) as usize * 4;
-    assert_eq!(csum(&f[l3..l3 + ihl]), 0, "IPv4 header checksum");
+    assert_eq!(checksum(&f[l3..l3 + ihl]), 0, "IPv4 header checksum");
     let proto = f[l3 + 9];
     let total = u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]) as usize;
     let l4 = &f[l3 + ihl..l3 + total];
@@ -245,7 +164,7 @@ fn valid_tcp_and_udp_are_translated_with_correct_checksums() -> Result<()> {
         let input = frame(&FrameSpec {
             proto,
             payload: 33,
-            ..Default::default()
+            ..spec()
         });
         assert_checksums_valid(&input, 14);
         let (verdict, out) = dp.run(&input)?;
@@ -264,7 +183,7 @@ fn vlan_tagged_packet_is_translated_and_keeps_its_tag() -> Result<()> {
     let dp = Datapath::new()?;
     let input = frame(&FrameSpec {
         vlan: Some(42),
-        ..Default::default()
+        ..spec()
     });
     let (verdict, out) = dp.run(&input)?;
     assert_eq!(verdict, XDP_PASS);
@@ -279,7 +198,7 @@ fn udp_without_checksum_keeps_zero() -> Result<()> {
     let dp = Datapath::new()?;
     let input = frame(&FrameSpec {
         udp_checksum: false,
-        ..Default::default()
+        ..spec()
     });
     let (_, out) = dp.run(&input)?;
     assert_eq!(dst_of(&out, 14), (BACKEND, 8080));
@@ -299,11 +218,11 @@ fn ip_options_and_first_fragments_for_a_frontend_are_dropped_and_counted() -> Re
     for spec in [
         FrameSpec {
             options: 4,
-            ..Default::default()
+            ..spec()
         },
         FrameSpec {
             frag: 0x2000,
-            ..Default::default()
+            ..spec()
         }, // MF, offset 0
     ] {
         let input = frame(&spec);
@@ -317,38 +236,34 @@ fn ip_options_and_first_fragments_for_a_frontend_are_dropped_and_counted() -> Re
 #[test]
 fn malformed_and_foreign_packets_pass_untouched() -> Result<()> {
     let dp = Datapath::new()?;
-    let valid = frame(&FrameSpec::default());
+    let valid = frame(&spec());
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         ("Ethernet header only", valid[..14].to_vec()),
         ("IPv4 header cut short", valid[..14 + 12].to_vec()),
         ("UDP header cut short", valid[..14 + 20 + 4].to_vec()),
         (
             "TCP header cut short",
-            frame(&FrameSpec {
-                proto: 6,
-                ..Default::default()
-            })[..14 + 20 + 10]
-                .to_vec(),
+            frame(&FrameSpec { proto: 6, ..spec() })[..14 + 20 + 10].to_vec(),
         ),
         (
             "later fragment",
             frame(&FrameSpec {
                 frag: 0x0010,
-                ..Default::default()
+                ..spec()
             }),
         ),
         (
             "other port on the frontend address",
             frame(&FrameSpec {
                 dport: 81,
-                ..Default::default()
+                ..spec()
             }),
         ),
         (
             "not a frontend address",
             frame(&FrameSpec {
                 dst: Ipv4Addr::new(10, 200, 0, 99),
-                ..Default::default()
+                ..spec()
             }),
         ),
     ];

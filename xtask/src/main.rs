@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build the eBPF object (lb-ebpf) for bpfel-unknown-none, preparing the
+    /// Build the eBPF objects (lb-ebpf, tests/bench/ebpf) for bpfel-unknown-none, preparing the
     /// toolchain first.
     BuildEbpf {
         /// Kept for symmetry: the eBPF object is always built optimised (the
@@ -56,7 +56,7 @@ enum Task {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::BuildEbpf { release: _ } => build_ebpf().map(|_| ()),
+        Task::BuildEbpf { release: _ } => build_ebpf(),
         Task::Build => build_all(),
         Task::Lint => lint(),
         Task::Test { filter } => test(&filter),
@@ -76,10 +76,16 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Where `build-ebpf` leaves the object; lb-userspace's build script embeds
-/// it from there.
-pub fn ebpf_object() -> PathBuf {
-    workspace_root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
+/// The eBPF crates, each its own workspace built for bpfel-unknown-none:
+/// the datapath, and the benchmark's own programs.
+const EBPF_CRATES: [&str; 2] = ["lb-ebpf", "tests/bench/ebpf"];
+
+/// Where `build-ebpf` leaves an object (`lb-ebpf`: lb-userspace's build
+/// script embeds it from there; `xlb-bench-ebpf`: the benchmark loads it).
+pub fn ebpf_object(name: &str) -> PathBuf {
+    workspace_root()
+        .join("target/ebpf/bpfel-unknown-none/release")
+        .join(name)
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -90,34 +96,38 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn build_ebpf() -> Result<PathBuf> {
+fn build_ebpf() -> Result<()> {
     let tools = toolchain::prepare()?;
     let root = workspace_root();
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root.join("lb-ebpf"))
-        .arg(format!("+{}", toolchain::NIGHTLY))
-        .args([
-            "build",
-            "-Z",
-            "build-std=core",
-            "--target",
-            "bpfel-unknown-none",
-            "--release",
-            "--target-dir",
-        ])
-        .arg(root.join("target/ebpf"))
-        .env("PATH", tools.path_with_linker())
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("RUSTC")
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("CARGO_TARGET_DIR");
-    run(&mut cmd).context("building lb-ebpf")?;
-    let object = ebpf_object();
-    if !object.exists() {
-        bail!("lb-ebpf built but {} is missing", object.display());
+    for crate_dir in EBPF_CRATES {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root.join(crate_dir))
+            .arg(format!("+{}", toolchain::NIGHTLY))
+            .args([
+                "build",
+                "-Z",
+                "build-std=core",
+                "--target",
+                "bpfel-unknown-none",
+                "--release",
+                "--target-dir",
+            ])
+            .arg(root.join("target/ebpf"))
+            .env("PATH", tools.path_with_linker())
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("CARGO_TARGET_DIR");
+        run(&mut cmd).with_context(|| format!("building {crate_dir}"))?;
     }
-    println!("eBPF object: {}", object.display());
-    Ok(object)
+    for name in ["lb-ebpf", "xlb-bench-ebpf"] {
+        let object = ebpf_object(name);
+        if !object.exists() {
+            bail!("{name} built but {} is missing", object.display());
+        }
+        println!("eBPF object: {}", object.display());
+    }
+    Ok(())
 }
 
 fn lint() -> Result<()> {
@@ -127,11 +137,15 @@ fn lint() -> Result<()> {
         .current_dir(&root)
         .args(["fmt", "--all", "--check"]))
     .context("formatting differs: run `cargo fmt --all`")?;
-    run(Command::new("cargo")
-        .current_dir(root.join("lb-ebpf"))
-        .arg(format!("+{}", toolchain::NIGHTLY))
-        .args(["fmt", "--check"]))
-    .context("lb-ebpf formatting differs: run `cargo +nightly fmt` in lb-ebpf")?;
+    for crate_dir in EBPF_CRATES {
+        run(Command::new("cargo")
+            .current_dir(root.join(crate_dir))
+            .arg(format!("+{}", toolchain::NIGHTLY))
+            .args(["fmt", "--check"]))
+        .with_context(|| {
+            format!("{crate_dir} formatting differs: run `cargo +nightly fmt` in {crate_dir}")
+        })?;
+    }
     run(Command::new("cargo").current_dir(&root).args([
         "clippy",
         "--workspace",
@@ -141,22 +155,25 @@ fn lint() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(Command::new("cargo")
-        .current_dir(root.join("lb-ebpf"))
-        .arg(format!("+{}", toolchain::NIGHTLY))
-        .args([
-            "clippy",
-            "-Z",
-            "build-std=core",
-            "--target",
-            "bpfel-unknown-none",
-        ])
-        .args(["--release", "--target-dir"])
-        .arg(root.join("target/ebpf"))
-        .args(["--", "-D", "warnings"])
-        .env("PATH", tools.path_with_linker())
-        .env_remove("RUSTUP_TOOLCHAIN"))
-    .context("clippy on lb-ebpf")
+    for crate_dir in EBPF_CRATES {
+        run(Command::new("cargo")
+            .current_dir(root.join(crate_dir))
+            .arg(format!("+{}", toolchain::NIGHTLY))
+            .args([
+                "clippy",
+                "-Z",
+                "build-std=core",
+                "--target",
+                "bpfel-unknown-none",
+            ])
+            .args(["--release", "--target-dir"])
+            .arg(root.join("target/ebpf"))
+            .args(["--", "-D", "warnings"])
+            .env("PATH", tools.path_with_linker())
+            .env_remove("RUSTUP_TOOLCHAIN"))
+        .with_context(|| format!("clippy on {crate_dir}"))?;
+    }
+    Ok(())
 }
 
 fn build_all() -> Result<()> {
@@ -334,39 +351,28 @@ fn run_counted(cmd: &mut Command, totals: &mut Totals) -> Result<()> {
     Ok(())
 }
 
-/// Builds everything and runs `bin` of the test-support crate (demo,
-/// benchmark) as root.
-fn run_tool(bin: &str, args: &[&str], what: &str) -> Result<()> {
+/// Builds everything and runs `bin` of `package` (the demo in xlb-tests,
+/// the benchmark in xlb-bench) as root.
+fn run_tool(package: &str, bin: &str, args: &[&str], what: &str) -> Result<()> {
     build_all()?;
     if !is_root() {
         bail!("{what} creates network namespaces and attaches XDP: run it as root");
     }
     run(Command::new("cargo")
         .current_dir(workspace_root())
-        .args([
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "xlb-tests",
-            "--bin",
-            bin,
-            "--",
-        ])
+        .args(["run", "--release", "-q", "-p", package, "--bin", bin, "--"])
         .args(args)
         .env("XLB_BIN", xlb_binary())
-        .env(
-            "XLB_BENCH_OBJECT",
-            workspace_root().join("target/ebpf/bpfel-unknown-none/release/lb-ebpf-bench"),
-        ))
+        .env("XLB_BENCH_OBJECT", ebpf_object("xlb-bench-ebpf")))
 }
 
 fn demo() -> Result<()> {
-    run_tool("xlb-demo", &[], "the demo")
+    run_tool("xlb-tests", "xlb-demo", &[], "the demo")
 }
 
 fn bench(quick: bool) -> Result<()> {
     run_tool(
+        "xlb-bench",
         "xlb-bench",
         if quick { &["--quick"] } else { &[] },
         "the benchmark",

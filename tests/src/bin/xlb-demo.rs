@@ -10,7 +10,7 @@ use std::{
 use anyhow::Result;
 use xlb_tests::{
     Topology,
-    manifests::{ServiceSpec, endpoint_slice, service},
+    objects::{endpoint_slice, service, spec_mut, to_yaml},
     tcp_request, udp_request, wait_until,
 };
 
@@ -28,36 +28,29 @@ fn main() -> Result<()> {
         .iter()
         .map(|p| (p.addr, t.node_of(p), true))
         .collect();
-    let services: [(&str, Ipv4Addr, &str, u32, &str); 3] = [
-        ("web", WEB, "TCP", 80, ""),
-        ("dns", DNS, "UDP", 53, ""),
-        (
-            "local",
-            LOCAL,
-            "TCP",
-            80,
-            "  externalTrafficPolicy: Local\n",
-        ),
+    let services: [(&str, Ipv4Addr, &str, i32, bool); 3] = [
+        ("web", WEB, "TCP", 80, false),
+        ("dns", DNS, "UDP", 53, false),
+        ("local", LOCAL, "TCP", 80, true),
     ];
-    for (name, ip, proto, port, extra) in services {
-        let text = service(&ServiceSpec {
-            name,
-            frontend: ip,
-            ports: &[("p", proto, port, "8080")],
-            extra_spec: extra,
-        });
+    for (name, ip, proto, port, local) in services {
+        let mut object = service(name, ip, &[("p", proto, port, "8080")]);
+        if local {
+            spec_mut(&mut object).external_traffic_policy = Some("Local".into());
+        }
+        let text = to_yaml(&object);
         println!(
             "-- manifest {name}.yaml ({proto} {ip}:{port} -> :8080{})",
-            if extra.is_empty() {
-                ""
-            } else {
+            if local {
                 ", externalTrafficPolicy: Local"
+            } else {
+                ""
             }
         );
         t.write_manifest(&format!("{name}.yaml"), &text)?;
         t.write_manifest(
             &format!("{name}-endpoints.yaml"),
-            &endpoint_slice(name, &all, &[("p", proto, 8080)]),
+            &to_yaml(&endpoint_slice(name, &all, &[("p", proto, 8080)])),
         )?;
     }
     println!(

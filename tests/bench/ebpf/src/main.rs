@@ -1,4 +1,6 @@
 //! Programs used only by `cargo xtask bench`; never loaded by the agent.
+//! Built by `cargo xtask build-ebpf` like lb-ebpf, into
+//! `target/ebpf/bpfel-unknown-none/release/xlb-bench-ebpf`.
 //!
 //! - `bench_gen`: run with `BPF_PROG_TEST_RUN` (live frames or not). Writes a
 //!   flow's tuple into the template frame (absolutely, because live-frame
@@ -19,7 +21,7 @@ use aya_ebpf::{
     maps::{Array, DevMap, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
-use lb_common::bench::{GenConfig, GenState};
+use xlb_bench_common::{GenConfig, GenState};
 
 #[map]
 static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);

@@ -1,0 +1,179 @@
+//! The benchmark's network: three namespaces in a line, every frame from
+//! the generator through the device under test to the sink.
+//!
+//! ```text
+//!  [gen] gen0 ─── dut0 [dut: system under test] dut1 ─── sink1 [sink]
+//!  CPU 0: BPF_PROG_TEST_RUN live frames        CPU 1: dut0's (threaded) NAPI,
+//!  (bench_gen redirects out of gen0)          everything the DUT does, and the
+//!                                              sink's XDP counter (bench_sink)
+//! ```
+
+use std::{fs, net::Ipv4Addr, path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+use xlb_tests::netns::{Namespace, VethEnd, ns_sh, veth};
+
+pub const DUT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 8, 2);
+pub const DUT_SINK_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 1);
+/// Service i listens on DUT_ADDR:(PORT_BASE + i), as K3s ServiceLB does
+/// (every LoadBalancer port is a port on the node address).
+pub const PORT_BASE: u16 = 10_000;
+pub const CLIENT_BASE: Ipv4Addr = Ipv4Addr::new(10, 101, 0, 0);
+
+pub fn pin_thread_to_cpu(pid: i32, cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "sched_setaffinity({pid}, {cpu}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub struct BenchNet {
+    pub gen_ns: String,
+    pub dut: String,
+    pub sink: String,
+    pub gen_mac: [u8; 6],
+    pub dut0_mac: [u8; 6],
+    pub gen0_index: u32,
+    pub dir: PathBuf,
+    /// Deleted on drop.
+    namespaces: Vec<Namespace>,
+}
+
+fn mac_of(ns: &str, dev: &str) -> Result<[u8; 6]> {
+    let out = ns_sh(ns, &["cat", &format!("/sys/class/net/{dev}/address")]);
+    // /sys of the host does not show other namespaces' devices: ask ip.
+    let text = match out {
+        Ok(t) if !t.trim().is_empty() => t,
+        _ => ns_sh(ns, &["ip", "-o", "link", "show", "dev", dev])?,
+    };
+    let word = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or(text.trim());
+    let mut mac = [0u8; 6];
+    for (i, part) in word.split(':').enumerate().take(6) {
+        mac[i] = u8::from_str_radix(part, 16).with_context(|| format!("MAC of {dev}: {word}"))?;
+    }
+    Ok(mac)
+}
+
+pub fn ifindex_in(ns: &str, dev: &str) -> Result<u32> {
+    let text = ns_sh(ns, &["ip", "-o", "link", "show", "dev", dev])?;
+    Ok(text.split(':').next().unwrap_or("").trim().parse()?)
+}
+
+impl BenchNet {
+    pub fn new() -> Result<Self> {
+        let p = format!("xb{}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("xlb-bench-{p}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("manifests"))?;
+        let (gen_ns, dut, sink) = (format!("{p}-gen"), format!("{p}-dut"), format!("{p}-sink"));
+        let namespaces = [&gen_ns, &dut, &sink]
+            .into_iter()
+            .map(|ns| Namespace::new(ns))
+            .collect::<Result<Vec<_>>>()?;
+        let mut net = BenchNet {
+            gen_ns,
+            dut,
+            sink,
+            gen_mac: [0; 6],
+            dut0_mac: [0; 6],
+            gen0_index: 0,
+            dir,
+            namespaces,
+        };
+        net.wire()?;
+        Ok(net)
+    }
+
+    fn wire(&mut self) -> Result<()> {
+        let (g, d, s) = (self.gen_ns.clone(), self.dut.clone(), self.sink.clone());
+        veth(
+            VethEnd::new(&g, "gen0", "10.0.8.1/24"),
+            VethEnd::new(&d, "dut0", "10.0.8.2/24"),
+        )?;
+        veth(
+            VethEnd::new(&d, "dut1", "10.0.9.1/24"),
+            VethEnd::new(&s, "sink1", "10.0.9.2/24"),
+        )?;
+        ns_sh(&d, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        ns_sh(
+            &d,
+            &["ip", "route", "add", "10.128.0.0/9", "via", "10.0.9.2"],
+        )?;
+        ns_sh(
+            &d,
+            &["ip", "route", "add", "10.101.0.0/16", "via", "10.0.8.1"],
+        )?;
+        ns_sh(&s, &["ip", "route", "add", "default", "via", "10.0.9.1"])?;
+        // dut0 must take redirected frames also when no XDP program is on it
+        // (iptables, nftables): GRO gives the veth its NAPI.
+        ns_sh(&d, &["ethtool", "-K", "dut0", "gro", "on"])?;
+        // Conntrack sized for the flows the bench makes.
+        let _ = ns_sh(
+            &d,
+            &["sysctl", "-qw", "net.netfilter.nf_conntrack_max=2097152"],
+        );
+        self.gen_mac = mac_of(&g, "gen0")?;
+        self.dut0_mac = mac_of(&d, "dut0")?;
+        self.gen0_index = ifindex_in(&g, "gen0")?;
+        // Resolve neighbours both ways before any measurement.
+        ns_sh(&d, &["ping", "-c", "1", "-W", "1", "10.0.9.2"])?;
+        ns_sh(&d, &["ping", "-c", "1", "-W", "1", "10.0.8.1"])?;
+        Ok(())
+    }
+
+    /// Moves dut0's receive processing to its own kernel thread on CPU 1.
+    pub fn pin_dut_napi(&self) -> Result<()> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.dut,
+                "sh",
+                "-c",
+                "echo 1 > /sys/class/net/dut0/threaded",
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "enabling threaded NAPI on dut0: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut pinned = 0;
+        for entry in fs::read_dir("/proc")?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            if comm.trim().starts_with("napi/dut0-") {
+                // Several benches may run on a machine in sequence; only this
+                // namespace's dut0 is threaded now, older threads are gone.
+                pin_thread_to_cpu(pid, 1)?;
+                pinned += 1;
+            }
+        }
+        if pinned == 0 {
+            bail!("no napi/dut0 kernel thread found after enabling threaded NAPI");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BenchNet {
+    fn drop(&mut self) {
+        self.namespaces.clear();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,122 @@
+//! The throughput plot: delivered Mpps against the number of services,
+//! one line per system, as SVG.
+
+use std::fmt::Write as _;
+
+use crate::results::{Load, Results, System, Traffic};
+
+/// Delivered Mpps vs number of services, one line per system (SVG).
+pub fn plot(results: &Results) -> String {
+    let (w, h, l, r, t, b) = (640.0, 400.0, 60.0, 120.0, 30.0, 50.0);
+    let rows = &results.throughput;
+    let pts = |system: System| -> Vec<(f64, f64)> {
+        let mut v: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|x| {
+                x.system == system && x.traffic == Traffic::UdpManyFlows && x.load == Load::Overload
+            })
+            .map(|x| (f64::from(x.services), x.delivered_pps / 1e6))
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v
+    };
+    let max_y = rows.iter().map(|x| x.delivered_pps).fold(0.1f64, f64::max) / 1e6 * 1.1;
+    let max_x = rows
+        .iter()
+        .map(|x| f64::from(x.services))
+        .fold(1.0f64, f64::max)
+        .max(10.0);
+    let sx = |x: f64| l + (x.max(1.0).log10() / max_x.log10()) * (w - l - r);
+    let sy = |y: f64| h - b - y / max_y * (h - t - b);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"18\" text-anchor=\"middle\">Delivered Mpps vs services (UDP, 60k flows, overload)</text>",
+        w / 2.0
+    );
+    let _ = writeln!(
+        s,
+        "<line x1=\"{l}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{}\" stroke=\"black\"/>",
+        h - b,
+        w - r,
+        h - b,
+        h - b
+    );
+    let mut x = 1.0;
+    while x <= max_x {
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x}</text>",
+            sx(x),
+            h - b + 16.0
+        );
+        x *= 10.0;
+    }
+    for i in 0..=4 {
+        let y = max_y * i as f64 / 4.0;
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y:.1}</text>",
+            l - 6.0,
+            sy(y) + 4.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">services (log)</text>",
+        (l + w - r) / 2.0,
+        h - 12.0
+    );
+    for (i, (system, color)) in [
+        (System::Xlb, "#d62728"),
+        (System::Iptables, "#1f77b4"),
+        (System::Nftables, "#2ca02c"),
+        (System::Ceiling, "#7f7f7f"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut p = pts(*system);
+        if *system == System::Ceiling
+            && let Some(c) = p.first().copied()
+        {
+            p = vec![(1.0, c.1), (max_x, c.1)];
+        }
+        if p.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = p
+            .iter()
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        let dash = if *system == System::Ceiling {
+            " stroke-dasharray=\"6,4\""
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
+            path.join(" ")
+        );
+        for (x, y) in &p {
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>",
+                sx(*x),
+                sy(*y)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>",
+            w - r + 10.0,
+            t + 20.0 + i as f64 * 18.0,
+            system.name()
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}

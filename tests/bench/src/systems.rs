@@ -1,0 +1,302 @@
+//! The systems under test, set up at a number of services: xlb's manifests
+//! (typed objects), iptables and nftables rule sets in kube-proxy's shapes,
+//! and the xlb agent with its resource use.
+
+use std::{
+    fs,
+    io::Write,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use xlb_tests::{netns::ns_cmd, objects, spawn_agent, xlb_bin};
+
+use crate::network::{BenchNet, DUT_ADDR, DUT_SINK_SIDE, PORT_BASE};
+
+/// Backend j of service i (3 per service), behind the sink.
+pub fn backend(i: u32, j: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * 3 + j)
+}
+
+/// The ClusterIP K3s would give service i (klipper DNATs to it).
+pub fn cluster_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
+}
+
+fn proto_name(proto: u8) -> &'static str {
+    if proto == 6 { "tcp" } else { "udp" }
+}
+
+/// Namespace of the benchmark's Services.
+const NAMESPACE: &str = "bench";
+
+/// Manifests for `services` UDP+TCP services: each port p = PORT_BASE + i on
+/// the node address, three remote endpoints.
+pub fn manifests(services: u32, node_name: &str) -> String {
+    let mut s = objects::to_yaml(&objects::node(node_name, DUT_SINK_SIDE));
+    for i in 0..services {
+        s.push_str(&service_manifest(i));
+    }
+    s
+}
+
+/// Service `bench/s<i>` and its EndpointSlice, each document led by `---`.
+pub fn service_manifest(i: u32) -> String {
+    let port = i32::from(PORT_BASE) + i as i32;
+    let name = format!("s{i}");
+    let service = objects::service_in(
+        NAMESPACE,
+        &name,
+        Some(DUT_ADDR),
+        &[("u", "UDP", port, "8080"), ("t", "TCP", port, "8080")],
+    );
+    let endpoints: Vec<objects::EndpointOf> =
+        (0..3).map(|j| (backend(i, j), "remote", true)).collect();
+    let slice = objects::endpoint_slice_in(
+        NAMESPACE,
+        &format!("{name}-x"),
+        &name,
+        &endpoints,
+        &[("u", "UDP", 8080), ("t", "TCP", 8080)],
+    );
+    format!(
+        "---\n{}---\n{}",
+        objects::to_yaml(&service),
+        objects::to_yaml(&slice)
+    )
+}
+
+/// iptables-restore input for one service: klipper-lb's rule shapes
+/// (`PREROUTING ! -s CLUSTER_IP/32 -p PROTO --dport PORT`, `POSTROUTING -d
+/// CLUSTER_IP/32 -p PROTO -j MASQUERADE`) leading into kube-proxy's
+/// iptables-mode chains (KUBE-SVC with `statistic --mode random` →
+/// KUBE-SEP DNAT). K3s runs the klipper rules in a svclb pod's namespace and
+/// DNATs to the ClusterIP first; in one namespace the klipper match jumps
+/// straight into the service chain instead, so the rule scan per new
+/// connection is the same and the packet is NATed once.
+pub fn iptables_service(i: u32, chains_only: bool) -> (String, String) {
+    let mut decl = String::new();
+    let mut rules = String::new();
+    for proto in [6u8, 17] {
+        let p = proto_name(proto);
+        let svc = format!("KUBE-SVC-{i}{}", p.to_uppercase());
+        decl.push_str(&format!(":{svc} - [0:0]\n"));
+        let port = PORT_BASE as u32 + i;
+        if !chains_only {
+            rules.push_str(&format!(
+                "-A PREROUTING ! -s {}/32 -p {p} --dport {port} -j {svc}\n",
+                cluster_ip(i)
+            ));
+            rules.push_str(&format!(
+                "-A POSTROUTING -d {}/32 -p {p} -j MASQUERADE\n",
+                cluster_ip(i)
+            ));
+        }
+        rules.push_str(&format!("-A {svc} -j KUBE-MARK-MASQ\n"));
+        for j in 0..3u32 {
+            let sep = format!("KUBE-SEP-{i}{}{j}", p.to_uppercase());
+            decl.push_str(&format!(":{sep} - [0:0]\n"));
+            let jump = match j {
+                0 => format!(
+                    "-A {svc} -m statistic --mode random --probability 0.33333333349 -j {sep}\n"
+                ),
+                1 => format!(
+                    "-A {svc} -m statistic --mode random --probability 0.50000000000 -j {sep}\n"
+                ),
+                _ => format!("-A {svc} -j {sep}\n"),
+            };
+            rules.push_str(&jump);
+            rules.push_str(&format!(
+                "-A {sep} -s {}/32 -j KUBE-MARK-MASQ\n",
+                backend(i, j)
+            ));
+            rules.push_str(&format!(
+                "-A {sep} -p {p} -j DNAT --to-destination {}:8080\n",
+                backend(i, j)
+            ));
+        }
+    }
+    (decl, rules)
+}
+
+pub fn iptables_ruleset(services: u32) -> String {
+    let mut decl = String::from("*nat\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
+    let mut rules = String::from(
+        "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n-A POSTROUTING -j KUBE-POSTROUTING\n-A KUBE-POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE\n",
+    );
+    for i in 0..services {
+        let (d, r) = iptables_service(i, false);
+        decl.push_str(&d);
+        rules.push_str(&r);
+    }
+    format!("{decl}{rules}COMMIT\n")
+}
+
+/// nftables in kube-proxy's nftables-mode style: one verdict map from
+/// address . protocol . port to a per-service chain that picks an endpoint
+/// with `numgen random`.
+pub fn nft_service(i: u32) -> (String, String) {
+    let mut chains = String::new();
+    let mut elements = String::new();
+    for proto in [6u8, 17] {
+        let p = proto_name(proto);
+        let port = PORT_BASE as u32 + i;
+        let svc = format!("svc-{i}-{p}");
+        elements.push_str(&format!("{DUT_ADDR} . {p} . {port} : goto {svc}, "));
+        let mut seps = String::new();
+        for j in 0..3 {
+            let sep = format!("sep-{i}-{p}-{j}");
+            chains.push_str(&format!(
+                "add chain ip xlb-bench {sep}\nadd rule ip xlb-bench {sep} ip saddr {} meta mark set meta mark | 0x4000\nadd rule ip xlb-bench {sep} meta l4proto {p} dnat to {}:8080\n",
+                backend(i, j),
+                backend(i, j)
+            ));
+            seps.push_str(&format!("{j} : goto {sep}, "));
+        }
+        chains.push_str(&format!(
+            "add chain ip xlb-bench {svc}\nadd rule ip xlb-bench {svc} meta mark set meta mark | 0x4000\nadd rule ip xlb-bench {svc} numgen random mod 3 vmap {{ {} }}\n",
+            seps.trim_end_matches(", ")
+        ));
+    }
+    (chains, elements.trim_end_matches(", ").to_string())
+}
+
+pub fn nft_ruleset(services: u32) -> String {
+    let mut s = String::from(
+        "add table ip xlb-bench\nadd map ip xlb-bench service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\nadd chain ip xlb-bench prerouting { type nat hook prerouting priority dstnat ; }\nadd chain ip xlb-bench postrouting { type nat hook postrouting priority srcnat ; }\nadd rule ip xlb-bench prerouting ip daddr . meta l4proto . th dport vmap @service-ips\nadd rule ip xlb-bench postrouting meta mark & 0x4000 == 0x4000 masquerade\n",
+    );
+    for i in 0..services {
+        let (chains, elements) = nft_service(i);
+        s.push_str(&chains);
+        s.push_str(&format!(
+            "add element ip xlb-bench service-ips {{ {elements} }}\n"
+        ));
+    }
+    s
+}
+
+/// Feeds `input` to a command in the DUT namespace; returns its wall time.
+pub fn feed(dut: &str, args: &[&str], input: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let mut child = ns_cmd(dut, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {args:?}"))?;
+    child.stdin.take().unwrap().write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(started.elapsed())
+}
+
+/// The xlb agent in the DUT namespace.
+pub struct AgentRun {
+    pub child: Child,
+    pub node_name: String,
+    pub log: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl AgentRun {
+    /// The agent on a manifest directory holding `services` services.
+    pub fn start(net: &BenchNet, services: u32) -> Result<AgentRun> {
+        let node_name = format!("{}-node", net.dut);
+        let manifests = net.dir.join("manifests");
+        let _ = fs::remove_dir_all(&manifests);
+        fs::create_dir_all(&manifests)?;
+        fs::write(
+            manifests.join("services.yaml"),
+            self::manifests(services, &node_name),
+        )?;
+        let manifests = manifests.to_string_lossy().into_owned();
+        Self::spawn(net, node_name, &["--manifests", &manifests], "agent.log")
+    }
+
+    /// The agent as node `node_name` with `source` (`--manifests DIR` or
+    /// `--kubeconfig FILE`), logging to `log` in the bench directory.
+    pub fn spawn(
+        net: &BenchNet,
+        node_name: String,
+        source: &[&str],
+        log: &str,
+    ) -> Result<AgentRun> {
+        let log = net.dir.join(log);
+        let state_dir = net.dir.join("state");
+        let state = state_dir.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--sweep-interval",
+            "3600",
+            "--iface",
+            "dut0,dut1",
+            "--node-name",
+            &node_name,
+            "--state-dir",
+            &state,
+            "--max-services",
+            "32768",
+            "--max-backends",
+            "131072",
+            "--max-flows",
+            "1048576",
+        ];
+        args.extend_from_slice(source);
+        // The agent's own work (manifest parsing, the flow sweeper) is the
+        // control plane: it runs on the generator's CPU so that CPU 1
+        // measures the datapath only; its cost is reported separately.
+        let child = spawn_agent(
+            &net.dut,
+            &["taskset", "-c", "0"],
+            &args,
+            &log,
+            "info",
+            Duration::from_secs(300),
+        )?;
+        Ok(AgentRun {
+            child,
+            node_name,
+            log,
+            state_dir,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stop(mut self) -> Result<()> {
+        // SAFETY: signalling our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait()?;
+        Command::new(xlb_bin())
+            .args(["reset", "--node-name", &self.node_name, "--state-dir"])
+            .arg(&self.state_dir)
+            .output()?;
+        Ok(())
+    }
+}
+
+/// Resident set size of a process, bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// CPU time (user + system) of a process, ns.
+pub fn process_cpu_ns(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    Ok(ticks * 10_000_000)
+}

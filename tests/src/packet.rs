@@ -1,0 +1,195 @@
+//! Crafted frames for XDP programs: a frame builder (Ethernet, optional
+//! 802.1Q tag, IPv4 with options, TCP SYN or UDP), the Internet checksum,
+//! and a `BPF_PROG_TEST_RUN` wrapper over aya's [`TestRun`].
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context, Result};
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
+
+/// The Internet checksum (RFC 1071) of `bytes`.
+pub fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in bytes.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            (c[0] as u16) << 8
+        };
+        sum += w as u32;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The checksum over the IPv4 pseudo-header (RFC 793, RFC 768) and `l4`
+/// (0 when `l4` already holds a correct checksum).
+pub fn pseudo_checksum(src: &Ipv4Addr, dst: &Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(l4);
+    checksum(&pseudo)
+}
+
+/// The L4 checksum to send: a computed 0 goes out as 0xffff for UDP,
+/// where 0 means "no checksum" (RFC 768).
+pub fn l4_checksum(src: &Ipv4Addr, dst: &Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
+    let c = pseudo_checksum(src, dst, proto, l4);
+    if proto == 17 && c == 0 { 0xffff } else { c }
+}
+
+/// What [`frame`] builds: Ethernet (optionally 802.1Q-tagged) + IPv4 (+
+/// NOP options) + a TCP SYN or a UDP datagram from `src`:40000, with
+/// correct checksums.
+#[derive(Clone, Debug)]
+pub struct FrameSpec {
+    pub vlan: Option<u16>,
+    /// Bytes of IPv4 options (a multiple of 4).
+    pub options: usize,
+    /// Flags and fragment offset, as on the wire.
+    pub frag: u16,
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+    /// UDP only: false sends checksum 0 (none).
+    pub udp_checksum: bool,
+    pub payload: usize,
+}
+
+impl FrameSpec {
+    /// A UDP datagram with a 16-byte payload from `src` to `dst`:80, DF set.
+    pub fn new(src: Ipv4Addr, dst: Ipv4Addr) -> FrameSpec {
+        FrameSpec {
+            vlan: None,
+            options: 0,
+            frag: 0x4000, // DF
+            proto: 17,
+            src,
+            dst,
+            dport: 80,
+            udp_checksum: true,
+            payload: 16,
+        }
+    }
+}
+
+/// The frame `spec` describes.
+pub fn frame(spec: &FrameSpec) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+    if let Some(vid) = spec.vlan {
+        f.extend_from_slice(&[0x81, 0x00]);
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&[0x08, 0x00]);
+    let l4_len = if spec.proto == 6 { 20 } else { 8 } + spec.payload;
+    let ihl = 5 + spec.options / 4;
+    let mut ip = vec![(0x40 | ihl) as u8, 0];
+    ip.extend_from_slice(&((ihl * 4 + l4_len) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34]);
+    ip.extend_from_slice(&spec.frag.to_be_bytes());
+    ip.extend_from_slice(&[64, spec.proto, 0, 0]);
+    ip.extend_from_slice(&spec.src.octets());
+    ip.extend_from_slice(&spec.dst.octets());
+    ip.extend(std::iter::repeat_n(1u8, spec.options)); // NOP options
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&40000u16.to_be_bytes());
+    l4.extend_from_slice(&spec.dport.to_be_bytes());
+    if spec.proto == 6 {
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        l4.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend(std::iter::repeat_n(0xabu8, spec.payload));
+    let check_at = if spec.proto == 6 { 16 } else { 6 };
+    if spec.proto == 6 || spec.udp_checksum {
+        let c = l4_checksum(&spec.src, &spec.dst, spec.proto, &l4);
+        l4[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&l4);
+    f
+}
+
+/// How to run an XDP program with `BPF_PROG_TEST_RUN`.
+#[derive(Clone, Copy, Debug)]
+pub struct TestRunSpec {
+    /// Runs of the program on the frame in one call.
+    pub repeat: u32,
+    /// Live frames (`BPF_F_TEST_XDP_LIVE_FRAMES`) in batches of this many:
+    /// redirected frames really leave through their device.
+    pub live_batch: Option<u32>,
+    /// `xdp_md.ingress_ifindex` the program sees.
+    pub ingress_ifindex: u32,
+}
+
+impl TestRunSpec {
+    /// One run, frame returned, arriving on interface 1 (loopback).
+    pub const ONCE: TestRunSpec = TestRunSpec {
+        repeat: 1,
+        live_batch: None,
+        ingress_ifindex: 1,
+    };
+}
+
+/// What one `BPF_PROG_TEST_RUN` call reported.
+#[derive(Clone, Debug)]
+pub struct TestRunOutcome {
+    /// The program's return value (the XDP verdict).
+    pub verdict: u32,
+    /// Mean time per repetition, as the kernel measured it.
+    pub per_run: Duration,
+    /// The frame as the program left it (empty with live frames, where
+    /// frames leave through a device).
+    pub frame: Vec<u8>,
+}
+
+/// Room for a program that grows the frame (encapsulation, VLAN push).
+const HEADROOM_OUT: usize = 256;
+
+/// Runs `program` on `frame` through aya's `TestRun`.
+pub fn test_run(program: &Xdp, frame: &[u8], spec: TestRunSpec) -> Result<TestRunOutcome> {
+    // `struct xdp_md` (kernel uapi) as ctx_in: data, data_end, data_meta,
+    // ingress_ifindex, rx_queue_index, egress_ifindex.
+    let context: Vec<u8> = [0, frame.len() as u32, 0, spec.ingress_ifindex, 0, 0]
+        .iter()
+        .flat_map(|field: &u32| field.to_ne_bytes())
+        .collect();
+    let mut out = vec![
+        0u8;
+        if spec.live_batch.is_some() {
+            0
+        } else {
+            frame.len() + HEADROOM_OUT
+        }
+    ];
+    let attrs = match spec.live_batch {
+        Some(batch) => TestRunAttrs::new().xdp_live_frames(batch),
+        None => TestRunAttrs::new(),
+    };
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: (!out.is_empty()).then_some(out.as_mut_slice()),
+            ctx_in: Some(&context),
+            ctx_out: None,
+            repeat: spec.repeat,
+            attrs,
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutcome {
+        verdict: result.return_value,
+        per_run: result.duration,
+        frame: out,
+    })
+}

@@ -1,0 +1,385 @@
+//! The reference topology of shared/DESIGN.md section 4: network
+//! namespaces for a client, two nodes and three pods, wired with veth pairs,
+//! with servers in the pods and the real agent in the node.
+//!
+//! ```text
+//!  [client] c0 ── uplink [node: xlb on `uplink`, `n2`] hA ── eth0 [pod-a]
+//!                                     │             hB ── eth0 [pod-b]
+//!                                     n2 ── n1 [node2] hC ── eth0 [pod-c]
+//! ```
+//!
+//! Everything is named with a per-process, per-topology prefix and removed
+//! on `Drop`, also when a test panics.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    agent::{Agent, spawn_agent, xlb_bin},
+    netns::{Namespace, VethEnd, ns_sh, veth},
+    objects,
+    traffic::{serve_tcp, serve_udp},
+};
+
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+/// A second client address, outside the source ranges the tests allow.
+pub const CLIENT_ADDR_2: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 3);
+pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+pub const NODE_LINK_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+pub const NODE2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+pub const POD_C: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 2);
+/// Frontend addresses live here; the client routes them to the node.
+pub const FRONTEND_NET: &str = "10.200.0.0/24";
+
+/// Topologies made by this process, for unique prefixes.
+static TOPOLOGIES: AtomicU32 = AtomicU32::new(0);
+
+/// One backend pod: a namespace with servers answering
+/// `backend=<name> port=<port> peer=<ip:port>`.
+pub struct Pod {
+    pub name: &'static str,
+    pub ns: String,
+    pub addr: Ipv4Addr,
+    pub node: &'static str,
+}
+
+pub struct Topology {
+    pub prefix: String,
+    pub client: String,
+    pub node: String,
+    pub node2: String,
+    pub pods: Vec<Pod>,
+    /// Node name the agent runs as (unique, so pin dirs never collide).
+    pub node_name: String,
+    pub node2_name: String,
+    pub dir: PathBuf,
+    /// Deleted last to first on drop.
+    namespaces: Vec<Namespace>,
+}
+
+impl Topology {
+    /// Builds the reference topology. Does not start servers or the agent.
+    pub fn new() -> Result<Self> {
+        let n = TOPOLOGIES.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("x{}{}", std::process::id() % 100_000, n);
+        let dir = std::env::temp_dir().join(format!("xlb-test-{prefix}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("manifests"))?;
+        let mut t = Topology {
+            client: format!("{prefix}-client"),
+            node: format!("{prefix}-node"),
+            node2: format!("{prefix}-node2"),
+            pods: vec![
+                Pod {
+                    name: "pod-a",
+                    ns: format!("{prefix}-pa"),
+                    addr: POD_A,
+                    node: "a",
+                },
+                Pod {
+                    name: "pod-b",
+                    ns: format!("{prefix}-pb"),
+                    addr: POD_B,
+                    node: "a",
+                },
+                Pod {
+                    name: "pod-c",
+                    ns: format!("{prefix}-pc"),
+                    addr: POD_C,
+                    node: "b",
+                },
+            ],
+            node_name: format!("{prefix}-node-a"),
+            node2_name: format!("{prefix}-node-b"),
+            prefix,
+            dir,
+            namespaces: Vec::new(),
+        };
+        t.build().context("building the test topology")?;
+        Ok(t)
+    }
+
+    fn add_ns(&mut self, ns: &str) -> Result<()> {
+        self.namespaces.push(Namespace::new(ns)?);
+        Ok(())
+    }
+
+    /// Makes a namespace's end of a link behave like a real host NIC for
+    /// the test: full checksums computed in software (so every receiver
+    /// verifies them: a translation error cannot hide behind checksum
+    /// offload), and GRO on, which lets a veth accept XDP-redirected frames.
+    fn host_like(ns: &str, dev: &str) -> Result<()> {
+        ns_sh(ns, &["ethtool", "-K", dev, "tx", "off"])?;
+        ns_sh(ns, &["ethtool", "-K", dev, "gro", "on"])?;
+        Ok(())
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let (client, node, node2) = (self.client.clone(), self.node.clone(), self.node2.clone());
+        for ns in [&client, &node, &node2] {
+            self.add_ns(ns)?;
+        }
+        let pods: Vec<(String, Ipv4Addr, &'static str)> = self
+            .pods
+            .iter()
+            .map(|p| (p.ns.clone(), p.addr, p.node))
+            .collect();
+        for (ns, _, _) in &pods {
+            self.add_ns(ns)?;
+        }
+        // client <-> node uplink
+        veth(
+            VethEnd::new(&client, "c0", "10.0.1.2/24"),
+            VethEnd::new(&node, "uplink", "10.0.1.1/24"),
+        )?;
+        ns_sh(&client, &["ip", "addr", "add", "10.0.1.3/24", "dev", "c0"])?;
+        ns_sh(
+            &client,
+            &["ip", "route", "add", FRONTEND_NET, "via", "10.0.1.1"],
+        )?;
+        ns_sh(
+            &client,
+            &["ip", "route", "add", "10.244.0.0/16", "via", "10.0.1.1"],
+        )?;
+        Self::host_like(&client, "c0")?;
+        // node <-> node2
+        veth(
+            VethEnd::new(&node, "n2", "10.0.2.1/24"),
+            VethEnd::new(&node2, "n1", "10.0.2.2/24"),
+        )?;
+        Self::host_like(&node2, "n1")?;
+        ns_sh(
+            &node,
+            &["ip", "route", "add", "10.244.3.0/24", "via", "10.0.2.2"],
+        )?;
+        ns_sh(
+            &node2,
+            &["ip", "route", "add", "default", "via", "10.0.2.1"],
+        )?;
+        for ns in [&node, &node2] {
+            ns_sh(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        }
+        // pods
+        for (i, (ns, addr, on)) in pods.iter().enumerate() {
+            let host_ns = if *on == "a" { &node } else { &node2 };
+            let octets = addr.octets();
+            let host_addr = format!("{}.{}.{}.1/24", octets[0], octets[1], octets[2]);
+            let pod_addr = format!("{addr}/24");
+            let host_dev = format!("h{i}");
+            veth(
+                VethEnd::new(host_ns, &host_dev, &host_addr),
+                VethEnd::new(ns, "eth0", &pod_addr),
+            )?;
+            ns_sh(
+                ns,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &host_addr[..host_addr.len() - 3],
+                ],
+            )?;
+            Self::host_like(ns, "eth0")?;
+        }
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .expect("known pod")
+    }
+
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    /// Writes (atomically: temp file + rename) a manifest file.
+    pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.manifests().join(file))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        fs::remove_file(self.manifests().join(file))?;
+        Ok(())
+    }
+
+    /// Starts TCP and UDP servers on `ports` in every pod.
+    pub fn start_servers(&self, ports: &[u16]) -> Result<()> {
+        for pod in &self.pods {
+            for &port in ports {
+                serve_tcp(&pod.ns, pod.name, SocketAddrV4::new(pod.addr, port))?;
+                serve_udp(&pod.ns, pod.name, SocketAddrV4::new(pod.addr, port))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A Node object for the agent's node (InternalIP = uplink address) and
+    /// the second node.
+    pub fn nodes_manifest(&self) -> String {
+        objects::to_yaml_documents(&[
+            objects::node(&self.node_name, NODE_ADDR),
+            objects::node(&self.node2_name, NODE2_ADDR),
+        ])
+    }
+
+    /// The Kubernetes node name a pod runs on.
+    pub fn node_of(&self, pod: &Pod) -> &str {
+        if pod.node == "a" {
+            &self.node_name
+        } else {
+            &self.node2_name
+        }
+    }
+
+    /// Starts the agent in the node namespace.
+    pub fn start_agent(&self) -> Result<Agent> {
+        self.start_agent_with(&[])
+    }
+
+    /// Starts the agent with extra command-line arguments.
+    pub fn start_agent_with(&self, extra: &[&str]) -> Result<Agent> {
+        let manifests = self.manifests().to_string_lossy().into_owned();
+        let mut args = vec!["--manifests", manifests.as_str()];
+        args.extend_from_slice(extra);
+        self.agent_in(&self.node, "uplink,n2", &self.node_name, "agent.log", &args)
+    }
+
+    /// Starts the agent on the Kubernetes API (no manifest directory).
+    pub fn start_agent_kube(&self, kubeconfig: &Path, extra: &[&str]) -> Result<Agent> {
+        self.kube_agent(
+            &self.node,
+            "uplink,n2",
+            &self.node_name,
+            "agent.log",
+            kubeconfig,
+            extra,
+        )
+    }
+
+    /// Starts a second agent on the Kubernetes API, in node2 on its link to
+    /// the node (`n1`), logging to `agent2.log`.
+    pub fn start_agent2_kube(&self, kubeconfig: &Path, extra: &[&str]) -> Result<Agent> {
+        self.kube_agent(
+            &self.node2,
+            "n1",
+            &self.node2_name,
+            "agent2.log",
+            kubeconfig,
+            extra,
+        )
+    }
+
+    fn kube_agent(
+        &self,
+        ns: &str,
+        ifaces: &str,
+        node_name: &str,
+        log: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+        let mut args = vec!["--kubeconfig", kubeconfig.as_str()];
+        args.extend_from_slice(extra);
+        self.agent_in(ns, ifaces, node_name, log, &args)
+    }
+
+    /// `xlb agent` in namespace `ns` as node `node_name` on `ifaces`, logging
+    /// to `log` in the test directory; `source_and_extra` names the source
+    /// and any further flags.
+    fn agent_in(
+        &self,
+        ns: &str,
+        ifaces: &str,
+        node_name: &str,
+        log: &str,
+        source_and_extra: &[&str],
+    ) -> Result<Agent> {
+        let log = self.dir.join(log);
+        let state_dir = self.dir.join("state").to_string_lossy().into_owned();
+        let mut args = vec![
+            "--iface",
+            ifaces,
+            "--node-name",
+            node_name,
+            "--state-dir",
+            &state_dir,
+            "--sweep-interval",
+            "1",
+        ];
+        args.extend_from_slice(source_and_extra);
+        let child = spawn_agent(
+            ns,
+            &[],
+            &args,
+            &log,
+            "info,xlb=debug",
+            Duration::from_secs(30),
+        )?;
+        Ok(Agent {
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn xlb(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec![xlb_bin().to_string_lossy().into_owned()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        full.extend([
+            "--node-name".into(),
+            self.node_name.clone(),
+            "--state-dir".into(),
+            self.dir.join("state").to_string_lossy().into_owned(),
+        ]);
+        let refs: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
+        ns_sh(&self.node, &refs)
+    }
+
+    /// `xlb inspect <what> --json` as parsed rows.
+    pub fn inspect(&self, what: &str) -> Result<Vec<serde_json::Value>> {
+        let out = self.xlb(&["inspect", what, "--json"])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Sum of a per-service counter over all services.
+    pub fn stat(&self, field: &str) -> Result<u64> {
+        Ok(self
+            .inspect("stats")?
+            .iter()
+            .filter_map(|r| r.get(field).and_then(|v| v.as_u64()))
+            .sum())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for node_name in [&self.node_name, &self.node2_name] {
+            let _ = Command::new(xlb_bin())
+                .args(["reset", "--node-name", node_name, "--state-dir"])
+                .arg(self.dir.join("state"))
+                .output();
+        }
+        while let Some(namespace) = self.namespaces.pop() {
+            drop(namespace);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

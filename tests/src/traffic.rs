@@ -1,0 +1,214 @@
+//! Real traffic: line-echo TCP and UDP servers in pod namespaces that say
+//! which backend answered and whom they saw as the peer, and clients in the
+//! client namespace that parse those answers.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::in_netns;
+
+/// Starts a TCP server on `addr` in `ns` answering each line with
+/// `backend=<name> port=<port> peer=<ip:port> echo=<line>`.
+pub(crate) fn serve_tcp(ns: &str, name: &'static str, addr: SocketAddrV4) -> Result<()> {
+    let listener = in_netns(ns, move || TcpListener::bind(addr))??;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let peer = stream
+                    .peer_addr()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut writer = stream;
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                    let reply = format!(
+                        "backend={name} port={} peer={peer} echo={}\n",
+                        addr.port(),
+                        line.trim()
+                    );
+                    if writer.write_all(reply.as_bytes()).is_err() {
+                        break;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Starts a UDP server on `addr` in `ns` answering each datagram like
+/// [`serve_tcp`].
+pub(crate) fn serve_udp(ns: &str, name: &'static str, addr: SocketAddrV4) -> Result<()> {
+    let socket = in_netns(ns, move || UdpSocket::bind(addr))??;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            let reply = format!(
+                "backend={name} port={} peer={peer} echo={}",
+                addr.port(),
+                String::from_utf8_lossy(&buf[..n]).trim()
+            );
+            let _ = socket.send_to(reply.as_bytes(), peer);
+        }
+    });
+    Ok(())
+}
+
+/// A server's answer, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub backend: String,
+    pub port: u16,
+    pub peer: SocketAddr,
+}
+
+pub fn parse_reply(line: &str) -> Result<Reply> {
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .map(str::to_string)
+            .with_context(|| format!("no {k}= in reply {line:?}"))
+    };
+    Ok(Reply {
+        backend: field("backend")?,
+        port: field("port")?.parse()?,
+        peer: field("peer")?.parse()?,
+    })
+}
+
+/// A TCP connection from the client namespace.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    pub fn open(client_ns: &str, to: SocketAddrV4, from: Option<Ipv4Addr>) -> Result<Conn> {
+        let stream = in_netns(client_ns, move || -> Result<TcpStream> {
+            let socket = connect_from(to, from)?;
+            Ok(socket)
+        })??;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Conn {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// Sends a line and reads the server's answer.
+    pub fn ask(&mut self, text: &str) -> Result<Reply> {
+        self.writer.write_all(format!("{text}\n").as_bytes())?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .context("reading the answer")?;
+        if line.is_empty() {
+            bail!("connection closed");
+        }
+        parse_reply(&line)
+    }
+}
+
+/// connect() with a timeout and an optional source address.
+fn connect_from(to: SocketAddrV4, from: Option<Ipv4Addr>) -> Result<TcpStream> {
+    match from {
+        None => Ok(TcpStream::connect_timeout(
+            &to.into(),
+            Duration::from_secs(1),
+        )?),
+        Some(src) => {
+            // SAFETY: plain socket syscalls on a fresh fd we own.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    bail!("socket: {}", std::io::Error::last_os_error());
+                }
+                let stream = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+                let sa = sockaddr(SocketAddrV4::new(src, 0));
+                if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, 16) != 0 {
+                    bail!("bind {src}: {}", std::io::Error::last_os_error());
+                }
+                let tv = libc::timeval {
+                    tv_sec: 1,
+                    tv_usec: 0,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                let da = sockaddr(to);
+                if libc::connect(fd, &da as *const _ as *const libc::sockaddr, 16) != 0 {
+                    bail!(
+                        "connect {to} from {src}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                Ok(stream)
+            }
+        }
+    }
+}
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// One TCP request on a fresh connection.
+pub fn tcp_request(client_ns: &str, to: SocketAddrV4) -> Result<Reply> {
+    Conn::open(client_ns, to, None)?.ask("hello")
+}
+
+/// One UDP datagram from a fresh socket (fresh source port), one answer.
+pub fn udp_request(client_ns: &str, to: SocketAddrV4) -> Result<Reply> {
+    let socket = in_netns(client_ns, || UdpSocket::bind("0.0.0.0:0"))??;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    socket.send_to(b"hello", to)?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = socket
+        .recv_from(&mut buf)
+        .context("waiting for the UDP answer")?;
+    parse_reply(&String::from_utf8_lossy(&buf[..n]))
+}
+
+/// Counters from /proc/net/snmp of a namespace (e.g. `Tcp` `InCsumErrors`).
+pub fn snmp_counter(ns: &str, proto: &str, field: &str) -> Result<u64> {
+    let proto = proto.to_string();
+    let field = field.to_string();
+    let text = in_netns(ns, || {
+        let mut s = String::new();
+        fs::File::open("/proc/self/net/snmp").and_then(|mut f| f.read_to_string(&mut s))?;
+        Ok::<String, std::io::Error>(s)
+    })??;
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{proto}:")))
+        .collect();
+    if lines.len() < 2 {
+        bail!("no {proto} lines in /proc/net/snmp");
+    }
+    let names: Vec<&str> = lines[0].split_whitespace().collect();
+    let values: Vec<&str> = lines[1].split_whitespace().collect();
+    let i = names
+        .iter()
+        .position(|n| *n == field)
+        .with_context(|| format!("no {proto} {field} in /proc/net/snmp"))?;
+    Ok(values[i].parse()?)
+}
