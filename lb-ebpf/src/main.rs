@@ -6,6 +6,9 @@
 //!   backends).
 //! - `xlb_tc_egress` (tcx egress, on every uplink, `tc_path.rs`): reverse
 //!   translation of replies from node-local backends.
+//! - `xlb_tc_ingress` (tcx ingress, `tc_path.rs`): `xlb_xdp`'s job on
+//!   uplinks where XDP would see packets without their checksum state
+//!   (virtual devices, drivers without native XDP).
 //!
 //! Both parse with `packet.rs` and decide with the NAT core in `nat.rs`;
 //! maps are declared in `maps.rs`, counters reached through `stats.rs`.
@@ -32,7 +35,12 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
-    tc_path::run(&ctx)
+    tc_path::egress(&ctx)
+}
+
+#[classifier]
+pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
+    tc_path::ingress(&ctx)
 }
 
 #[cfg(not(test))]

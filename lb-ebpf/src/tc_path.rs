@@ -1,8 +1,18 @@
-//! The tcx egress hook on the uplinks: reverse translation of replies from
-//! node-local backends. The kernel routes those from the pod's veth to the
-//! uplink, so one hook there sees them all and pods need no hook of their
-//! own. The skb helpers used here keep partial checksums (pods' offloaded
-//! TX) correct, which an XDP-style in-place rewrite would not.
+//! The tcx hooks, where packets are skbs and the kernel knows their checksum
+//! state. The skb helpers used here keep partial checksums (offloaded TX of
+//! pods and of veth peers) correct, which an XDP-style in-place rewrite
+//! would not: XDP sees only bytes, and on a veth the bytes of a
+//! CHECKSUM_PARTIAL packet hold a pseudo-header sum, not a checksum.
+//!
+//! - egress, on every uplink: reverse translation of replies from
+//!   node-local backends. The kernel routes those from the pod's veth to the
+//!   uplink, so one hook there sees them all and pods need no hook of their
+//!   own.
+//! - ingress, on uplinks where XDP is not used (virtual devices such as the
+//!   veths that join kind/k3d nodes, or drivers without native XDP): the
+//!   whole XDP job (forward translation and replies of remote backends).
+//!   The translated packet goes on to the kernel, which forwards it with its
+//!   checksum state intact; nothing is redirected from here.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT},
@@ -11,37 +21,43 @@ use aya_ebpf::{
 use lb_common::{FLOW_F_REPLY, Flow, PROTO_UDP};
 
 use crate::{
-    nat,
+    nat::{self, Verdict},
     packet::{
         IPV4_CHECK_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, MAX_HEADERS_LEN,
         PORTS_DEST_OFFSET, PORTS_SOURCE_OFFSET, Parsed, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
         parse, v4_raw,
     },
+    stats::global,
 };
 
 /// tcx: let the next program (or the stack) decide.
 const TCX_NEXT: i32 = -1;
 
+/// Parses the skb, pulling headers that sit in its non-linear part into the
+/// linear area first when the first look finds them cut short.
 #[inline(always)]
-pub fn run(ctx: &TcContext) -> i32 {
-    let parsed = match parse(ctx.data(), ctx.data_end()) {
-        Ok(p) => p,
-        // Headers may sit in a non-linear part of the skb: pull them in and
-        // look again.
+fn parse_skb(ctx: &TcContext) -> Result<Parsed, Skip> {
+    match parse(ctx.data(), ctx.data_end()) {
         Err(Skip::Malformed) => {
             let want = core::cmp::min(ctx.len(), MAX_HEADERS_LEN as u32);
             if ctx.pull_data(want).is_err() {
-                return TCX_NEXT;
+                return Err(Skip::Malformed);
             }
-            match parse(ctx.data(), ctx.data_end()) {
-                Ok(p) => p,
-                Err(_) => return TCX_NEXT,
-            }
+            parse(ctx.data(), ctx.data_end())
         }
-        Err(_) => return TCX_NEXT,
+        other => other,
+    }
+}
+
+/// tcx egress: replies of node-local backends.
+#[inline(always)]
+pub fn egress(ctx: &TcContext) -> i32 {
+    let Ok(parsed) = parse_skb(ctx) else {
+        return TCX_NEXT;
     };
     let bytes = parsed.ip_len as u64;
-    // Only reply entries apply at egress: forward entries are XDP's.
+    // Only reply entries apply at egress: forward entries are the ingress
+    // hook's.
     match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
         Some(flow) if flow.flags & FLOW_F_REPLY != 0 => {
             if rewrite(ctx, &parsed, &flow).is_err() {
@@ -50,6 +66,58 @@ pub fn run(ctx: &TcContext) -> i32 {
             TCX_NEXT
         }
         _ => TCX_NEXT,
+    }
+}
+
+/// tcx ingress: what `xdp_path::run` does, for uplinks without XDP.
+#[inline(always)]
+pub fn ingress(ctx: &TcContext) -> i32 {
+    let parsed = match parse_skb(ctx) {
+        Ok(p) => p,
+        Err(Skip::Unsupported(key)) => {
+            return match nat::frontend_of(&key) {
+                Some(service) => nat::unsupported(service).tc_action(),
+                None => Verdict::Pass.tc_action(),
+            };
+        }
+        Err(Skip::Malformed) => {
+            if let Some(g) = global() {
+                g.malformed += 1;
+            }
+            return TCX_NEXT;
+        }
+        Err(_) => return Verdict::Pass.tc_action(),
+    };
+    let bytes = parsed.ip_len as u64;
+    let flow = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
+        Some(flow) => flow,
+        None => match nat::new_flow(ctx.skb.skb.cast(), &parsed.key, bytes) {
+            Ok(flow) => flow,
+            Err(verdict) => return verdict.tc_action(),
+        },
+    };
+    if rewrite(ctx, &parsed, &flow).is_err() {
+        return TC_ACT_SHOT;
+    }
+    if let Some(g) = global() {
+        g.translated_passed += 1;
+    }
+    TCX_NEXT
+}
+
+impl Verdict {
+    /// The tcx action for a packet that is not rewritten; a pass is counted.
+    #[inline(always)]
+    pub fn tc_action(self) -> i32 {
+        match self {
+            Verdict::Pass => {
+                if let Some(g) = global() {
+                    g.passed += 1;
+                }
+                TCX_NEXT
+            }
+            Verdict::Drop => TC_ACT_SHOT,
+        }
     }
 }
 
