@@ -90,8 +90,11 @@ pub struct AgentConfig {
     /// Never redirect in XDP; hand every translated packet to the kernel.
     #[arg(long, env = "XLB_NO_REDIRECT")]
     pub no_redirect: bool,
-    /// XDP attach mode: `auto` (native, else generic with a warning),
-    /// `native`, or `generic` (for drivers whose native XDP misbehaves).
+    /// Which hook runs the forward path: `auto` (native XDP on physical
+    /// NICs; tcx ingress on virtual devices such as veth, whose packets carry
+    /// offloaded checksums XDP cannot see, and where native XDP fails),
+    /// `native` (XDP only), `tc` (tcx ingress only), or `generic` (kept for
+    /// compatibility; means `tc`).
     #[arg(long, env = "XLB_XDP_MODE", value_enum, default_value_t = attach::XdpModeChoice::Auto)]
     pub xdp_mode: attach::XdpModeChoice,
     /// Seconds between flow-table sweeps.

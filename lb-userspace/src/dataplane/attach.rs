@@ -1,10 +1,26 @@
-//! Attaching the programs to the uplinks through pinned bpf_links: XDP for
-//! the forward path and remote replies, tcx egress for replies of local
-//! backends. A pinned link outlives the agent; a new agent swaps its freshly
-//! loaded program into it atomically (`BPF_LINK_UPDATE`), so no packet ever
-//! misses the datapath during a restart or an upgrade.
+//! Attaching the programs to the uplinks through pinned bpf_links. The
+//! forward path (and replies of remote backends) runs in one of two hooks
+//! per interface, the reply path of local backends in tcx egress:
+//!
+//! - native XDP, on physical NICs: the fast path. Their drivers hand XDP
+//!   complete checksums, so an in-place rewrite with incremental checksums
+//!   is exact.
+//! - tcx ingress, on virtual devices (the veths that join kind/k3d nodes,
+//!   bridges) and wherever native XDP is unavailable. Packets from a veth
+//!   peer carry partial (offloaded) checksums that XDP cannot see, and
+//!   generic XDP loses GRO'd and CHECKSUM_COMPLETE state the same way; the
+//!   skb helpers in tc keep both right.
+//!
+//! A pinned link outlives the agent; a new agent swaps its freshly loaded
+//! program into it atomically (`BPF_LINK_UPDATE`), so no packet ever misses
+//! the datapath during a restart or an upgrade. A change of hook attaches
+//! the new one before the old one is removed.
 
-use std::{collections::BTreeSet, fs, path::Path};
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -21,24 +37,33 @@ use super::PinDir;
 
 pub const XDP_PROGRAM: &str = "xlb_xdp";
 pub const TC_PROGRAM: &str = "xlb_tc_egress";
+pub const TC_INGRESS_PROGRAM: &str = "xlb_tc_ingress";
+/// Every program the agent loads.
+pub const PROGRAMS: [&str; 3] = [XDP_PROGRAM, TC_PROGRAM, TC_INGRESS_PROGRAM];
 
-/// How the XDP program ended up attached to an interface.
+/// Which hook runs the forward path on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XdpAttachMode {
-    Native,
-    /// Generic (skb) XDP: works everywhere, slower; redirects are not used.
-    Generic,
+pub enum IngressHook {
+    /// Native (driver) XDP.
+    Xdp,
+    /// tcx ingress.
+    Tcx,
 }
 
-/// Which XDP mode the operator asks for (`--xdp-mode`).
+/// Which hook the operator asks for (`--xdp-mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum XdpModeChoice {
-    /// Native, falling back to generic with a warning.
+    /// Native XDP on physical NICs; tcx ingress on virtual devices (veth,
+    /// bridges) and where native XDP fails.
     #[default]
     Auto,
-    /// Native only: fail if the driver cannot.
+    /// Native XDP only: fail if the driver cannot. On a veth this is right
+    /// only when its peer sends complete checksums (TX offload off).
     Native,
-    /// Generic (skb) only: for drivers whose native XDP misbehaves.
+    /// tcx ingress on every uplink.
+    Tc,
+    /// Accepted for compatibility: generic (skb) XDP cannot keep offloaded
+    /// checksums right, so this is tcx ingress, which runs on the same skbs.
     Generic,
 }
 
@@ -49,121 +74,135 @@ fn pin_name(iface: &str, suffix: &str) -> String {
     format!("{}:{suffix}", iface.replace('.', ":"))
 }
 
-fn xdp_pin(pins: &PinDir, iface: &str) -> std::path::PathBuf {
+fn xdp_pin(pins: &PinDir, iface: &str) -> PathBuf {
     pins.links().join(pin_name(iface, "xdp"))
 }
 
-fn tc_pin(pins: &PinDir, iface: &str) -> std::path::PathBuf {
-    pins.links().join(pin_name(iface, "tcx-egress"))
-}
-
-fn generic_marker(pins: &PinDir, iface: &str) -> std::path::PathBuf {
-    // bpffs holds only BPF objects, so the mode is remembered in the link
-    // pin's name.
+/// The link an older agent pinned for generic XDP: replaced by tcx ingress.
+fn generic_xdp_pin(pins: &PinDir, iface: &str) -> PathBuf {
     pins.links().join(pin_name(iface, "xdp-generic"))
 }
 
-/// Attaches (or re-attaches, adopting pinned links) both programs to
-/// `iface`. Returns the XDP mode in effect.
+fn tc_pin(pins: &PinDir, iface: &str, direction: TcAttachType) -> PathBuf {
+    let suffix = match direction {
+        TcAttachType::Ingress => "tcx-ingress",
+        _ => "tcx-egress",
+    };
+    pins.links().join(pin_name(iface, suffix))
+}
+
+/// A device without a bus device behind it (`/sys/class/net/IF/device`) is
+/// virtual: veth, bridge, bond, VLAN, tunnel.
+fn is_virtual(iface: &str) -> bool {
+    !Path::new("/sys/class/net")
+        .join(iface)
+        .join("device")
+        .exists()
+}
+
+/// Attaches (or re-attaches, adopting pinned links) the programs to
+/// `iface`. Returns the hook that runs the forward path.
 pub fn attach_interface(
     ebpf: &mut Ebpf,
     pins: &PinDir,
     iface: &str,
     choice: XdpModeChoice,
-) -> Result<XdpAttachMode> {
-    let mode = attach_xdp(ebpf, pins, iface, choice)?;
-    attach_tc(ebpf, pins, iface)?;
-    Ok(mode)
+) -> Result<IngressHook> {
+    let hook = match choice {
+        XdpModeChoice::Native => {
+            attach_xdp(ebpf, pins, iface)
+                .with_context(|| format!("attaching native XDP to {iface} (--xdp-mode native)"))?;
+            IngressHook::Xdp
+        }
+        XdpModeChoice::Tc => {
+            attach_tc(ebpf, pins, iface, TcAttachType::Ingress)?;
+            IngressHook::Tcx
+        }
+        XdpModeChoice::Generic => {
+            tracing::warn!(
+                interface = iface,
+                "--xdp-mode generic: generic XDP cannot keep offloaded checksums right; \
+                 using tcx ingress, which runs on the same packets"
+            );
+            attach_tc(ebpf, pins, iface, TcAttachType::Ingress)?;
+            IngressHook::Tcx
+        }
+        XdpModeChoice::Auto if is_virtual(iface) => {
+            attach_tc(ebpf, pins, iface, TcAttachType::Ingress)?;
+            IngressHook::Tcx
+        }
+        XdpModeChoice::Auto => match attach_xdp(ebpf, pins, iface) {
+            Ok(()) => IngressHook::Xdp,
+            Err(native_error) => {
+                tracing::warn!(interface = iface, error = %format!("{native_error:#}"),
+                    "native XDP unavailable, using tcx ingress (slower)");
+                attach_tc(ebpf, pins, iface, TcAttachType::Ingress)?;
+                IngressHook::Tcx
+            }
+        },
+    };
+    // The new hook is in place: only now remove the one it replaces, so no
+    // packet misses the datapath.
+    let stale = match hook {
+        IngressHook::Xdp => vec![
+            tc_pin(pins, iface, TcAttachType::Ingress),
+            generic_xdp_pin(pins, iface),
+        ],
+        IngressHook::Tcx => vec![xdp_pin(pins, iface), generic_xdp_pin(pins, iface)],
+    };
+    for path in stale {
+        if path.exists() {
+            remove_if_exists(&path)?;
+            tracing::info!(interface = iface, ?hook, pin = %path.display(), "removed the link of the hook replaced");
+        }
+    }
+    attach_tc(ebpf, pins, iface, TcAttachType::Egress)?;
+    Ok(hook)
 }
 
-fn attach_xdp(
-    ebpf: &mut Ebpf,
-    pins: &PinDir,
-    iface: &str,
-    choice: XdpModeChoice,
-) -> Result<XdpAttachMode> {
+/// Native XDP, adopting a pinned link.
+fn attach_xdp(ebpf: &mut Ebpf, pins: &PinDir, iface: &str) -> Result<()> {
     let program: &mut Xdp = ebpf
         .program_mut(XDP_PROGRAM)
         .context("XDP program missing")?
         .try_into()?;
-    for (path, mode) in [
-        (xdp_pin(pins, iface), XdpAttachMode::Native),
-        (generic_marker(pins, iface), XdpAttachMode::Generic),
-    ] {
-        let wanted = match choice {
-            XdpModeChoice::Auto => true,
-            XdpModeChoice::Native => mode == XdpAttachMode::Native,
-            XdpModeChoice::Generic => mode == XdpAttachMode::Generic,
-        };
-        if path.exists() && !wanted {
-            // The operator changed the mode: drop the old link first (the
-            // interface misses the datapath for that moment).
-            remove_if_exists(&path)?;
-            tracing::warn!(
-                interface = iface,
-                ?mode,
-                "replacing XDP link of another mode"
-            );
-            continue;
-        }
-        if path.exists() {
-            let pinned = PinnedLink::from_pin(&path)
-                .with_context(|| format!("opening pinned link {}", path.display()))?;
-            let link = XdpLink::try_from(FdLink::from(pinned))
-                .with_context(|| format!("pinned link {} is not an XDP link", path.display()))?;
-            program
-                .attach_to_link(link)
-                .with_context(|| format!("replacing the XDP program on {iface}"))?;
-            tracing::info!(interface = iface, ?mode, "adopted pinned XDP link");
-            return Ok(mode);
-        }
+    let path = xdp_pin(pins, iface);
+    if path.exists() {
+        let pinned = PinnedLink::from_pin(&path)
+            .with_context(|| format!("opening pinned link {}", path.display()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .with_context(|| format!("pinned link {} is not an XDP link", path.display()))?;
+        program
+            .attach_to_link(link)
+            .with_context(|| format!("replacing the XDP program on {iface}"))?;
+        tracing::info!(interface = iface, "adopted pinned XDP link");
+        return Ok(());
     }
-    let (link_id, mode) = match choice {
-        XdpModeChoice::Generic => (
-            program
-                .attach(iface, XdpMode::Skb)
-                .with_context(|| format!("attaching generic XDP to {iface}"))?,
-            XdpAttachMode::Generic,
-        ),
-        XdpModeChoice::Native => (
-            program
-                .attach(iface, XdpMode::Driver)
-                .with_context(|| format!("attaching native XDP to {iface} (--xdp-mode native)"))?,
-            XdpAttachMode::Native,
-        ),
-        XdpModeChoice::Auto => match program.attach(iface, XdpMode::Driver) {
-            Ok(id) => (id, XdpAttachMode::Native),
-            Err(native_error) => {
-                let id = program.attach(iface, XdpMode::Skb).with_context(|| {
-                    format!("attaching XDP to {iface} (native mode failed too: {native_error})")
-                })?;
-                tracing::warn!(interface = iface, error = %native_error,
-                    "native XDP unavailable, fell back to generic XDP (slower)");
-                (id, XdpAttachMode::Generic)
-            }
-        },
-    };
+    let link_id = program
+        .attach(iface, XdpMode::Driver)
+        .with_context(|| format!("attaching native XDP to {iface}"))?;
     let link = program.take_link(link_id)?;
     let fd_link = FdLink::try_from(link).with_context(|| {
         format!("XDP on {iface} was attached without a bpf_link (kernel < 5.9?)")
     })?;
-    let path = match mode {
-        XdpAttachMode::Native => xdp_pin(pins, iface),
-        XdpAttachMode::Generic => generic_marker(pins, iface),
-    };
     fd_link
         .pin(&path)
         .with_context(|| format!("pinning XDP link at {}", path.display()))?;
-    tracing::info!(interface = iface, ?mode, "attached XDP program");
-    Ok(mode)
+    tracing::info!(interface = iface, "attached native XDP program");
+    Ok(())
 }
 
-fn attach_tc(ebpf: &mut Ebpf, pins: &PinDir, iface: &str) -> Result<()> {
+/// A tcx program (ingress or egress), adopting a pinned link.
+fn attach_tc(ebpf: &mut Ebpf, pins: &PinDir, iface: &str, direction: TcAttachType) -> Result<()> {
+    let (name, what) = match direction {
+        TcAttachType::Ingress => (TC_INGRESS_PROGRAM, "tcx ingress"),
+        _ => (TC_PROGRAM, "tcx egress"),
+    };
     let program: &mut SchedClassifier = ebpf
-        .program_mut(TC_PROGRAM)
-        .context("TC program missing")?
+        .program_mut(name)
+        .with_context(|| format!("{what} program {name} missing"))?
         .try_into()?;
-    let path = tc_pin(pins, iface);
+    let path = tc_pin(pins, iface, direction);
     if path.exists() {
         let pinned = PinnedLink::from_pin(&path)
             .with_context(|| format!("opening pinned link {}", path.display()))?;
@@ -171,23 +210,23 @@ fn attach_tc(ebpf: &mut Ebpf, pins: &PinDir, iface: &str) -> Result<()> {
             .with_context(|| format!("pinned link {} is not a tcx link", path.display()))?;
         program
             .attach_to_link(link)
-            .with_context(|| format!("replacing the tcx egress program on {iface}"))?;
-        tracing::info!(interface = iface, "adopted pinned tcx egress link");
+            .with_context(|| format!("replacing the {what} program on {iface}"))?;
+        tracing::info!(interface = iface, "adopted pinned {what} link");
         return Ok(());
     }
     let link_id = program
         .attach_with_options(
             iface,
-            TcAttachType::Egress,
+            direction,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
-        .with_context(|| format!("attaching tcx egress to {iface} (needs Linux >= 6.6)"))?;
+        .with_context(|| format!("attaching {what} to {iface} (needs Linux >= 6.6)"))?;
     let link = program.take_link(link_id)?;
     let fd_link = FdLink::try_from(link).context("tcx link is not a bpf_link")?;
     fd_link
         .pin(&path)
-        .with_context(|| format!("pinning tcx link at {}", path.display()))?;
-    tracing::info!(interface = iface, "attached tcx egress program");
+        .with_context(|| format!("pinning {what} link at {}", path.display()))?;
+    tracing::info!(interface = iface, "attached {what} program");
     Ok(())
 }
 
@@ -205,13 +244,14 @@ pub fn pinned_interfaces(pins: &PinDir) -> BTreeSet<String> {
     out
 }
 
-/// Detaches both programs from `iface` by removing its link pins (the link
+/// Detaches every program from `iface` by removing its link pins (the link
 /// goes away with its last reference).
 pub fn detach_interface(pins: &PinDir, iface: &str) -> Result<()> {
     for path in [
         xdp_pin(pins, iface),
-        generic_marker(pins, iface),
-        tc_pin(pins, iface),
+        generic_xdp_pin(pins, iface),
+        tc_pin(pins, iface, TcAttachType::Ingress),
+        tc_pin(pins, iface, TcAttachType::Egress),
     ] {
         remove_if_exists(&path)?;
     }

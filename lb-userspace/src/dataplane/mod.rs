@@ -130,7 +130,7 @@ pub fn load(pins: &PinDir, limits: Limits) -> Result<Ebpf> {
         .map_max_entries(names::FLOWS, limits.max_flows)
         .load(OBJECT)
         .context("loading the xlb eBPF object (creating or opening its maps)")?;
-    for name in [attach::XDP_PROGRAM, attach::TC_PROGRAM] {
+    for name in attach::PROGRAMS {
         load_program(&mut ebpf, name)?;
     }
     Ok(ebpf)

@@ -48,9 +48,9 @@ pub fn start(
     }
     netdev::prepare_forwarding(uplinks.ifaces);
     for iface in uplinks.ifaces {
-        let mode = attach::attach_interface(&mut ebpf, &pins, iface, uplinks.xdp_mode)?;
+        let hook = attach::attach_interface(&mut ebpf, &pins, iface, uplinks.xdp_mode)?;
         let index = netdev::ifindex(iface)?;
-        if uplinks.redirect && mode == attach::XdpAttachMode::Native {
+        if uplinks.redirect && hook == attach::IngressHook::Xdp {
             maps.tx_ports
                 .insert(index, index, None, 0)
                 .with_context(|| format!("adding {iface} to XLB_TX_PORTS"))?;
