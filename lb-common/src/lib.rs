@@ -168,6 +168,15 @@ pub const FLOW_F_CLOSING: u8 = 1 << 2;
 /// Set on the reply entry by the first reply packet: a flow the backend never
 /// answered expires sooner (and frees its SNAT port).
 pub const FLOW_F_ANSWERED: u8 = 1 << 3;
+/// Set on a TCP forward entry by the first client packet that carries an ACK
+/// and no SYN: with `FLOW_F_ANSWERED` on the reply entry, the handshake is
+/// complete. Until both are set the pair has the short handshake timeout.
+pub const FLOW_F_ACKED: u8 = 1 << 4;
+/// `FLOW_F_CLOSING` came from a RST on this entry. A RST ends a connection in
+/// one packet, so the next packet in the same direction that is not a RST
+/// or FIN shows the RST was not the sender's (spoofed, or refused by the
+/// peer) and clears both flags: a forged RST cannot shorten a live flow.
+pub const FLOW_F_RESET: u8 = 1 << 5;
 
 /// `FLOWS` value: the tuple a matching packet is rewritten to. The forward
 /// entry holds the backend address itself, so a flow keeps working after its
@@ -236,6 +245,10 @@ pub struct ServiceStats {
     /// IP options): dropped, because passing them would reach a frontend
     /// address with no listener.
     pub drop_unsupported: u64,
+    /// New flows refused because their reply tuple belongs to another live
+    /// flow: the same client ip:port reaching the same backend through a
+    /// second frontend without SNAT (node-local backend, `Local` policy).
+    pub drop_flow_conflict: u64,
 }
 
 impl ServiceStats {
@@ -253,6 +266,7 @@ impl ServiceStats {
             sum.drop_no_backend += s.drop_no_backend;
             sum.drop_snat_exhausted += s.drop_snat_exhausted;
             sum.drop_unsupported += s.drop_unsupported;
+            sum.drop_flow_conflict += s.drop_flow_conflict;
         }
         sum
     }
@@ -356,7 +370,7 @@ mod tests {
         );
         assert_eq!(
             (size_of::<ServiceStats>(), align_of::<ServiceStats>()),
-            (72, 8)
+            (80, 8)
         );
         assert_eq!(
             (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
@@ -389,6 +403,7 @@ mod tests {
             drop_no_backend: 7 * n,
             drop_snat_exhausted: 8 * n,
             drop_unsupported: 9 * n,
+            drop_flow_conflict: 10 * n,
         };
         assert_eq!(ServiceStats::accumulate(&[cpu(1), cpu(10)]), cpu(11));
         assert_eq!(ServiceStats::accumulate(&[]), ServiceStats::default());

@@ -4,6 +4,7 @@
 //! flows they hold.
 
 use aya_ebpf::{
+    bindings::bpf_sock_tuple,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -54,6 +55,26 @@ pub static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::pinned(1, 0);
 /// Node configuration (SNAT address and ports, flags). Written by the agent.
 #[map(name = "XLB_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// What a new flow builds before it is inserted: per-CPU room for the two
+/// entries and a key, so the new-flow path does not need them on the 512-byte
+/// BPF stack (the hook's frame and the call chain share that limit). Each
+/// packet overwrites it; nothing in it outlives the packet, so it is neither
+/// pinned nor adopted.
+#[repr(C)]
+pub struct NewFlowScratch {
+    pub forward: Flow,
+    pub reply: Flow,
+    /// The new flow's reply key (the SNAT probes rewrite its port).
+    pub reply_key: FlowKey,
+    /// Another flow's key, looked at when the reply key is taken.
+    pub other_key: FlowKey,
+    /// The socket tuple the SNAT probes look up.
+    pub tuple: bpf_sock_tuple,
+}
+
+#[map(name = "XLB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<NewFlowScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Interfaces translated packets may be redirected to (ifindex → ifindex):
 /// only devices known to accept XDP frames. Written by the agent.

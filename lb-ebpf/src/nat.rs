@@ -12,14 +12,16 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_F_LOCAL, Backend, Be16, Be32, CONFIG_KEY, FLOW_F_ANSWERED,
-    FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_SNAT, Flow, FlowKey, FrontendKey, MAGLEV_TABLE_SIZE,
-    PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES,
-    SOURCE_RANGE_ID_BITS, Service, SourceRange,
+    Affinity, AffinityKey, BACKEND_F_LOCAL, Backend, Be16, Be32, CONFIG_KEY, FLOW_F_ACKED,
+    FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_RESET, FLOW_F_SNAT, Flow, FlowKey,
+    FrontendKey, MAGLEV_TABLE_SIZE, PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY,
+    SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONFIG, FLOWS, MAGLEV, SERVICES, SOURCE_RANGES},
+    maps::{
+        AFFINITY, BACKENDS, CONFIG, FLOWS, MAGLEV, NewFlowScratch, SCRATCH, SERVICES, SOURCE_RANGES,
+    },
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, v4_raw},
     stats::service as stats,
 };
@@ -57,26 +59,28 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     mix(v4_raw(&key.src_addr) ^ mix(v4_raw(&key.dst_addr) ^ mix(ports ^ mix(key.proto as u32))))
 }
 
-/// Looks the packet's tuple up in `FLOWS` and refreshes the entry. A bare
-/// SYN that meets a closing forward flow is a new connection reusing the
-/// client port: it is reported as no flow (untouched, uncounted), so the
-/// caller picks a backend afresh and cannot land on one removed since.
+/// Looks the packet's tuple up in `FLOWS`, refreshes the entry and follows
+/// the TCP state the packet proves (see `tcp_state`).
 #[inline(always)]
 pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64) -> Option<Flow> {
     let flow = FLOWS.get_ptr_mut(key)?;
     let flow = unsafe { &mut *flow };
-    if is_reopened(key, tcp_flags, flow) {
-        return None;
-    }
     let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(flow.last_seen_ns) > TOUCH_INTERVAL_NS {
         flow.last_seen_ns = now;
     }
-    if key.proto == PROTO_TCP
-        && tcp_flags & (TCP_FIN | TCP_RST) != 0
-        && flow.flags & FLOW_F_CLOSING == 0
-    {
-        flow.flags |= FLOW_F_CLOSING;
+    if key.proto == PROTO_TCP {
+        if tcp_flags & TCP_SYN != 0
+            && flow.flags & (FLOW_F_CLOSING | FLOW_F_REPLY) == FLOW_F_CLOSING
+            && !backend_still_serves(flow)
+        {
+            // A new connection on a closed flow whose backend has left: it
+            // starts afresh (new_flow overwrites the forward entry); the old
+            // reply entry goes now, so nothing is left that names it.
+            let _ = FLOWS.remove(reply_key_of(key, flow));
+            return None;
+        }
+        tcp_state(flow, tcp_flags);
     }
     if flow.flags & (FLOW_F_REPLY | FLOW_F_ANSWERED) == FLOW_F_REPLY {
         flow.flags |= FLOW_F_ANSWERED;
@@ -93,12 +97,68 @@ pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64) -> Option<Flow> {
     Some(*flow)
 }
 
-/// A bare SYN on a forward flow that already saw FIN or RST.
+/// The flags a TCP packet may change on its entry. Without sequence tracking
+/// no single packet is trusted to end or move a flow:
+/// - FIN or RST marks the entry closing (short timeout); a RST also marks it
+///   reset, and the next ordinary packet in the same direction clears both,
+///   because a real RST is its sender's last packet.
+/// - A SYN on a closing entry (the client reusing its port, or a forged
+///   RST + SYN) starts over on the same flow: same backend, same SNAT port.
+///   Nothing a client sends moves its flow to another backend or port, so
+///   guessing a tuple gains an attacker nothing. (Only when the backend has
+///   left does such a SYN start a new flow: see `existing_flow`.)
+/// - A client ACK without SYN marks the forward entry acknowledged (the
+///   handshake's third packet), which moves the pair to the established
+///   timeout once the backend has answered.
+///
+/// Only flags are written, and only when they change.
 #[inline(always)]
-fn is_reopened(key: &FlowKey, tcp_flags: u8, flow: &Flow) -> bool {
-    key.proto == PROTO_TCP
-        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-        && flow.flags & (FLOW_F_CLOSING | FLOW_F_REPLY) == FLOW_F_CLOSING
+fn tcp_state(flow: &mut Flow, tcp_flags: u8) {
+    let flags = flow.flags;
+    let mut next = flags;
+    if tcp_flags & TCP_RST != 0 {
+        next |= FLOW_F_CLOSING | FLOW_F_RESET;
+    } else if tcp_flags & TCP_FIN != 0 {
+        next |= FLOW_F_CLOSING;
+    } else if tcp_flags & TCP_SYN != 0 {
+        if flags & FLOW_F_CLOSING != 0 {
+            next &= !(FLOW_F_CLOSING | FLOW_F_RESET | FLOW_F_ACKED);
+        }
+    } else if flags & FLOW_F_RESET != 0 {
+        next &= !(FLOW_F_CLOSING | FLOW_F_RESET);
+    }
+    if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK && flags & FLOW_F_REPLY == 0 {
+        next |= FLOW_F_ACKED;
+    }
+    if next != flags {
+        flow.flags = next;
+    }
+}
+
+/// Is the forward entry's backend still one of its service's backends?
+#[inline(always)]
+fn backend_still_serves(flow: &Flow) -> bool {
+    match unsafe { BACKENDS.get(flow.backend_id) } {
+        Some(b) => {
+            b.service_id == flow.service_id && b.addr == flow.dst_addr && b.port == flow.dst_port
+        }
+        None => false,
+    }
+}
+
+/// The key of a forward entry's reply entry: the backend answers the tuple
+/// the forward entry rewrites to.
+#[inline(always)]
+fn reply_key_of(key: &FlowKey, forward: &Flow) -> FlowKey {
+    FlowKey {
+        src_addr: forward.dst_addr,
+        dst_addr: forward.src_addr,
+        src_port: forward.dst_port,
+        dst_port: forward.src_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    }
 }
 
 /// The frontend a packet is addressed to, if any.
@@ -125,8 +185,21 @@ pub fn unsupported(service: &Service) -> Verdict {
 
 /// A packet without a flow entry: if it is for a frontend, pick a backend and
 /// create both directions of the flow.
-#[inline(always)]
-pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Result<Flow, Verdict> {
+// Not inlined: the new-flow path's keys and flows get a stack frame of their
+// own instead of crowding the hook's 512-byte frame.
+#[inline(never)]
+pub fn new_flow(
+    ctx: *mut core::ffi::c_void,
+    key: &FlowKey,
+    tcp_flags: u8,
+    bytes: u64,
+) -> Result<Flow, Verdict> {
+    // Only a SYN starts a TCP flow. Anything else without an entry is not a
+    // connection xlb knows (a stray ACK, a reply to one of the node's own
+    // sockets on a frontend address): the kernel answers it as it would.
+    if key.proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Err(Verdict::Pass);
+    }
     let Some(service) = frontend_of(key) else {
         return Err(Verdict::Pass);
     };
@@ -163,7 +236,11 @@ pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Resul
     };
 
     let snat = backend.flags & BACKEND_F_LOCAL == 0 && service.flags & SERVICE_F_LOCAL_ONLY == 0;
-    let mut forward = Flow {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(Verdict::Drop);
+    };
+    let scratch = unsafe { &mut *scratch };
+    scratch.forward = Flow {
         last_seen_ns: now,
         src_addr: key.src_addr,
         dst_addr: backend.addr,
@@ -174,7 +251,7 @@ pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Resul
         flags: 0,
         _pad: [0; 3],
     };
-    let reply = Flow {
+    scratch.reply = Flow {
         last_seen_ns: now,
         src_addr: key.dst_addr,
         dst_addr: key.src_addr,
@@ -188,11 +265,11 @@ pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Resul
     // The reply entry goes in first: a backend's answer must never find the
     // forward entry without its reverse.
     if snat {
-        match snat_allocate(ctx, key, &backend, hash, &reply) {
+        match snat_allocate(ctx, key, &backend, hash, scratch) {
             Some((node_addr, port)) => {
-                forward.src_addr = node_addr;
-                forward.src_port = port;
-                forward.flags = FLOW_F_SNAT;
+                scratch.forward.src_addr = node_addr;
+                scratch.forward.src_port = port;
+                scratch.forward.flags = FLOW_F_SNAT;
             }
             None => {
                 st.drop_snat_exhausted += 1;
@@ -200,24 +277,58 @@ pub fn new_flow(ctx: *mut core::ffi::c_void, key: &FlowKey, bytes: u64) -> Resul
             }
         }
     } else {
-        let reply_key = FlowKey {
-            src_addr: backend.addr,
-            dst_addr: key.src_addr,
-            src_port: backend.port,
-            dst_port: key.src_port,
-            proto: key.proto,
-            family: key.family,
-            _pad: [0; 2],
-        };
-        if FLOWS.insert(reply_key, reply, 0).is_err() {
+        // Without SNAT the reply key names no frontend: the same client
+        // ip:port reaching one backend through two frontends would share it.
+        // It is claimed, never overwritten while another flow lives on it.
+        scratch.reply_key = reply_key_of(key, &scratch.forward);
+        if FLOWS
+            .insert(&scratch.reply_key, &scratch.reply, BPF_NOEXIST as u64)
+            .is_err()
+            && !take_over_reply(scratch)
+        {
+            st.drop_flow_conflict += 1;
             return Err(Verdict::Drop);
         }
     }
-    if FLOWS.insert(key, forward, 0).is_err() {
+    if FLOWS.insert(key, &scratch.forward, 0).is_err() {
         return Err(Verdict::Drop);
     }
     st.new_flows += 1;
-    Ok(forward)
+    Ok(scratch.forward)
+}
+
+/// A new flow's reply key is taken. It may be overwritten when it is this
+/// flow's own (same frontend: the flow is being made again) or stale (the
+/// forward entry it answers is gone or leads elsewhere); not when it answers
+/// another live flow, whose replies would then leave from this frontend.
+/// Not inlined: its keys would not fit the caller's 512-byte stack frame, and
+/// it runs only when a claim failed.
+#[inline(never)]
+fn take_over_reply(scratch: &mut NewFlowScratch) -> bool {
+    let reply_key = &scratch.reply_key;
+    let reply = &scratch.reply;
+    if let Some(held) = unsafe { FLOWS.get(reply_key) } {
+        let same_frontend = held.src_addr == reply.src_addr && held.src_port == reply.src_port;
+        // The held entry rewrites to (frontend → client): its forward entry
+        // is keyed (client → frontend).
+        scratch.other_key = FlowKey {
+            src_addr: held.dst_addr,
+            dst_addr: held.src_addr,
+            src_port: held.dst_port,
+            dst_port: held.src_port,
+            proto: reply_key.proto,
+            family: reply_key.family,
+            _pad: [0; 2],
+        };
+        let live = !same_frontend
+            && unsafe { FLOWS.get(&scratch.other_key) }.is_some_and(|f| {
+                f.dst_addr == scratch.reply_key.src_addr && f.dst_port == scratch.reply_key.src_port
+            });
+        if live {
+            return false;
+        }
+    }
+    FLOWS.insert(&scratch.reply_key, &scratch.reply, 0).is_ok()
 }
 
 /// `sessionAffinity: ClientIP` first, then the service's Maglev table.
@@ -265,7 +376,7 @@ fn snat_allocate(
     key: &FlowKey,
     backend: &Backend,
     hash: u32,
-    reply: &Flow,
+    scratch: &mut NewFlowScratch,
 ) -> Option<([u8; 16], Be16)> {
     let config = CONFIG.get(CONFIG_KEY)?;
     let node_raw = v4_raw(&config.node_addr);
@@ -277,9 +388,9 @@ fn snat_allocate(
     // failed must probe other ports when its next packet (a retransmit)
     // tries again.
     let start = mix(hash ^ unsafe { bpf_get_prandom_u32() }) % span;
-    // One key and one socket tuple, reused by every probe: a copy per
-    // unrolled iteration would not fit the 512-byte BPF stack.
-    let mut reply_key = FlowKey {
+    // One key and one socket tuple, in the scratch map and reused by every
+    // probe: not even one copy fits the 512-byte BPF stack any more.
+    scratch.reply_key = FlowKey {
         src_addr: backend.addr,
         dst_addr: config.node_addr,
         src_port: backend.port,
@@ -288,26 +399,29 @@ fn snat_allocate(
         family: key.family,
         _pad: [0; 2],
     };
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    tuple.__bindgen_anon_1.ipv4.saddr = v4_raw(&backend.addr);
-    tuple.__bindgen_anon_1.ipv4.daddr = node_raw;
-    tuple.__bindgen_anon_1.ipv4.sport = backend.port.wire();
+    scratch.tuple = unsafe { core::mem::zeroed() };
+    scratch.tuple.__bindgen_anon_1.ipv4.saddr = v4_raw(&backend.addr);
+    scratch.tuple.__bindgen_anon_1.ipv4.daddr = node_raw;
+    scratch.tuple.__bindgen_anon_1.ipv4.sport = backend.port.wire();
     for i in 0..SNAT_TRIES {
         // Stride through the range so collisions do not cluster.
         let port = config.snat_port_min as u32 + (start + i * 7919) % span;
         let port = Be16::from_host(port as u16);
-        reply_key.dst_port = port;
+        scratch.reply_key.dst_port = port;
         // A plain lookup first: cheap, and unlike a failing insert into a
         // full LRU map it never evicts anything. Only a free port pays for
         // the socket lookup and the claiming insert.
-        if FLOWS.get_ptr(reply_key).is_some() {
+        if FLOWS.get_ptr(&scratch.reply_key).is_some() {
             continue;
         }
-        tuple.__bindgen_anon_1.ipv4.dport = port.wire();
-        if node_socket_exists(ctx, key.proto, &mut tuple) {
+        scratch.tuple.__bindgen_anon_1.ipv4.dport = port.wire();
+        if node_socket_exists(ctx, key.proto, &mut scratch.tuple) {
             continue;
         }
-        if FLOWS.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {
+        if FLOWS
+            .insert(&scratch.reply_key, &scratch.reply, BPF_NOEXIST as u64)
+            .is_ok()
+        {
             return Some((config.node_addr, port));
         }
     }

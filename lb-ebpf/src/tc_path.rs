@@ -91,7 +91,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     let bytes = parsed.ip_len as u64;
     let flow = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
         Some(flow) => flow,
-        None => match nat::new_flow(ctx.skb.skb.cast(), &parsed.key, bytes) {
+        None => match nat::new_flow(ctx.skb.skb.cast(), &parsed.key, parsed.tcp_flags, bytes) {
             Ok(flow) => flow,
             Err(verdict) => return verdict.tc_action(),
         },

@@ -45,7 +45,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let bytes = parsed.ip_len as u64;
     let flow = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
         Some(flow) => flow,
-        None => match nat::new_flow(ctx.ctx.cast(), &parsed.key, bytes) {
+        None => match nat::new_flow(ctx.ctx.cast(), &parsed.key, parsed.tcp_flags, bytes) {
             Ok(flow) => flow,
             Err(verdict) => return verdict.xdp_action(),
         },

@@ -6,13 +6,21 @@
 use std::collections::HashSet;
 
 use crate::flags;
-use lb_common::{FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_REPLY, Flow, FlowKey, PROTO_TCP};
+use lb_common::{
+    FLOW_F_ACKED, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_REPLY, Flow, FlowKey, PROTO_TCP,
+};
 
 /// Idle timeouts, close to the kernel's conntrack defaults as kube-proxy
 /// tunes them. The UDP ones are flags; the flag defaults are
 /// [`Timeouts::default`]'s.
 #[derive(Clone, Copy, Debug, clap::Args)]
 pub struct Timeouts {
+    /// A TCP pair whose handshake has not completed (no answer from the
+    /// backend, or no ACK from the client): netfilter gives SYN_SENT 120 s
+    /// and SYN_RECV 60 s. Without it one client that drops SYN-ACKs holds a
+    /// SNAT port per SYN for the established timeout.
+    #[arg(skip = Timeouts::default().tcp_handshake_ns)]
+    pub tcp_handshake_ns: u64,
     #[arg(skip = Timeouts::default().tcp_established_ns)]
     pub tcp_established_ns: u64,
     #[arg(skip = Timeouts::default().tcp_closing_ns)]
@@ -32,6 +40,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         const S: u64 = 1_000_000_000;
         Self {
+            tcp_handshake_ns: 60 * S,
             tcp_established_ns: 86_400 * S,
             tcp_closing_ns: 120 * S,
             udp_ns: 120 * S,
@@ -83,7 +92,11 @@ pub fn judge(
     let flags = flow.flags | partner.map_or(0, |p| p.flags);
     let closing = flags & FLOW_F_CLOSING != 0;
     let timeout = if key.proto == PROTO_TCP {
-        if closing {
+        let established =
+            flags & (FLOW_F_ANSWERED | FLOW_F_ACKED) == FLOW_F_ANSWERED | FLOW_F_ACKED;
+        if !established {
+            timeouts.tcp_handshake_ns.min(timeouts.tcp_established_ns)
+        } else if closing {
             timeouts.tcp_closing_ns
         } else {
             timeouts.tcp_established_ns
@@ -157,7 +170,9 @@ mod tests {
 
     #[test]
     fn timeouts_use_the_fresher_direction() {
-        let (fk, f, _, mut r) = pair();
+        let (fk, mut f, _, mut r) = pair();
+        f.flags |= FLOW_F_ACKED;
+        r.flags |= FLOW_F_ANSWERED;
         let t = Timeouts::default();
         let s: HashSet<u32> = [1].into();
         let b: HashSet<u32> = [7].into();
@@ -179,6 +194,30 @@ mod tests {
             ),
             Verdict::Expired
         );
+    }
+
+    /// Audit A-2: a handshake that never completes holds its flow (and SNAT
+    /// port) for a minute, not for the established timeout.
+    #[test]
+    fn tcp_flows_without_a_complete_handshake_expire_after_a_minute() {
+        let (fk, mut f, _, mut r) = pair();
+        let t = Timeouts::default();
+        let s: HashSet<u32> = [1].into();
+        let b: HashSet<u32> = [7].into();
+        let at = 100 + 300 * 1_000_000_000;
+        // SYN only; SYN and SYN-ACK (the client drops the SYN-ACK); a bare
+        // ACK that the backend never answered.
+        assert_eq!(judge(&fk, &f, Some(&r), at, &t, &s, &b), Verdict::Expired);
+        r.flags |= FLOW_F_ANSWERED;
+        assert_eq!(judge(&fk, &f, Some(&r), at, &t, &s, &b), Verdict::Expired);
+        r.flags &= !FLOW_F_ANSWERED;
+        f.flags |= FLOW_F_ACKED;
+        assert_eq!(judge(&fk, &f, Some(&r), at, &t, &s, &b), Verdict::Expired);
+        // Within the minute it stays; a completed handshake stays longer.
+        let soon = 100 + 50 * 1_000_000_000;
+        assert_eq!(judge(&fk, &f, Some(&r), soon, &t, &s, &b), Verdict::Keep);
+        r.flags |= FLOW_F_ANSWERED;
+        assert_eq!(judge(&fk, &f, Some(&r), at, &t, &s, &b), Verdict::Keep);
     }
 
     #[test]

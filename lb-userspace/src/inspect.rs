@@ -142,6 +142,7 @@ pub fn rows(
                     "drop_no_backend": s.drop_no_backend,
                     "drop_snat_exhausted": s.drop_snat_exhausted,
                     "drop_unsupported": s.drop_unsupported,
+                    "drop_flow_conflict": s.drop_flow_conflict,
                 }));
             }
             let g = maps.global_stats()?;
