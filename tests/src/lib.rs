@@ -24,8 +24,8 @@ use anyhow::{Result, bail};
 pub use agent::{Agent, spawn_agent, xlb_bin};
 pub use netns::{in_netns, ns_cmd, ns_sh, scoped_in_netns, sh};
 pub use topology::{
-    CLIENT_ADDR, CLIENT_ADDR_2, FRONTEND_NET, NODE_ADDR, NODE_LINK_ADDR, NODE2_ADDR, POD_A, POD_B,
-    POD_C, Pod, Topology,
+    CLIENT_ADDR, CLIENT_ADDR_2, FRONTEND_NET, Links, NODE_ADDR, NODE_LINK_ADDR, NODE2_ADDR, POD_A,
+    POD_B, POD_C, Pod, Topology,
 };
 pub use traffic::{Conn, Reply, parse_reply, snmp_counter, tcp_request, udp_request};
 

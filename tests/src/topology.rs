@@ -21,10 +21,11 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use aya::programs::{SchedClassifier, TcAttachType, loaded_programs};
 
 use crate::{
     agent::{Agent, spawn_agent, xlb_bin},
-    netns::{Namespace, VethEnd, ns_sh, veth},
+    netns::{Namespace, VethEnd, in_netns, ns_sh, veth},
     objects,
     traffic::{serve_tcp, serve_udp},
 };
@@ -43,6 +44,33 @@ pub const FRONTEND_NET: &str = "10.200.0.0/24";
 
 /// Topologies made by this process, for unique prefixes.
 static TOPOLOGIES: AtomicU32 = AtomicU32::new(0);
+
+/// How the test's hosts are joined. Both kinds of cluster exist, so the
+/// end-to-end suites run on both (`cargo xtask test` runs them once per
+/// kind, choosing with `XLB_TEST_LINKS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Links {
+    /// Like physical NICs: every host-like link end sends complete
+    /// checksums (TX offload off, so every receiver verifies them and a
+    /// translation error cannot hide behind offload), GRO on; the agent runs
+    /// native XDP, as `--xdp-mode auto` does on a physical NIC.
+    Wires,
+    /// Like kind/k3d nodes: every veth at its defaults, TX checksum offload
+    /// on, so packets between namespaces carry partial checksums; the agent
+    /// chooses its hook itself (`--xdp-mode auto`).
+    ContainerNodes,
+}
+
+impl Links {
+    /// `XLB_TEST_LINKS`: `wires` (the default) or `container-nodes`.
+    pub fn from_env() -> Links {
+        match std::env::var("XLB_TEST_LINKS").as_deref() {
+            Err(_) | Ok("wires") => Links::Wires,
+            Ok("container-nodes") => Links::ContainerNodes,
+            Ok(other) => panic!("XLB_TEST_LINKS={other}: expected wires or container-nodes"),
+        }
+    }
+}
 
 /// One backend pod: a namespace with servers answering
 /// `backend=<name> port=<port> peer=<ip:port>`.
@@ -63,6 +91,7 @@ pub struct Topology {
     pub node_name: String,
     pub node2_name: String,
     pub dir: PathBuf,
+    pub links: Links,
     /// Deleted last to first on drop.
     namespaces: Vec<Namespace>,
 }
@@ -103,9 +132,11 @@ impl Topology {
             node2_name: format!("{prefix}-node-b"),
             prefix,
             dir,
+            links: Links::from_env(),
             namespaces: Vec::new(),
         };
-        t.build().context("building the test topology")?;
+        t.build()
+            .with_context(|| format!("building the test topology ({:?})", t.links))?;
         Ok(t)
     }
 
@@ -114,14 +145,64 @@ impl Topology {
         Ok(())
     }
 
-    /// Makes a namespace's end of a link behave like a real host NIC for
-    /// the test: full checksums computed in software (so every receiver
-    /// verifies them: a translation error cannot hide behind checksum
-    /// offload), and GRO on, which lets a veth accept XDP-redirected frames.
-    fn host_like(ns: &str, dev: &str) -> Result<()> {
-        ns_sh(ns, &["ethtool", "-K", dev, "tx", "off"])?;
-        ns_sh(ns, &["ethtool", "-K", dev, "gro", "on"])?;
+    /// With [`Links::Wires`], makes a namespace's end of a link behave like a
+    /// real host NIC: full checksums computed in software, and GRO on, which
+    /// lets a veth accept XDP-redirected frames. With
+    /// [`Links::ContainerNodes`] the link keeps the veth defaults.
+    fn host_like(&self, ns: &str, dev: &str) -> Result<()> {
+        if self.links == Links::Wires {
+            ns_sh(ns, &["ethtool", "-K", dev, "tx", "off"])?;
+            ns_sh(ns, &["ethtool", "-K", dev, "gro", "on"])?;
+        }
         Ok(())
+    }
+
+    /// The hook the agent runs the forward path in on the node's uplinks,
+    /// as its log names it: native XDP on wires, tcx ingress on container
+    /// nodes (a veth's packets carry partial checksums).
+    pub fn forward_hook(&self) -> &'static str {
+        match self.links {
+            Links::Wires => "XDP",
+            Links::ContainerNodes => "tcx ingress",
+        }
+    }
+
+    /// What the kernel has attached to `dev` in `ns`, one `hook program`
+    /// line each (`xdp xlb_xdp`, `tcx_ingress xlb_tc_ingress`, ...), asked
+    /// of the kernel itself: `ip link` for XDP, a tcx query for tcx.
+    pub fn attached(&self, ns: &str, dev: &str) -> Result<String> {
+        let link = ns_sh(ns, &["ip", "-d", "link", "show", "dev", dev])?;
+        let xdp_id = link
+            .split("prog/xdp id ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|id| id.parse::<u32>().ok());
+        let dev_owned = dev.to_string();
+        let tcx = in_netns(ns, move || -> Result<Vec<String>> {
+            let mut lines = Vec::new();
+            for (hook, direction) in [
+                ("tcx_ingress", TcAttachType::Ingress),
+                ("tcx_egress", TcAttachType::Egress),
+            ] {
+                let (_, programs) = SchedClassifier::query_tcx(&dev_owned, direction)
+                    .with_context(|| format!("querying {hook} of {dev_owned}"))?;
+                for p in programs {
+                    lines.push(format!("{hook} {}", p.name_as_str().unwrap_or("?")));
+                }
+            }
+            Ok(lines)
+        })??;
+        let mut lines = Vec::new();
+        if let Some(id) = xdp_id {
+            let name = loaded_programs()
+                .flatten()
+                .find(|p| p.id() == id)
+                .and_then(|p| p.name_as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("id {id}"));
+            lines.push(format!("xdp {name}"));
+        }
+        lines.extend(tcx);
+        Ok(lines.join("\n"))
     }
 
     fn build(&mut self) -> Result<()> {
@@ -151,13 +232,13 @@ impl Topology {
             &client,
             &["ip", "route", "add", "10.244.0.0/16", "via", "10.0.1.1"],
         )?;
-        Self::host_like(&client, "c0")?;
+        self.host_like(&client, "c0")?;
         // node <-> node2
         veth(
             VethEnd::new(&node, "n2", "10.0.2.1/24"),
             VethEnd::new(&node2, "n1", "10.0.2.2/24"),
         )?;
-        Self::host_like(&node2, "n1")?;
+        self.host_like(&node2, "n1")?;
         ns_sh(
             &node,
             &["ip", "route", "add", "10.244.3.0/24", "via", "10.0.2.2"],
@@ -191,7 +272,7 @@ impl Topology {
                     &host_addr[..host_addr.len() - 3],
                 ],
             )?;
-            Self::host_like(ns, "eth0")?;
+            self.host_like(ns, "eth0")?;
         }
         Ok(())
     }
@@ -325,6 +406,9 @@ impl Topology {
             "--sweep-interval",
             "1",
         ];
+        if self.links == Links::Wires && !source_and_extra.contains(&"--xdp-mode") {
+            args.extend(["--xdp-mode", "native"]);
+        }
         args.extend_from_slice(source_and_extra);
         let child = spawn_agent(
             ns,

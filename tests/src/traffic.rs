@@ -115,6 +115,34 @@ impl Conn {
         }
         parse_reply(&line)
     }
+
+    /// Sends one line of `bytes` bytes and reads the server's echo of it:
+    /// a bulk transfer in both directions. Fails unless every byte came back
+    /// unchanged; returns how long the round trip took.
+    pub fn bulk(&mut self, bytes: usize) -> Result<Duration> {
+        let payload: String = (0..bytes)
+            .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+            .collect();
+        let started = std::time::Instant::now();
+        self.writer.write_all(payload.as_bytes())?;
+        self.writer.write_all(b"\n")?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .with_context(|| format!("reading the echo of {bytes} bytes"))?;
+        let echo = line
+            .trim_end()
+            .split_once(" echo=")
+            .map(|(_, e)| e)
+            .with_context(|| format!("no echo in a {}-byte answer", line.len()))?;
+        if echo != payload {
+            bail!(
+                "the echo of {bytes} bytes came back as {} different bytes",
+                echo.len()
+            );
+        }
+        Ok(started.elapsed())
+    }
 }
 
 /// connect() with a timeout and an optional source address.

@@ -240,15 +240,33 @@ fn test(filter: &[String]) -> Result<()> {
             "the end-to-end tests need root (network namespaces, XDP); run `sudo cargo xtask test`"
         );
     }
-    let mut e2e = Command::new("cargo");
-    e2e.current_dir(&root)
-        .args(["test", "--release", "-p", "xlb-tests", "--"])
-        // The tests share one machine's CPUs and each builds its own
-        // topology; serial runs keep timing-sensitive checks honest.
-        .args(["--test-threads", "1"])
-        .args(filter)
-        .env("XLB_BIN", xlb_binary());
-    let mut e2e_result = run_counted(&mut e2e, &mut totals);
+    // Everything in xlb-tests on "wires" (host links like physical NICs),
+    // then the suites that carry traffic between namespaces again on
+    // "container nodes" (every veth at its defaults, as kind/k3d nodes are
+    // joined): both kinds of cluster exist.
+    let mut e2e_result = Ok(());
+    for (links, targets) in [
+        ("wires", &[][..]),
+        ("container-nodes", &["--test", "e2e", "--test", "kube"][..]),
+    ] {
+        println!("end-to-end suites on {links}");
+        let mut e2e = Command::new("cargo");
+        e2e.current_dir(&root)
+            .args(["test", "--release", "-p", "xlb-tests"])
+            .args(targets)
+            .arg("--")
+            // The tests share one machine's CPUs and each builds its own
+            // topology; serial runs keep timing-sensitive checks honest.
+            .args(["--test-threads", "1"])
+            .args(filter)
+            .env("XLB_BIN", xlb_binary())
+            .env("XLB_TEST_LINKS", links);
+        e2e_result = run_counted(&mut e2e, &mut totals)
+            .with_context(|| format!("end-to-end tests on {links}"));
+        if e2e_result.is_err() {
+            break;
+        }
+    }
     // The benchmark harness, --quick: checks that it works end to end (no
     // speed assertions: those live in `cargo xtask bench`).
     if e2e_result.is_ok() {
