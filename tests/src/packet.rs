@@ -57,7 +57,10 @@ pub struct FrameSpec {
     pub proto: u8,
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
+    pub sport: u16,
     pub dport: u16,
+    /// TCP only: the flags byte (SYN by default).
+    pub tcp_flags: u8,
     /// UDP only: false sends checksum 0 (none).
     pub udp_checksum: bool,
     pub payload: usize,
@@ -73,12 +76,19 @@ impl FrameSpec {
             proto: 17,
             src,
             dst,
+            sport: 40000,
             dport: 80,
+            tcp_flags: TCP_SYN,
             udp_checksum: true,
             payload: 16,
         }
     }
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// The frame `spec` describes.
 pub fn frame(spec: &FrameSpec) -> Vec<u8> {
@@ -101,10 +111,11 @@ pub fn frame(spec: &FrameSpec) -> Vec<u8> {
     let c = checksum(&ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     let mut l4 = Vec::new();
-    l4.extend_from_slice(&40000u16.to_be_bytes());
+    l4.extend_from_slice(&spec.sport.to_be_bytes());
     l4.extend_from_slice(&spec.dport.to_be_bytes());
     if spec.proto == 6 {
-        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, spec.tcp_flags, 0xff, 0xff]);
+        l4.extend_from_slice(&[0, 0, 0, 0]);
     } else {
         l4.extend_from_slice(&(l4_len as u16).to_be_bytes());
         l4.extend_from_slice(&[0, 0]);

@@ -11,28 +11,70 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::{Ebpf, programs::Xdp};
-use lb_common::{Config, GlobalStats, ServiceStats};
+use lb_common::{
+    Be16, Config, FAMILY_V4, FLOW_F_CLOSING, FLOW_F_RESET, Flow, FlowKey, GlobalStats, ServiceStats,
+};
 use xlb::{
     dataplane::{self, Limits, Maps, PinDir},
     model::{Backend, DesiredState, Frontend, FrontendSpec, Protocol, ServiceRef},
     reconcile::{Reconciler, frontend_key},
 };
-use xlb_tests::packet::{FrameSpec, TestRunSpec, checksum, frame, pseudo_checksum, test_run};
+use xlb_tests::packet::{
+    FrameSpec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TestRunSpec, checksum, frame, pseudo_checksum,
+    test_run,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const FRONTEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+const FRONTEND2: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
+const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 2);
+const REMOTE2: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 3);
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+/// FRONTEND's TCP port served by REMOTE (source-translated).
+const SNAT_PORT: u16 = 90;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// The datapath loaded with one TCP and one UDP frontend on
-/// FRONTEND:80 → BACKEND:8080 (node-local, so no SNAT), redirect off.
+/// The datapath loaded, redirect off, with:
+/// - TCP and UDP FRONTEND:80 → BACKEND:8080 (node-local, so no SNAT);
+/// - TCP FRONTEND2:80 → the same BACKEND:8080 (a second frontend of it);
+/// - TCP FRONTEND:90 → REMOTE:8080 (on another node: SNAT to 10.0.1.1).
 struct Datapath {
     pins: PinDir,
     maps: Maps,
     ebpf: Ebpf,
+    reconciler: Reconciler,
+    desired: DesiredState,
+}
+
+fn frontend_spec(backend: Ipv4Addr, local: bool) -> FrontendSpec {
+    FrontendSpec {
+        service: ServiceRef {
+            namespace: "t".into(),
+            name: "web".into(),
+            port_name: String::new(),
+        },
+        backends: vec![Backend {
+            addr: IpAddr::V4(backend),
+            port: 8080,
+            local,
+            terminating: false,
+        }],
+        local_only: false,
+        affinity_timeout: None,
+        source_ranges: vec![],
+    }
+}
+
+fn frontend(addr: Ipv4Addr, port: u16, protocol: Protocol) -> Frontend {
+    Frontend {
+        addr: IpAddr::V4(addr),
+        port,
+        protocol,
+    }
 }
 
 impl Datapath {
@@ -55,7 +97,7 @@ impl Datapath {
         let mut ebpf = dataplane::load(&pins, limits)?;
         let mut maps = Maps::take(&mut ebpf)?;
         maps.write_config(&Config {
-            node_addr: lb_common::addr_v4([10, 0, 1, 1]),
+            node_addr: lb_common::addr_v4(NODE.octets()),
             snat_port_min: 32768,
             snat_port_max: 60999,
             flags: 0,
@@ -63,33 +105,47 @@ impl Datapath {
         let mut desired = DesiredState::default();
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             desired.frontends.insert(
-                Frontend {
-                    addr: IpAddr::V4(FRONTEND),
-                    port: 80,
-                    protocol,
-                },
-                FrontendSpec {
-                    service: ServiceRef {
-                        namespace: "t".into(),
-                        name: "web".into(),
-                        port_name: String::new(),
-                    },
-                    backends: vec![Backend {
-                        addr: IpAddr::V4(BACKEND),
-                        port: 8080,
-                        local: true,
-                        terminating: false,
-                    }],
-                    local_only: false,
-                    affinity_timeout: None,
-                    source_ranges: vec![],
-                },
+                frontend(FRONTEND, 80, protocol),
+                frontend_spec(BACKEND, true),
             );
         }
-        let summary =
-            Reconciler::new(limits.max_services, limits.max_backends).apply(&desired, &mut maps);
+        desired.frontends.insert(
+            frontend(FRONTEND2, 80, Protocol::Tcp),
+            frontend_spec(BACKEND, true),
+        );
+        desired.frontends.insert(
+            frontend(FRONTEND, SNAT_PORT, Protocol::Tcp),
+            frontend_spec(REMOTE, false),
+        );
+        let mut dp = Datapath {
+            pins,
+            maps,
+            ebpf,
+            reconciler: Reconciler::new(limits.max_services, limits.max_backends),
+            desired,
+        };
+        dp.apply()?;
+        Ok(dp)
+    }
+
+    fn apply(&mut self) -> Result<()> {
+        let summary = self.reconciler.apply(&self.desired, &mut self.maps);
         anyhow::ensure!(summary.errors.is_empty(), "{:?}", summary.errors);
-        Ok(Datapath { pins, maps, ebpf })
+        Ok(())
+    }
+
+    /// The `FLOWS` entry of a TCP tuple, if any.
+    fn flow(&self, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Option<Flow> {
+        let key = FlowKey {
+            src_addr: lb_common::addr_v4(src.0.octets()),
+            dst_addr: lb_common::addr_v4(dst.0.octets()),
+            src_port: Be16::from_host(src.1),
+            dst_port: Be16::from_host(dst.1),
+            proto: 6,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        self.maps.flows.get(&key, 0).ok()
     }
 
     /// Runs the program once on `frame`: (verdict, frame as it left).
@@ -104,11 +160,11 @@ impl Datapath {
     }
 
     fn stats(&self, protocol: Protocol) -> Result<ServiceStats> {
-        let key = frontend_key(&Frontend {
-            addr: IpAddr::V4(FRONTEND),
-            port: 80,
-            protocol,
-        })?;
+        self.stats_of(&frontend(FRONTEND, 80, protocol))
+    }
+
+    fn stats_of(&self, frontend: &Frontend) -> Result<ServiceStats> {
+        let key = frontend_key(frontend)?;
         let service = self.maps.services.get(&key, 0)?;
         self.maps.service_stats(service.service_id)
     }
@@ -147,6 +203,26 @@ fn assert_checksums_valid(f: &[u8], l3: usize) {
         0,
         "L4 checksum (protocol {proto})"
     );
+}
+
+fn src_of(f: &[u8], l3: usize) -> (Ipv4Addr, u16) {
+    let ihl = (f[l3] & 0x0f) as usize * 4;
+    (
+        Ipv4Addr::new(f[l3 + 12], f[l3 + 13], f[l3 + 14], f[l3 + 15]),
+        u16::from_be_bytes([f[l3 + ihl], f[l3 + ihl + 1]]),
+    )
+}
+
+/// A TCP segment without payload from `src` to `dst` with `flags`.
+fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    frame(&FrameSpec {
+        proto: 6,
+        sport: src.1,
+        dport: dst.1,
+        tcp_flags: flags,
+        payload: 0,
+        ..FrameSpec::new(src.0, dst.0)
+    })
 }
 
 fn dst_of(f: &[u8], l3: usize) -> (Ipv4Addr, u16) {
@@ -290,5 +366,129 @@ fn malformed_and_foreign_packets_pass_untouched() -> Result<()> {
         dp.global()?.malformed - malformed_before >= 3,
         "truncated headers must be counted as malformed"
     );
+    Ok(())
+}
+
+/// Audit A-2: only a SYN starts a TCP flow. A stray ACK, FIN, RST or
+/// SYN-ACK for a frontend without a flow is handed to the kernel untouched
+/// and creates nothing (no flow, no SNAT port).
+#[test]
+fn only_a_syn_starts_a_tcp_flow() -> Result<()> {
+    let dp = Datapath::new()?;
+    let client = (CLIENT, 40001);
+    for (to, what) in [((FRONTEND, 80), "local"), ((FRONTEND, SNAT_PORT), "remote")] {
+        let before = dp.stats_of(&frontend(to.0, to.1, Protocol::Tcp))?.new_flows;
+        for flags in [TCP_ACK, TCP_SYN | TCP_ACK, TCP_RST, TCP_FIN | TCP_ACK] {
+            let input = tcp(client, to, flags);
+            let (verdict, out) = dp.run(&input)?;
+            assert_eq!(verdict, XDP_PASS, "{what}, flags {flags:#x}");
+            assert_eq!(out, input, "{what}, flags {flags:#x}: must leave untouched");
+        }
+        assert!(
+            dp.flow(client, to).is_none(),
+            "{what}: no flow without a SYN"
+        );
+        let (_, out) = dp.run(&tcp(client, to, TCP_SYN))?;
+        assert_ne!(dst_of(&out, 14), to, "{what}: the SYN is translated");
+        assert_checksums_valid(&out, 14);
+        let after = dp.stats_of(&frontend(to.0, to.1, Protocol::Tcp))?.new_flows;
+        assert_eq!(after - before, 1, "{what}: one flow, from the SYN");
+        // The rest of the connection follows its flow.
+        let (_, out) = dp.run(&tcp(client, to, TCP_ACK))?;
+        assert_ne!(dst_of(&out, 14), to, "{what}: the ACK follows the flow");
+    }
+    Ok(())
+}
+
+/// Audit A-3: a forged RST and a SYN on a guessed tuple neither move an
+/// established flow to another SNAT port or backend, nor leave it closing
+/// once its own packets keep coming.
+#[test]
+fn a_forged_rst_and_syn_cannot_move_or_end_a_flow() -> Result<()> {
+    let dp = Datapath::new()?;
+    let (client, to) = ((CLIENT, 40002), (FRONTEND, SNAT_PORT));
+    let (_, out) = dp.run(&tcp(client, to, TCP_SYN))?;
+    let snat = src_of(&out, 14);
+    assert_eq!(snat.0, NODE, "source-translated to the node");
+    assert_eq!(dst_of(&out, 14), (REMOTE, 8080));
+    dp.run(&tcp(client, to, TCP_ACK))?;
+
+    // A forged RST: passed on (the backend judges its sequence number), the
+    // flow marked closing.
+    let (_, out) = dp.run(&tcp(client, to, TCP_RST | TCP_ACK))?;
+    assert_eq!(src_of(&out, 14), snat);
+    let flags = dp.flow(client, to).context("flow")?.flags;
+    assert_eq!(flags & FLOW_F_CLOSING, FLOW_F_CLOSING);
+    // The real client's next segment shows the RST was not its own.
+    dp.run(&tcp(client, to, TCP_ACK))?;
+    let flags = dp.flow(client, to).context("flow")?.flags;
+    assert_eq!(flags & (FLOW_F_CLOSING | FLOW_F_RESET), 0, "{flags:#x}");
+
+    // RST, then a bare SYN on the same tuple: same SNAT port, same backend.
+    dp.run(&tcp(client, to, TCP_RST))?;
+    let (_, out) = dp.run(&tcp(client, to, TCP_SYN))?;
+    assert_eq!(src_of(&out, 14), snat, "the SYN kept the SNAT port");
+    assert_eq!(dst_of(&out, 14), (REMOTE, 8080), "and the backend");
+    assert_checksums_valid(&out, 14);
+    // The backend's answers still reach the client from the frontend.
+    let (_, out) = dp.run(&tcp((REMOTE, 8080), snat, TCP_SYN | TCP_ACK))?;
+    assert_eq!(src_of(&out, 14), to);
+    assert_eq!(dst_of(&out, 14), client);
+    Ok(())
+}
+
+/// Audit: a closed flow whose backend has left starts afresh on a
+/// new SYN, and its old reply entry goes with it (nothing keeps naming the
+/// old SNAT port).
+#[test]
+fn a_closed_flow_whose_backend_left_starts_afresh() -> Result<()> {
+    let mut dp = Datapath::new()?;
+    let (client, to) = ((CLIENT, 40004), (FRONTEND, SNAT_PORT));
+    let (_, out) = dp.run(&tcp(client, to, TCP_SYN))?;
+    let old_snat = src_of(&out, 14);
+    dp.run(&tcp(client, to, TCP_FIN | TCP_ACK))?;
+    assert!(dp.flow((REMOTE, 8080), old_snat).is_some());
+    dp.desired.frontends.insert(
+        frontend(FRONTEND, SNAT_PORT, Protocol::Tcp),
+        frontend_spec(REMOTE2, false),
+    );
+    dp.apply()?;
+    let (_, out) = dp.run(&tcp(client, to, TCP_SYN))?;
+    assert_eq!(dst_of(&out, 14), (REMOTE2, 8080), "a backend that serves");
+    assert!(
+        dp.flow((REMOTE, 8080), old_snat).is_none(),
+        "the old reply entry must go"
+    );
+    let new_snat = src_of(&out, 14);
+    let reply = dp
+        .flow((REMOTE2, 8080), new_snat)
+        .context("new reply entry")?;
+    assert_eq!(reply.dst_port.host(), client.1);
+    Ok(())
+}
+
+/// Audit A-9: one client ip:port reaching the same local backend through two
+/// frontends. The reply tuple (backend → client) names no frontend, so the
+/// second flow cannot have its own: it is refused and counted, and the first
+/// flow's replies keep leaving from the first frontend.
+#[test]
+fn a_reply_tuple_held_by_a_live_flow_is_never_taken_over() -> Result<()> {
+    let dp = Datapath::new()?;
+    let client = (CLIENT, 40003);
+    let (_, out) = dp.run(&tcp(client, (FRONTEND, 80), TCP_SYN))?;
+    assert_eq!(dst_of(&out, 14), (BACKEND, 8080));
+    let second = frontend(FRONTEND2, 80, Protocol::Tcp);
+    let input = tcp(client, (FRONTEND2, 80), TCP_SYN);
+    let (verdict, out) = dp.run(&input)?;
+    assert_eq!(verdict, XDP_DROP, "the second flow is refused");
+    assert_eq!(out, input);
+    assert_eq!(dp.stats_of(&second)?.drop_flow_conflict, 1);
+    let (_, out) = dp.run(&tcp((BACKEND, 8080), client, TCP_SYN | TCP_ACK))?;
+    assert_eq!(
+        src_of(&out, 14),
+        (FRONTEND, 80),
+        "replies keep their frontend"
+    );
+    assert_eq!(dst_of(&out, 14), client);
     Ok(())
 }
