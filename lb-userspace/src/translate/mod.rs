@@ -2,8 +2,8 @@
 //! `type: LoadBalancer` Services must have to stand in for kube-proxy and
 //! K3s ServiceLB:
 //!
-//! - frontends: every IPv4 `status.loadBalancer.ingress[].ip` (and
-//!   `spec.loadBalancerIP`) × every `spec.ports[]`;
+//! - frontends: every IPv4 `status.loadBalancer.ingress[].ip` × every
+//!   `spec.ports[]` (never `spec.loadBalancerIP`, a tenant's request);
 //! - backends: the Service's EndpointSlices (label
 //!   `kubernetes.io/service-name`), whose ports are named after the Service
 //!   ports and carry the already resolved target port;
@@ -40,9 +40,9 @@ use crate::model::DesiredState;
 /// Where a Service's frontend addresses come from (`--address-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AddressMode {
-    /// MetalLB-style: `status.loadBalancer.ingress` (and
-    /// `spec.loadBalancerIP`), assigned by whoever owns the addresses; xlb
-    /// writes nothing.
+    /// MetalLB-style: `status.loadBalancer.ingress`, assigned by whoever
+    /// owns the addresses; xlb writes nothing. `spec.loadBalancerIP` is a
+    /// request to that owner and never a frontend by itself.
     #[default]
     Status,
     /// K3s ServiceLB-style: the addresses of the nodes that run xlb, which

@@ -283,7 +283,13 @@ impl<'a> ServiceContext<'a> {
         valid
     }
 
-    /// The addresses clients reach the Service at, deduplicated and sorted.
+    /// The addresses clients reach the Service at, deduplicated and sorted:
+    /// `status.loadBalancer.ingress` only. `spec.loadBalancerIP` is a
+    /// request anyone who may create a Service can write, for the owner of
+    /// the addresses to grant or refuse (MetalLB honours it only inside a
+    /// pool the Service may use); programming it would let any tenant take
+    /// any address and port on every node (audit A-1). `status` is a
+    /// subresource only the address owner writes.
     fn frontend_addresses(&mut self, service: &Service) -> BTreeSet<Ipv4Addr> {
         let ingress = service
             .status
@@ -296,14 +302,9 @@ impl<'a> ServiceContext<'a> {
             // name: nothing this node can answer for.
             .filter_map(|ingress| ingress.ip.as_deref())
             .map(|text| ("status.loadBalancer.ingress ip", text));
-        let requested = service
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.load_balancer_ip.as_deref())
-            .map(|text| ("spec.loadBalancerIP", text));
 
         let mut addresses = BTreeSet::new();
-        for (field, text) in ingress.chain(requested) {
+        for (field, text) in ingress {
             if text.is_empty() {
                 continue;
             }
@@ -572,6 +573,25 @@ mod tests {
         assert_eq!(udp.service.namespace, "default");
         assert_eq!(udp.service.port_name, "dns");
         assert!(udp.backends.is_empty());
+    }
+
+    /// Audit A-1: a Service's own request for an address is not a frontend;
+    /// only the status its address owner wrote is.
+    #[test]
+    fn spec_load_balancer_ip_alone_is_never_a_frontend() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: squatter\n\
+                    spec:\n  type: LoadBalancer\n  loadBalancerIP: 10.0.1.1\n  ports:\n\
+                    \x20 - port: 10250\n";
+        let (state, errors) = run(yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(state.frontends.is_empty(), "{:?}", state.frontends.keys());
+        // A request that differs from what was granted adds nothing either.
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n\
+                    spec:\n  type: LoadBalancer\n  loadBalancerIP: 10.0.1.1\n  ports:\n\
+                    \x20 - port: 80\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.30\n";
+        let (state, _) = run(yaml);
+        let frontends: Vec<Frontend> = state.frontends.keys().copied().collect();
+        assert_eq!(frontends, [frontend([192, 0, 2, 30], 80, Protocol::Tcp)]);
     }
 
     #[test]
