@@ -10,15 +10,18 @@
 //!   uplinks where XDP would see packets without their checksum state
 //!   (virtual devices, drivers without native XDP).
 //!
-//! Both parse with `packet.rs` and decide with the NAT core in `nat.rs`;
+//! Both parse with `packet.rs` and decide with the NAT core in `nat.rs`
+//! (SNAT ports from `snat.rs`, the flow hash from `hash.rs`);
 //! maps are declared in `maps.rs`, counters reached through `stats.rs`.
 #![no_std]
 #![no_main]
 
 mod checksum;
+mod hash;
 mod maps;
 mod nat;
 mod packet;
+mod snat;
 mod stats;
 mod tc_path;
 mod xdp_path;

@@ -1,37 +1,29 @@
 //! The NAT core shared by every hook: find the flow a packet belongs to, or
-//! create it (source ranges, affinity, Maglev, SNAT port), and say which tuple
+//! create it (source ranges, affinity, Maglev; the SNAT port from
+//! `snat.rs`), and say which tuple
 //! the packet must be rewritten to. It reads and writes maps only; applying
 //! the rewrite to the packet is the hook's job (XDP writes the bytes itself,
 //! TC goes through the skb helpers that know about partial checksums).
 
-use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
-    helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
-    },
-    maps::lpm_trie::Key,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_F_LOCAL, Backend, Be16, Be32, CONFIG_KEY, FLOW_F_ACKED,
-    FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_RESET, FLOW_F_SNAT, Flow, FlowKey,
-    FrontendKey, MAGLEV_TABLE_SIZE, PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY,
+    Affinity, AffinityKey, BACKEND_F_LOCAL, Backend, Be32, FLOW_F_ACKED, FLOW_F_ANSWERED,
+    FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_RESET, FLOW_F_SNAT, Flow, FlowKey, FrontendKey,
+    MAGLEV_TABLE_SIZE, PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY,
     SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange,
 };
 
 use crate::{
-    maps::{
-        AFFINITY, BACKENDS, CONFIG, FLOWS, MAGLEV, NewFlowScratch, SCRATCH, SERVICES, SOURCE_RANGES,
-    },
-    packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, v4_raw},
+    hash::flow_hash,
+    maps::{AFFINITY, BACKENDS, FLOWS, MAGLEV, NewFlowScratch, SCRATCH, SERVICES, SOURCE_RANGES},
+    packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    snat,
     stats::service as stats,
 };
 
 /// How often a flow's `last_seen_ns` is refreshed: writing it on every packet
 /// would bounce the cache line between CPUs.
 const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
-/// SNAT ports tried per packet before giving up (counted drop). At 70 %
-/// occupancy of one backend's ports, 32 probes all fail once in ~60 000.
-const SNAT_TRIES: u32 = 32;
 
 /// What happens to a packet that is not rewritten. The NAT core returns
 /// `Result<Flow, Verdict>`: `Ok` is the tuple to rewrite the packet to.
@@ -40,23 +32,6 @@ pub enum Verdict {
     Pass,
     /// Ours, and dropped (the reason is already counted).
     Drop,
-}
-
-/// murmur3's 32-bit finaliser: cheap and mixes every input bit.
-#[inline(always)]
-fn mix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// Hash of the 5-tuple; the Maglev slot and the first SNAT port come from it.
-#[inline(always)]
-pub fn flow_hash(key: &FlowKey) -> u32 {
-    let ports = ((key.src_port.wire() as u32) << 16) | key.dst_port.wire() as u32;
-    mix(v4_raw(&key.src_addr) ^ mix(v4_raw(&key.dst_addr) ^ mix(ports ^ mix(key.proto as u32))))
 }
 
 /// Looks the packet's tuple up in `FLOWS`, refreshes the entry and follows
@@ -187,6 +162,9 @@ pub fn unsupported(service: &Service) -> Verdict {
 /// create both directions of the flow.
 // Not inlined: the new-flow path's keys and flows get a stack frame of their
 // own instead of crowding the hook's 512-byte frame.
+// Map keys and values are passed by reference into the scratch map: by
+// value they would be copied onto the 512-byte BPF stack they are kept off.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
 pub fn new_flow(
     ctx: *mut core::ffi::c_void,
@@ -265,7 +243,7 @@ pub fn new_flow(
     // The reply entry goes in first: a backend's answer must never find the
     // forward entry without its reverse.
     if snat {
-        match snat_allocate(ctx, key, &backend, hash, scratch) {
+        match snat::allocate(ctx, key, &backend, hash, scratch) {
             Some((node_addr, port)) => {
                 scratch.forward.src_addr = node_addr;
                 scratch.forward.src_port = port;
@@ -303,6 +281,9 @@ pub fn new_flow(
 /// another live flow, whose replies would then leave from this frontend.
 /// Not inlined: its keys would not fit the caller's 512-byte stack frame, and
 /// it runs only when a claim failed.
+// Map keys and values are passed by reference into the scratch map: by
+// value they would be copied onto the 512-byte BPF stack they are kept off.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
 fn take_over_reply(scratch: &mut NewFlowScratch) -> bool {
     let reply_key = &scratch.reply_key;
@@ -364,86 +345,4 @@ fn pick_backend(service: &Service, key: &FlowKey, hash: u32, now: u64) -> Option
         let _ = AFFINITY.insert(affinity_key, pin, 0);
     }
     Some((backend_id, backend))
-}
-
-/// Picks a node port for a source-translated flow and inserts its reply
-/// entry. A port is taken only if no flow of ours uses it towards this
-/// backend (`BPF_NOEXIST` insert, so two CPUs cannot take the same one) and
-/// the node itself has no socket that would receive the backend's replies.
-#[inline(always)]
-fn snat_allocate(
-    ctx: *mut core::ffi::c_void,
-    key: &FlowKey,
-    backend: &Backend,
-    hash: u32,
-    scratch: &mut NewFlowScratch,
-) -> Option<([u8; 16], Be16)> {
-    let config = CONFIG.get(CONFIG_KEY)?;
-    let node_raw = v4_raw(&config.node_addr);
-    if node_raw == 0 || config.snat_port_max < config.snat_port_min {
-        return None;
-    }
-    let span = (config.snat_port_max - config.snat_port_min) as u32 + 1;
-    // A random start, not one derived from the flow: a flow whose probes all
-    // failed must probe other ports when its next packet (a retransmit)
-    // tries again.
-    let start = mix(hash ^ unsafe { bpf_get_prandom_u32() }) % span;
-    // One key and one socket tuple, in the scratch map and reused by every
-    // probe: not even one copy fits the 512-byte BPF stack any more.
-    scratch.reply_key = FlowKey {
-        src_addr: backend.addr,
-        dst_addr: config.node_addr,
-        src_port: backend.port,
-        dst_port: Be16::default(),
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    };
-    scratch.tuple = unsafe { core::mem::zeroed() };
-    scratch.tuple.__bindgen_anon_1.ipv4.saddr = v4_raw(&backend.addr);
-    scratch.tuple.__bindgen_anon_1.ipv4.daddr = node_raw;
-    scratch.tuple.__bindgen_anon_1.ipv4.sport = backend.port.wire();
-    for i in 0..SNAT_TRIES {
-        // Stride through the range so collisions do not cluster.
-        let port = config.snat_port_min as u32 + (start + i * 7919) % span;
-        let port = Be16::from_host(port as u16);
-        scratch.reply_key.dst_port = port;
-        // A plain lookup first: cheap, and unlike a failing insert into a
-        // full LRU map it never evicts anything. Only a free port pays for
-        // the socket lookup and the claiming insert.
-        if FLOWS.get_ptr(&scratch.reply_key).is_some() {
-            continue;
-        }
-        scratch.tuple.__bindgen_anon_1.ipv4.dport = port.wire();
-        if node_socket_exists(ctx, key.proto, &mut scratch.tuple) {
-            continue;
-        }
-        if FLOWS
-            .insert(&scratch.reply_key, &scratch.reply, BPF_NOEXIST as u64)
-            .is_ok()
-        {
-            return Some((config.node_addr, port));
-        }
-    }
-    None
-}
-
-/// Would the node's own stack receive the packet `tuple` describes (the
-/// backend's reply to a SNAT port)?
-#[inline(always)]
-fn node_socket_exists(ctx: *mut core::ffi::c_void, proto: u8, tuple: &mut bpf_sock_tuple) -> bool {
-    let size = core::mem::size_of::<u32>() as u32 * 2 + core::mem::size_of::<u16>() as u32 * 2;
-    let netns = BPF_F_CURRENT_NETNS as u64;
-    let sk = unsafe {
-        if proto == PROTO_TCP {
-            bpf_sk_lookup_tcp(ctx, tuple, size, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx, tuple, size, netns, 0)
-        }
-    };
-    if sk.is_null() {
-        return false;
-    }
-    unsafe { bpf_sk_release(sk.cast()) };
-    true
 }

@@ -1,0 +1,104 @@
+//! Source NAT for flows to backends on other nodes (klipper-lb's
+//! `MASQUERADE`): the node address and a free port from the SNAT range, so
+//! the backend's replies come back through this node.
+
+use aya_ebpf::{
+    bindings::{BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
+    helpers::{bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+};
+use lb_common::{Backend, Be16, CONFIG_KEY, FlowKey, PROTO_TCP};
+
+use crate::{
+    hash::mix,
+    maps::{CONFIG, FLOWS, NewFlowScratch},
+    packet::v4_raw,
+};
+
+/// SNAT ports tried per packet before giving up (counted drop). At 70 %
+/// occupancy of one backend's ports, 32 probes all fail once in ~60 000.
+const SNAT_TRIES: u32 = 32;
+
+/// Picks a node port for a source-translated flow and inserts its reply
+/// entry. A port is taken only if no flow of ours uses it towards this
+/// backend (`BPF_NOEXIST` insert, so two CPUs cannot take the same one) and
+/// the node itself has no socket that would receive the backend's replies.
+// Map keys and values are passed by reference into the scratch map: by
+// value they would be copied onto the 512-byte BPF stack they are kept off.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+pub fn allocate(
+    ctx: *mut core::ffi::c_void,
+    key: &FlowKey,
+    backend: &Backend,
+    hash: u32,
+    scratch: &mut NewFlowScratch,
+) -> Option<([u8; 16], Be16)> {
+    let config = CONFIG.get(CONFIG_KEY)?;
+    let node_raw = v4_raw(&config.node_addr);
+    if node_raw == 0 || config.snat_port_max < config.snat_port_min {
+        return None;
+    }
+    let span = (config.snat_port_max - config.snat_port_min) as u32 + 1;
+    // A random start, not one derived from the flow: a flow whose probes all
+    // failed must probe other ports when its next packet (a retransmit)
+    // tries again.
+    let start = mix(hash ^ unsafe { bpf_get_prandom_u32() }) % span;
+    // One key and one socket tuple, in the scratch map and reused by every
+    // probe: not even one copy fits the 512-byte BPF stack any more.
+    scratch.reply_key = FlowKey {
+        src_addr: backend.addr,
+        dst_addr: config.node_addr,
+        src_port: backend.port,
+        dst_port: Be16::default(),
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
+    scratch.tuple = unsafe { core::mem::zeroed() };
+    scratch.tuple.__bindgen_anon_1.ipv4.saddr = v4_raw(&backend.addr);
+    scratch.tuple.__bindgen_anon_1.ipv4.daddr = node_raw;
+    scratch.tuple.__bindgen_anon_1.ipv4.sport = backend.port.wire();
+    for i in 0..SNAT_TRIES {
+        // Stride through the range so collisions do not cluster.
+        let port = config.snat_port_min as u32 + (start + i * 7919) % span;
+        let port = Be16::from_host(port as u16);
+        scratch.reply_key.dst_port = port;
+        // A plain lookup first: cheap, and unlike a failing insert into a
+        // full LRU map it never evicts anything. Only a free port pays for
+        // the socket lookup and the claiming insert.
+        if FLOWS.get_ptr(&scratch.reply_key).is_some() {
+            continue;
+        }
+        scratch.tuple.__bindgen_anon_1.ipv4.dport = port.wire();
+        if node_socket_exists(ctx, key.proto, &mut scratch.tuple) {
+            continue;
+        }
+        if FLOWS
+            .insert(&scratch.reply_key, &scratch.reply, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return Some((config.node_addr, port));
+        }
+    }
+    None
+}
+
+/// Would the node's own stack receive the packet `tuple` describes (the
+/// backend's reply to a SNAT port)?
+#[inline(always)]
+fn node_socket_exists(ctx: *mut core::ffi::c_void, proto: u8, tuple: &mut bpf_sock_tuple) -> bool {
+    let size = core::mem::size_of::<u32>() as u32 * 2 + core::mem::size_of::<u16>() as u32 * 2;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let sk = unsafe {
+        if proto == PROTO_TCP {
+            bpf_sk_lookup_tcp(ctx, tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx, tuple, size, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
