@@ -65,6 +65,18 @@ pub fn partner_key(key: &FlowKey, flow: &Flow) -> FlowKey {
     }
 }
 
+/// The entry found at an entry's partner key, if it really is its partner:
+/// its own rewrite must lead back to the entry. After a client reuses its
+/// tuple, an old reply entry's partner key names the *new* connection's
+/// forward entry, which rewrites to another reply key; judging or deleting it
+/// with the old entry would kill a live connection (audit A-4).
+pub fn true_partner(key: &FlowKey, flow: &Flow, candidate: Option<Flow>) -> Option<Flow> {
+    let candidate = candidate?;
+    let partner = partner_key(key, flow);
+    (partner_key(&partner, &candidate) == *key && is_reply(&candidate) != is_reply(flow))
+        .then_some(candidate)
+}
+
 /// Why an entry goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -166,6 +178,19 @@ mod tests {
         assert_eq!(rk.dst_port.host(), 33000);
         assert_eq!(partner_key(&rk, &r), fk);
         let _ = f;
+    }
+
+    #[test]
+    fn only_an_entry_that_leads_back_is_a_partner() {
+        let (fk, f, rk, r) = pair();
+        assert_eq!(true_partner(&rk, &r, Some(f)), Some(f));
+        assert_eq!(true_partner(&fk, &f, Some(r)), Some(r));
+        assert_eq!(true_partner(&fk, &f, None), None);
+        // The client reused its tuple: the forward entry now rewrites to a
+        // new SNAT port, so it is no longer the old reply entry's partner.
+        let mut reused = f;
+        reused.src_port = Be16::from_host(33001);
+        assert_eq!(true_partner(&rk, &r, Some(reused)), None);
     }
 
     #[test]

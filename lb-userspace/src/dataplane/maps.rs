@@ -184,7 +184,7 @@ impl Maps {
         services: &std::collections::HashSet<u32>,
         backends: &std::collections::HashSet<u32>,
     ) -> SweepSummary {
-        use crate::conntrack::{Verdict, judge, partner_key};
+        use crate::conntrack::{Verdict, judge, partner_key, true_partner};
         let now = crate::netdev::monotonic_ns();
         let mut summary = SweepSummary::default();
         let mut doomed = Vec::new();
@@ -196,10 +196,18 @@ impl Maps {
             if alone == Verdict::Keep {
                 continue;
             }
-            let partner = partner_key(&key, &flow);
+            let partner_at = partner_key(&key, &flow);
+            let partner = true_partner(&key, &flow, self.flows.get(&partner_at, 0).ok());
             let verdict = if alone == Verdict::Expired {
-                let p = self.flows.get(&partner, 0).ok();
-                judge(&key, &flow, p.as_ref(), now, timeouts, services, backends)
+                judge(
+                    &key,
+                    &flow,
+                    partner.as_ref(),
+                    now,
+                    timeouts,
+                    services,
+                    backends,
+                )
             } else {
                 alone
             };
@@ -209,11 +217,17 @@ impl Maps {
                 Verdict::ServiceGone => summary.service_gone += 1,
                 Verdict::UdpBackendGone => summary.udp_backend_gone += 1,
             }
-            doomed.push(key);
-            doomed.push(partner);
+            doomed.push((key, flow));
+            if let Some(p) = partner {
+                doomed.push((partner_at, p));
+            }
         }
-        for key in doomed {
-            let _ = self.flows.remove(&key);
+        // The datapath keeps working during the scan: an entry that changed
+        // since it was judged (a new connection on the same tuple) stays.
+        for (key, judged) in doomed {
+            if self.flows.get(&key, 0).is_ok_and(|now| now == judged) {
+                let _ = self.flows.remove(&key);
+            }
         }
         summary
     }
