@@ -84,8 +84,12 @@ pub struct AgentConfig {
     #[command(flatten)]
     pub limits: Limits,
     /// Source ports for SNAT towards remote backends, `MIN-MAX`. Ports the
-    /// node's own sockets use are skipped when a flow picks its port.
-    #[arg(long, env = "XLB_SNAT_PORTS", default_value = "32768-60999")]
+    /// node's own sockets use are skipped when a flow picks its port. Keep
+    /// the range out of the node's `net.ipv4.ip_local_port_range` (the
+    /// default is below it and below the NodePort range): the kernel hands
+    /// ports from there to later node connections, which would collide with
+    /// a live SNAT flow to the same backend. An overlap is logged.
+    #[arg(long, env = "XLB_SNAT_PORTS", default_value = "1024-29999")]
     pub snat_ports: PortRange,
     /// Never redirect in XDP; hand every translated packet to the kernel.
     #[arg(long, env = "XLB_NO_REDIRECT")]
@@ -302,6 +306,7 @@ impl Datapath {
         };
         let config = node_config_value(node_addr, cfg);
         if published.node_config.as_ref() != Some(&config) {
+            netdev::warn_if_ephemeral(cfg.snat_ports.min, cfg.snat_ports.max);
             maps.write_config(&config)?;
             match node_addr {
                 Some(a) => tracing::info!(node_addr = %a, "SNAT address for remote backends"),

@@ -62,6 +62,37 @@ pub fn prepare_forwarding(ifaces: &[String]) {
     }
 }
 
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
+pub fn ephemeral_ports() -> Result<(u16, u16)> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    parse_port_range(&text).with_context(|| format!("{path}: {text:?}"))
+}
+
+/// `ip_local_port_range`'s text: two numbers separated by white space.
+fn parse_port_range(text: &str) -> Result<(u16, u16)> {
+    let mut numbers = text.split_whitespace().map(str::parse::<u16>);
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(min)), Some(Ok(max))) => Ok((min, max)),
+        _ => anyhow::bail!("expected two port numbers"),
+    }
+}
+
+/// Warns when the SNAT range shares ports with the kernel's ephemeral range:
+/// a node connection that later gets one of them towards a backend would
+/// collide with a live SNAT flow (audit A-11).
+pub fn warn_if_ephemeral(snat_min: u16, snat_max: u16) {
+    match ephemeral_ports() {
+        Ok((min, max)) if snat_min <= max && min <= snat_max => tracing::warn!(
+            snat_ports = %format!("{snat_min}-{snat_max}"),
+            ephemeral_ports = %format!("{min}-{max}"),
+            "the SNAT port range overlaps net.ipv4.ip_local_port_range: node connections may take a port a SNAT flow uses; choose --snat-ports outside it"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %format!("{e:#}"), "no ephemeral port range to compare"),
+    }
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
     // Reading CLOCK_MONOTONIC cannot fail on Linux.
@@ -76,6 +107,14 @@ mod tests {
 
     // Every network namespace has `lo`; it holds 127.0.0.1 once up, as it is
     // where unit tests run.
+    #[test]
+    fn the_ephemeral_range_is_read_as_the_kernel_writes_it() {
+        assert_eq!(parse_port_range("32768\t60999\n").unwrap(), (32768, 60999));
+        assert!(parse_port_range("32768").is_err());
+        let (min, max) = ephemeral_ports().unwrap();
+        assert!(min <= max);
+    }
+
     #[test]
     fn loopback_is_found_with_its_address() {
         assert!(ifindex("lo").unwrap() > 0);

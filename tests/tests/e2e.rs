@@ -202,7 +202,17 @@ fn remote_backend_sees_node_address_local_backends_see_client() -> Result<()> {
                     NODE_ADDR,
                     "remote backend must see the node address"
                 );
-                assert!((32768..=60999).contains(&peer.port()), "SNAT port {peer}");
+                assert!((1024..=29999).contains(&peer.port()), "SNAT port {peer}");
+                // Audit A-11: never a port the kernel may hand a node socket.
+                let range = ns_sh(&t.node, &["cat", "/proc/sys/net/ipv4/ip_local_port_range"])?;
+                let mut ends = range.split_whitespace().map(|n| n.parse::<u16>());
+                let (Some(Ok(min)), Some(Ok(max))) = (ends.next(), ends.next()) else {
+                    bail!("ip_local_port_range: {range:?}");
+                };
+                assert!(
+                    !(min..=max).contains(&peer.port()),
+                    "SNAT port {peer} in the node's ephemeral range {min}-{max}"
+                );
             }
             _ => assert_eq!(
                 peer.ip(),
@@ -612,8 +622,16 @@ fn snat_never_takes_a_port_the_node_uses() -> Result<()> {
     )?;
     // The node's own socket holds 40000 of the two SNAT ports.
     let _own = xlb_tests::in_netns(&t.node, || std::net::UdpSocket::bind("10.0.1.1:40000"))??;
-    let _agent = t.start_agent_with(&["--snat-ports", "40000-40001"])?;
+    let agent = t.start_agent_with(&["--snat-ports", "40000-40001"])?;
     wait_backends(&t, 1)?;
+    // Inside the node's ephemeral range: the operator is told.
+    assert!(
+        agent
+            .log_text()
+            .contains("overlaps net.ipv4.ip_local_port_range"),
+        "{}",
+        agent.log_text()
+    );
     let first = udp_request(&t.client, SocketAddrV4::new(DNS, 53))?;
     assert_eq!(first.backend, "pod-c");
     assert_eq!(
