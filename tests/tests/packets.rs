@@ -138,16 +138,7 @@ impl Datapath {
 
     /// The `FLOWS` entry of a TCP tuple, if any.
     fn flow(&self, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Option<Flow> {
-        let key = FlowKey {
-            src_addr: lb_common::addr_v4(src.0.octets()),
-            dst_addr: lb_common::addr_v4(dst.0.octets()),
-            src_port: Be16::from_host(src.1),
-            dst_port: Be16::from_host(dst.1),
-            proto: 6,
-            family: FAMILY_V4,
-            _pad: [0; 2],
-        };
-        self.maps.flows.get(&key, 0).ok()
+        self.maps.flows.get(&tcp_key(src, dst), 0).ok()
     }
 
     /// Runs the program once on `frame`: (verdict, frame as it left).
@@ -213,6 +204,19 @@ fn src_of(f: &[u8], l3: usize) -> (Ipv4Addr, u16) {
         Ipv4Addr::new(f[l3 + 12], f[l3 + 13], f[l3 + 14], f[l3 + 15]),
         u16::from_be_bytes([f[l3 + ihl], f[l3 + ihl + 1]]),
     )
+}
+
+/// The `FLOWS` key of a TCP packet from `src` to `dst`.
+fn tcp_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> FlowKey {
+    FlowKey {
+        src_addr: lb_common::addr_v4(src.0.octets()),
+        dst_addr: lb_common::addr_v4(dst.0.octets()),
+        src_port: Be16::from_host(src.1),
+        dst_port: Be16::from_host(dst.1),
+        proto: 6,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    }
 }
 
 /// A TCP segment without payload from `src` to `dst` with `flags`.
@@ -505,15 +509,6 @@ fn the_sweeper_never_deletes_a_live_flow_as_an_old_entrys_partner() -> Result<()
     let (client, to) = ((CLIENT, 40005), (FRONTEND, SNAT_PORT));
     let (_, out) = dp.run(&tcp(client, to, TCP_SYN))?;
     let old_snat = src_of(&out, 14);
-    let key = |src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)| FlowKey {
-        src_addr: lb_common::addr_v4(src.0.octets()),
-        dst_addr: lb_common::addr_v4(dst.0.octets()),
-        src_port: Be16::from_host(src.1),
-        dst_port: Be16::from_host(dst.1),
-        proto: 6,
-        family: FAMILY_V4,
-        _pad: [0; 2],
-    };
     let now = xlb::netdev::monotonic_ns();
     let seconds_ago = |s: u64| now - s * 1_000_000_000;
     // The state a reused tuple leaves: the new connection (established,
@@ -527,17 +522,17 @@ fn the_sweeper_never_deletes_a_live_flow_as_an_old_entrys_partner() -> Result<()
     new_reply.last_seen_ns = seconds_ago(150);
     dp.maps
         .flows
-        .insert(key((REMOTE, 8080), new_snat), new_reply, 0)?;
+        .insert(tcp_key((REMOTE, 8080), new_snat), new_reply, 0)?;
     let mut forward = dp.flow(client, to).context("forward entry")?;
     forward.src_port = Be16::from_host(new_snat.1);
     forward.flags |= FLOW_F_ACKED;
     forward.last_seen_ns = seconds_ago(150);
-    dp.maps.flows.insert(key(client, to), forward, 0)?;
+    dp.maps.flows.insert(tcp_key(client, to), forward, 0)?;
     old_reply.flags |= FLOW_F_CLOSING;
     old_reply.last_seen_ns = seconds_ago(300);
     dp.maps
         .flows
-        .insert(key((REMOTE, 8080), old_snat), old_reply, 0)?;
+        .insert(tcp_key((REMOTE, 8080), old_snat), old_reply, 0)?;
 
     let service = dp
         .maps
