@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{ClientIPConfig, ServiceSpec, SessionAffinityConfig};
 use xlb_tests::{
     Agent, CLIENT_ADDR, CLIENT_ADDR_2, Conn, Links, NODE_ADDR, Topology, ns_sh,
-    objects::{endpoint_slice, service, spec_mut, to_yaml},
+    objects::{self, endpoint_slice, service, spec_mut, to_yaml},
     sh, snmp_counter, tcp_request, udp_request, wait_until,
 };
 
@@ -718,5 +718,49 @@ fn bulk_tcp_through_local_and_remote_backends_arrives_intact() -> Result<()> {
     for ns in [&t.client, &t.pod("pod-a").ns, &t.pod("pod-c").ns] {
         assert_eq!(snmp_counter(ns, "Tcp", "InCsumErrors")?, 0, "{ns}");
     }
+    Ok(())
+}
+
+/// Audit A-5 (TCP part): in node address mode a Service port is a port on
+/// the node's own address. A reply to one of the node's own connections that
+/// happens to use that port locally (a SYN-ACK, then ACKs) is not a new
+/// client: it reaches the node's socket, and nothing is load-balanced.
+#[test]
+fn node_mode_leaves_replies_to_the_nodes_own_connections_alone() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
+    let web = objects::service_in("default", "web", None, &[("http", "TCP", 45000, "8080")]);
+    t.write_manifest("web.yaml", &to_yaml(&web))?;
+    write_web_endpoints(&t, &["pod-a", "pod-b", "pod-c"])?;
+    let _agent = t.start_agent_with(&["--address-mode", "node"])?;
+    // The Service answers on the node's address.
+    wait_until(
+        "the Service on the node address",
+        Duration::from_secs(5),
+        || tcp_request(&t.client, SocketAddrV4::new(NODE_ADDR, 45000)).is_ok(),
+    )?;
+    let new_flows = t.stat("new_flows")?;
+    // A server on the client; the node connects to it from local port 45000.
+    let server = "import socket\n\
+                  s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                  s.bind(('10.0.1.2', 8000)); s.listen(1); s.settimeout(10)\n\
+                  c, _ = s.accept(); c.sendall(b'hello from the client')\n";
+    let mut server = xlb_tests::ns_cmd(&t.client, &["python3", "-c", server]).spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client = "import socket\n\
+                  s = socket.socket(); s.settimeout(3)\n\
+                  s.bind(('10.0.1.1', 45000)); s.connect(('10.0.1.2', 8000))\n\
+                  print(s.recv(100).decode())\n";
+    let answer = ns_sh(&t.node, &["python3", "-c", client]);
+    let _ = server.kill();
+    let answer = answer.context("the node's own connection from the Service port")?;
+    assert!(answer.contains("hello from the client"), "{answer}");
+    assert_eq!(
+        t.stat("new_flows")?,
+        new_flows,
+        "the node's connection must not become a flow"
+    );
     Ok(())
 }
