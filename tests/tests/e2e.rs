@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{ClientIPConfig, ServiceSpec, SessionAffinityConfig};
 use xlb_tests::{
     Agent, CLIENT_ADDR, CLIENT_ADDR_2, Conn, Links, NODE_ADDR, Topology, ns_sh,
-    objects::{self, endpoint_slice, service, spec_mut, to_yaml},
+    objects::{self, endpoint_slice, endpoint_slice_in, service, spec_mut, to_yaml},
     sh, snmp_counter, tcp_request, udp_request, wait_until,
 };
 
@@ -762,5 +762,56 @@ fn node_mode_leaves_replies_to_the_nodes_own_connections_alone() -> Result<()> {
         new_flows,
         "the node's connection must not become a flow"
     );
+    Ok(())
+}
+
+/// Audit A-1: in status mode a Service that names a node's address in
+/// `spec.loadBalancerIP` (a request anyone who may create a Service can
+/// write) takes nothing: the node's own daemon on that port still answers.
+#[test]
+fn spec_load_balancer_ip_cannot_take_a_nodes_port() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
+    let mut squatter = objects::service_in(
+        "default",
+        "squatter",
+        None,
+        &[("kubelet", "TCP", 10250, "8080")],
+    );
+    spec_mut(&mut squatter).load_balancer_ip = Some(NODE_ADDR.to_string());
+    t.write_manifest("squatter.yaml", &to_yaml(&squatter))?;
+    t.write_manifest(
+        "squatter-endpoints.yaml",
+        &to_yaml(&endpoint_slice_in(
+            "default",
+            "squatter",
+            "squatter",
+            &[(t.pod("pod-a").addr, t.node_of(t.pod("pod-a")), true)],
+            &[("kubelet", "TCP", 8080)],
+        )),
+    )?;
+    // The node's daemon on its own address and port.
+    let daemon = "import socket\n\
+                  s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                  s.bind(('10.0.1.1', 10250)); s.listen(1); s.settimeout(10)\n\
+                  c, _ = s.accept(); c.sendall(b'the node daemon')\n";
+    let mut daemon = xlb_tests::ns_cmd(&t.node, &["python3", "-c", daemon]).spawn()?;
+    let agent = t.start_agent()?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        t.inspect("services")?.is_empty(),
+        "no frontend may come from spec.loadBalancerIP: {:?}\n{}",
+        t.inspect("services")?,
+        agent.log_text()
+    );
+    let client = "import socket\n\
+                  s = socket.socket(); s.settimeout(3)\n\
+                  s.connect(('10.0.1.1', 10250)); print(s.recv(100).decode())\n";
+    let answer = ns_sh(&t.client, &["python3", "-c", client]);
+    let _ = daemon.kill();
+    let answer = answer.context("connecting to the node's port")?;
+    assert!(answer.contains("the node daemon"), "{answer}");
     Ok(())
 }

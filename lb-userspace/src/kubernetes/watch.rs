@@ -36,7 +36,11 @@ use tokio::sync::mpsc;
 
 use crate::{
     change::Change,
-    translate::{ServiceKey, objects::namespace_of, slice_service},
+    translate::{
+        ServiceKey,
+        objects::{SOURCE_RANGES_ANNOTATION, namespace_of},
+        slice_service,
+    },
 };
 
 /// Builds a client from `kubeconfig`, else from `KUBECONFIG`/`~/.kube/config`
@@ -317,7 +321,17 @@ fn slim_metadata(metadata: &mut kube::api::ObjectMeta) {
 
 impl Slim for Service {
     fn slim(&mut self) {
+        // The one annotation the translation reads survives.
+        let source_ranges = self
+            .metadata
+            .annotations
+            .as_mut()
+            .and_then(|a| a.remove(SOURCE_RANGES_ANNOTATION));
         slim_metadata(&mut self.metadata);
+        if let Some(value) = source_ranges {
+            self.metadata.annotations =
+                Some([(SOURCE_RANGES_ANNOTATION.to_string(), value)].into());
+        }
     }
 }
 
@@ -352,5 +366,43 @@ impl Slim for Node {
             status.runtime_handlers = None;
         }
         self.spec = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slim_service_keeps_only_the_annotation_the_translation_reads() {
+        let mut service = Service::default();
+        service.metadata.annotations = Some(
+            [
+                (
+                    SOURCE_RANGES_ANNOTATION.to_string(),
+                    "10.0.0.0/8".to_string(),
+                ),
+                (
+                    "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                    "{}".to_string(),
+                ),
+            ]
+            .into(),
+        );
+        service.slim();
+        assert_eq!(
+            service.metadata.annotations,
+            Some(
+                [(
+                    SOURCE_RANGES_ANNOTATION.to_string(),
+                    "10.0.0.0/8".to_string()
+                )]
+                .into()
+            )
+        );
+        let mut plain = Service::default();
+        plain.metadata.annotations = Some([("a".to_string(), "b".to_string())].into());
+        plain.slim();
+        assert_eq!(plain.metadata.annotations, None);
     }
 }

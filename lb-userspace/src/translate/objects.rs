@@ -17,6 +17,11 @@ use kube::runtime::reflector::ObjectRef;
 use crate::model::Protocol;
 
 /// Label by which an EndpointSlice names the Service it belongs to.
+/// The annotation K3s (and kube-proxy, for Services without the field)
+/// reads source ranges from: comma-separated CIDRs. The field
+/// `spec.loadBalancerSourceRanges` wins when it is set.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The class a Service may carry to be handled by xlb, besides none.

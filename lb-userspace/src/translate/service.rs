@@ -19,7 +19,7 @@ use k8s_openapi::{
 
 use super::{
     node_mode::NodePlan,
-    objects::{ServiceKey, endpoint_ready, port_number, port_protocol},
+    objects::{SOURCE_RANGES_ANNOTATION, ServiceKey, endpoint_ready, port_number, port_protocol},
     problem::{EventReason, Problem, reference_to},
 };
 use crate::model::{Backend, Frontend, FrontendSpec, Protocol, ServiceRef, SourceRange};
@@ -117,7 +117,7 @@ impl<'a> ServiceContext<'a> {
         }
         // First, so that an invalid range withdraws the Service before
         // anything else is built for it.
-        let Some(source_ranges) = self.source_ranges(spec) else {
+        let Some(source_ranges) = self.source_ranges(service, spec) else {
             return Vec::new();
         };
         let local_only = self.local_only(spec);
@@ -184,14 +184,36 @@ impl<'a> ServiceContext<'a> {
     /// `None` when any entry is invalid: the Service must then not be
     /// programmed at all, since dropping the bad entry could widen the set of
     /// allowed sources to everyone.
-    fn source_ranges(&mut self, spec: &ServiceSpec) -> Option<Vec<SourceRange>> {
+    /// `spec.loadBalancerSourceRanges`, else the K3s/kube-proxy annotation
+    /// (audit A-13: ignoring it left such Services open to every source).
+    /// `None` (the Service is skipped, closed) when an entry is invalid.
+    fn source_ranges(&mut self, service: &Service, spec: &ServiceSpec) -> Option<Vec<SourceRange>> {
+        let field: Vec<&str> = spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        let (entries, origin) = if field.is_empty() {
+            let annotation = service
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION));
+            let entries = annotation
+                .map(|text| text.split(',').filter(|e| !e.trim().is_empty()).collect())
+                .unwrap_or_default();
+            (entries, SOURCE_RANGES_ANNOTATION)
+        } else {
+            (field, "loadBalancerSourceRanges")
+        };
         let mut ranges = Vec::new();
-        for text in spec.load_balancer_source_ranges.iter().flatten() {
+        for text in entries {
             match parse_source_range(text) {
                 Some(range) => ranges.push(range),
                 None => {
                     self.report(format!(
-                        "loadBalancerSourceRanges entry {text:?} is not a CIDR or an IP \
+                        "{origin} entry {text:?} is not a CIDR or an IP \
                          address; Service skipped so that it is not open to every source"
                     ));
                     return None;
@@ -918,6 +940,50 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(ranges, ["10.0.0.0/8", "198.51.100.0/24", "203.0.113.7/32"]);
+    }
+
+    /// Audit A-13: K3s users set source ranges with the annotation; without
+    /// the field it applies, with the field the field wins, and a bad entry
+    /// closes the Service as a bad field entry does.
+    #[test]
+    fn the_source_ranges_annotation_applies_when_the_field_is_empty() {
+        let annotated = |spec: &str, value: &str| {
+            service("web", spec, HTTP_PORT).replacen(
+                "  namespace: shop\n",
+                &format!(
+                    "  namespace: shop\n  annotations:\n    \
+                     service.beta.kubernetes.io/load-balancer-source-ranges: \"{value}\"\n"
+                ),
+                1,
+            )
+        };
+        let ranges = |yaml: &str| -> Vec<String> {
+            let (state, errors) = run(yaml);
+            assert!(errors.is_empty(), "{errors:?}");
+            state.frontends[&web_frontend()]
+                .source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            ranges(&annotated("", "10.0.0.0/8, 203.0.113.7")),
+            ["10.0.0.0/8", "203.0.113.7/32"]
+        );
+        assert_eq!(
+            ranges(&annotated(
+                "  loadBalancerSourceRanges:\n  - 198.51.100.0/24\n",
+                "10.0.0.0/8"
+            )),
+            ["198.51.100.0/24"]
+        );
+        let (state, errors) = run(&annotated("", "10.0.0.0/8,any"));
+        assert!(state.frontends.is_empty(), "an invalid entry must close it");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("load-balancer-source-ranges"),
+            "{errors:?}"
+        );
     }
 
     #[test]
