@@ -145,6 +145,41 @@ impl Conn {
     }
 }
 
+/// A TCP server on `addr` in `ns` that sends `text` to its first client and
+/// exits (after 10 s without one). Python, so that a test can stand in for
+/// a host daemon outside the test process.
+pub fn answer_once(ns: &str, addr: SocketAddrV4, text: &str) -> Result<std::process::Child> {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{}', {})); s.listen(1); s.settimeout(10)\n\
+         c, _ = s.accept(); c.sendall({text:?}.encode())\n",
+        addr.ip(),
+        addr.port()
+    );
+    let child = crate::netns::ns_cmd(ns, &["python3", "-c", &script])
+        .spawn()
+        .context("starting a one-shot server")?;
+    // Listening before the caller connects.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(child)
+}
+
+/// Connects from `ns` to `to`, from the local address and port `from` if
+/// given, and returns what the server sent first (3 s at most).
+pub fn read_from(ns: &str, to: SocketAddrV4, from: Option<SocketAddrV4>) -> Result<String> {
+    let bind = from
+        .map(|f| format!("s.bind(('{}', {}))\n", f.ip(), f.port()))
+        .unwrap_or_default();
+    let script = format!(
+        "import socket\ns = socket.socket(); s.settimeout(3)\n{bind}\
+         s.connect(('{}', {})); print(s.recv(100).decode())\n",
+        to.ip(),
+        to.port()
+    );
+    crate::netns::ns_sh(ns, &["python3", "-c", &script])
+}
+
 /// connect() with a timeout and an optional source address.
 fn connect_from(to: SocketAddrV4, from: Option<Ipv4Addr>) -> Result<TcpStream> {
     match from {

@@ -13,7 +13,9 @@ use k8s_openapi::api::core::v1::{ClientIPConfig, ServiceSpec, SessionAffinityCon
 use xlb_tests::{
     Agent, CLIENT_ADDR, CLIENT_ADDR_2, Conn, Links, NODE_ADDR, Topology, ns_sh,
     objects::{self, endpoint_slice, endpoint_slice_in, service, spec_mut, to_yaml},
-    sh, snmp_counter, tcp_request, udp_request, wait_until,
+    sh, snmp_counter, tcp_request,
+    traffic::{answer_once, read_from},
+    udp_request, wait_until,
 };
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
@@ -743,17 +745,16 @@ fn node_mode_leaves_replies_to_the_nodes_own_connections_alone() -> Result<()> {
     )?;
     let new_flows = t.stat("new_flows")?;
     // A server on the client; the node connects to it from local port 45000.
-    let server = "import socket\n\
-                  s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                  s.bind(('10.0.1.2', 8000)); s.listen(1); s.settimeout(10)\n\
-                  c, _ = s.accept(); c.sendall(b'hello from the client')\n";
-    let mut server = xlb_tests::ns_cmd(&t.client, &["python3", "-c", server]).spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let client = "import socket\n\
-                  s = socket.socket(); s.settimeout(3)\n\
-                  s.bind(('10.0.1.1', 45000)); s.connect(('10.0.1.2', 8000))\n\
-                  print(s.recv(100).decode())\n";
-    let answer = ns_sh(&t.node, &["python3", "-c", client]);
+    let mut server = answer_once(
+        &t.client,
+        SocketAddrV4::new(CLIENT_ADDR, 8000),
+        "hello from the client",
+    )?;
+    let answer = read_from(
+        &t.node,
+        SocketAddrV4::new(CLIENT_ADDR, 8000),
+        Some(SocketAddrV4::new(NODE_ADDR, 45000)),
+    );
     let _ = server.kill();
     let answer = answer.context("the node's own connection from the Service port")?;
     assert!(answer.contains("hello from the client"), "{answer}");
@@ -793,11 +794,11 @@ fn spec_load_balancer_ip_cannot_take_a_nodes_port() -> Result<()> {
         )),
     )?;
     // The node's daemon on its own address and port.
-    let daemon = "import socket\n\
-                  s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                  s.bind(('10.0.1.1', 10250)); s.listen(1); s.settimeout(10)\n\
-                  c, _ = s.accept(); c.sendall(b'the node daemon')\n";
-    let mut daemon = xlb_tests::ns_cmd(&t.node, &["python3", "-c", daemon]).spawn()?;
+    let mut daemon = answer_once(
+        &t.node,
+        SocketAddrV4::new(NODE_ADDR, 10250),
+        "the node daemon",
+    )?;
     let agent = t.start_agent()?;
     std::thread::sleep(Duration::from_millis(500));
     assert!(
@@ -806,10 +807,7 @@ fn spec_load_balancer_ip_cannot_take_a_nodes_port() -> Result<()> {
         t.inspect("services")?,
         agent.log_text()
     );
-    let client = "import socket\n\
-                  s = socket.socket(); s.settimeout(3)\n\
-                  s.connect(('10.0.1.1', 10250)); print(s.recv(100).decode())\n";
-    let answer = ns_sh(&t.client, &["python3", "-c", client]);
+    let answer = read_from(&t.client, SocketAddrV4::new(NODE_ADDR, 10250), None);
     let _ = daemon.kill();
     let answer = answer.context("connecting to the node's port")?;
     assert!(answer.contains("the node daemon"), "{answer}");
