@@ -159,13 +159,10 @@ pub fn unsupported(service: &Service) -> Verdict {
 }
 
 /// A packet without a flow entry: if it is for a frontend, pick a backend and
-/// create both directions of the flow.
-// Not inlined: the new-flow path's keys and flows get a stack frame of their
-// own instead of crowding the hook's 512-byte frame.
-// Map keys and values are passed by reference into the scratch map: by
-// value they would be copied onto the 512-byte BPF stack they are kept off.
-#[allow(clippy::needless_borrows_for_generic_args)]
-#[inline(never)]
+/// create both directions of the flow. The checks that let most such packets
+/// go (not a SYN, not a frontend) run inline; only a flow to be made pays
+/// for the call into `create_flow`.
+#[inline(always)]
 pub fn new_flow(
     ctx: *mut core::ffi::c_void,
     key: &FlowKey,
@@ -181,6 +178,22 @@ pub fn new_flow(
     let Some(service) = frontend_of(key) else {
         return Err(Verdict::Pass);
     };
+    create_flow(ctx, key, service, bytes)
+}
+
+/// Source ranges, backend choice, SNAT, and both entries of a new flow.
+// Not inlined: the new-flow path's keys and flows get a stack frame of their
+// own instead of crowding the hook's 512-byte frame.
+// Map keys and values are passed by reference into the scratch map: by
+// value they would be copied onto the 512-byte BPF stack they are kept off.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
+fn create_flow(
+    ctx: *mut core::ffi::c_void,
+    key: &FlowKey,
+    service: &Service,
+    bytes: u64,
+) -> Result<Flow, Verdict> {
     let service = *service;
     let Some(st) = stats(service.service_id) else {
         return Err(Verdict::Drop);
