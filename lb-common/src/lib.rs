@@ -288,6 +288,11 @@ pub struct GlobalStats {
     pub translated_passed: u64,
     /// Truncated or malformed headers.
     pub malformed: u64,
+    /// ICMP errors quoting a translated flow, translated and sent on.
+    pub icmp_translated: u64,
+    /// "Fragmentation needed" sent for translated packets with DF that did
+    /// not fit the device they would leave through.
+    pub frag_needed_sent: u64,
 }
 
 impl GlobalStats {
@@ -299,6 +304,8 @@ impl GlobalStats {
             sum.redirected += s.redirected;
             sum.translated_passed += s.translated_passed;
             sum.malformed += s.malformed;
+            sum.icmp_translated += s.icmp_translated;
+            sum.frag_needed_sent += s.frag_needed_sent;
         }
         sum
     }

@@ -18,6 +18,7 @@
 
 mod checksum;
 mod hash;
+mod icmp;
 mod maps;
 mod nat;
 mod packet;

@@ -4,9 +4,9 @@
 //! flows they hold.
 
 use aya_ebpf::{
-    bindings::bpf_sock_tuple,
+    bindings::{bpf_fib_lookup, bpf_sock_tuple},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, Config, Flow, FlowKey, FrontendKey, GlobalStats,
@@ -71,10 +71,22 @@ pub struct NewFlowScratch {
     pub other_key: FlowKey,
     /// The socket tuple the SNAT probes look up.
     pub tuple: bpf_sock_tuple,
+    /// The source-range lookup key.
+    pub range: Key<SourceRange>,
+    /// The affinity pin's key.
+    pub affinity_key: AffinityKey,
+    /// The chosen backend.
+    pub backend: Backend,
 }
 
 #[map(name = "XLB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<NewFlowScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room for the route lookup of a translated packet (parameters and
+/// result, 64 bytes): on the stack it would not fit next to the new-flow
+/// call chain. Like `XLB_SCRATCH`, it lives for one packet.
+#[map(name = "XLB_ROUTE")]
+pub static ROUTE: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
 /// Interfaces translated packets may be redirected to (ifindex → ifindex):
 /// only devices known to accept XDP frames. Written by the agent.

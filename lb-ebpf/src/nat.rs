@@ -7,10 +7,10 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_F_LOCAL, Backend, Be32, FLOW_F_ACKED, FLOW_F_ANSWERED,
-    FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_RESET, FLOW_F_SNAT, Flow, FlowKey, FrontendKey,
-    MAGLEV_TABLE_SIZE, PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY,
-    SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange,
+    Affinity, AffinityKey, BACKEND_F_LOCAL, Be32, FLOW_F_ACKED, FLOW_F_ANSWERED, FLOW_F_CLOSING,
+    FLOW_F_REPLY, FLOW_F_RESET, FLOW_F_SNAT, Flow, FlowKey, FrontendKey, MAGLEV_TABLE_SIZE,
+    PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES,
+    SOURCE_RANGE_ID_BITS, Service, SourceRange,
 };
 
 use crate::{
@@ -194,22 +194,27 @@ fn create_flow(
     service: &Service,
     bytes: u64,
 ) -> Result<Flow, Verdict> {
-    let service = *service;
+    // Read in place, not copied: the copy would cost the new-flow frame
+    // bytes the 512-byte stack limit cannot spare.
     let Some(st) = stats(service.service_id) else {
         return Err(Verdict::Drop);
     };
     st.packets += 1;
     st.bytes += bytes;
 
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(Verdict::Drop);
+    };
+    let scratch = unsafe { &mut *scratch };
     if service.flags & SERVICE_F_SOURCE_RANGES != 0 {
-        let range = Key::new(
+        scratch.range = Key::new(
             SOURCE_RANGE_ID_BITS + 128,
             SourceRange {
                 service_id: Be32::from_host(service.service_id),
                 addr: key.src_addr,
             },
         );
-        if SOURCE_RANGES.get(&range).is_none() {
+        if SOURCE_RANGES.get(&scratch.range).is_none() {
             st.drop_source_range += 1;
             return Err(Verdict::Drop);
         }
@@ -221,22 +226,18 @@ fn create_flow(
 
     let hash = flow_hash(key);
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some((backend_id, backend)) = pick_backend(&service, key, hash, now) else {
+    let Some(backend_id) = pick_backend(service, key, hash, now, scratch) else {
         st.drop_no_backend += 1;
         return Err(Verdict::Drop);
     };
-
-    let snat = backend.flags & BACKEND_F_LOCAL == 0 && service.flags & SERVICE_F_LOCAL_ONLY == 0;
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return Err(Verdict::Drop);
-    };
-    let scratch = unsafe { &mut *scratch };
+    let snat =
+        scratch.backend.flags & BACKEND_F_LOCAL == 0 && service.flags & SERVICE_F_LOCAL_ONLY == 0;
     scratch.forward = Flow {
         last_seen_ns: now,
         src_addr: key.src_addr,
-        dst_addr: backend.addr,
+        dst_addr: scratch.backend.addr,
         src_port: key.src_port,
-        dst_port: backend.port,
+        dst_port: scratch.backend.port,
         service_id: service.service_id,
         backend_id,
         flags: 0,
@@ -256,7 +257,7 @@ fn create_flow(
     // The reply entry goes in first: a backend's answer must never find the
     // forward entry without its reverse.
     if snat {
-        match snat::allocate(ctx, key, &backend, hash, scratch) {
+        match snat::allocate(ctx, key, hash, scratch) {
             Some((node_addr, port)) => {
                 scratch.forward.src_addr = node_addr;
                 scratch.forward.src_port = port;
@@ -325,17 +326,25 @@ fn take_over_reply(scratch: &mut NewFlowScratch) -> bool {
     FLOWS.insert(&scratch.reply_key, &scratch.reply, 0).is_ok()
 }
 
-/// `sessionAffinity: ClientIP` first, then the service's Maglev table.
+/// `sessionAffinity: ClientIP` first, then the service's Maglev table. The
+/// backend is copied to `scratch.backend`; its id is returned.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
-fn pick_backend(service: &Service, key: &FlowKey, hash: u32, now: u64) -> Option<(u32, Backend)> {
-    let affinity_key = AffinityKey {
+fn pick_backend(
+    service: &Service,
+    key: &FlowKey,
+    hash: u32,
+    now: u64,
+    scratch: &mut NewFlowScratch,
+) -> Option<u32> {
+    scratch.affinity_key = AffinityKey {
         service_id: service.service_id,
         family: key.family,
         _pad: [0; 3],
         client: key.src_addr,
     };
     let affinity = service.flags & SERVICE_F_AFFINITY != 0;
-    if affinity && let Some(pinned) = AFFINITY.get_ptr_mut(affinity_key) {
+    if affinity && let Some(pinned) = AFFINITY.get_ptr_mut(&scratch.affinity_key) {
         let pinned = unsafe { &mut *pinned };
         let timeout_ns = service.affinity_timeout as u64 * 1_000_000_000;
         if now.wrapping_sub(pinned.last_seen_ns) < timeout_ns
@@ -343,19 +352,20 @@ fn pick_backend(service: &Service, key: &FlowKey, hash: u32, now: u64) -> Option
             && backend.service_id == service.service_id
         {
             pinned.last_seen_ns = now;
-            return Some((pinned.backend_id, *backend));
+            scratch.backend = *backend;
+            return Some(pinned.backend_id);
         }
     }
     let slot = service.table_id * MAGLEV_TABLE_SIZE + hash % MAGLEV_TABLE_SIZE;
     let backend_id = *MAGLEV.get(slot)?;
-    let backend = *unsafe { BACKENDS.get(backend_id) }?;
+    scratch.backend = *unsafe { BACKENDS.get(backend_id) }?;
     if affinity {
         let pin = Affinity {
             last_seen_ns: now,
             backend_id,
             _pad: 0,
         };
-        let _ = AFFINITY.insert(affinity_key, pin, 0);
+        let _ = AFFINITY.insert(&scratch.affinity_key, pin, 0);
     }
-    Some((backend_id, backend))
+    Some(backend_id)
 }

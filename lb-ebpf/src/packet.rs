@@ -7,6 +7,11 @@ use lb_common::{Be16, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP};
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const PROTO_ICMP: u8 = 1;
+/// IPv4 "don't fragment" and "more fragments" flags, and the offset mask.
+pub const IPV4_DF: u16 = 0x4000;
+pub const IPV4_MF: u16 = 0x2000;
+pub const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
 #[repr(C)]
 pub struct EthHdr {
@@ -76,9 +81,9 @@ pub const UDP_CHECK_OFFSET: usize = core::mem::offset_of!(UdpHdr, check);
 /// Offset of the TCP flags byte (FIN=0x01, SYN=0x02, RST=0x04).
 pub const TCP_FLAGS_OFFSET: usize = core::mem::offset_of!(TcpHdr, flags);
 /// How much of an skb the tc hook pulls into the linear area before parsing:
-/// the headers `parse` reads (Ethernet, a VLAN tag, IPv4, TCP) with room to
-/// spare.
-pub const MAX_HEADERS_LEN: usize = 78;
+/// the headers `parse` and `icmp::parse_error` read (Ethernet, a VLAN tag,
+/// IPv4, ICMP, the quoted IPv4 header and TCP up to its checksum).
+pub const MAX_HEADERS_LEN: usize = 18 + 20 + 8 + 20 + 18;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
@@ -96,12 +101,17 @@ pub enum Skip {
     Unsupported(FlowKey),
     /// A later fragment: no ports to look at, passed on.
     Fragment,
+    /// IPv4 ICMP; the header starts at this offset. Errors that quote a
+    /// translated flow are the business of `icmp.rs`.
+    Icmp(usize),
 }
 
 /// A parsed IPv4 TCP/UDP packet: offsets from the start of the frame and the
 /// flow key as seen on the wire.
 pub struct Parsed {
     pub l3: usize,
+    /// The "don't fragment" flag is set.
+    pub df: bool,
     pub l4: usize,
     pub key: FlowKey,
     pub tcp_flags: u8,
@@ -140,6 +150,9 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
             u16::from_be((*ip).frag_off),
         )
     };
+    if protocol == PROTO_ICMP {
+        return Err(Skip::Icmp(l3));
+    }
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return Err(Skip::NotIpv4L4);
     }
@@ -147,7 +160,7 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
         return Err(Skip::Malformed);
     }
     // Fragment offset set: a later fragment, it carries no L4 header.
-    if frag_off & 0x1fff != 0 {
+    if frag_off & IPV4_OFFSET_MASK != 0 {
         return Err(Skip::Fragment);
     }
     let ihl = (version_ihl & 0x0f) as usize;
@@ -179,12 +192,13 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
     }
     // IP options or MF (first fragment): the key is known, translating is
     // not supported. DF (0x4000) is fine.
-    if ihl != 5 || frag_off & 0x2000 != 0 {
+    if ihl != 5 || frag_off & IPV4_MF != 0 {
         return Err(Skip::Unsupported(key));
     }
     let ip_len = u16::from_be(unsafe { (*ip).tot_len });
     Ok(Parsed {
         l3,
+        df: frag_off & IPV4_DF != 0,
         l4,
         key,
         tcp_flags,

@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
     helpers::{bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
 };
-use lb_common::{Backend, Be16, CONFIG_KEY, FlowKey, PROTO_TCP};
+use lb_common::{Be16, CONFIG_KEY, FlowKey, PROTO_TCP};
 
 use crate::{
     hash::mix,
@@ -29,10 +29,11 @@ const SNAT_TRIES: u32 = 32;
 pub fn allocate(
     ctx: *mut core::ffi::c_void,
     key: &FlowKey,
-    backend: &Backend,
     hash: u32,
     scratch: &mut NewFlowScratch,
 ) -> Option<([u8; 16], Be16)> {
+    // The chosen backend, in the scratch map with everything else.
+    let (backend_addr, backend_port) = (scratch.backend.addr, scratch.backend.port);
     let config = CONFIG.get(CONFIG_KEY)?;
     let node_raw = v4_raw(&config.node_addr);
     if node_raw == 0 || config.snat_port_max < config.snat_port_min {
@@ -46,18 +47,18 @@ pub fn allocate(
     // One key and one socket tuple, in the scratch map and reused by every
     // probe: not even one copy fits the 512-byte BPF stack any more.
     scratch.reply_key = FlowKey {
-        src_addr: backend.addr,
+        src_addr: backend_addr,
         dst_addr: config.node_addr,
-        src_port: backend.port,
+        src_port: backend_port,
         dst_port: Be16::default(),
         proto: key.proto,
         family: key.family,
         _pad: [0; 2],
     };
     scratch.tuple = unsafe { core::mem::zeroed() };
-    scratch.tuple.__bindgen_anon_1.ipv4.saddr = v4_raw(&backend.addr);
+    scratch.tuple.__bindgen_anon_1.ipv4.saddr = v4_raw(&backend_addr);
     scratch.tuple.__bindgen_anon_1.ipv4.daddr = node_raw;
-    scratch.tuple.__bindgen_anon_1.ipv4.sport = backend.port.wire();
+    scratch.tuple.__bindgen_anon_1.ipv4.sport = backend_port.wire();
     for i in 0..SNAT_TRIES {
         // Stride through the range so collisions do not cluster.
         let port = config.snat_port_min as u32 + (start + i * 7919) % span;

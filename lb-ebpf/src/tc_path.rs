@@ -15,15 +15,23 @@
 //!   checksum state intact; nothing is redirected from here.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT},
+    bindings::{
+        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup,
+    },
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
 use lb_common::{FLOW_F_REPLY, Flow, PROTO_UDP};
 
 use crate::{
+    icmp::{self, ErrorRewrite},
+    maps::FLOWS,
     nat::{self, Verdict},
     packet::{
-        IPV4_CHECK_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, MAX_HEADERS_LEN,
+        EthHdr, IPV4_CHECK_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, MAX_HEADERS_LEN,
         PORTS_DEST_OFFSET, PORTS_SOURCE_OFFSET, Parsed, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
         parse, v4_raw,
     },
@@ -52,8 +60,12 @@ fn parse_skb(ctx: &TcContext) -> Result<Parsed, Skip> {
 /// tcx egress: replies of node-local backends.
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
-    let Ok(parsed) = parse_skb(ctx) else {
-        return TCX_NEXT;
+    let parsed = match parse_skb(ctx) {
+        Ok(p) => p,
+        // Errors from node-local backends, or from the node about packets
+        // it forwarded to them: reply entries only, as for their packets.
+        Err(Skip::Icmp(l3)) => return icmp_error(ctx.skb.skb, l3, true),
+        Err(_) => return TCX_NEXT,
     };
     let bytes = parsed.ip_len as u64;
     // Only reply entries apply at egress: forward entries are the ingress
@@ -74,6 +86,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
 pub fn ingress(ctx: &TcContext) -> i32 {
     let parsed = match parse_skb(ctx) {
         Ok(p) => p,
+        Err(Skip::Icmp(l3)) => return icmp_error(ctx.skb.skb, l3, false),
         Err(Skip::Unsupported(key)) => {
             return match nat::frontend_of(&key) {
                 Some(service) => nat::unsupported(service).tc_action(),
@@ -96,6 +109,12 @@ pub fn ingress(ctx: &TcContext) -> i32 {
             Err(verdict) => return verdict.tc_action(),
         },
     };
+    if parsed.df
+        && ctx.len() as usize > parsed.l3 + ALWAYS_FITS
+        && let Some(mtu) = too_big(ctx.skb.skb, v4_raw(&flow.src_addr), v4_raw(&flow.dst_addr))
+    {
+        return frag_needed(ctx.skb.skb, parsed.l3, mtu);
+    }
     if rewrite(ctx, &parsed, &flow).is_err() {
         return TC_ACT_SHOT;
     }
@@ -104,6 +123,168 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     }
     TCX_NEXT
 }
+
+/// IPv4 guarantees 576 bytes: smaller packets are not checked against the
+/// MTU.
+const ALWAYS_FITS: usize = 576;
+
+/// The MTU of the device the packet would leave through once translated to
+/// `flow`, if it does not fit it (for a GSO skb: if its segments do not).
+/// The kernel would answer such a packet itself, but to its translated
+/// source: the node, for SNAT.
+// Not inlined: its lookup gets a stack frame of its own.
+#[inline(never)]
+// Scalars and the raw skb, not references: a reference would force the
+// caller to keep the value in its own (tight) stack frame.
+fn too_big(skb: *mut __sk_buff, src: u32, dst: u32) -> Option<u16> {
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.__bindgen_anon_3.ipv4_src = src;
+    fib.__bindgen_anon_4.ipv4_dst = dst;
+    fib.ifindex = unsafe { (*skb).ingress_ifindex };
+    // No length given: the helper checks the skb against the egress
+    // device's MTU itself (GSO skbs always pass that check).
+    let rc = unsafe {
+        fib_lookup(
+            skb.cast(),
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    let mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        return Some(mtu);
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    // A GSO skb: would its segments fit?
+    let mut len = 0u32;
+    let rc = unsafe { bpf_check_mtu(skb.cast(), fib.ifindex, &mut len, 0, 0) };
+    if rc == BPF_MTU_CHK_RET_SUCCESS as i64 || rc < 0 {
+        return None;
+    }
+    Some(len as u16)
+}
+
+/// Answers a packet too big for its route with "fragmentation needed", sent
+/// back out of the device it came in on: the skb is cut to the quoted part
+/// (which ends GSO), grown after its L2 header by the new IPv4 and ICMP
+/// headers, and its Ethernet addresses swapped.
+// Not inlined, for the same reason as `icmp_error`.
+#[inline(never)]
+fn frag_needed(skb: *mut __sk_buff, l3: usize, mtu: u16) -> i32 {
+    let ctx = &TcContext::new(skb);
+    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+        return TC_ACT_SHOT;
+    };
+    let quoted = l3 + icmp::FRAG_NEEDED_HEADERS_LEN;
+    let keep = (l3 + icmp::QUOTABLE_LEN) as u32;
+    if unsafe { bpf_skb_change_tail(skb, keep, 0) } != 0
+        || ctx
+            .adjust_room(icmp::FRAG_NEEDED_HEADERS_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
+            .is_err()
+        || ctx.pull_data((quoted + icmp::QUOTABLE_LEN) as u32).is_err()
+    {
+        return TC_ACT_SHOT;
+    }
+    let fixed = icmp::partial_checksum_fixed_point(ctx.data(), ctx.data_end(), quoted);
+    match fixed {
+        Ok(Some((at, value))) => {
+            if ctx
+                .store(quoted + at, &value, BPF_F_RECOMPUTE_CSUM as u64)
+                .is_err()
+            {
+                return TC_ACT_SHOT;
+            }
+        }
+        Ok(None) => {}
+        Err(_) => return TC_ACT_SHOT,
+    }
+    let Ok(headers) = icmp::frag_needed(ctx.data(), ctx.data_end(), quoted, mtu) else {
+        return TC_ACT_SHOT;
+    };
+    let swapped = EthHdr {
+        dst: eth.src,
+        src: eth.dst,
+        ether_type: eth.ether_type,
+    };
+    if ctx
+        .store(l3, &headers, BPF_F_RECOMPUTE_CSUM as u64)
+        .is_err()
+        || ctx.store(0, &swapped, 0).is_err()
+    {
+        return TC_ACT_SHOT;
+    }
+    if let Some(g) = global() {
+        g.frag_needed_sent += 1;
+    }
+    unsafe { bpf_redirect((*skb).ifindex, 0) as i32 }
+}
+
+/// An ICMP error: translated when it quotes a packet of a translated flow
+/// (at egress only replies' flows), then left to the kernel.
+// Not inlined: a stack frame of its own, away from the new-flow call's.
+#[inline(never)]
+fn icmp_error(skb: *mut __sk_buff, l3: usize, replies_only: bool) -> i32 {
+    let ctx = &TcContext::new(skb);
+    let error = match icmp::parse_error(ctx.data(), ctx.data_end(), l3) {
+        Ok(error) => error,
+        Err(Skip::Malformed) => {
+            // The quoted headers may lie in the skb's non-linear part.
+            let want = core::cmp::min(ctx.len(), MAX_HEADERS_LEN as u32);
+            if ctx.pull_data(want).is_err() {
+                return TCX_NEXT;
+            }
+            match icmp::parse_error(ctx.data(), ctx.data_end(), l3) {
+                Ok(error) => error,
+                Err(_) => return TCX_NEXT,
+            }
+        }
+        Err(_) => return TCX_NEXT,
+    };
+    let Some(entry) = (unsafe { FLOWS.get(error.key) }) else {
+        return TCX_NEXT;
+    };
+    if replies_only && entry.flags & FLOW_F_REPLY == 0 {
+        return TCX_NEXT;
+    }
+    let Ok(rewrite) = icmp::error_rewrite(ctx.data(), ctx.data_end(), &error, entry) else {
+        return TCX_NEXT;
+    };
+    if store_error(ctx, l3, &rewrite).is_err() {
+        return TC_ACT_SHOT;
+    }
+    if let Some(g) = global() {
+        g.icmp_translated += 1;
+    }
+    TCX_NEXT
+}
+
+/// Writes an ICMP error's translation through the store helper. Every
+/// change is offset by a checksum in the same packet (nothing is in a
+/// pseudo-header of the outer packet), so a complete checksum of the skb
+/// stays right.
+#[inline(always)]
+fn store_error(ctx: &TcContext, l3: usize, r: &ErrorRewrite) -> Result<(), i64> {
+    let ports = l3 + icmp::INNER_PORTS;
+    if r.l4_check_at != 0 {
+        ctx.store(l3 + r.l4_check_at, &r.l4_check, 0)?;
+    }
+    ctx.store(ports + PORTS_SOURCE_OFFSET, &r.inner_sport, 0)?;
+    ctx.store(ports + PORTS_DEST_OFFSET, &r.inner_dport, 0)?;
+    ctx.store(l3 + icmp::INNER_SADDR, &r.inner_src, 0)?;
+    ctx.store(l3 + icmp::INNER_DADDR, &r.inner_dst, 0)?;
+    ctx.store(l3 + icmp::INNER_CHECK, &r.inner_check, 0)?;
+    ctx.store(l3 + icmp::ICMP_CHECK, &r.icmp_check, 0)?;
+    ctx.store(l3 + icmp::OUTER_SADDR, &r.outer_src, 0)?;
+    ctx.store(l3 + icmp::OUTER_DADDR, &r.outer_dst, 0)?;
+    ctx.store(l3 + icmp::OUTER_CHECK, &r.outer_check, 0)?;
+    Ok(())
+}
+
+const AF_INET: u8 = 2;
 
 impl Verdict {
     /// The tcx action for a packet that is not rewritten; a pass is counted.

@@ -4,19 +4,22 @@
 //! kernel.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::bpf_fib_lookup as fib_lookup,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action, xdp_md,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::{CONFIG_F_REDIRECT, CONFIG_KEY, Flow, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     checksum::CsumDelta,
-    maps::{CONFIG, TX_PORTS},
+    icmp,
+    maps::{CONFIG, FLOWS, ROUTE, TX_PORTS},
     nat::{self, Verdict},
     packet::{
         EthHdr, IPV4_TTL_OFFSET, Ipv4Hdr, Parsed, Ports, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
-        parse, ptr_at, v4_raw,
+        VlanHdr, parse, ptr_at, v4_raw,
     },
     stats::global,
 };
@@ -28,6 +31,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let parsed = match parse(data, data_end) {
         Ok(p) => p,
+        Err(Skip::Icmp(l3)) => return icmp_error(ctx.ctx, l3),
         Err(Skip::Unsupported(key)) => {
             return match nat::frontend_of(&key) {
                 Some(service) => nat::unsupported(service).xdp_action(),
@@ -50,10 +54,60 @@ pub fn run(ctx: &XdpContext) -> u32 {
             Err(verdict) => return verdict.xdp_action(),
         },
     };
-    if rewrite(data, data_end, &parsed, &flow).is_err() {
+    forward(ctx, &parsed, &flow)
+}
+
+/// Routes, rewrites and sends a packet of a flow.
+#[inline(always)]
+fn forward(ctx: &XdpContext, parsed: &Parsed, flow: &Flow) -> u32 {
+    let Some(fib) = ROUTE.get_ptr_mut(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let fib = unsafe { &mut *fib };
+    let route = route(ctx, parsed, flow, fib);
+    if let Route::TooBig { mtu } = route {
+        return frag_needed(ctx.ctx, parsed.l3, mtu);
+    }
+    if rewrite(ctx.data(), ctx.data_end(), parsed, flow).is_err() {
         return xdp_action::XDP_DROP;
     }
-    forward(ctx, &parsed)
+    match route {
+        Route::Redirect => redirect(ctx, parsed.l3, fib),
+        _ => translated_passed(),
+    }
+}
+
+/// An ICMP error: translated when it quotes a packet of a translated flow
+/// (either direction), then forwarded like the flow's packets.
+// Not inlined: its lookup and rewrite get a stack frame of their own
+// instead of adding to the hook's, which the new-flow call shares.
+#[inline(never)]
+fn icmp_error(xdp: *mut xdp_md, l3: usize) -> u32 {
+    let ctx = &XdpContext::new(xdp);
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let error = match icmp::parse_error(data, data_end, l3) {
+        Ok(error) => error,
+        Err(_) => return pass(),
+    };
+    let Some(entry) = (unsafe { FLOWS.get(error.key) }) else {
+        return pass();
+    };
+    let written = icmp::error_rewrite(data, data_end, &error, entry)
+        .and_then(|rewrite| rewrite.write(data, data_end, l3));
+    if written.is_err() {
+        return xdp_action::XDP_DROP;
+    }
+    if let Some(g) = global() {
+        g.icmp_translated += 1;
+    }
+    let Some(fib) = ROUTE.get_ptr_mut(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let fib = unsafe { &mut *fib };
+    match lookup(ctx, l3, fib) {
+        Route::Redirect => redirect(ctx, l3, fib),
+        _ => translated_passed(),
+    }
 }
 
 impl Verdict {
@@ -117,32 +171,81 @@ fn rewrite(data: usize, data_end: usize, p: &Parsed, flow: &Flow) -> Result<(), 
     Ok(())
 }
 
-/// Sends the rewritten packet on its way: redirect when the FIB has a route
-/// and a neighbour and the egress device is in `TX_PORTS`, else `XDP_PASS` so
-/// the kernel routes it (and resolves the neighbour for the next packets).
 #[inline(always)]
-fn forward(ctx: &XdpContext, p: &Parsed) -> u32 {
-    let passed = || {
-        if let Some(g) = global() {
-            g.translated_passed += 1;
-        }
-        xdp_action::XDP_PASS
+fn translated_passed() -> u32 {
+    if let Some(g) = global() {
+        g.translated_passed += 1;
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Where a translated packet goes.
+enum Route {
+    /// `bpf_fib_lookup` found the route and the neighbour, and the egress
+    /// device is in `TX_PORTS`: the lookup result says how.
+    Redirect,
+    /// The kernel routes it (and resolves the neighbour for later packets).
+    Pass,
+    /// It has DF set and does not fit the egress device's MTU.
+    TooBig { mtu: u16 },
+}
+
+/// IPv4 guarantees 576 bytes: smaller packets are not checked against the
+/// MTU unless the route is looked up anyway (for a redirect).
+const ALWAYS_FITS: u16 = 576;
+
+/// Looks up the route of the packet as it will be after translation to
+/// `flow`, before anything is rewritten: a packet too big for it is answered
+/// with its original header intact. The lookup is made for every packet when
+/// redirects are on, and otherwise only for those that might not fit.
+#[inline(always)]
+fn route(ctx: &XdpContext, p: &Parsed, flow: &Flow, fib: &mut bpf_fib_lookup) -> Route {
+    let redirect_on = CONFIG
+        .get(CONFIG_KEY)
+        .map(|c| c.flags & CONFIG_F_REDIRECT != 0)
+        .unwrap_or(false);
+    let check_size = p.df && p.ip_len > ALWAYS_FITS && p.ip_len as usize >= icmp::QUOTABLE_LEN;
+    if !redirect_on && !check_size {
+        return Route::Pass;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(data, data_end, p.l3) else {
+        return Route::Pass;
     };
+    // The room is shared: nothing of the last packet's lookup may remain.
+    *fib = unsafe { core::mem::zeroed() };
+    unsafe {
+        fib.family = AF_INET;
+        fib.l4_protocol = (*ip).protocol;
+        fib.__bindgen_anon_1.tot_len = p.ip_len;
+        fib.__bindgen_anon_2.tos = (*ip).tos;
+    }
+    fib.__bindgen_anon_3.ipv4_src = v4_raw(&flow.src_addr);
+    fib.__bindgen_anon_4.ipv4_dst = v4_raw(&flow.dst_addr);
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    match fib_result(ctx, fib, redirect_on) {
+        Route::TooBig { mtu } if check_size => Route::TooBig { mtu },
+        // Without DF the kernel fragments it.
+        Route::TooBig { .. } => Route::Pass,
+        other => other,
+    }
+}
+
+/// Looks up the route of the (already translated) packet at `l3`.
+#[inline(always)]
+fn lookup(ctx: &XdpContext, l3: usize, fib: &mut bpf_fib_lookup) -> Route {
     let redirect_on = CONFIG
         .get(CONFIG_KEY)
         .map(|c| c.flags & CONFIG_F_REDIRECT != 0)
         .unwrap_or(false);
     if !redirect_on {
-        return passed();
+        return Route::Pass;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let Ok(ip) = ptr_at::<Ipv4Hdr>(data, data_end, p.l3) else {
-        return passed();
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(data, data_end, l3) else {
+        return Route::Pass;
     };
-    let Ok(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
-        return passed();
-    };
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    *fib = unsafe { core::mem::zeroed() };
     unsafe {
         fib.family = AF_INET;
         fib.l4_protocol = (*ip).protocol;
@@ -150,27 +253,52 @@ fn forward(ctx: &XdpContext, p: &Parsed) -> u32 {
         fib.__bindgen_anon_2.tos = (*ip).tos;
         fib.__bindgen_anon_3.ipv4_src = (*ip).saddr;
         fib.__bindgen_anon_4.ipv4_dst = (*ip).daddr;
-        fib.ifindex = ctx.ingress_ifindex() as u32;
     }
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    // An error too big for its route is left to the kernel.
+    match fib_result(ctx, fib, true) {
+        Route::TooBig { .. } => Route::Pass,
+        other => other,
+    }
+}
+
+#[inline(always)]
+fn fib_result(ctx: &XdpContext, fib: &mut bpf_fib_lookup, redirect_on: bool) -> Route {
     let rc = unsafe {
         fib_lookup(
             ctx.ctx.cast(),
-            &mut fib,
+            fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return passed();
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        return Route::TooBig {
+            mtu: unsafe { fib.__bindgen_anon_1.mtu_result },
+        };
     }
-    if TX_PORTS.get(fib.ifindex).is_none() {
-        return passed();
+    if !redirect_on || rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || TX_PORTS.get(fib.ifindex).is_none()
+    {
+        return Route::Pass;
     }
+    Route::Redirect
+}
+
+/// Sends the rewritten packet to the device and neighbour the lookup found.
+#[inline(always)]
+fn redirect(ctx: &XdpContext, l3: usize, fib: &bpf_fib_lookup) -> u32 {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(data, data_end, l3) else {
+        return translated_passed();
+    };
+    let Ok(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+        return translated_passed();
+    };
     unsafe {
         // Forwarding: TTL - 1 like any router; at 1 let the kernel answer
         // with ICMP time exceeded.
         if (*ip).ttl <= 1 {
-            return passed();
+            return translated_passed();
         }
         // TTL and protocol share the 16-bit word the checksum covers.
         let ttl_word = (ip as *mut u8).add(IPV4_TTL_OFFSET) as *mut u16;
@@ -191,4 +319,66 @@ fn forward(ctx: &XdpContext, p: &Parsed) -> u32 {
         }
         Err(action) => action,
     }
+}
+
+/// Answers a packet too big for its route with "fragmentation needed", sent
+/// back out of the device it came in on: the frame is cut to the quoted
+/// part, grown at the front by the new IPv4 and ICMP headers, and its
+/// Ethernet addresses swapped.
+// Not inlined, for the same reason as `icmp_error`.
+#[inline(never)]
+fn frag_needed(xdp: *mut xdp_md, l3: usize, mtu: u16) -> u32 {
+    let ctx = &XdpContext::new(xdp);
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Ok(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let (dst, src, ether_type) = unsafe { ((*eth).dst, (*eth).src, (*eth).ether_type) };
+    let vlan = l3 > core::mem::size_of::<EthHdr>();
+    let tag = match ptr_at::<VlanHdr>(data, data_end, core::mem::size_of::<EthHdr>()) {
+        Ok(v) if vlan => unsafe { ((*v).tci, (*v).ether_type) },
+        _ => (0, 0),
+    };
+    let keep = l3 + icmp::QUOTABLE_LEN;
+    let cut = (data_end - data) as i32 - keep as i32;
+    if cut < 0 {
+        return xdp_action::XDP_DROP;
+    }
+    unsafe {
+        if bpf_xdp_adjust_tail(ctx.ctx, -cut) != 0
+            || bpf_xdp_adjust_head(ctx.ctx, -(icmp::FRAG_NEEDED_HEADERS_LEN as i32)) != 0
+        {
+            return xdp_action::XDP_DROP;
+        }
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Ok(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    unsafe {
+        (*eth).dst = src;
+        (*eth).src = dst;
+        (*eth).ether_type = ether_type;
+    }
+    if vlan {
+        let Ok(v) = ptr_at::<VlanHdr>(data, data_end, core::mem::size_of::<EthHdr>()) else {
+            return xdp_action::XDP_DROP;
+        };
+        unsafe {
+            (*v).tci = tag.0;
+            (*v).ether_type = tag.1;
+        }
+    }
+    let quoted = l3 + icmp::FRAG_NEEDED_HEADERS_LEN;
+    let Ok(headers) = icmp::frag_needed(data, data_end, quoted, mtu) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Ok(room) = ptr_at::<icmp::FragNeeded>(data, data_end, l3) else {
+        return xdp_action::XDP_DROP;
+    };
+    unsafe { *room = headers };
+    if let Some(g) = global() {
+        g.frag_needed_sent += 1;
+    }
+    xdp_action::XDP_TX
 }

@@ -153,6 +153,8 @@ pub fn rows(
                 "redirected": g.redirected,
                 "translated_passed": g.translated_passed,
                 "malformed": g.malformed,
+                "icmp_translated": g.icmp_translated,
+                "frag_needed_sent": g.frag_needed_sent,
             }));
         }
     }

@@ -5,7 +5,7 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result};
-use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
 
 /// The Internet checksum (RFC 1071) of `bytes`.
 pub fn checksum(bytes: &[u8]) -> u16 {
@@ -129,6 +129,54 @@ pub fn frame(spec: &FrameSpec) -> Vec<u8> {
     f.extend_from_slice(&ip);
     f.extend_from_slice(&l4);
     f
+}
+
+/// An ICMP message (`kind`, `code`, the 4 bytes after the checksum as
+/// `rest`: the next-hop MTU of "fragmentation needed" in its low half) from
+/// `src` to `dst` quoting `quoted` (an IPv4 packet, or its first bytes),
+/// framed like [`frame`]'s, with correct checksums.
+pub fn icmp_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    rest: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + 8 + quoted.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x56, 0x78, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Runs a tc program once on `frame` through aya's `TestRun`: (return
+/// value, frame as it left).
+pub fn test_run_tc(program: &SchedClassifier, frame: &[u8]) -> Result<(i32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + HEADROOM_OUT];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(out.as_mut_slice()),
+            ctx_in: None,
+            ctx_out: None,
+            repeat: 1,
+            attrs: TestRunAttrs::new(),
+        })
+        .context("BPF_PROG_TEST_RUN (tc)")?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value as i32, out))
 }
 
 /// How to run an XDP program with `BPF_PROG_TEST_RUN`.

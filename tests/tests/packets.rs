@@ -10,7 +10,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::{Ebpf, programs::Xdp};
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, Xdp},
+};
 use lb_common::{
     Be16, Config, FAMILY_V4, FLOW_F_ACKED, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_RESET, Flow,
     FlowKey, GlobalStats, ServiceStats,
@@ -22,8 +25,8 @@ use xlb::{
     reconcile::{Reconciler, frontend_key},
 };
 use xlb_tests::packet::{
-    FrameSpec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TestRunSpec, checksum, frame, pseudo_checksum,
-    test_run,
+    FrameSpec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TestRunSpec, checksum, frame, icmp_frame,
+    pseudo_checksum, test_run, test_run_tc,
 };
 
 const XDP_DROP: u32 = 1;
@@ -150,6 +153,17 @@ impl Datapath {
             .try_into()?;
         let outcome = test_run(program, input, TestRunSpec::ONCE)?;
         Ok((outcome.verdict, outcome.frame))
+    }
+
+    /// Runs the tcx egress program once on `frame`: (return value, frame
+    /// as it left).
+    fn run_egress(&self, input: &[u8]) -> Result<(i32, Vec<u8>)> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program("xlb_tc_egress")
+            .context("xlb_tc_egress")?
+            .try_into()?;
+        test_run_tc(program, input)
     }
 
     fn stats(&self, protocol: Protocol) -> Result<ServiceStats> {
@@ -556,5 +570,211 @@ fn the_sweeper_never_deletes_a_live_flow_as_an_old_entrys_partner() -> Result<()
         dp.flow(client, to).is_some() && dp.flow((REMOTE, 8080), new_snat).is_some(),
         "the live connection must stay whole"
     );
+    Ok(())
+}
+
+/// tcx: "let the next program or the stack decide".
+const TCX_NEXT: i32 = -1;
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const ICMP_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// The IPv4 packet inside a frame built by `frame`/`tcp` (no VLAN).
+fn ip_packet(f: &[u8]) -> &[u8] {
+    &f[14..]
+}
+
+/// What an ICMP error frame says: outer source and destination, then the
+/// quoted packet's source and destination (address, port).
+struct Error {
+    outer: (Ipv4Addr, Ipv4Addr),
+    quoted_src: (Ipv4Addr, u16),
+    quoted_dst: (Ipv4Addr, u16),
+}
+
+/// Reads an ICMP error frame and checks every checksum a receiver could:
+/// outer IPv4, ICMP, quoted IPv4 header, and the quoted L4 checksum when
+/// the whole quoted packet is there.
+fn read_error(f: &[u8]) -> Error {
+    let l3 = 14;
+    assert_eq!(f[l3 + 9], 1, "ICMP");
+    assert_eq!(checksum(&f[l3..l3 + 20]), 0, "outer IPv4 checksum");
+    assert_eq!(checksum(&f[l3 + 20..]), 0, "ICMP checksum");
+    let inner = l3 + 28;
+    assert_eq!(checksum(&f[inner..inner + 20]), 0, "quoted IPv4 checksum");
+    let total = u16::from_be_bytes([f[inner + 2], f[inner + 3]]) as usize;
+    if inner + total <= f.len() {
+        assert_checksums_valid(&f[..inner + total], inner);
+    }
+    let addr = |at: usize| Ipv4Addr::new(f[at], f[at + 1], f[at + 2], f[at + 3]);
+    Error {
+        outer: (addr(l3 + 12), addr(l3 + 16)),
+        quoted_src: src_of(f, inner),
+        quoted_dst: dst_of(f, inner),
+    }
+}
+
+/// Audit A-10: errors about packets xlb translated reach the end that sent
+/// them, translated like the flow (outer and quoted headers, every
+/// checksum). From the client's side: a router's "fragmentation needed"
+/// (about a reply of a node-local backend) goes to the backend, a router's
+/// "time exceeded" (about a reply of a SNAT'd remote backend) goes to the
+/// remote backend from the node's address, with nothing of the frontend
+/// left.
+#[test]
+fn errors_from_the_clients_side_reach_the_backend() -> Result<()> {
+    let dp = Datapath::new()?;
+    // Node-local backend, no SNAT.
+    let client = (CLIENT, 41000);
+    dp.run(&tcp(client, (FRONTEND, 80), TCP_SYN))?;
+    let reply = tcp((FRONTEND, 80), client, TCP_SYN | TCP_ACK);
+    let input = icmp_frame(ROUTER, FRONTEND, ICMP_UNREACH, 4, 1400, ip_packet(&reply));
+    let (verdict, out) = dp.run(&input)?;
+    assert_eq!(verdict, XDP_PASS, "translated, to the kernel");
+    let e = read_error(&out);
+    assert_eq!(e.outer, (ROUTER, BACKEND), "the router stays the source");
+    assert_eq!((e.quoted_src, e.quoted_dst), ((BACKEND, 8080), client));
+    let icmp = 14 + 20;
+    assert_eq!(
+        (&out[icmp..icmp + 2], &out[icmp + 4..icmp + 8]),
+        (&input[icmp..icmp + 2], &input[icmp + 4..icmp + 8]),
+        "type, code, MTU"
+    );
+
+    // Remote backend behind SNAT.
+    let client = (CLIENT, 41001);
+    let (_, forwarded) = dp.run(&tcp(client, (FRONTEND, SNAT_PORT), TCP_SYN))?;
+    let snat = src_of(&forwarded, 14);
+    let reply = tcp((FRONTEND, SNAT_PORT), client, TCP_SYN | TCP_ACK);
+    let input = icmp_frame(
+        ROUTER,
+        FRONTEND,
+        ICMP_TIME_EXCEEDED,
+        0,
+        0,
+        ip_packet(&reply),
+    );
+    let (verdict, out) = dp.run(&input)?;
+    assert_eq!(verdict, XDP_PASS);
+    let e = read_error(&out);
+    assert_eq!(e.outer, (NODE, REMOTE), "from the SNAT address");
+    assert_eq!((e.quoted_src, e.quoted_dst), ((REMOTE, 8080), snat));
+    assert_eq!(dp.global()?.icmp_translated, 2);
+    Ok(())
+}
+
+/// Audit A-10: an error about a packet xlb sent to a remote backend
+/// (host unreachable from the backend's node, quoting only the 8 bytes of
+/// TCP every error carries) reaches the client, from the frontend, quoting
+/// the client's own packet; no backend or node address is left in it.
+#[test]
+fn errors_from_the_backends_side_reach_the_client() -> Result<()> {
+    let dp = Datapath::new()?;
+    let client = (CLIENT, 41002);
+    let (_, forwarded) = dp.run(&tcp(client, (FRONTEND, SNAT_PORT), TCP_SYN))?;
+    let snat = src_of(&forwarded, 14);
+    let sent = ip_packet(&forwarded);
+    let backend_node = Ipv4Addr::new(10, 244, 3, 1);
+    let input = icmp_frame(backend_node, NODE, ICMP_UNREACH, 1, 0, &sent[..28]);
+    let (verdict, out) = dp.run(&input)?;
+    assert_eq!(verdict, XDP_PASS);
+    let e = read_error(&out);
+    assert_eq!(e.outer, (FRONTEND, CLIENT));
+    assert_eq!(
+        (e.quoted_src, e.quoted_dst),
+        (client, (FRONTEND, SNAT_PORT))
+    );
+    assert_eq!(out.len(), input.len(), "nothing added or cut");
+    assert_ne!(snat.0, CLIENT);
+    Ok(())
+}
+
+/// Audit A-10: a node-local backend's "port unreachable" leaves through tc
+/// egress translated (from the frontend, quoting the client's datagram to
+/// the frontend): neither the pod's address nor its port leaks.
+#[test]
+fn a_local_backends_error_leaves_as_the_frontends() -> Result<()> {
+    let dp = Datapath::new()?;
+    let client = (CLIENT, 41003);
+    let datagram = frame(&FrameSpec {
+        sport: client.1,
+        ..spec()
+    });
+    let (_, delivered) = dp.run(&datagram)?;
+    assert_eq!(dst_of(&delivered, 14), (BACKEND, 8080));
+    let input = icmp_frame(BACKEND, CLIENT, ICMP_UNREACH, 3, 0, ip_packet(&delivered));
+    let (verdict, out) = dp.run_egress(&input)?;
+    assert_eq!(verdict, TCX_NEXT);
+    let e = read_error(&out);
+    assert_eq!(e.outer, (FRONTEND, CLIENT));
+    assert_eq!((e.quoted_src, e.quoted_dst), (client, (FRONTEND, 80)));
+    Ok(())
+}
+
+/// ICMP that is not an error about a translated flow is never touched:
+/// errors addressed to someone other than the quoted packet's sender,
+/// quoting no flow, quoting IP options or cut short; echo requests to a
+/// frontend; and at tc egress, errors about a flow's forward direction.
+#[test]
+fn other_icmp_passes_untouched() -> Result<()> {
+    let dp = Datapath::new()?;
+    let client = (CLIENT, 41004);
+    dp.run(&tcp(client, (FRONTEND, 80), TCP_SYN))?;
+    let reply = tcp((FRONTEND, 80), client, TCP_SYN | TCP_ACK);
+    let quoted = ip_packet(&reply);
+    let mut with_options = frame(&FrameSpec {
+        proto: 6,
+        options: 4,
+        sport: 80,
+        dport: client.1,
+        ..FrameSpec::new(FRONTEND, CLIENT)
+    });
+    with_options.drain(..14);
+    let stranger = tcp((FRONTEND, 80), (CLIENT, 1), TCP_SYN | TCP_ACK);
+    let cases = [
+        (
+            "addressed to another",
+            icmp_frame(ROUTER, NODE, ICMP_UNREACH, 4, 1400, quoted),
+        ),
+        (
+            "no flow",
+            icmp_frame(
+                ROUTER,
+                FRONTEND,
+                ICMP_UNREACH,
+                4,
+                1400,
+                ip_packet(&stranger),
+            ),
+        ),
+        (
+            "quoted options",
+            icmp_frame(ROUTER, FRONTEND, ICMP_UNREACH, 4, 1400, &with_options),
+        ),
+        (
+            "cut short",
+            icmp_frame(ROUTER, FRONTEND, ICMP_UNREACH, 4, 1400, &quoted[..24]),
+        ),
+        (
+            "echo request",
+            icmp_frame(CLIENT, FRONTEND, 8, 0, 7, quoted),
+        ),
+        (
+            "parameter problem",
+            icmp_frame(ROUTER, FRONTEND, 12, 0, 0, quoted),
+        ),
+    ];
+    for (what, input) in &cases {
+        let (verdict, out) = dp.run(input)?;
+        assert_eq!(verdict, XDP_PASS, "{what}");
+        assert_eq!(&out, input, "{what}: untouched");
+    }
+    // At egress, only replies' flows: this error is about the client's
+    // side of the flow.
+    let input = icmp_frame(ROUTER, FRONTEND, ICMP_UNREACH, 4, 1400, quoted);
+    let (verdict, out) = dp.run_egress(&input)?;
+    assert_eq!(verdict, TCX_NEXT);
+    assert_eq!(out, input, "egress leaves forward-direction errors alone");
+    assert_eq!(dp.global()?.icmp_translated, 0);
     Ok(())
 }
