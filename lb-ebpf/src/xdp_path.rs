@@ -380,5 +380,12 @@ fn frag_needed(xdp: *mut xdp_md, l3: usize, mtu: u16) -> u32 {
     if let Some(g) = global() {
         g.frag_needed_sent += 1;
     }
-    xdp_action::XDP_TX
+    // Back out of the device it came in on. Through `TX_PORTS` when the
+    // device is there (every uplink is, with redirects on), XDP_TX
+    // otherwise: a veth hands XDP_TX frames to its peer without waking the
+    // peer's NAPI unless the peer runs XDP itself, so they would wait there
+    // for unrelated traffic; a redirect flushes them.
+    match TX_PORTS.redirect(ctx.ingress_ifindex() as u32, xdp_action::XDP_TX as u64) {
+        Ok(action) | Err(action) => action,
+    }
 }

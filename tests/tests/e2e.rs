@@ -723,6 +723,33 @@ fn bulk_tcp_through_local_and_remote_backends_arrives_intact() -> Result<()> {
     Ok(())
 }
 
+/// Path MTU (issue 14, audit A-10): with the links to the other node and
+/// to one local pod at MTU 1400 and the client's at 1500, 200 KB up and
+/// back through every backend completes in well under a second. A
+/// translated packet that does not fit its route is answered with
+/// "fragmentation needed" from the frontend, which is what lowers the
+/// client's MTU; the kernel would have sent its own to the translated
+/// source (the node itself, for a remote backend).
+#[test]
+fn bulk_tcp_crosses_a_smaller_mtu_link() -> Result<()> {
+    let (t, _agent) = web_topology(|_| ())?;
+    let pod_a = &t.pod("pod-a").ns;
+    for (ns, dev) in [
+        (&t.node, "n2"),
+        (&t.node2, "n1"),
+        (&t.node, "h0"),
+        (pod_a, "eth0"),
+    ] {
+        ns_sh(ns, &["ip", "link", "set", "dev", dev, "mtu", "1400"])?;
+    }
+    bulk_through_every_backend(&t)?;
+    assert!(
+        t.stat("frag_needed_sent")? > 0,
+        "the client learnt its MTU from xlb"
+    );
+    Ok(())
+}
+
 /// Audit A-5 (TCP part): in node address mode a Service port is a port on
 /// the node's own address. A reply to one of the node's own connections that
 /// happens to use that port locally (a SYN-ACK, then ACKs) is not a new
