@@ -4,6 +4,7 @@
 //! toolchain's `rust-src`, and `bpf-linker` built against that toolchain's own
 //! LLVM, installed under `target/tools` so nothing global is touched.
 
+mod system_tools;
 mod toolchain;
 
 use std::{
@@ -51,10 +52,30 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Show which system tools a task needs, which are missing and what
+    /// the task would do about it (install with apt-get, or stop), without
+    /// doing it.
+    SystemTools {
+        #[arg(value_enum, default_value_t = system_tools::Need::Test)]
+        task: system_tools::Need,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
+    // System tools first, so a fresh machine gets them (or a list of them)
+    // before minutes of building.
+    let need = match &cli.task {
+        Task::BuildEbpf { .. } | Task::Build | Task::Lint => Some(system_tools::Need::Build),
+        Task::Test { .. } => Some(system_tools::Need::Test),
+        Task::Demo => Some(system_tools::Need::Demo),
+        Task::Bench { .. } => Some(system_tools::Need::Bench),
+        Task::SystemTools { .. } => None,
+    };
+    if let Some(Err(e)) = need.map(system_tools::ensure) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
     let result = match cli.task {
         Task::BuildEbpf { release: _ } => build_ebpf(),
         Task::Build => build_all(),
@@ -62,6 +83,7 @@ fn main() {
         Task::Test { filter } => test(&filter),
         Task::Demo => demo(),
         Task::Bench { quick } => bench(quick),
+        Task::SystemTools { task } => system_tools::show(task),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
