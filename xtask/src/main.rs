@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench`.
+//! Project tasks: `cargo xtask build-ebpf | build | lint | test | demo | bench | image`.
 //!
 //! Every task prepares what it needs by itself, idempotently: the nightly
 //! toolchain's `rust-src`, and `bpf-linker` built against that toolchain's own
 //! LLVM, installed under `target/tools` so nothing global is touched.
 
+mod image;
 mod system_tools;
 mod toolchain;
 
@@ -52,6 +53,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the OCI image archive of the agent (static musl binary) into
+    /// target/image, and say how to load it.
+    Image,
     /// Show which system tools a task needs, which are missing and what
     /// the task would do about it (install with apt-get, or stop), without
     /// doing it.
@@ -70,6 +74,7 @@ fn main() {
         Task::Test { .. } => Some(system_tools::Need::Test),
         Task::Demo => Some(system_tools::Need::Demo),
         Task::Bench { .. } => Some(system_tools::Need::Bench),
+        Task::Image => Some(system_tools::Need::Image),
         Task::SystemTools { .. } => None,
     };
     if let Some(Err(e)) = need.map(system_tools::ensure) {
@@ -83,6 +88,7 @@ fn main() {
         Task::Test { filter } => test(&filter),
         Task::Demo => demo(),
         Task::Bench { quick } => bench(quick),
+        Task::Image => image::build().map(drop),
         Task::SystemTools { task } => system_tools::show(task),
     };
     if let Err(e) = result {
@@ -238,6 +244,16 @@ fn test(filter: &[String]) -> Result<()> {
             return Err(e);
         }
     }
+    // The image archive, built here so that the image test (in xlb-tests)
+    // checks what `cargo xtask image` makes.
+    let image_archive = match image::build() {
+        Ok(archive) => archive,
+        Err(e) => {
+            totals.failed += 1;
+            totals.print();
+            return Err(e.context("cargo xtask image failed"));
+        }
+    };
     // Unit tests (no privileges needed).
     let unit = run_counted(
         Command::new("cargo").current_dir(&root).args([
@@ -282,6 +298,7 @@ fn test(filter: &[String]) -> Result<()> {
             .args(["--test-threads", "1"])
             .args(filter)
             .env("XLB_BIN", xlb_binary())
+            .env("XLB_IMAGE_ARCHIVE", &image_archive)
             .env("XLB_TEST_LINKS", links);
         e2e_result = run_counted(&mut e2e, &mut totals)
             .with_context(|| format!("end-to-end tests on {links}"));
