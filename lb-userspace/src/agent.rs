@@ -10,7 +10,7 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use aya::Ebpf;
 use lb_common::{CONFIG_F_REDIRECT, Config};
 use tokio::sync::mpsc;
@@ -20,7 +20,7 @@ use crate::{
     conntrack::Timeouts,
     dataplane::{self, Limits, Maps, Uplinks, attach},
     flags::{self, PortRange},
-    kubernetes::{ClusterSource, LeaseConfig},
+    kubernetes::{self, ClusterSource, LeaseConfig},
     manifest::ManifestSource,
     model::{DesiredState, Frontend},
     netdev,
@@ -134,16 +134,17 @@ impl Source {
     /// `None` when interrupted before the source was ready.
     async fn start(
         cfg: &AgentConfig,
+        checked: CheckedSource,
         changes: mpsc::UnboundedSender<Change>,
     ) -> Result<Option<Self>> {
-        Ok(match &cfg.manifests {
-            Some(dir) => Some(Source::Manifests(ManifestSource::start(
-                dir,
+        Ok(match checked {
+            CheckedSource::Manifests(dir) => Some(Source::Manifests(ManifestSource::start(
+                &dir,
                 cfg.scope(),
                 changes,
             )?)),
-            None => {
-                ClusterSource::start(cfg.kubeconfig.as_deref(), cfg.scope(), &cfg.lease, changes)
+            CheckedSource::Cluster(client) => {
+                ClusterSource::start(client, cfg.scope(), &cfg.lease, changes)
                     .await?
                     .map(Source::Cluster)
             }
@@ -179,6 +180,31 @@ impl Source {
     }
 }
 
+/// The source's configuration, checked without touching the kernel.
+enum CheckedSource {
+    /// A manifest directory that exists and can be read.
+    Manifests(PathBuf),
+    /// A client made from a kubeconfig that was read and understood, or
+    /// from the in-cluster service account. It has not connected yet: an
+    /// unreachable API server is waited for while the datapath forwards.
+    Cluster(kube::Client),
+}
+
+impl CheckedSource {
+    async fn check(cfg: &AgentConfig) -> Result<Self> {
+        match &cfg.manifests {
+            Some(dir) => {
+                std::fs::read_dir(dir)
+                    .with_context(|| format!("reading the manifest directory {}", dir.display()))?;
+                Ok(CheckedSource::Manifests(dir.clone()))
+            }
+            None => Ok(CheckedSource::Cluster(
+                kubernetes::client(cfg.kubeconfig.as_deref()).await?,
+            )),
+        }
+    }
+}
+
 /// The running datapath and what the agent last programmed into it.
 struct Datapath {
     /// Held so that the programs stay loaded; dropping it leaves them pinned.
@@ -197,9 +223,13 @@ struct Published {
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    // A configuration error stops the agent here, before anything is
+    // attached or pinned: an agent that fails to start leaves the node as
+    // it found it.
+    let checked = CheckedSource::check(&cfg).await?;
     let mut datapath = Datapath::start(&cfg)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
-    let Some(mut source) = Source::start(&cfg, tx).await? else {
+    let Some(mut source) = Source::start(&cfg, checked, tx).await? else {
         return Ok(());
     };
     datapath.sync(&cfg, &mut source, Changes::everything())?;

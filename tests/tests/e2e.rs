@@ -11,11 +11,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{ClientIPConfig, ServiceSpec, SessionAffinityConfig};
 use xlb_tests::{
-    Agent, CLIENT_ADDR, CLIENT_ADDR_2, Conn, Links, NODE_ADDR, Topology, ns_sh,
+    Agent, CLIENT_ADDR, CLIENT_ADDR_2, Conn, Links, NODE_ADDR, Topology, ns_cmd, ns_sh,
     objects::{self, endpoint_slice, endpoint_slice_in, service, spec_mut, to_yaml},
     sh, snmp_counter, tcp_request,
     traffic::{answer_once, read_from},
-    udp_request, wait_until,
+    udp_request, wait_until, xlb_bin,
 };
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
@@ -838,5 +838,84 @@ fn spec_load_balancer_ip_cannot_take_a_nodes_port() -> Result<()> {
     let _ = daemon.kill();
     let answer = answer.context("connecting to the node's port")?;
     assert!(answer.contains("the node daemon"), "{answer}");
+    Ok(())
+}
+
+/// A configuration error (a missing manifest directory, a kubeconfig that
+/// is missing or no kubeconfig at all) stops the agent before it touches
+/// the kernel: it exits non-zero naming the problem, and the uplink has no
+/// program attached and nothing is pinned for the node.
+#[test]
+fn configuration_errors_are_reported_before_anything_is_attached_or_pinned() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    let garbage = t.dir.join("garbage-kubeconfig");
+    std::fs::write(&garbage, "{ this is: [not a kubeconfig")?;
+    let garbage = garbage.to_string_lossy().into_owned();
+    let missing_dir = t
+        .dir
+        .join("no-such-manifests")
+        .to_string_lossy()
+        .into_owned();
+    let missing_file = t
+        .dir
+        .join("no-such-kubeconfig")
+        .to_string_lossy()
+        .into_owned();
+    let state_dir = t.dir.join("state").to_string_lossy().into_owned();
+    let pins = std::path::Path::new("/sys/fs/bpf/xlb").join(&t.node_name);
+    for (source, expected) in [
+        (["--manifests", missing_dir.as_str()], missing_dir.as_str()),
+        (
+            ["--kubeconfig", missing_file.as_str()],
+            missing_file.as_str(),
+        ),
+        (["--kubeconfig", garbage.as_str()], garbage.as_str()),
+    ] {
+        let bin = xlb_bin().to_string_lossy().into_owned();
+        let mut args = vec![
+            bin.as_str(),
+            "agent",
+            "--iface",
+            "uplink",
+            "--node-name",
+            &t.node_name,
+            "--state-dir",
+            &state_dir,
+        ];
+        args.extend(source);
+        let out = ns_cmd(&t.node, &args)
+            .env("XLB_LOG", "info")
+            .env_remove("KUBECONFIG")
+            .output()?;
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "{source:?}: the agent started:\n{log}"
+        );
+        let error = log
+            .lines()
+            .find(|l| l.starts_with("xlb: error:"))
+            .unwrap_or_else(|| panic!("{source:?}: no error line:\n{log}"));
+        assert!(
+            error.contains(expected),
+            "{source:?}: the error does not name {expected}: {error}"
+        );
+        let hooks = t.attached(&t.node, "uplink")?;
+        assert!(
+            !hooks.contains("xlb_"),
+            "{source:?}: a program was attached by an agent that failed to start:\n{hooks}\n{log}"
+        );
+        let link = ns_sh(&t.node, &["ip", "-d", "link", "show", "dev", "uplink"])?;
+        assert!(
+            !link.contains("prog/xdp"),
+            "{source:?}: XDP attached:\n{link}"
+        );
+        assert!(
+            !pins.exists(),
+            "{source:?}: {} was pinned by an agent that failed to start:\n{log}",
+            pins.display()
+        );
+    }
     Ok(())
 }

@@ -233,6 +233,9 @@ fn services_follow_the_api_through_watch_cuts_and_expired_versions() -> Result<(
         tcp_request(&t.client, to).is_err(),
         "a deleted service still answered"
     );
+    // In status mode the agent writes no Service status: deploy/rbac.yaml
+    // alone, without rbac-node-mode.yaml, allows all it did.
+    assert_deploy_rbac_allows(&api, STATUS_MODE_RBAC);
     Ok(())
 }
 
@@ -420,11 +423,11 @@ fn node_mode_writes_node_addresses_and_a_port_conflict_leaves_the_later_service_
                 .any(|r| r.starts_with("PUT /apis/coordination.k8s.io/"))
         },
     )?;
-    // deploy/rbac.yaml allows every request the agent made, and grants
-    // nothing it did not use (but Event patches, which the recorder sends
-    // for repeated Events).
-    let used = assert_deploy_rbac_allows(&api);
-    for rule in deploy_rbac_rules() {
+    // deploy/rbac.yaml and rbac-node-mode.yaml allow every request the
+    // agent made, and grant nothing it did not use (but Event patches,
+    // which the recorder sends for repeated Events).
+    let used = assert_deploy_rbac_allows(&api, NODE_MODE_RBAC);
+    for rule in deploy_rbac_rules(NODE_MODE_RBAC) {
         for resource in &rule.resources {
             for verb in &rule.verbs {
                 let pair = (verb.clone(), resource.clone());
@@ -524,11 +527,16 @@ fn one_of_two_agents_holds_the_lease_and_the_other_takes_over() -> Result<()> {
         lease_holder(&api) == t.node_name
     })?;
     eprintln!("handover {:?} after a clean stop", stopped.elapsed());
-    assert_deploy_rbac_allows(&api);
+    assert_deploy_rbac_allows(&api, NODE_MODE_RBAC);
     Ok(())
 }
 
-/// One `deploy/rbac.yaml` rule, with the namespace a Role limits it to.
+/// The RBAC files of deploy/ an agent in status address mode runs with.
+const STATUS_MODE_RBAC: &[&str] = &["rbac.yaml"];
+/// Node address mode adds the right to write Service status.
+const NODE_MODE_RBAC: &[&str] = &["rbac.yaml", "rbac-node-mode.yaml"];
+
+/// One rule of deploy/'s RBAC, with the namespace a Role limits it to.
 struct Rule {
     groups: Vec<String>,
     resources: Vec<String>,
@@ -536,9 +544,19 @@ struct Rule {
     namespace: Option<String>,
 }
 
-fn deploy_rbac_rules() -> Vec<Rule> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
-    let text = std::fs::read_to_string(&path).expect("deploy/rbac.yaml");
+fn deploy_rbac_rules(files: &[&str]) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for file in files {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(file);
+        let text = std::fs::read_to_string(&path).expect("deploy/ RBAC file");
+        rules.extend(rules_in(&text));
+    }
+    rules
+}
+
+fn rules_in(text: &str) -> Vec<Rule> {
     let strings = |v: &serde_yaml::Value| -> Vec<String> {
         v.as_sequence()
             .into_iter()
@@ -547,7 +565,7 @@ fn deploy_rbac_rules() -> Vec<Rule> {
             .collect()
     };
     let mut rules = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(&text) {
+    for document in serde_yaml::Deserializer::from_str(text) {
         let doc = serde_yaml::Value::deserialize(document).expect("rbac.yaml parses");
         let namespace = match doc["kind"].as_str() {
             Some("ClusterRole") => None,
@@ -605,11 +623,11 @@ fn rbac_request(line: &str) -> Option<(String, String, String, Option<String>)> 
     Some((verb.into(), group.into(), resource, namespace))
 }
 
-/// Every request the agents made is allowed by deploy/rbac.yaml; returns
-/// the (verb, resource) pairs used, for checking that nothing granted is
-/// unused.
-fn assert_deploy_rbac_allows(api: &FakeApi) -> BTreeSet<(String, String)> {
-    let rules = deploy_rbac_rules();
+/// Every request the agents made is allowed by the RBAC `files` of
+/// deploy/; returns the (verb, resource) pairs used, for checking that
+/// nothing granted is unused.
+fn assert_deploy_rbac_allows(api: &FakeApi, files: &[&str]) -> BTreeSet<(String, String)> {
+    let rules = deploy_rbac_rules(files);
     let mut used = BTreeSet::new();
     for line in api.requests() {
         let Some((verb, group, resource, namespace)) = rbac_request(&line) else {
@@ -625,7 +643,7 @@ fn assert_deploy_rbac_allows(api: &FakeApi) -> BTreeSet<(String, String)> {
                     namespace.as_ref() == Some(ns)
                 })
         });
-        assert!(allowed, "deploy/rbac.yaml does not allow {line}");
+        assert!(allowed, "deploy/{files:?} does not allow {line}");
         used.insert((verb, resource));
     }
     used

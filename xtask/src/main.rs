@@ -1,9 +1,11 @@
-//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench`.
+//! Project tasks: `cargo xtask build-ebpf | build | lint | test | demo | bench | image`.
 //!
 //! Every task prepares what it needs by itself, idempotently: the nightly
 //! toolchain's `rust-src`, and `bpf-linker` built against that toolchain's own
 //! LLVM, installed under `target/tools` so nothing global is touched.
 
+mod image;
+mod system_tools;
 mod toolchain;
 
 use std::{
@@ -51,10 +53,34 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the OCI image archive of the agent (static musl binary) into
+    /// target/image, and say how to load it.
+    Image,
+    /// Show which system tools a task needs, which are missing and what
+    /// the task would do about it (install with apt-get, or stop), without
+    /// doing it.
+    SystemTools {
+        #[arg(value_enum, default_value_t = system_tools::Need::Test)]
+        task: system_tools::Need,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
+    // System tools first, so a fresh machine gets them (or a list of them)
+    // before minutes of building.
+    let need = match &cli.task {
+        Task::BuildEbpf { .. } | Task::Build | Task::Lint => Some(system_tools::Need::Build),
+        Task::Test { .. } => Some(system_tools::Need::Test),
+        Task::Demo => Some(system_tools::Need::Demo),
+        Task::Bench { .. } => Some(system_tools::Need::Bench),
+        Task::Image => Some(system_tools::Need::Image),
+        Task::SystemTools { .. } => None,
+    };
+    if let Some(Err(e)) = need.map(system_tools::ensure) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
     let result = match cli.task {
         Task::BuildEbpf { release: _ } => build_ebpf(),
         Task::Build => build_all(),
@@ -62,6 +88,8 @@ fn main() {
         Task::Test { filter } => test(&filter),
         Task::Demo => demo(),
         Task::Bench { quick } => bench(quick),
+        Task::Image => image::build().map(drop),
+        Task::SystemTools { task } => system_tools::show(task),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -216,6 +244,16 @@ fn test(filter: &[String]) -> Result<()> {
             return Err(e);
         }
     }
+    // The image archive, built here so that the image test (in xlb-tests)
+    // checks what `cargo xtask image` makes.
+    let image_archive = match image::build() {
+        Ok(archive) => archive,
+        Err(e) => {
+            totals.failed += 1;
+            totals.print();
+            return Err(e.context("cargo xtask image failed"));
+        }
+    };
     // Unit tests (no privileges needed).
     let unit = run_counted(
         Command::new("cargo").current_dir(&root).args([
@@ -260,6 +298,7 @@ fn test(filter: &[String]) -> Result<()> {
             .args(["--test-threads", "1"])
             .args(filter)
             .env("XLB_BIN", xlb_binary())
+            .env("XLB_IMAGE_ARCHIVE", &image_archive)
             .env("XLB_TEST_LINKS", links);
         e2e_result = run_counted(&mut e2e, &mut totals)
             .with_context(|| format!("end-to-end tests on {links}"));

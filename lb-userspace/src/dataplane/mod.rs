@@ -74,10 +74,17 @@ impl PinDir {
     }
 }
 
-/// Mounts a BPF filesystem at `bpffs` unless one is there already.
+/// Mounts a BPF filesystem at `bpffs` unless one is there already, or
+/// xlb's own directory in it, `<bpffs>/xlb`, is one: the DaemonSet mounts
+/// only the host's /sys/fs/bpf/xlb into the pod, not the whole filesystem
+/// with every other component's pins.
 pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     fs::create_dir_all(bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
     if is_bpffs(bpffs)? {
+        return Ok(());
+    }
+    let own = bpffs.join("xlb");
+    if own.is_dir() && is_bpffs(&own)? {
         return Ok(());
     }
     if let Err(err) = mount(

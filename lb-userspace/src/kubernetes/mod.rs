@@ -12,3 +12,4 @@ pub mod watch;
 
 pub use lease::LeaseConfig;
 pub use source::ClusterSource;
+pub use watch::client;

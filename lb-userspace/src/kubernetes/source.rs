@@ -3,7 +3,7 @@
 //! matters); the Lease holder posts the problems as Events and, in node
 //! mode, writes the Services' status.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
 
 use anyhow::Result;
 use k8s_openapi::api::{
@@ -53,16 +53,17 @@ fn node_context(nodes: &[Node], scope: &Scope) -> NodeContext {
 }
 
 impl ClusterSource {
-    /// Connects, starts the watches (each change is sent on `changes`) and
-    /// waits for their first complete lists; then campaigns for the Lease.
+    /// With `client` (made by [`super::client`] before the agent touches
+    /// the kernel), starts the watches (each change is sent on `changes`)
+    /// and waits for their first complete lists; then campaigns for the
+    /// Lease.
     /// `None` when interrupted (SIGINT) while waiting.
     pub async fn start(
-        kubeconfig: Option<&Path>,
+        client: kube::Client,
         scope: Scope,
         lease: &LeaseConfig,
         changes: mpsc::UnboundedSender<Change>,
     ) -> Result<Option<Self>> {
-        let client = watches::client(kubeconfig).await?;
         let node_mode = scope.address_mode == AddressMode::Node;
         let stores = watches::watch(client.clone(), &scope.node_name, node_mode, changes);
         tracing::info!(
@@ -163,8 +164,13 @@ impl ClusterSource {
             problems = found;
             let translator = self.translator.insert(translator);
             let result = apply(translator.desired(), None);
+            // glibc only: musl (the static image's binary) has no malloc_trim
+            // and returns freed memory by itself.
             // SAFETY: malloc_trim has no preconditions.
-            unsafe { libc::malloc_trim(0) };
+            #[cfg(target_env = "gnu")]
+            unsafe {
+                libc::malloc_trim(0)
+            };
             result
         } else if let Some(translator) = self.translator.as_mut()
             && !(changes.services.is_empty() && changes.slices.is_empty())

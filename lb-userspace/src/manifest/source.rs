@@ -49,8 +49,13 @@ impl ManifestSource {
         drop(desired);
         // Parsing a large directory allocates in a burst that glibc would
         // keep; give it back so the agent's resident size reflects its state.
+        // glibc only: musl (the static image's binary) has no malloc_trim
+        // and returns freed memory by itself.
         // SAFETY: malloc_trim has no preconditions.
-        unsafe { libc::malloc_trim(0) };
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0)
+        };
         result
     }
 }
