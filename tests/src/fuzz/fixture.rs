@@ -187,6 +187,10 @@ pub struct Fixture {
     ebpf: Ebpf,
     /// ifindex of each of `Routes::interfaces`, in order.
     pub ifindexes: Vec<u32>,
+    reconciler: Reconciler,
+    desired: DesiredState,
+    /// Backends [`Fixture::churn`] has taken away.
+    parked: Vec<(Frontend, Backend)>,
 }
 
 fn backend(addr: [u8; 4], port: u16, local: bool) -> Backend {
@@ -308,15 +312,44 @@ impl Fixture {
                 );
             }
         }
-        let summary =
-            Reconciler::new(limits.max_services, limits.max_backends).apply(&desired, &mut maps);
-        anyhow::ensure!(summary.errors.is_empty(), "{:?}", summary.errors);
-        Ok(Fixture {
+        let mut fixture = Fixture {
             pins,
             maps,
             ebpf,
             ifindexes,
-        })
+            reconciler: Reconciler::new(limits.max_services, limits.max_backends),
+            desired,
+            parked: Vec::new(),
+        };
+        fixture.apply()?;
+        Ok(fixture)
+    }
+
+    fn apply(&mut self) -> Result<()> {
+        let summary = self.reconciler.apply(&self.desired, &mut self.maps);
+        anyhow::ensure!(summary.errors.is_empty(), "{:?}", summary.errors);
+        Ok(())
+    }
+
+    /// Takes the last backend away from every frontend with two, or gives
+    /// the taken ones back: flows whose backend has left (a SYN on such a
+    /// closed flow starts a new one) and backends that return.
+    pub fn churn(&mut self) -> Result<()> {
+        if self.parked.is_empty() {
+            for (frontend, spec) in self.desired.frontends.iter_mut() {
+                if spec.backends.len() == 2 {
+                    let gone = spec.backends.pop().expect("two backends");
+                    self.parked.push((*frontend, gone));
+                }
+            }
+        } else {
+            for (frontend, backend) in self.parked.drain(..) {
+                let spec = self.desired.frontends.get_mut(&frontend).expect("kept");
+                spec.backends.push(backend);
+                spec.backends.sort();
+            }
+        }
+        self.apply()
     }
 
     pub fn xdp(&self) -> Result<&Xdp> {

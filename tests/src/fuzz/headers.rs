@@ -240,11 +240,13 @@ pub fn icmp_error(frame: &[u8]) -> Option<IcmpError> {
     })
 }
 
-/// The bytes an L4 checksum covers: from `l4` to the end the IPv4 total
-/// length gives, or to the frame's end when that length is not believable.
-pub fn l4_end(frame: &[u8], l3: usize, l4: usize) -> usize {
+/// The end of the bytes an L4 checksum is checked over: where the IPv4 total
+/// length says, or the frame's end when that length is not believable (past
+/// the frame, or short of `fields_end`, the end of the fields a translation
+/// changes, which the range must hold for the check to say anything).
+pub fn l4_end(frame: &[u8], l3: usize, fields_end: usize) -> usize {
     let claimed = l3 + be16(frame, l3 + IP_TOT_LEN) as usize;
-    if claimed >= l4 && claimed <= frame.len() {
+    if claimed >= fields_end && claimed <= frame.len() {
         claimed
     } else {
         frame.len()

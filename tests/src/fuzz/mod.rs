@@ -161,7 +161,7 @@ fn tc_refuses(frame: &[u8]) -> bool {
 
 fn run_inside(settings: &Settings, routes: &fixture::Routes) -> Result<Report> {
     let mut fixture = fixture::Fixture::new(routes)?;
-    let model = Model::read(&fixture.maps, routes.clone(), settings.icmp)?;
+    let mut model = Model::read(&fixture.maps, routes.clone(), settings.icmp)?;
     let mut generator = Generator::new(
         settings.seed,
         fixture.targets(),
@@ -175,6 +175,10 @@ fn run_inside(settings: &Settings, routes: &fixture::Routes) -> Result<Report> {
         if index % settings.reset_every == 0 {
             fixture.clear_flows()?;
             flows.clear();
+        }
+        if index % settings.reset_every == settings.reset_every / 2 {
+            fixture.churn()?;
+            model = Model::read(&fixture.maps, routes.clone(), settings.icmp)?;
         }
         let case = generator.next(&flows);
         let expect = model.expect(case.program, &case.frame, &fixture.maps);

@@ -10,9 +10,9 @@ use std::collections::HashMap;
 
 use aya::maps::lpm_trie::Key;
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, Be32, CONFIG_F_REDIRECT, Config, FLOW_F_REPLY, FLOW_F_SNAT, Flow,
-    FrontendKey, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service,
-    SourceRange,
+    BACKEND_F_LOCAL, Backend, Be32, CONFIG_F_REDIRECT, Config, FLOW_F_CLOSING, FLOW_F_REPLY,
+    FLOW_F_SNAT, Flow, FrontendKey, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES,
+    SOURCE_RANGE_ID_BITS, Service, SourceRange,
 };
 use xlb::dataplane::Maps;
 
@@ -62,6 +62,9 @@ pub enum Expect {
         /// Another flow holds a reply key this one may need: a counted
         /// drop is allowed.
         may_conflict: bool,
+        /// The closed forward entry this one replaces (its backend left):
+        /// its reply entry must be gone.
+        replaces: Option<Flow>,
     },
     Icmp {
         error: IcmpError,
@@ -183,10 +186,22 @@ impl Model {
             }
             Parse::Parsed(parsed) => {
                 let t = parsed.tuple;
+                let mut replaces = None;
                 if let Ok(entry) = maps.flows.get(&t.key(), 0)
                     && (creates || entry.flags & FLOW_F_REPLY != 0)
                 {
-                    return Expect::Existing { parsed, entry };
+                    // A SYN on a closed forward entry whose backend has left
+                    // starts afresh (the old reply entry goes), as if there
+                    // were no entry; the stateless egress never does.
+                    let afresh = creates
+                        && t.proto == PROTO_TCP
+                        && parsed.tcp_flags & TCP_SYN != 0
+                        && entry.flags & (FLOW_F_CLOSING | FLOW_F_REPLY) == FLOW_F_CLOSING
+                        && !still_serves(&entry, maps);
+                    if !afresh {
+                        return Expect::Existing { parsed, entry };
+                    }
+                    replaces = Some(entry);
                 }
                 if !creates {
                     return pass("egress, no reply entry");
@@ -239,6 +254,7 @@ impl Model {
                     parsed,
                     service: view.clone(),
                     may_conflict,
+                    replaces,
                 }
             }
         }
@@ -301,14 +317,30 @@ impl Model {
                 parsed,
                 service,
                 may_conflict,
+                replaces,
             } => {
                 if verdict == drop && out == input && *may_conflict {
                     return judged("dropped (reply key held by another flow)");
                 }
                 let made = self.made_flow(parsed, service, maps)?;
+                if let Some(old) = replaces {
+                    let old_reply = reply_key_of(old, parsed.tuple.proto);
+                    if old_reply != reply_key_of(&made, parsed.tuple.proto)
+                        && maps.flows.get(&old_reply.key(), 0).is_ok()
+                    {
+                        return Err(mismatch(
+                            "new flow over a closed one: the old reply entry stayed",
+                            format!("no entry at {old_reply:?}"),
+                        ));
+                    }
+                }
                 self.judge_translation(program, input, parsed, &made, verdict, out)?;
                 Ok(Judged {
-                    class: "translated forward (new flow)",
+                    class: if replaces.is_some() {
+                        "translated forward (new flow over a closed one whose backend left)"
+                    } else {
+                        "translated forward (new flow)"
+                    },
                     new_flow: Some(KnownFlow {
                         original: parsed.tuple,
                         translated: Tuple {
@@ -397,13 +429,7 @@ impl Model {
                 self.config
             ));
         }
-        let reply_key = Tuple {
-            src: v4(&forward.dst_addr),
-            dst: v4(&forward.src_addr),
-            sport: forward.dst_port.host(),
-            dport: forward.src_port.host(),
-            proto: t.proto,
-        };
+        let reply_key = reply_key_of(&forward, t.proto);
         let Ok(reply) = maps.flows.get(&reply_key.key(), 0) else {
             return bad(format!("a reply entry at {reply_key:?}"));
         };
@@ -480,7 +506,13 @@ impl Model {
         // agree with a full recompute: valid stays valid, invalid stays
         // invalid, UDP's "no checksum" stays.
         let (l3, l4) = (parsed.l3, parsed.l4);
-        let end = headers::l4_end(input, l3, l4);
+        let fields_end = l4
+            + if parsed.tuple.proto == PROTO_TCP {
+                TCP_CHECK + 2
+            } else {
+                UDP_CHECK + 2
+            };
+        let end = headers::l4_end(input, l3, fields_end);
         let valid_l4 = |f: &[u8]| {
             let t = Tuple::read(f, l3, l4);
             pseudo_checksum(&t.src.into(), &t.dst.into(), t.proto, &f[l4..end]) == 0
@@ -529,8 +561,9 @@ impl Model {
                 ),
             ));
         }
-        let icmp_end = headers::l4_end(input, error.l3, error.icmp);
-        let valid_icmp = |f: &[u8]| checksum(&f[error.icmp..icmp_end]) == 0;
+        // Over the whole frame: a total length that differs from it makes
+        // the case open, and the frame holds every word translated.
+        let valid_icmp = |f: &[u8]| checksum(&f[error.icmp..]) == 0;
         if valid_ipv4(input, error.l3) != valid_ipv4(out, error.l3)
             || valid_ipv4(input, error.inner_l3) != valid_ipv4(out, error.inner_l3)
             || valid_icmp(input) != valid_icmp(out)
@@ -553,6 +586,27 @@ impl Model {
             .route(dst, be16(f, l3 + IP_TOT_LEN), f[l3 + IP_TTL])
     }
 }
+
+/// The key of a forward entry's reply entry: the tuple it rewrites to,
+/// reversed.
+fn reply_key_of(forward: &Flow, proto: u8) -> Tuple {
+    Tuple {
+        src: v4(&forward.dst_addr),
+        dst: v4(&forward.src_addr),
+        sport: forward.dst_port.host(),
+        dport: forward.src_port.host(),
+        proto,
+    }
+}
+
+/// Is a forward entry's backend still one of its service's backends?
+fn still_serves(entry: &Flow, maps: &Maps) -> bool {
+    maps.backends.get(&entry.backend_id, 0).is_ok_and(|b| {
+        b.service_id == entry.service_id && b.addr == entry.dst_addr && b.port == entry.dst_port
+    })
+}
+
+const TCP_SYN: u8 = 0x02;
 
 /// What the FIB (and the TTL check) make of a translated packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
