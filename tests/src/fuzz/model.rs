@@ -364,6 +364,14 @@ impl Model {
                     }
                 }
                 self.judge_icmp(program, input, error, entry, verdict, out)?;
+                // ICMP errors carry no connection state: the entry is as it
+                // was.
+                if maps.flows.get(&error.lookup().key(), 0).ok() != Some(*entry) {
+                    return Err(mismatch(
+                        "ICMP error changed its flow entry",
+                        format!("{entry:?} untouched"),
+                    ));
+                }
                 judged(if reply {
                     "ICMP error translated (reply entry)"
                 } else {
