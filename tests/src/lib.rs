@@ -6,11 +6,13 @@
 //! - [`agent`]: the real `xlb agent` under test;
 //! - [`traffic`]: servers in pods, clients and their parsed replies;
 //! - [`packet`]: crafted frames and `BPF_PROG_TEST_RUN`;
+//! - [`fuzz`]: random frames through the datapath against a reference model;
 //! - [`objects`]: typed Kubernetes objects for manifests and the fake API;
 //! - [`fake_api`]: a fake Kubernetes API server.
 
 pub mod agent;
 pub mod fake_api;
+pub mod fuzz;
 pub mod netns;
 pub mod objects;
 pub mod packet;

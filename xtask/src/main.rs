@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | build | lint | test | demo | bench | image`.
+//! Project tasks: `cargo xtask build-ebpf | build | lint | test | fuzz | demo | bench | image`.
 //!
 //! Every task prepares what it needs by itself, idempotently: the nightly
 //! toolchain's `rust-src`, and `bpf-linker` built against that toolchain's own
@@ -45,6 +45,19 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         filter: Vec<String>,
     },
+    /// Fuzz the datapath: random and mutated frames through the real programs
+    /// (BPF_PROG_TEST_RUN), every output checked against a reference model;
+    /// counts per outcome class.
+    Fuzz {
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Generator seed (random when not given; printed either way).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Leave out ICMP errors quoting flows.
+        #[arg(long)]
+        no_icmp: bool,
+    },
     /// Build everything and run the demo: a small topology in network
     /// namespaces with real traffic through xlb.
     Demo,
@@ -71,7 +84,7 @@ fn main() {
     // before minutes of building.
     let need = match &cli.task {
         Task::BuildEbpf { .. } | Task::Build | Task::Lint => Some(system_tools::Need::Build),
-        Task::Test { .. } => Some(system_tools::Need::Test),
+        Task::Test { .. } | Task::Fuzz { .. } => Some(system_tools::Need::Test),
         Task::Demo => Some(system_tools::Need::Demo),
         Task::Bench { .. } => Some(system_tools::Need::Bench),
         Task::Image => Some(system_tools::Need::Image),
@@ -86,6 +99,11 @@ fn main() {
         Task::Build => build_all(),
         Task::Lint => lint(),
         Task::Test { filter } => test(&filter),
+        Task::Fuzz {
+            frames,
+            seed,
+            no_icmp,
+        } => fuzz(frames, seed, no_icmp),
         Task::Demo => demo(),
         Task::Bench { quick } => bench(quick),
         Task::Image => image::build().map(drop),
@@ -299,7 +317,12 @@ fn test(filter: &[String]) -> Result<()> {
             .args(filter)
             .env("XLB_BIN", xlb_binary())
             .env("XLB_IMAGE_ARCHIVE", &image_archive)
-            .env("XLB_TEST_LINKS", links);
+            .env("XLB_TEST_LINKS", links)
+            // tests/tests/fuzz.rs: 10^4 frames here, 10^6 in `cargo xtask fuzz`.
+            .env(
+                "XLB_FUZZ_FRAMES",
+                std::env::var("XLB_FUZZ_FRAMES").unwrap_or_else(|_| "10000".into()),
+            );
         e2e_result = run_counted(&mut e2e, &mut totals)
             .with_context(|| format!("end-to-end tests on {links}"));
         if e2e_result.is_err() {
@@ -421,6 +444,19 @@ fn run_tool(package: &str, bin: &str, args: &[&str], what: &str) -> Result<()> {
         .args(args)
         .env("XLB_BIN", xlb_binary())
         .env("XLB_BENCH_OBJECT", ebpf_object("xlb-bench-ebpf")))
+}
+
+fn fuzz(frames: u64, seed: Option<u64>, no_icmp: bool) -> Result<()> {
+    let frames = frames.to_string();
+    let seed = seed.map(|s| s.to_string());
+    let mut args = vec!["--frames", &frames];
+    if let Some(seed) = &seed {
+        args.extend(["--seed", seed]);
+    }
+    if no_icmp {
+        args.push("--no-icmp");
+    }
+    run_tool("xlb-tests", "xlb-fuzz", &args, "the fuzzer")
 }
 
 fn demo() -> Result<()> {
