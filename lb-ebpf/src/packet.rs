@@ -196,6 +196,17 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
         return Err(Skip::Unsupported(key));
     }
     let ip_len = u16::from_be(unsafe { (*ip).tot_len });
+    // A total length that does not even cover the headers read is a lie;
+    // one longer than the frame is checked by the hook, which knows the
+    // packet's full length.
+    let l4_needed = if protocol == PROTO_TCP {
+        TCP_CHECK_OFFSET + 2
+    } else {
+        UDP_CHECK_OFFSET + 2
+    };
+    if (ip_len as usize) < ihl * 4 + l4_needed {
+        return Err(Skip::Malformed);
+    }
     Ok(Parsed {
         l3,
         df: frag_off & IPV4_DF != 0,

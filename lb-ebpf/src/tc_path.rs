@@ -57,10 +57,18 @@ fn parse_skb(ctx: &TcContext) -> Result<Parsed, Skip> {
     }
 }
 
+/// Does the packet claim more than the skb holds? Such a packet is never
+/// translated.
+#[inline(always)]
+fn cut_short(ctx: &TcContext, p: &Parsed) -> bool {
+    p.l3 + p.ip_len as usize > ctx.len() as usize
+}
+
 /// tcx egress: replies of node-local backends.
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
     let parsed = match parse_skb(ctx) {
+        Ok(p) if cut_short(ctx, &p) => return TCX_NEXT,
         Ok(p) => p,
         // Errors from node-local backends, or from the node about packets
         // it forwarded to them: reply entries only, as for their packets.
@@ -72,7 +80,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
     // hook's.
     match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
         Some(flow) if flow.flags & FLOW_F_REPLY != 0 => {
-            if rewrite(ctx, &parsed, &flow).is_err() {
+            if rewrite(ctx, &parsed, flow).is_err() {
                 return TC_ACT_SHOT;
             }
             TCX_NEXT
@@ -85,6 +93,12 @@ pub fn egress(ctx: &TcContext) -> i32 {
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
     let parsed = match parse_skb(ctx) {
+        Ok(p) if cut_short(ctx, &p) => {
+            if let Some(g) = global() {
+                g.malformed += 1;
+            }
+            return TCX_NEXT;
+        }
         Ok(p) => p,
         Err(Skip::Icmp(l3)) => return icmp_error(ctx.skb.skb, l3, false),
         Err(Skip::Unsupported(key)) => {
@@ -115,7 +129,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     {
         return frag_needed(ctx.skb.skb, parsed.l3, mtu);
     }
-    if rewrite(ctx, &parsed, &flow).is_err() {
+    if rewrite(ctx, &parsed, flow).is_err() {
         return TC_ACT_SHOT;
     }
     if let Some(g) = global() {

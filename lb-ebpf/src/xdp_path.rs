@@ -30,6 +30,8 @@ const AF_INET: u8 = 2;
 pub fn run(ctx: &XdpContext) -> u32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let parsed = match parse(data, data_end) {
+        // Claims more than the frame holds: cut short, never translated.
+        Ok(p) if p.l3 + p.ip_len as usize > data_end - data => return malformed(),
         Ok(p) => p,
         Err(Skip::Icmp(l3)) => return icmp_error(ctx.ctx, l3),
         Err(Skip::Unsupported(key)) => {
@@ -38,12 +40,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
                 None => pass(),
             };
         }
-        Err(Skip::Malformed) => {
-            if let Some(g) = global() {
-                g.malformed += 1;
-            }
-            return xdp_action::XDP_PASS;
-        }
+        Err(Skip::Malformed) => return malformed(),
         Err(_) => return pass(),
     };
     let bytes = parsed.ip_len as u64;
@@ -54,7 +51,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
             Err(verdict) => return verdict.xdp_action(),
         },
     };
-    forward(ctx, &parsed, &flow)
+    forward(ctx, &parsed, flow)
 }
 
 /// Routes, rewrites and sends a packet of a flow.
@@ -119,6 +116,16 @@ impl Verdict {
             Verdict::Drop => xdp_action::XDP_DROP,
         }
     }
+}
+
+/// A packet cut short or with impossible headers: counted, and left to the
+/// kernel, which drops what it cannot use.
+#[inline(always)]
+fn malformed() -> u32 {
+    if let Some(g) = global() {
+        g.malformed += 1;
+    }
+    xdp_action::XDP_PASS
 }
 
 #[inline(always)]

@@ -157,6 +157,12 @@ pub fn parse(frame: &[u8]) -> Parse {
     if ihl != 5 || frag & 0x2000 != 0 {
         return Parse::Unsupported(tuple);
     }
+    // A total length shorter than the headers read, or longer than the
+    // frame: cut short, never translated.
+    let total = be16(frame, l3 + 2) as usize;
+    if total < l4 - l3 + needed || l3 + total > frame.len() {
+        return Parse::Malformed;
+    }
     let tcp_flags = if proto == PROTO_TCP {
         frame[l4 + TCP_FLAGS]
     } else {

@@ -493,7 +493,9 @@ impl Model {
                             ));
                         }
                     }
-                    (XDP_TX, Route::FragNeeded { mtu }) => {
+                    // Back out of the ingress device: through TX_PORTS
+                    // when it is there, XDP_TX otherwise.
+                    (XDP_TX | XDP_REDIRECT, Route::FragNeeded { mtu }) => {
                         return frag_needed(input, parsed, mtu, out);
                     }
                     _ => {
@@ -814,6 +816,9 @@ fn frag_needed(input: &[u8], p: &Parsed, mtu: u16, out: &[u8]) -> Result<(), Mis
     let l3 = p.l3;
     if out.len() < l3 + 20 + 8 + 28 {
         return wrong("too short");
+    }
+    if out[..6] != input[6..12] || out[6..12] != input[..6] || out[12..l3] != input[12..l3] {
+        return wrong("Ethernet addresses swapped, tag and type kept");
     }
     let ihl = (out[l3] & 0x0f) as usize * 4;
     let icmp = l3 + ihl;
