@@ -8,7 +8,12 @@
 //! [`crate::kubernetes`], the translation in [`crate::translate`], the
 //! datapath in [`crate::dataplane`] and [`crate::reconcile`].
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use aya::Ebpf;
@@ -26,6 +31,7 @@ use crate::{
     netdev,
     reconcile::Reconciler,
     state_file,
+    telemetry::{self, telemetry},
     translate::{AddressMode, DEFAULT_LB_CLASS, Scope},
 };
 
@@ -107,6 +113,10 @@ pub struct AgentConfig {
     pub sweep_interval: Duration,
     #[command(flatten)]
     pub timeouts: Timeouts,
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this
+    /// address, e.g. `0.0.0.0:9479`. Off when not given.
+    #[arg(long, env = "XLB_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -196,19 +206,35 @@ struct Published {
     names_version: Option<u64>,
 }
 
+/// The agent's loop beats this often, and is unhealthy when it has not
+/// beaten for [`LOOP_STALE`] (a sync of thousands of Services takes
+/// seconds, not a minute).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const LOOP_STALE: Duration = Duration::from_secs(60);
+
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let metrics = cfg.metrics_addr.map(telemetry::server::bind).transpose()?;
     let mut datapath = Datapath::start(&cfg)?;
+    if let Some(listener) = metrics {
+        telemetry::server::start(listener, &cfg.node.bpffs, &cfg.node.node_name, &cfg.ifaces)?;
+    }
+    telemetry()
+        .snat_ports_capacity
+        .set(i64::from(cfg.snat_ports.max - cfg.snat_ports.min) + 1);
     let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
     let Some(mut source) = Source::start(&cfg, tx).await? else {
         return Ok(());
     };
     datapath.sync(&cfg, &mut source, Changes::everything())?;
+    telemetry().health.set_synced();
     tracing::info!(node = %cfg.node.node_name, interfaces = ?cfg.ifaces, "agent ready");
 
     let mut sweep = tokio::time::interval(cfg.sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
+        telemetry().health.beat("agent", LOOP_STALE);
         let changes = tokio::select! {
             Some(change) = rx.recv() => {
                 // Editors, `kubectl apply` and rollouts change in bursts:
@@ -229,6 +255,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 datapath.sweep(&cfg.timeouts);
                 continue;
             }
+            _ = heartbeat.tick() => continue,
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         };
@@ -236,6 +263,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             tracing::error!(error = %format!("{e:#}"), "applying the desired state failed");
         }
     }
+    telemetry().health.retire("agent");
     tracing::info!("stopping; programs, links and maps stay pinned and keep forwarding");
     source.stop().await;
     Ok(())
@@ -283,6 +311,8 @@ impl Datapath {
             &self.reconciler.active_service_ids(),
             &self.reconciler.active_backend_ids(),
         );
+        telemetry().flow_entries.set(s.remaining as i64);
+        telemetry().snat_ports_in_use.set(s.snat_held as i64);
         if s.expired + s.service_gone + s.udp_backend_gone > 0 {
             tracing::debug!(?s, "swept flows");
         }
@@ -316,10 +346,17 @@ impl Datapath {
             }
             published.node_config = Some(config);
         }
+        let started = Instant::now();
         let summary = match changed {
             None => reconciler.apply(desired, maps),
             Some(changed) => reconciler.apply_changed(desired, changed, maps),
         };
+        telemetry()
+            .programming_duration
+            .observe(started.elapsed().as_secs_f64());
+        telemetry()
+            .programming_errors
+            .inc_by(summary.errors.len() as u64);
         for e in &summary.errors {
             tracing::error!(error = %e, "programming failed");
         }
@@ -336,6 +373,7 @@ impl Datapath {
         // Rewriting the names of every frontend is O(services): only when they
         // changed, not for each backend change.
         if published.names_version != Some(reconciler.names_version()) {
+            telemetry().publish_services(reconciler);
             match state_file::write(&cfg.node.state_dir, &cfg.node.node_name, reconciler) {
                 Ok(()) => published.names_version = Some(reconciler.names_version()),
                 Err(e) => {

@@ -174,6 +174,22 @@ pub struct SweepSummary {
     pub expired: usize,
     pub service_gone: usize,
     pub udp_backend_gone: usize,
+    /// Entries left in the table after the sweep.
+    pub remaining: usize,
+    /// Of those, forward entries that hold a SNAT port.
+    pub snat_held: usize,
+}
+
+impl SweepSummary {
+    /// Counts an entry found (`+1`) or removed (`-1`). A partner removed
+    /// with its entry is counted once: its second removal finds nothing.
+    fn count(&mut self, flow: &Flow, delta: isize) {
+        self.remaining = self.remaining.saturating_add_signed(delta);
+        if flow.flags & (lb_common::FLOW_F_SNAT | lb_common::FLOW_F_REPLY) == lb_common::FLOW_F_SNAT
+        {
+            self.snat_held = self.snat_held.saturating_add_signed(delta);
+        }
+    }
 }
 
 impl Maps {
@@ -191,6 +207,7 @@ impl Maps {
         for entry in self.flows.iter() {
             let Ok((key, flow)) = entry else { continue };
             summary.scanned += 1;
+            summary.count(&flow, 1);
             // Cheap verdict first; the partner is read only when needed.
             let alone = judge(&key, &flow, None, now, timeouts, services, backends);
             if alone == Verdict::Keep {
@@ -225,8 +242,10 @@ impl Maps {
         // The datapath keeps working during the scan: an entry that changed
         // since it was judged (a new connection on the same tuple) stays.
         for (key, judged) in doomed {
-            if self.flows.get(&key, 0).is_ok_and(|now| now == judged) {
-                let _ = self.flows.remove(&key);
+            if self.flows.get(&key, 0).is_ok_and(|now| now == judged)
+                && self.flows.remove(&key).is_ok()
+            {
+                summary.count(&judged, -1);
             }
         }
         summary
