@@ -6,6 +6,7 @@
 //! - [`agent`]: the real `xlb agent` under test;
 //! - [`traffic`]: servers in pods, clients and their parsed replies;
 //! - [`packet`]: crafted frames and `BPF_PROG_TEST_RUN`;
+//! - [`scrape`]: the agent's metrics and health endpoint;
 //! - [`objects`]: typed Kubernetes objects for manifests and the fake API;
 //! - [`fake_api`]: a fake Kubernetes API server.
 
@@ -14,6 +15,7 @@ pub mod fake_api;
 pub mod netns;
 pub mod objects;
 pub mod packet;
+pub mod scrape;
 pub mod topology;
 pub mod traffic;
 

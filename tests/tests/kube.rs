@@ -12,8 +12,11 @@ use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use xlb_tests::{
-    Conn, NODE_ADDR, NODE_LINK_ADDR, NODE2_ADDR, Topology, fake_api::FakeApi, objects, tcp_request,
-    wait_until,
+    Conn, NODE_ADDR, NODE_LINK_ADDR, NODE2_ADDR, Topology,
+    fake_api::FakeApi,
+    objects,
+    scrape::{http_get, sample},
+    tcp_request, wait_until,
 };
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
@@ -274,6 +277,56 @@ fn unreachable_api_at_start_is_retried_and_reported() -> Result<()> {
         "{}",
         agent.log_text()
     );
+    Ok(())
+}
+
+/// The metrics endpoint answers while the agent still waits for the API:
+/// alive but not ready. It is ready once the first lists are programmed;
+/// the leader gauge and the re-list counter follow the Lease and the
+/// watches.
+#[test]
+fn readyz_waits_for_the_first_sync_while_healthz_answers() -> Result<()> {
+    let (t, api, kubeconfig) = api_topology()?;
+    api.apply(service("web", WEB, None));
+    api.apply(slice(&t, "web", &["pod-a", "pod-b"]));
+    api.set_unavailable(true);
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9479);
+    let flag = metrics.to_string();
+    let probe = |path: &str| http_get(&t.node, metrics, path);
+    let _agent = std::thread::scope(|scope| -> Result<_> {
+        let starting = scope.spawn(|| t.start_agent_kube(&kubeconfig, &["--metrics-addr", &flag]));
+        wait_until("the endpoint answers", Duration::from_secs(15), || {
+            probe("/healthz").is_ok_and(|(status, _)| status == 200)
+        })?;
+        let (status, body) = probe("/readyz")?;
+        let scraped = probe("/metrics");
+        api.set_unavailable(false);
+        let agent = starting
+            .join()
+            .map_err(|_| anyhow::anyhow!("agent start panicked"))??;
+        assert_eq!(status, 503, "ready before the first sync: {body}");
+        assert!(body.contains("first sync"), "{body}");
+        let (status, text) = scraped?;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(sample(&text, "xlb_leader", &[]), Some(0.0), "{text}");
+        Ok(agent)
+    })?;
+    wait_until(
+        "ready after the first sync",
+        Duration::from_secs(10),
+        || probe("/readyz").is_ok_and(|(status, _)| status == 200),
+    )?;
+    assert!(tcp_request(&t.client, SocketAddrV4::new(WEB, 80)).is_ok());
+    wait_until("leader and lists counted", Duration::from_secs(10), || {
+        probe("/metrics").is_ok_and(|(_, text)| {
+            sample(&text, "xlb_leader", &[]) == Some(1.0)
+                && ["services", "endpointslices", "nodes"].iter().all(|r| {
+                    sample(&text, "xlb_watch_relists_total", &[("resource", r)])
+                        .is_some_and(|n| n >= 1.0)
+                })
+        })
+    })
+    .map_err(|e| anyhow::anyhow!("{e}:\n{:?}", probe("/metrics")))?;
     Ok(())
 }
 
