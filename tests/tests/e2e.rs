@@ -977,3 +977,43 @@ fn metrics_count_what_was_sent_and_the_probes_answer() -> Result<()> {
     );
     Ok(())
 }
+
+/// Audit A-14: a service entry deleted from the pinned map behind the
+/// agent's back (a lost write, a tool) is written again by the periodic
+/// resync, and the frontend answers again within the interval.
+#[test]
+fn resync_restores_a_service_entry_removed_behind_the_agents_back() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, |_| {})?;
+    let agent = t.start_agent_with(&["--resync-interval", "2"])?;
+    wait_backends(&t, 6)?;
+    let dns = SocketAddrV4::new(WEB, 53);
+    udp_request(&t.client, dns).context("before the removal")?;
+
+    let pins = xlb::dataplane::PinDir::new(std::path::Path::new("/sys/fs/bpf"), &t.node_name);
+    let mut maps = xlb::dataplane::Maps::open_pinned(&pins.maps())?;
+    let key = xlb::reconcile::frontend_key(&xlb::model::Frontend {
+        addr: WEB.into(),
+        port: 53,
+        protocol: xlb::model::Protocol::Udp,
+    })?;
+    maps.services.remove(&key)?;
+    assert!(
+        udp_request(&t.client, dns).is_err(),
+        "the frontend still answers without its service entry"
+    );
+    wait_until("the frontend answers again", Duration::from_secs(6), || {
+        udp_request(&t.client, dns).is_ok()
+    })
+    .with_context(|| agent.log_text())?;
+    assert!(
+        agent
+            .log_text()
+            .contains("the maps differ from what the agent wrote"),
+        "{}",
+        agent.log_text()
+    );
+    Ok(())
+}

@@ -330,6 +330,66 @@ fn readyz_waits_for_the_first_sync_while_healthz_answers() -> Result<()> {
     Ok(())
 }
 
+/// Audit A-14: a frontend the node cannot program (its service table is
+/// full) is reported as a Warning Event on its Service, counted, and
+/// retried with backoff: once the table has room (another Service is
+/// deleted), a retry programs it although nothing about it changed.
+#[test]
+fn a_programming_failure_is_an_event_counted_and_retried() -> Result<()> {
+    let (t, api, kubeconfig) = api_topology()?;
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9479);
+    let flag = metrics.to_string();
+    let _agent = t.start_agent_kube(
+        &kubeconfig,
+        &["--max-services", "1", "--metrics-addr", &flag],
+    )?;
+    api.apply(service("web", WEB, None));
+    api.apply(slice(&t, "web", &["pod-a"]));
+    wait_until("web programmed", Duration::from_secs(5), || {
+        frontends(&t).contains("10.200.0.10:80/TCP")
+    })?;
+    api.apply(service("second", SECOND, None));
+    api.apply(slice(&t, "second", &["pod-b"]));
+    let events_on_second = || {
+        api.list("events.k8s.io/v1", "Event")
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == "second" && e["reason"] == "ProgrammingFailed")
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "a ProgrammingFailed Event on Service second",
+        Duration::from_secs(10),
+        || !events_on_second().is_empty(),
+    )?;
+    let event = &events_on_second()[0];
+    assert_eq!(event["type"], "Warning");
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("service table full"),
+        "{event}"
+    );
+    let errors = || {
+        http_get(&t.node, metrics, "/metrics")
+            .ok()
+            .and_then(|(_, text)| sample(&text, "xlb_programming_errors_total", &[]))
+            .unwrap_or(0.0)
+    };
+    wait_until("the failure retried", Duration::from_secs(10), || {
+        errors() >= 2.0
+    })?;
+    assert_eq!(events_on_second().len(), 1, "the same failure posts once");
+
+    assert!(api.delete("v1", "Service", Some("default"), "web"));
+    wait_until("the retry programs second", Duration::from_secs(10), || {
+        frontends(&t) == BTreeSet::from(["10.200.0.11:80/TCP".to_string()])
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", frontends(&t)))?;
+    assert!(tcp_request(&t.client, SocketAddrV4::new(SECOND, 80)).is_ok());
+    Ok(())
+}
+
 #[test]
 fn an_invalid_service_gets_one_warning_event() -> Result<()> {
     let (t, api, kubeconfig) = api_topology()?;

@@ -155,6 +155,31 @@ impl crate::reconcile::MapWriter for Maps {
     }
 }
 
+impl crate::reconcile::MapReader for Maps {
+    fn service(&self, key: &FrontendKey) -> Result<Option<Service>> {
+        absent_is_none(self.services.get(key, 0))
+            .with_context(|| format!("reading {}", names::SERVICES))
+    }
+    fn service_keys(&self) -> Result<Vec<FrontendKey>> {
+        self.services
+            .keys()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("listing {}", names::SERVICES))
+    }
+    fn backend(&self, id: u32) -> Result<Option<Backend>> {
+        absent_is_none(self.backends.get(&id, 0))
+            .with_context(|| format!("reading backend {id} from {}", names::BACKENDS))
+    }
+}
+
+fn absent_is_none<V>(r: Result<V, aya::maps::MapError>) -> Result<Option<V>, aya::maps::MapError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
