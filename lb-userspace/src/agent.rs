@@ -8,7 +8,12 @@
 //! [`crate::kubernetes`], the translation in [`crate::translate`], the
 //! datapath in [`crate::dataplane`] and [`crate::reconcile`].
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use aya::Ebpf;
@@ -22,10 +27,11 @@ use crate::{
     flags::{self, PortRange},
     kubernetes::{self, ClusterSource, LeaseConfig},
     manifest::ManifestSource,
-    model::{DesiredState, Frontend},
+    model::{DesiredState, Frontend, ServiceRef},
     netdev,
     reconcile::Reconciler,
     state_file,
+    telemetry::{self, telemetry},
     translate::{AddressMode, DEFAULT_LB_CLASS, Scope},
 };
 
@@ -107,6 +113,16 @@ pub struct AgentConfig {
     pub sweep_interval: Duration,
     #[command(flatten)]
     pub timeouts: Timeouts,
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this
+    /// address, e.g. `0.0.0.0:9479`. Off when not given.
+    #[arg(long, env = "XLB_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Seconds between resyncs: the maps are compared with what the agent
+    /// wrote (entries changed or removed behind its back are rewritten) and
+    /// the desired state is applied in full.
+    #[arg(long, env = "XLB_RESYNC_INTERVAL", default_value = "300",
+          value_parser = flags::seconds_at_least_one)]
+    pub resync_interval: Duration,
 }
 
 impl AgentConfig {
@@ -173,6 +189,14 @@ impl Source {
         }
     }
 
+    /// Reports frontends this node failed to program (as Events on their
+    /// Services, from the Kubernetes source; manifests have only the log).
+    fn report_programming_failures(&mut self, failed: &[(ServiceRef, String)]) {
+        if let Source::Cluster(cluster) = self {
+            cluster.report_programming_failures(failed);
+        }
+    }
+
     async fn stop(self) {
         if let Source::Cluster(cluster) = self {
             cluster.stop().await;
@@ -212,6 +236,11 @@ struct Datapath {
     maps: Maps,
     reconciler: Reconciler,
     published: Published,
+    /// Frontends whose writes failed since the last look, with their
+    /// Services: reported, and retried with backoff.
+    failed: Vec<(ServiceRef, String)>,
+    /// Some write (a frontend's or a removal's) failed since the last look.
+    incomplete: bool,
 }
 
 /// What the agent last wrote outside the maps' entries: the node config map
@@ -222,23 +251,95 @@ struct Published {
     names_version: Option<u64>,
 }
 
+/// The agent's loop beats this often, and is unhealthy when it has not
+/// beaten for [`LOOP_STALE`] (a sync of thousands of Services takes
+/// seconds, not a minute).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const LOOP_STALE: Duration = Duration::from_secs(60);
+
+/// A failed sync is retried after this, doubling up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// When the next retry of a failed sync is due, and the backoff that led
+/// there.
+#[derive(Clone, Copy, Debug)]
+struct Retry {
+    at: tokio::time::Instant,
+    backoff: Duration,
+}
+
+/// Schedules (or clears) the retry after a sync, and reports what failed.
+/// Only a complete sync (`full`) that succeeded clears a pending retry: one
+/// of other changes leaves the failed frontends as they were.
+fn after_sync(
+    result: Result<()>,
+    full: bool,
+    datapath: &mut Datapath,
+    source: &mut Source,
+    retry: Option<Retry>,
+) -> Option<Retry> {
+    let failed = std::mem::take(&mut datapath.failed);
+    let incomplete = std::mem::take(&mut datapath.incomplete);
+    if let Err(e) = &result {
+        tracing::error!(error = %format!("{e:#}"), "applying the desired state failed");
+    }
+    source.report_programming_failures(&failed);
+    if result.is_ok() && !incomplete {
+        return if full { None } else { retry };
+    }
+    let backoff = retry.map_or(RETRY_MIN, |r| (r.backoff * 2).min(RETRY_MAX));
+    tracing::warn!(
+        failed_frontends = failed.len(),
+        retry_in_s = backoff.as_secs(),
+        "programming incomplete; retrying"
+    );
+    Some(Retry {
+        at: tokio::time::Instant::now() + backoff,
+        backoff,
+    })
+}
+
+async fn retry_due(retry: Option<Retry>) {
+    match retry {
+        Some(r) => tokio::time::sleep_until(r.at).await,
+        None => std::future::pending().await,
+    }
+}
+
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     // A configuration error stops the agent here, before anything is
     // attached or pinned: an agent that fails to start leaves the node as
     // it found it.
     let checked = CheckedSource::check(&cfg).await?;
+    let metrics = cfg.metrics_addr.map(telemetry::server::bind).transpose()?;
     let mut datapath = Datapath::start(&cfg)?;
+    if let Some(listener) = metrics {
+        telemetry::server::start(listener, &cfg.node.bpffs, &cfg.node.node_name, &cfg.ifaces)?;
+    }
+    telemetry()
+        .snat_ports_capacity
+        .set(i64::from(cfg.snat_ports.max - cfg.snat_ports.min) + 1);
     let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
     let Some(mut source) = Source::start(&cfg, checked, tx).await? else {
         return Ok(());
     };
     datapath.sync(&cfg, &mut source, Changes::everything())?;
+    let mut retry = after_sync(Ok(()), true, &mut datapath, &mut source, None);
+    telemetry().health.set_synced();
     tracing::info!(node = %cfg.node.node_name, interfaces = ?cfg.ifaces, "agent ready");
 
     let mut sweep = tokio::time::interval(cfg.sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut resync = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.resync_interval,
+        cfg.resync_interval,
+    );
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        telemetry().health.beat("agent", LOOP_STALE);
         let changes = tokio::select! {
             Some(change) = rx.recv() => {
                 // Editors, `kubectl apply` and rollouts change in bursts:
@@ -259,13 +360,23 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 datapath.sweep(&cfg.timeouts);
                 continue;
             }
+            _ = heartbeat.tick() => continue,
+            // Repairs what changed in the maps behind the agent's back, and
+            // applies everything, which also retries what failed.
+            _ = resync.tick() => {
+                telemetry().resyncs.inc();
+                datapath.repair_drift();
+                Changes::everything()
+            }
+            () = retry_due(retry) => Changes::everything(),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         };
-        if let Err(e) = datapath.sync(&cfg, &mut source, changes) {
-            tracing::error!(error = %format!("{e:#}"), "applying the desired state failed");
-        }
+        let full = changes.all;
+        let result = datapath.sync(&cfg, &mut source, changes);
+        retry = after_sync(result, full, &mut datapath, &mut source, retry);
     }
+    telemetry().health.retire("agent");
     tracing::info!("stopping; programs, links and maps stay pinned and keep forwarding");
     source.stop().await;
     Ok(())
@@ -297,6 +408,8 @@ impl Datapath {
             maps,
             reconciler,
             published: Published::default(),
+            failed: Vec::new(),
+            incomplete: false,
         })
     }
 
@@ -307,12 +420,28 @@ impl Datapath {
         })
     }
 
+    fn repair_drift(&mut self) {
+        match self.reconciler.repair_drift(&mut self.maps) {
+            Ok(drift) if drift == Default::default() => {}
+            Ok(drift) => tracing::warn!(
+                rewrite = drift.rewrite,
+                strays_removed = drift.strays_removed,
+                "the maps differ from what the agent wrote; repairing"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "comparing the maps with what was written failed")
+            }
+        }
+    }
+
     fn sweep(&mut self, timeouts: &Timeouts) {
         let s = self.maps.sweep_flows(
             timeouts,
             &self.reconciler.active_service_ids(),
             &self.reconciler.active_backend_ids(),
         );
+        telemetry().flow_entries.set(s.remaining as i64);
+        telemetry().snat_ports_in_use.set(s.snat_held as i64);
         if s.expired + s.service_gone + s.udp_backend_gone > 0 {
             tracing::debug!(?s, "swept flows");
         }
@@ -346,13 +475,22 @@ impl Datapath {
             }
             published.node_config = Some(config);
         }
+        let started = Instant::now();
         let summary = match changed {
             None => reconciler.apply(desired, maps),
             Some(changed) => reconciler.apply_changed(desired, changed, maps),
         };
+        telemetry()
+            .programming_duration
+            .observe(started.elapsed().as_secs_f64());
+        telemetry()
+            .programming_errors
+            .inc_by(summary.errors.len() as u64);
         for e in &summary.errors {
             tracing::error!(error = %e, "programming failed");
         }
+        self.incomplete |= !summary.errors.is_empty();
+        self.failed.extend(summary.failed);
         if summary.added + summary.updated + summary.removed > 0 {
             tracing::info!(
                 added = summary.added,
@@ -366,6 +504,7 @@ impl Datapath {
         // Rewriting the names of every frontend is O(services): only when they
         // changed, not for each backend change.
         if published.names_version != Some(reconciler.names_version()) {
+            telemetry().publish_services(reconciler);
             match state_file::write(&cfg.node.state_dir, &cfg.node.node_name, reconciler) {
                 Ok(()) => published.names_version = Some(reconciler.names_version()),
                 Err(e) => {

@@ -22,4 +22,5 @@ pub mod model;
 pub mod netdev;
 pub mod reconcile;
 pub mod state_file;
+pub mod telemetry;
 pub mod translate;

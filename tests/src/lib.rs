@@ -7,6 +7,7 @@
 //! - [`traffic`]: servers in pods, clients and their parsed replies;
 //! - [`packet`]: crafted frames and `BPF_PROG_TEST_RUN`;
 //! - [`fuzz`]: random frames through the datapath against a reference model;
+//! - [`scrape`]: the agent's metrics and health endpoint;
 //! - [`objects`]: typed Kubernetes objects for manifests and the fake API;
 //! - [`fake_api`]: a fake Kubernetes API server.
 
@@ -16,6 +17,7 @@ pub mod fuzz;
 pub mod netns;
 pub mod objects;
 pub mod packet;
+pub mod scrape;
 pub mod topology;
 pub mod traffic;
 

@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{ClientIPConfig, ServiceSpec, SessionAffinityCon
 use xlb_tests::{
     Agent, CLIENT_ADDR, CLIENT_ADDR_2, Conn, Links, NODE_ADDR, Topology, ns_cmd, ns_sh,
     objects::{self, endpoint_slice, endpoint_slice_in, service, spec_mut, to_yaml},
+    scrape::{http_get, sample},
     sh, snmp_counter, tcp_request,
     traffic::{answer_once, read_from},
     udp_request, wait_until, xlb_bin,
@@ -917,5 +918,206 @@ fn configuration_errors_are_reported_before_anything_is_attached_or_pinned() -> 
             pins.display()
         );
     }
+
+/// The agent's endpoint, scraped from inside the node's namespace.
+const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9479);
+
+fn scrape(t: &Topology) -> Result<String> {
+    let (status, body) = http_get(&t.node, METRICS, "/metrics")?;
+    if status != 200 {
+        bail!("/metrics answered {status}: {body}");
+    }
+    Ok(body)
+}
+
+/// `/metrics` counts, per service, what was sent through its frontends
+/// (read from the per-CPU maps when scraped), `/readyz` and `/healthz`
+/// answer 200 once the agent has programmed its first sync.
+#[test]
+fn metrics_count_what_was_sent_and_the_probes_answer() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, |_| {})?;
+    let agent = t.start_agent_with(&["--metrics-addr", &METRICS.to_string()])?;
+    wait_backends(&t, 6)?;
+    for probe in ["/readyz", "/healthz"] {
+        let (status, body) = http_get(&t.node, METRICS, probe)?;
+        assert_eq!(status, 200, "{probe}: {body}\n{}", agent.log_text());
+    }
+    let (status, _) = http_get(&t.node, METRICS, "/nothing")?;
+    assert_eq!(status, 404);
+
+    let http = [
+        ("namespace", "default"),
+        ("service", "web"),
+        ("frontend", "10.200.0.10:80/TCP"),
+    ];
+    let dns = [
+        ("namespace", "default"),
+        ("service", "web"),
+        ("frontend", "10.200.0.10:53/UDP"),
+    ];
+    let before = scrape(&t)?;
+    let value = |text: &str, name: &str, labels: &[(&str, &str)]| {
+        sample(text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+    };
+    const CONNECTIONS: usize = 20;
+    const DATAGRAMS: usize = 15;
+    for _ in 0..CONNECTIONS {
+        tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?;
+    }
+    let mut remote_answers = 0;
+    for _ in 0..DATAGRAMS {
+        if udp_request(&t.client, SocketAddrV4::new(WEB, 53))?.backend == "pod-c" {
+            remote_answers += 1;
+        }
+    }
+    let after = scrape(&t)?;
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        value(&after, name, labels) - value(&before, name, labels)
+    };
+    let n = CONNECTIONS as f64;
+    let m = DATAGRAMS as f64;
+    assert_eq!(moved("xlb_service_new_flows_total", &http), n, "{after}");
+    assert_eq!(moved("xlb_service_new_flows_total", &dns), m, "{after}");
+    assert_eq!(
+        moved("xlb_service_new_flows_total", &[("service", "web")]),
+        n + m
+    );
+    // A connection is at least SYN, the request and FIN one way, SYN-ACK
+    // and the answer the other.
+    assert!(
+        moved("xlb_service_packets_total", &http) >= 3.0 * n,
+        "{after}"
+    );
+    assert!(
+        moved("xlb_service_reply_packets_total", &http) >= 2.0 * n,
+        "{after}"
+    );
+    // One datagram each way; "hello" is 33 bytes of IP packet.
+    assert_eq!(moved("xlb_service_packets_total", &dns), m, "{after}");
+    assert_eq!(moved("xlb_service_bytes_total", &dns), 33.0 * m, "{after}");
+    assert_eq!(moved("xlb_service_reply_packets_total", &dns), m, "{after}");
+    assert!(
+        moved("xlb_service_reply_bytes_total", &dns) > 33.0 * m,
+        "{after}"
+    );
+    assert_eq!(
+        value(&after, "xlb_service_drops_total", &[]),
+        0.0,
+        "{after}"
+    );
+    for reason in [
+        "source_range",
+        "no_backend",
+        "snat_exhausted",
+        "unsupported",
+        "flow_conflict",
+    ] {
+        assert!(
+            sample(&after, "xlb_service_drops_total", &[("reason", reason)]).is_some(),
+            "no drop reason {reason}:\n{after}"
+        );
+    }
+    // The inspect command reads the same maps.
+    assert_eq!(
+        t.stat("new_flows")? as f64,
+        value(&after, "xlb_service_new_flows_total", &[])
+    );
+
+    // The sweeper (every second here) counts the table: the UDP flows stay
+    // for their timeout, two entries each; those answered by the remote pod
+    // hold a SNAT port.
+    wait_until(
+        "the sweeper counted the UDP flows",
+        Duration::from_secs(5),
+        || {
+            scrape(&t).is_ok_and(|text| {
+                sample(&text, "xlb_flow_table_entries", &[]).is_some_and(|e| e >= 2.0 * m)
+                    && sample(&text, "xlb_snat_ports_in_use", &[])
+                        .is_some_and(|s| s >= remote_answers as f64)
+            })
+        },
+    )
+    .with_context(|| scrape(&t).unwrap_or_default())?;
+    let text = scrape(&t)?;
+    assert_eq!(value(&text, "xlb_flow_table_capacity", &[]), 262_144.0);
+    assert_eq!(value(&text, "xlb_snat_ports_capacity", &[]), 28_976.0);
+    let ingress = match t.links {
+        Links::Wires => "xdp",
+        Links::ContainerNodes => "tcx-ingress",
+    };
+    for (iface, hook) in [
+        ("uplink", ingress),
+        ("uplink", "tcx-egress"),
+        ("n2", "tcx-egress"),
+    ] {
+        assert_eq!(
+            sample(
+                &text,
+                "xlb_interface_attached",
+                &[("interface", iface), ("hook", hook)]
+            ),
+            Some(1.0),
+            "{iface} {hook}:\n{text}"
+        );
+    }
+    assert!(value(&text, "xlb_programming_duration_seconds_count", &[]) >= 1.0);
+    assert_eq!(value(&text, "xlb_programming_errors_total", &[]), 0.0);
+    assert_eq!(
+        value(&text, "xlb_leader", &[]),
+        0.0,
+        "no Lease with manifests"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "xlb_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    Ok(())
+}
+
+/// Audit A-14: a service entry deleted from the pinned map behind the
+/// agent's back (a lost write, a tool) is written again by the periodic
+/// resync, and the frontend answers again within the interval.
+#[test]
+fn resync_restores_a_service_entry_removed_behind_the_agents_back() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, |_| {})?;
+    let agent = t.start_agent_with(&["--resync-interval", "2"])?;
+    wait_backends(&t, 6)?;
+    let dns = SocketAddrV4::new(WEB, 53);
+    udp_request(&t.client, dns).context("before the removal")?;
+
+    let pins = xlb::dataplane::PinDir::new(std::path::Path::new("/sys/fs/bpf"), &t.node_name);
+    let mut maps = xlb::dataplane::Maps::open_pinned(&pins.maps())?;
+    let key = xlb::reconcile::frontend_key(&xlb::model::Frontend {
+        addr: WEB.into(),
+        port: 53,
+        protocol: xlb::model::Protocol::Udp,
+    })?;
+    maps.services.remove(&key)?;
+    assert!(
+        udp_request(&t.client, dns).is_err(),
+        "the frontend still answers without its service entry"
+    );
+    wait_until("the frontend answers again", Duration::from_secs(6), || {
+        udp_request(&t.client, dns).is_ok()
+    })
+    .with_context(|| agent.log_text())?;
+    assert!(
+        agent
+            .log_text()
+            .contains("the maps differ from what the agent wrote"),
+        "{}",
+        agent.log_text()
+    );
     Ok(())
 }

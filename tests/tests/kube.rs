@@ -12,8 +12,11 @@ use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use xlb_tests::{
-    Conn, NODE_ADDR, NODE_LINK_ADDR, NODE2_ADDR, Topology, fake_api::FakeApi, objects, tcp_request,
-    wait_until,
+    Conn, NODE_ADDR, NODE_LINK_ADDR, NODE2_ADDR, Topology,
+    fake_api::FakeApi,
+    objects,
+    scrape::{http_get, sample},
+    tcp_request, wait_until,
 };
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
@@ -277,6 +280,116 @@ fn unreachable_api_at_start_is_retried_and_reported() -> Result<()> {
         "{}",
         agent.log_text()
     );
+    Ok(())
+}
+
+/// The metrics endpoint answers while the agent still waits for the API:
+/// alive but not ready. It is ready once the first lists are programmed;
+/// the leader gauge and the re-list counter follow the Lease and the
+/// watches.
+#[test]
+fn readyz_waits_for_the_first_sync_while_healthz_answers() -> Result<()> {
+    let (t, api, kubeconfig) = api_topology()?;
+    api.apply(service("web", WEB, None));
+    api.apply(slice(&t, "web", &["pod-a", "pod-b"]));
+    api.set_unavailable(true);
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9479);
+    let flag = metrics.to_string();
+    let probe = |path: &str| http_get(&t.node, metrics, path);
+    let _agent = std::thread::scope(|scope| -> Result<_> {
+        let starting = scope.spawn(|| t.start_agent_kube(&kubeconfig, &["--metrics-addr", &flag]));
+        wait_until("the endpoint answers", Duration::from_secs(15), || {
+            probe("/healthz").is_ok_and(|(status, _)| status == 200)
+        })?;
+        let (status, body) = probe("/readyz")?;
+        let scraped = probe("/metrics");
+        api.set_unavailable(false);
+        let agent = starting
+            .join()
+            .map_err(|_| anyhow::anyhow!("agent start panicked"))??;
+        assert_eq!(status, 503, "ready before the first sync: {body}");
+        assert!(body.contains("first sync"), "{body}");
+        let (status, text) = scraped?;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(sample(&text, "xlb_leader", &[]), Some(0.0), "{text}");
+        Ok(agent)
+    })?;
+    wait_until(
+        "ready after the first sync",
+        Duration::from_secs(10),
+        || probe("/readyz").is_ok_and(|(status, _)| status == 200),
+    )?;
+    assert!(tcp_request(&t.client, SocketAddrV4::new(WEB, 80)).is_ok());
+    wait_until("leader and lists counted", Duration::from_secs(10), || {
+        probe("/metrics").is_ok_and(|(_, text)| {
+            sample(&text, "xlb_leader", &[]) == Some(1.0)
+                && ["services", "endpointslices", "nodes"].iter().all(|r| {
+                    sample(&text, "xlb_watch_relists_total", &[("resource", r)])
+                        .is_some_and(|n| n >= 1.0)
+                })
+        })
+    })
+    .map_err(|e| anyhow::anyhow!("{e}:\n{:?}", probe("/metrics")))?;
+    Ok(())
+}
+
+/// Audit A-14: a frontend the node cannot program (its service table is
+/// full) is reported as a Warning Event on its Service, counted, and
+/// retried with backoff: once the table has room (another Service is
+/// deleted), a retry programs it although nothing about it changed.
+#[test]
+fn a_programming_failure_is_an_event_counted_and_retried() -> Result<()> {
+    let (t, api, kubeconfig) = api_topology()?;
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9479);
+    let flag = metrics.to_string();
+    let _agent = t.start_agent_kube(
+        &kubeconfig,
+        &["--max-services", "1", "--metrics-addr", &flag],
+    )?;
+    api.apply(service("web", WEB, None));
+    api.apply(slice(&t, "web", &["pod-a"]));
+    wait_until("web programmed", Duration::from_secs(5), || {
+        frontends(&t).contains("10.200.0.10:80/TCP")
+    })?;
+    api.apply(service("second", SECOND, None));
+    api.apply(slice(&t, "second", &["pod-b"]));
+    let events_on_second = || {
+        api.list("events.k8s.io/v1", "Event")
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == "second" && e["reason"] == "ProgrammingFailed")
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "a ProgrammingFailed Event on Service second",
+        Duration::from_secs(10),
+        || !events_on_second().is_empty(),
+    )?;
+    let event = &events_on_second()[0];
+    assert_eq!(event["type"], "Warning");
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("service table full"),
+        "{event}"
+    );
+    let errors = || {
+        http_get(&t.node, metrics, "/metrics")
+            .ok()
+            .and_then(|(_, text)| sample(&text, "xlb_programming_errors_total", &[]))
+            .unwrap_or(0.0)
+    };
+    wait_until("the failure retried", Duration::from_secs(10), || {
+        errors() >= 2.0
+    })?;
+    assert_eq!(events_on_second().len(), 1, "the same failure posts once");
+
+    assert!(api.delete("v1", "Service", Some("default"), "web"));
+    wait_until("the retry programs second", Duration::from_secs(10), || {
+        frontends(&t) == BTreeSet::from(["10.200.0.11:80/TCP".to_string()])
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", frontends(&t)))?;
+    assert!(tcp_request(&t.client, SocketAddrV4::new(SECOND, 80)).is_ok());
     Ok(())
 }
 

@@ -244,6 +244,26 @@ pub fn pinned_interfaces(pins: &PinDir) -> BTreeSet<String> {
     out
 }
 
+/// The hooks `iface` has pinned links for: `xdp`, `tcx-ingress`,
+/// `tcx-egress` (for the metrics and the readiness check).
+pub fn attached_hooks(pins: &PinDir, iface: &str) -> Vec<&'static str> {
+    [
+        (xdp_pin(pins, iface), "xdp"),
+        (tc_pin(pins, iface, TcAttachType::Ingress), "tcx-ingress"),
+        (tc_pin(pins, iface, TcAttachType::Egress), "tcx-egress"),
+    ]
+    .into_iter()
+    .filter(|(path, _)| path.exists())
+    .map(|(_, hook)| hook)
+    .collect()
+}
+
+/// Whether `iface` runs the whole datapath: a forward hook and tcx egress.
+pub fn fully_attached(pins: &PinDir, iface: &str) -> bool {
+    let hooks = attached_hooks(pins, iface);
+    hooks.contains(&"tcx-egress") && (hooks.contains(&"xdp") || hooks.contains(&"tcx-ingress"))
+}
+
 /// Detaches every program from `iface` by removing its link pins (the link
 /// goes away with its last reference).
 pub fn detach_interface(pins: &PinDir, iface: &str) -> Result<()> {

@@ -155,6 +155,31 @@ impl crate::reconcile::MapWriter for Maps {
     }
 }
 
+impl crate::reconcile::MapReader for Maps {
+    fn service(&self, key: &FrontendKey) -> Result<Option<Service>> {
+        absent_is_none(self.services.get(key, 0))
+            .with_context(|| format!("reading {}", names::SERVICES))
+    }
+    fn service_keys(&self) -> Result<Vec<FrontendKey>> {
+        self.services
+            .keys()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("listing {}", names::SERVICES))
+    }
+    fn backend(&self, id: u32) -> Result<Option<Backend>> {
+        absent_is_none(self.backends.get(&id, 0))
+            .with_context(|| format!("reading backend {id} from {}", names::BACKENDS))
+    }
+}
+
+fn absent_is_none<V>(r: Result<V, aya::maps::MapError>) -> Result<Option<V>, aya::maps::MapError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
@@ -174,6 +199,22 @@ pub struct SweepSummary {
     pub expired: usize,
     pub service_gone: usize,
     pub udp_backend_gone: usize,
+    /// Entries left in the table after the sweep.
+    pub remaining: usize,
+    /// Of those, forward entries that hold a SNAT port.
+    pub snat_held: usize,
+}
+
+impl SweepSummary {
+    /// Counts an entry found (`+1`) or removed (`-1`). A partner removed
+    /// with its entry is counted once: its second removal finds nothing.
+    fn count(&mut self, flow: &Flow, delta: isize) {
+        self.remaining = self.remaining.saturating_add_signed(delta);
+        if flow.flags & (lb_common::FLOW_F_SNAT | lb_common::FLOW_F_REPLY) == lb_common::FLOW_F_SNAT
+        {
+            self.snat_held = self.snat_held.saturating_add_signed(delta);
+        }
+    }
 }
 
 impl Maps {
@@ -191,6 +232,7 @@ impl Maps {
         for entry in self.flows.iter() {
             let Ok((key, flow)) = entry else { continue };
             summary.scanned += 1;
+            summary.count(&flow, 1);
             // Cheap verdict first; the partner is read only when needed.
             let alone = judge(&key, &flow, None, now, timeouts, services, backends);
             if alone == Verdict::Keep {
@@ -225,8 +267,10 @@ impl Maps {
         // The datapath keeps working during the scan: an entry that changed
         // since it was judged (a new connection on the same tuple) stays.
         for (key, judged) in doomed {
-            if self.flows.get(&key, 0).is_ok_and(|now| now == judged) {
-                let _ = self.flows.remove(&key);
+            if self.flows.get(&key, 0).is_ok_and(|now| now == judged)
+                && self.flows.remove(&key).is_ok()
+            {
+                summary.count(&judged, -1);
             }
         }
         summary

@@ -185,6 +185,7 @@ fn set(leading: &watch::Sender<bool>, now: bool, config: &Campaign) {
                 "no longer leader");
         }
         leading.send_replace(now);
+        crate::telemetry::telemetry().leader.set(i64::from(now));
     }
 }
 

@@ -20,8 +20,11 @@ use super::{
 };
 use crate::{
     change::{Change, Changes},
-    model::{DesiredState, Frontend},
-    translate::{AddressMode, Scope, Translator, handles_class, node_address_of, node_mode},
+    model::{DesiredState, Frontend, ServiceRef},
+    translate::{
+        AddressMode, EventReason, Problem, Scope, ServiceKey, Translator, handles_class,
+        node_address_of, node_mode, problem::reference_to,
+    },
 };
 
 /// The agent's view of the cluster, and what it writes back.
@@ -222,6 +225,23 @@ impl ClusterSource {
             notify.notify_one();
         }
         result
+    }
+
+    /// Posts a Warning Event on each Service whose frontend this node
+    /// failed to program. Every node posts its own, leader or not: only the
+    /// node knows, and the Event names it (`reportingInstance`).
+    pub fn report_programming_failures(&mut self, failed: &[(ServiceRef, String)]) {
+        for (service, message) in failed {
+            let key = ServiceKey::new(&service.namespace, &service.name);
+            let Some(object) = self.stores.service(&key) else {
+                continue;
+            };
+            self.events.report(&Problem::new(
+                reference_to(&*object),
+                EventReason::ProgrammingFailed,
+                message.clone(),
+            ));
+        }
     }
 
     /// Hands the Lease over at once rather than after it expires.

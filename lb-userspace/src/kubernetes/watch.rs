@@ -287,6 +287,12 @@ fn spawn_reflector<K>(
                         tracing::info!(resource = what, "watch recovered");
                         failing = false;
                     }
+                    if matches!(event, watcher::Event::InitDone) {
+                        crate::telemetry::telemetry()
+                            .watch_relists
+                            .get_or_create(&[("resource", what)])
+                            .inc();
+                    }
                     // Init and InitApply change nothing visible until
                     // InitDone swaps the new list in.
                     for change in what_changed(&event) {

@@ -13,6 +13,7 @@
 //! Pure: map writes go through [`MapWriter`], so this is unit-tested without
 //! root.
 
+mod drift;
 mod ids;
 #[cfg(test)]
 mod tests;
@@ -37,6 +38,7 @@ use crate::{
     maglev,
     model::{Backend, DesiredState, Frontend, FrontendSpec, SourceRange},
 };
+pub use drift::{Drift, MapReader};
 pub use writer::MapWriter;
 
 /// What is in the maps for one frontend.
@@ -65,6 +67,9 @@ pub struct ApplySummary {
     pub unchanged: usize,
     pub map_writes: usize,
     pub errors: Vec<String>,
+    /// The Services of the frontends whose writes failed, with the error:
+    /// what the node reports as Events.
+    pub failed: Vec<(crate::model::ServiceRef, String)>,
 }
 
 /// An entry found in the pinned maps at start-up.
@@ -248,9 +253,15 @@ impl Reconciler {
         match self.program_frontend(frontend, spec, w) {
             Ok(()) if is_new => summary.added += 1,
             Ok(()) => summary.updated += 1,
-            Err(e) => summary
-                .errors
-                .push(format!("programming {frontend} ({}): {e:#}", spec.service)),
+            Err(e) => {
+                summary
+                    .errors
+                    .push(format!("programming {frontend} ({}): {e:#}", spec.service));
+                summary.failed.push((
+                    spec.service.clone(),
+                    format!("programming frontend {frontend} failed: {e:#}"),
+                ));
+            }
         }
     }
 

@@ -19,6 +19,8 @@ struct FakeMaps {
     ranges: BTreeSet<(u32, [u8; 16], u32)>,
     /// Every write checks that no slot points at a missing backend.
     dangling_seen: bool,
+    /// The next this many `put_service` calls fail.
+    failing_service_writes: usize,
 }
 
 impl FakeMaps {
@@ -64,6 +66,10 @@ impl MapWriter for FakeMaps {
         Ok(())
     }
     fn put_service(&mut self, key: &FrontendKey, s: &lb_common::Service) -> Result<()> {
+        if self.failing_service_writes > 0 {
+            self.failing_service_writes -= 1;
+            anyhow::bail!("EBUSY (injected)");
+        }
         self.services.insert(*key, *s);
         self.check();
         Ok(())
@@ -82,6 +88,18 @@ impl MapWriter for FakeMaps {
     }
     fn reset_stats(&mut self, _id: u32) -> Result<()> {
         Ok(())
+    }
+}
+
+impl MapReader for FakeMaps {
+    fn service(&self, key: &FrontendKey) -> Result<Option<lb_common::Service>> {
+        Ok(self.services.get(key).copied())
+    }
+    fn service_keys(&self) -> Result<Vec<FrontendKey>> {
+        Ok(self.services.keys().copied().collect())
+    }
+    fn backend(&self, id: u32) -> Result<Option<lb_common::Backend>> {
+        Ok(self.backends.get(&id).copied())
     }
 }
 
@@ -264,4 +282,80 @@ fn no_backends_means_count_zero() {
     let s = r.apply(&state(&[(frontend(1, 80), spec("a", &[]))]), &mut maps);
     assert!(s.errors.is_empty(), "{:?}", s.errors);
     assert_eq!(maps.services.values().next().unwrap().backend_count, 0);
+}
+
+/// Audit A-14: a frontend whose write failed is not touched by an apply of
+/// other changes, but the next full apply (the agent's retry) programs it;
+/// the failure names its Service.
+#[test]
+fn a_failed_frontend_is_programmed_by_the_retry() {
+    let mut maps = FakeMaps {
+        failing_service_writes: 1,
+        ..FakeMaps::default()
+    };
+    let mut r = Reconciler::new(16, 1024);
+    let (x, y) = (frontend(1, 80), frontend(2, 80));
+    let d = state(&[(x, spec("x", &[1, 2]))]);
+    let s = r.apply(&d, &mut maps);
+    assert_eq!(s.errors.len(), 1, "{s:?}");
+    assert_eq!(s.failed.len(), 1);
+    assert_eq!(s.failed[0].0.name, "x");
+    assert!(maps.lookup(&x, 0).is_none());
+
+    // Another Service changes: X stays unprogrammed (the gap A-14 names).
+    let d = state(&[(x, spec("x", &[1, 2])), (y, spec("y", &[3]))]);
+    let s = r.apply_changed(&d, &BTreeSet::from([y]), &mut maps);
+    assert!(s.errors.is_empty(), "{s:?}");
+    assert!(maps.lookup(&x, 0).is_none());
+
+    // The retry: a full apply.
+    let s = r.apply(&d, &mut maps);
+    assert!(s.errors.is_empty(), "{s:?}");
+    assert_eq!(s.updated, 1, "{s:?}");
+    assert!(maps.lookup(&x, 0).is_some());
+    assert!(maps.lookup(&y, 0).is_some());
+    assert!(!maps.dangling_seen);
+}
+
+/// Audit A-14: entries removed or changed behind the reconciler's back are
+/// invisible to an apply (it compares with what it wrote), found by the
+/// drift check, and rewritten by the next apply; an entry nobody owns is
+/// removed.
+#[test]
+fn drift_in_the_maps_is_found_and_repaired() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(16, 1024);
+    let (x, y, stray) = (frontend(1, 80), frontend(2, 80), frontend(9, 99));
+    let d = state(&[(x, spec("x", &[1, 2])), (y, spec("y", &[3]))]);
+    assert!(r.apply(&d, &mut maps).errors.is_empty());
+    let x_entry = maps.services[&frontend_key(&x).unwrap()];
+    let y_backend = *maps.backends.keys().max().unwrap();
+
+    maps.services.remove(&frontend_key(&x).unwrap());
+    maps.backends.remove(&y_backend);
+    maps.services.insert(frontend_key(&stray).unwrap(), x_entry);
+    let s = r.apply(&d, &mut maps);
+    assert_eq!(s.map_writes, 0, "an apply alone cannot see drift: {s:?}");
+    assert!(maps.lookup(&x, 0).is_none());
+
+    let drift = r.repair_drift(&mut maps).unwrap();
+    assert_eq!(
+        drift,
+        Drift {
+            rewrite: 2,
+            strays_removed: 1
+        }
+    );
+    assert!(!maps.services.contains_key(&frontend_key(&stray).unwrap()));
+    let s = r.apply(&d, &mut maps);
+    assert!(s.errors.is_empty(), "{s:?}");
+    assert_eq!(s.updated, 2, "{s:?}");
+    assert_eq!(maps.services[&frontend_key(&x).unwrap()], x_entry);
+    assert!(maps.lookup(&y, 0).is_some());
+    // The injected drift left a dangling slot until the repair; after it,
+    // none.
+    maps.dangling_seen = false;
+    maps.check();
+    assert!(!maps.dangling_seen);
+    assert_eq!(r.repair_drift(&mut maps).unwrap(), Drift::default());
 }

@@ -18,6 +18,8 @@ pub enum EventReason {
     AddressConflict,
     /// Node mode: the later of two Services on one port stays pending.
     PortConflict,
+    /// Writing a frontend into a node's maps failed; the node retries.
+    ProgrammingFailed,
 }
 
 impl EventReason {
@@ -26,6 +28,7 @@ impl EventReason {
             EventReason::InvalidSpec => "InvalidSpec",
             EventReason::AddressConflict => "AddressConflict",
             EventReason::PortConflict => "PortConflict",
+            EventReason::ProgrammingFailed => "ProgrammingFailed",
         }
     }
 }
