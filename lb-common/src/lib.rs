@@ -419,6 +419,8 @@ mod tests {
             redirected: 2 * n,
             translated_passed: 3 * n,
             malformed: 4 * n,
+            icmp_translated: 5 * n,
+            frag_needed_sent: 6 * n,
         };
         assert_eq!(GlobalStats::accumulate(&[node(2), node(5)]), node(7));
     }

@@ -918,6 +918,8 @@ fn configuration_errors_are_reported_before_anything_is_attached_or_pinned() -> 
             pins.display()
         );
     }
+    Ok(())
+}
 
 /// The agent's endpoint, scraped from inside the node's namespace.
 const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9479);

@@ -129,6 +129,18 @@ pub const GLOBAL_COUNTERS: &[Field<GlobalStats>] = &[
         label: None,
         read: |g| g.malformed,
     },
+    Field {
+        family: "xlb_icmp_errors_translated_packets",
+        help: "ICMP errors quoting a translated flow, translated and sent on to the end that sent the quoted packet",
+        label: None,
+        read: |g| g.icmp_translated,
+    },
+    Field {
+        family: "xlb_frag_needed_sent_packets",
+        help: "ICMP 'fragmentation needed' sent for translated packets with DF too big for their route",
+        label: None,
+        read: |g| g.frag_needed_sent,
+    },
 ];
 
 /// What one scrape read from the datapath.

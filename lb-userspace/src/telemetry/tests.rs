@@ -68,6 +68,8 @@ fn snapshot() -> Snapshot {
             redirected: 20,
             translated_passed: 30,
             malformed: 1,
+            icmp_translated: 2,
+            frag_needed_sent: 3,
         },
         flow_capacity: 262_144,
         interfaces: vec![("uplink".into(), "xdp"), ("uplink".into(), "tcx-egress")],
