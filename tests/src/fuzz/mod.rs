@@ -17,11 +17,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions};
 
 use crate::{
     netns::{Namespace, scoped_in_netns},
-    packet::{TestRunSpec, test_run},
+    packet::{TestRunSpec, test_run, test_run_tc},
 };
 use generator::{Generator, KnownFlow};
 use model::{Expect, Model};
@@ -135,20 +134,6 @@ pub fn run(settings: &Settings) -> Result<Report> {
     scoped_in_netns(ns.name(), || run_inside(settings, &routes))?
 }
 
-fn tc_run(program: &SchedClassifier, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = program.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(out.as_mut_slice()),
-        ctx_in: None,
-        ctx_out: None,
-        repeat: 1,
-        attrs: TestRunAttrs::new(),
-    })?;
-    out.truncate(result.data_size_out as usize);
-    Ok((result.return_value, out))
-}
-
 /// `BPF_PROG_TEST_RUN` builds no skb (EINVAL) from a frame of 14 bytes or
 /// less, nor from an untagged IPv4 or IPv6 frame shorter than its network
 /// header (seen on 6.18); such frames never reach a tc program that way.
@@ -192,8 +177,8 @@ fn run_inside(settings: &Settings, routes: &fixture::Routes) -> Result<Report> {
                 let outcome = outcome.with_context(|| refused(index, &case))?;
                 (outcome.verdict, outcome.frame)
             }
-            p => match tc_run(fixture.tc(p.name())?, &case.frame) {
-                Ok(run) => run,
+            p => match test_run_tc(fixture.tc(p.name())?, &case.frame) {
+                Ok((verdict, frame)) => (verdict as u32, frame),
                 Err(_) if tc_refuses(&case.frame) => {
                     *report
                         .outcomes
