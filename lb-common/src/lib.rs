@@ -293,6 +293,9 @@ pub struct GlobalStats {
     /// "Fragmentation needed" sent for translated packets with DF that did
     /// not fit the device they would leave through.
     pub frag_needed_sent: u64,
+    /// Packets matching a reply entry that arrived through an interface the
+    /// route to their source does not use: passed untranslated.
+    pub reply_wrong_interface: u64,
 }
 
 impl GlobalStats {
@@ -306,6 +309,7 @@ impl GlobalStats {
             sum.malformed += s.malformed;
             sum.icmp_translated += s.icmp_translated;
             sum.frag_needed_sent += s.frag_needed_sent;
+            sum.reply_wrong_interface += s.reply_wrong_interface;
         }
         sum
     }
@@ -316,6 +320,10 @@ pub const CONFIG_KEY: u32 = 0;
 
 /// Use `bpf_redirect_map` for translated packets when possible.
 pub const CONFIG_F_REDIRECT: u32 = 1 << 0;
+/// Translate a packet that matches a reply entry at an ingress hook only if
+/// it came in through the interface the route to its source leaves by
+/// (audit A-12: no reply injection from the client side).
+pub const CONFIG_F_REVERSE_PATH: u32 = 1 << 1;
 
 /// `CONFIG` value, written by the agent before any service.
 #[repr(C)]
@@ -421,6 +429,7 @@ mod tests {
             malformed: 4 * n,
             icmp_translated: 5 * n,
             frag_needed_sent: 6 * n,
+            reply_wrong_interface: 7 * n,
         };
         assert_eq!(GlobalStats::accumulate(&[node(2), node(5)]), node(7));
     }

@@ -22,6 +22,7 @@ mod icmp;
 mod maps;
 mod nat;
 mod packet;
+mod reverse_path;
 mod snat;
 mod stats;
 mod tc_path;

@@ -17,8 +17,8 @@ use crate::{
     hash::flow_hash,
     maps::{AFFINITY, BACKENDS, FLOWS, MAGLEV, NewFlowScratch, SCRATCH, SERVICES, SOURCE_RANGES},
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    snat,
-    stats::service as stats,
+    reverse_path, snat,
+    stats::{global, service as stats},
 };
 
 /// How often a flow's `last_seen_ns` is refreshed: writing it on every packet
@@ -36,12 +36,47 @@ pub enum Verdict {
     Drop,
 }
 
+/// Where a packet is seen: replies seen at an ingress hook must pass the
+/// reverse-path check (`reverse_path.rs`) before they change anything.
+#[derive(Clone, Copy)]
+pub enum Arrival {
+    Egress,
+    Ingress {
+        ctx: *mut core::ffi::c_void,
+        ifindex: u32,
+    },
+}
+
+/// What the flow table says of a packet.
+pub enum Lookup {
+    /// Its entry: the tuple to rewrite it to.
+    Hit(&'static Flow),
+    /// No entry (or one that must start afresh).
+    Miss,
+    /// It matches a reply entry but came in where the backend's replies do
+    /// not: it is left alone, and the entry untouched.
+    Refused,
+}
+
 /// Looks the packet's tuple up in `FLOWS`, refreshes the entry and follows
 /// the TCP state the packet proves (see `tcp_state`).
 #[inline(always)]
-pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64) -> Option<&'static Flow> {
-    let flow = FLOWS.get_ptr_mut(key)?;
+pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64, arrival: Arrival) -> Lookup {
+    let Some(flow) = FLOWS.get_ptr_mut(key) else {
+        return Lookup::Miss;
+    };
     let flow = unsafe { &mut *flow };
+    if flow.flags & FLOW_F_REPLY != 0
+        && let Arrival::Ingress { ctx, ifindex } = arrival
+    {
+        let (src, dst) = reverse_path::addresses(key);
+        if !reverse_path::holds(ctx, ifindex, src, dst) {
+            if let Some(g) = global() {
+                g.reply_wrong_interface += 1;
+            }
+            return Lookup::Refused;
+        }
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(flow.last_seen_ns) > TOUCH_INTERVAL_NS {
         flow.last_seen_ns = now;
@@ -55,7 +90,7 @@ pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64) -> Option<&'stati
             // starts afresh (new_flow overwrites the forward entry); the old
             // reply entry goes now, so nothing is left that names it.
             let _ = FLOWS.remove(reply_key_of(key, flow));
-            return None;
+            return Lookup::Miss;
         }
         tcp_state(flow, tcp_flags);
     }
@@ -71,7 +106,7 @@ pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64) -> Option<&'stati
             s.bytes += bytes;
         }
     }
-    Some(flow)
+    Lookup::Hit(flow)
 }
 
 /// The flags a TCP packet may change on its entry. Without sequence tracking

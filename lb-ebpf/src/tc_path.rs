@@ -29,7 +29,7 @@ use lb_common::{FLOW_F_REPLY, Flow, PROTO_UDP};
 use crate::{
     icmp::{self, ErrorRewrite},
     maps::FLOWS,
-    nat::{self, Verdict},
+    nat::{self, Arrival, Lookup, Verdict},
     packet::{
         EthHdr, IPV4_CHECK_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, MAX_HEADERS_LEN,
         PORTS_DEST_OFFSET, PORTS_SOURCE_OFFSET, Parsed, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
@@ -78,8 +78,8 @@ pub fn egress(ctx: &TcContext) -> i32 {
     let bytes = parsed.ip_len as u64;
     // Only reply entries apply at egress: forward entries are the ingress
     // hook's.
-    match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
-        Some(flow) if flow.flags & FLOW_F_REPLY != 0 => {
+    match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes, Arrival::Egress) {
+        Lookup::Hit(flow) if flow.flags & FLOW_F_REPLY != 0 => {
             if rewrite(ctx, &parsed, flow).is_err() {
                 return TC_ACT_SHOT;
             }
@@ -116,12 +116,19 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         Err(_) => return Verdict::Pass.tc_action(),
     };
     let bytes = parsed.ip_len as u64;
-    let flow = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
-        Some(flow) => flow,
-        None => match nat::new_flow(ctx.skb.skb.cast(), &parsed.key, parsed.tcp_flags, bytes) {
-            Ok(flow) => flow,
-            Err(verdict) => return verdict.tc_action(),
-        },
+    let arrival = Arrival::Ingress {
+        ctx: ctx.skb.skb.cast(),
+        ifindex: unsafe { (*ctx.skb.skb).ingress_ifindex },
+    };
+    let flow = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes, arrival) {
+        Lookup::Hit(flow) => flow,
+        Lookup::Refused => return TCX_NEXT,
+        Lookup::Miss => {
+            match nat::new_flow(ctx.skb.skb.cast(), &parsed.key, parsed.tcp_flags, bytes) {
+                Ok(flow) => flow,
+                Err(verdict) => return verdict.tc_action(),
+            }
+        }
     };
     if parsed.df
         && ctx.len() as usize > parsed.l3 + ALWAYS_FITS

@@ -16,7 +16,7 @@ use crate::{
     checksum::CsumDelta,
     icmp,
     maps::{CONFIG, FLOWS, ROUTE, TX_PORTS},
-    nat::{self, Verdict},
+    nat::{self, Arrival, Lookup, Verdict},
     packet::{
         EthHdr, IPV4_TTL_OFFSET, Ipv4Hdr, Parsed, Ports, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
         VlanHdr, parse, ptr_at, v4_raw,
@@ -44,9 +44,14 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Err(_) => return pass(),
     };
     let bytes = parsed.ip_len as u64;
-    let flow = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes) {
-        Some(flow) => flow,
-        None => match nat::new_flow(ctx.ctx.cast(), &parsed.key, parsed.tcp_flags, bytes) {
+    let arrival = Arrival::Ingress {
+        ctx: ctx.ctx.cast(),
+        ifindex: ctx.ingress_ifindex() as u32,
+    };
+    let flow = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes, arrival) {
+        Lookup::Hit(flow) => flow,
+        Lookup::Refused => return xdp_action::XDP_PASS,
+        Lookup::Miss => match nat::new_flow(ctx.ctx.cast(), &parsed.key, parsed.tcp_flags, bytes) {
             Ok(flow) => flow,
             Err(verdict) => return verdict.xdp_action(),
         },

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::Ebpf;
-use lb_common::{CONFIG_F_REDIRECT, Config};
+use lb_common::{CONFIG_F_REDIRECT, CONFIG_F_REVERSE_PATH, Config};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -100,6 +100,13 @@ pub struct AgentConfig {
     /// Never redirect in XDP; hand every translated packet to the kernel.
     #[arg(long, env = "XLB_NO_REDIRECT")]
     pub no_redirect: bool,
+    /// Translate a packet that matches a flow's reply tuple whatever
+    /// interface it arrives on. By default such a packet is translated only
+    /// when it comes in through the interface the route to its source (the
+    /// backend) leaves by, so a spoofed backend address on the client side
+    /// cannot inject into a flow; turn this on only for asymmetric routing.
+    #[arg(long, env = "XLB_NO_REVERSE_PATH_CHECK")]
+    pub no_reverse_path_check: bool,
     /// Which hook runs the forward path: `auto` (native XDP on physical
     /// NICs; tcx ingress on virtual devices such as veth, whose packets carry
     /// offloaded checksums XDP cannot see, and where native XDP fails),
@@ -527,6 +534,10 @@ fn node_config_value(node_addr: Option<Ipv4Addr>, cfg: &AgentConfig) -> Config {
             0
         } else {
             CONFIG_F_REDIRECT
+        } | if cfg.no_reverse_path_check {
+            0
+        } else {
+            CONFIG_F_REVERSE_PATH
         },
     }
 }

@@ -155,6 +155,7 @@ pub fn rows(
                 "malformed": g.malformed,
                 "icmp_translated": g.icmp_translated,
                 "frag_needed_sent": g.frag_needed_sent,
+                "reply_wrong_interface": g.reply_wrong_interface,
             }));
         }
     }

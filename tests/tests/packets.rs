@@ -15,8 +15,8 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use lb_common::{
-    Be16, Config, FAMILY_V4, FLOW_F_ACKED, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_RESET, Flow,
-    FlowKey, GlobalStats, ServiceStats,
+    Be16, CONFIG_F_REVERSE_PATH, Config, FAMILY_V4, FLOW_F_ACKED, FLOW_F_ANSWERED, FLOW_F_CLOSING,
+    FLOW_F_RESET, Flow, FlowKey, GlobalStats, ServiceStats,
 };
 use xlb::{
     conntrack::Timeouts,
@@ -776,5 +776,43 @@ fn other_icmp_passes_untouched() -> Result<()> {
     assert_eq!(verdict, TCX_NEXT);
     assert_eq!(out, input, "egress leaves forward-direction errors alone");
     assert_eq!(dp.global()?.icmp_translated, 0);
+    Ok(())
+}
+
+/// Audit A-12: with the reverse-path check on (the agent's default), a
+/// packet that matches a SNAT'd flow's reply tuple but comes in through an
+/// interface the route to the backend does not use (here loopback, where
+/// the test runs frames) is not translated and changes nothing: a forged
+/// RST leaves the reply entry as it was. With the check off, the same
+/// packet is translated (what the check guards against).
+#[test]
+fn a_reply_from_the_wrong_side_is_not_translated() -> Result<()> {
+    let mut dp = Datapath::new()?;
+    let config = |flags| Config {
+        node_addr: lb_common::addr_v4(NODE.octets()),
+        snat_port_min: 32768,
+        snat_port_max: 60999,
+        flags,
+    };
+    let client = (CLIENT, 41005);
+    let (_, forwarded) = dp.run(&tcp(client, (FRONTEND, SNAT_PORT), TCP_SYN))?;
+    let snat = src_of(&forwarded, 14);
+    let before = dp.flow((REMOTE, 8080), snat).context("reply entry")?;
+    dp.maps.write_config(&config(CONFIG_F_REVERSE_PATH))?;
+    let forged = tcp((REMOTE, 8080), snat, TCP_RST);
+    let (verdict, out) = dp.run(&forged)?;
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, forged, "not translated");
+    assert_eq!(dp.global()?.reply_wrong_interface, 1);
+    let after = dp.flow((REMOTE, 8080), snat).context("reply entry")?;
+    assert_eq!(after.flags, before.flags, "the entry is untouched");
+
+    dp.maps.write_config(&config(0))?;
+    let (_, out) = dp.run(&tcp((REMOTE, 8080), snat, TCP_SYN | TCP_ACK))?;
+    assert_eq!(
+        dst_of(&out, 14),
+        client,
+        "without the check it is translated"
+    );
     Ok(())
 }

@@ -141,6 +141,12 @@ pub const GLOBAL_COUNTERS: &[Field<GlobalStats>] = &[
         label: None,
         read: |g| g.frag_needed_sent,
     },
+    Field {
+        family: "xlb_reply_wrong_interface_packets",
+        help: "Packets matching a flow's reply tuple that came in through an interface the route to their source does not use, passed untranslated",
+        label: None,
+        read: |g| g.reply_wrong_interface,
+    },
 ];
 
 /// What one scrape read from the datapath.

@@ -70,6 +70,7 @@ fn snapshot() -> Snapshot {
             malformed: 1,
             icmp_translated: 2,
             frag_needed_sent: 3,
+            reply_wrong_interface: 4,
         },
         flow_capacity: 262_144,
         interfaces: vec![("uplink".into(), "xdp"), ("uplink".into(), "tcx-egress")],

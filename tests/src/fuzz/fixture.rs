@@ -12,7 +12,7 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, Xdp},
 };
-use lb_common::{CONFIG_F_REDIRECT, Config};
+use lb_common::{CONFIG_F_REDIRECT, CONFIG_F_REVERSE_PATH, Config};
 use xlb::{
     dataplane::{self, Limits, Maps, PinDir},
     model::{Backend, DesiredState, Frontend, FrontendSpec, Protocol, ServiceRef, SourceRange},
@@ -273,7 +273,7 @@ impl Fixture {
             node_addr: lb_common::addr_v4(NODE),
             snat_port_min: 32768,
             snat_port_max: 60999,
-            flags: CONFIG_F_REDIRECT,
+            flags: CONFIG_F_REDIRECT | CONFIG_F_REVERSE_PATH,
         })?;
         let mut ifindexes = Vec::new();
         for link in &routes.interfaces {

@@ -1,0 +1,60 @@
+//! The reverse-path check of replies (audit A-12). A packet that matches a
+//! flow's reply tuple is translated towards the client; anyone who can put
+//! a packet with a backend's source address on the node's client side could
+//! otherwise inject into a flow by guessing its SNAT port. Replies of
+//! remote backends come in through the interface the route to the backend
+//! leaves by; one arriving anywhere else is not theirs. (Replies of
+//! node-local backends are translated at tc egress, after the kernel routed
+//! them, and are not checked here.)
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup},
+    helpers::bpf_fib_lookup as fib_lookup,
+};
+use lb_common::{CONFIG_F_REVERSE_PATH, CONFIG_KEY, FlowKey};
+
+use crate::{
+    maps::{CONFIG, ROUTE},
+    packet::v4_raw,
+};
+
+const AF_INET: u8 = 2;
+
+/// Did a packet with flow key `key` come in through `ifindex`, the
+/// interface the route to its source leaves by? True when the check is off
+/// (`--no-reverse-path-check`).
+// Not inlined, and scalars only: its lookup gets a frame of its own, off
+// the hook's.
+#[inline(never)]
+pub fn holds(ctx: *mut core::ffi::c_void, ifindex: u32, src: u32, dst: u32) -> bool {
+    let on = CONFIG
+        .get(CONFIG_KEY)
+        .is_some_and(|c| c.flags & CONFIG_F_REVERSE_PATH != 0);
+    if !on {
+        return true;
+    }
+    let Some(fib) = ROUTE.get_ptr_mut(0) else {
+        return false;
+    };
+    let fib = unsafe { &mut *fib };
+    *fib = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.ifindex = ifindex;
+    fib.__bindgen_anon_3.ipv4_src = dst;
+    fib.__bindgen_anon_4.ipv4_dst = src;
+    let rc = unsafe {
+        fib_lookup(
+            ctx,
+            fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && fib.ifindex == ifindex
+}
+
+/// The key's source and destination as raw IPv4 addresses.
+#[inline(always)]
+pub fn addresses(key: &FlowKey) -> (u32, u32) {
+    (v4_raw(&key.src_addr), v4_raw(&key.dst_addr))
+}
