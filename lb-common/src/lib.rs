@@ -389,7 +389,7 @@ mod tests {
         );
         assert_eq!(
             (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
-            (32, 8)
+            (56, 8)
         );
         assert_eq!((size_of::<Config>(), align_of::<Config>()), (24, 4));
     }
