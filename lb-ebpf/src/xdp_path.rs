@@ -62,11 +62,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
 /// Routes, rewrites and sends a packet of a flow.
 #[inline(always)]
 fn forward(ctx: &XdpContext, parsed: &Parsed, flow: &Flow) -> u32 {
-    let Some(fib) = ROUTE.get_ptr_mut(0) else {
-        return xdp_action::XDP_DROP;
-    };
-    let fib = unsafe { &mut *fib };
-    let route = route(ctx, parsed, flow, fib);
+    let route = route(ctx, parsed, flow);
     if let Route::TooBig { mtu } = route {
         return frag_needed(ctx.ctx, parsed.l3, mtu);
     }
@@ -74,7 +70,7 @@ fn forward(ctx: &XdpContext, parsed: &Parsed, flow: &Flow) -> u32 {
         return xdp_action::XDP_DROP;
     }
     match route {
-        Route::Redirect => redirect(ctx, parsed.l3, fib),
+        Route::Redirect(fib) => redirect(ctx, parsed.l3, fib),
         _ => translated_passed(),
     }
 }
@@ -107,7 +103,7 @@ fn icmp_error(xdp: *mut xdp_md, l3: usize) -> u32 {
     };
     let fib = unsafe { &mut *fib };
     match lookup(ctx, l3, fib) {
-        Route::Redirect => redirect(ctx, l3, fib),
+        Route::Redirect(fib) => redirect(ctx, l3, fib),
         _ => translated_passed(),
     }
 }
@@ -194,8 +190,8 @@ fn translated_passed() -> u32 {
 /// Where a translated packet goes.
 enum Route {
     /// `bpf_fib_lookup` found the route and the neighbour, and the egress
-    /// device is in `TX_PORTS`: the lookup result says how.
-    Redirect,
+    /// device is in `TX_PORTS`: the lookup result (in `XLB_ROUTE`) says how.
+    Redirect(&'static bpf_fib_lookup),
     /// The kernel routes it (and resolves the neighbour for later packets).
     Pass,
     /// It has DF set and does not fit the egress device's MTU.
@@ -211,7 +207,7 @@ const ALWAYS_FITS: u16 = 576;
 /// with its original header intact. The lookup is made for every packet when
 /// redirects are on, and otherwise only for those that might not fit.
 #[inline(always)]
-fn route(ctx: &XdpContext, p: &Parsed, flow: &Flow, fib: &mut bpf_fib_lookup) -> Route {
+fn route(ctx: &XdpContext, p: &Parsed, flow: &Flow) -> Route {
     let redirect_on = CONFIG
         .get(CONFIG_KEY)
         .map(|c| c.flags & CONFIG_F_REDIRECT != 0)
@@ -224,6 +220,12 @@ fn route(ctx: &XdpContext, p: &Parsed, flow: &Flow, fib: &mut bpf_fib_lookup) ->
     let Ok(ip) = ptr_at::<Ipv4Hdr>(data, data_end, p.l3) else {
         return Route::Pass;
     };
+    // Looked up only when a route lookup is made: most packets with
+    // redirects off need none.
+    let Some(fib) = ROUTE.get_ptr_mut(0) else {
+        return Route::Pass;
+    };
+    let fib = unsafe { &mut *fib };
     // The room is shared: nothing of the last packet's lookup may remain.
     *fib = unsafe { core::mem::zeroed() };
     unsafe {
@@ -245,7 +247,7 @@ fn route(ctx: &XdpContext, p: &Parsed, flow: &Flow, fib: &mut bpf_fib_lookup) ->
 
 /// Looks up the route of the (already translated) packet at `l3`.
 #[inline(always)]
-fn lookup(ctx: &XdpContext, l3: usize, fib: &mut bpf_fib_lookup) -> Route {
+fn lookup(ctx: &XdpContext, l3: usize, fib: &'static mut bpf_fib_lookup) -> Route {
     let redirect_on = CONFIG
         .get(CONFIG_KEY)
         .map(|c| c.flags & CONFIG_F_REDIRECT != 0)
@@ -275,7 +277,7 @@ fn lookup(ctx: &XdpContext, l3: usize, fib: &mut bpf_fib_lookup) -> Route {
 }
 
 #[inline(always)]
-fn fib_result(ctx: &XdpContext, fib: &mut bpf_fib_lookup, redirect_on: bool) -> Route {
+fn fib_result(ctx: &XdpContext, fib: &'static mut bpf_fib_lookup, redirect_on: bool) -> Route {
     let rc = unsafe {
         fib_lookup(
             ctx.ctx.cast(),
@@ -293,7 +295,7 @@ fn fib_result(ctx: &XdpContext, fib: &mut bpf_fib_lookup, redirect_on: bool) -> 
     {
         return Route::Pass;
     }
-    Route::Redirect
+    Route::Redirect(fib)
 }
 
 /// Sends the rewritten packet to the device and neighbour the lookup found.
