@@ -296,6 +296,10 @@ pub struct GlobalStats {
     /// Packets matching a reply entry that arrived through an interface the
     /// route to their source does not use: passed untranslated.
     pub reply_wrong_interface: u64,
+    /// Flow entries put back by their partner after the LRU flow table had
+    /// evicted them (one half of a pair gone: the table is too small for
+    /// the flows it holds).
+    pub flow_halves_restored: u64,
 }
 
 impl GlobalStats {
@@ -310,6 +314,7 @@ impl GlobalStats {
             sum.icmp_translated += s.icmp_translated;
             sum.frag_needed_sent += s.frag_needed_sent;
             sum.reply_wrong_interface += s.reply_wrong_interface;
+            sum.flow_halves_restored += s.flow_halves_restored;
         }
         sum
     }
@@ -389,7 +394,7 @@ mod tests {
         );
         assert_eq!(
             (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
-            (56, 8)
+            (64, 8)
         );
         assert_eq!((size_of::<Config>(), align_of::<Config>()), (24, 4));
     }
@@ -430,6 +435,7 @@ mod tests {
             icmp_translated: 5 * n,
             frag_needed_sent: 6 * n,
             reply_wrong_interface: 7 * n,
+            flow_halves_restored: 8 * n,
         };
         assert_eq!(GlobalStats::accumulate(&[node(2), node(5)]), node(7));
     }

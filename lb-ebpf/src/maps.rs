@@ -35,6 +35,16 @@ pub static MAGLEV: Array<u32> = Array::pinned((4096 + 256) * MAGLEV_TABLE_SIZE, 
 #[map(name = "XLB_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(262144, 0);
 
+/// Who holds each SNAT port: the reply key a SNAT'd flow claimed (backend →
+/// node:port) → the forward key of that flow. The LRU flow table may evict
+/// one entry of a pair; a port is free only when neither its reply entry
+/// nor a live forward entry that rewrites to it exists, and only this map
+/// (never evicted) can say which forward entry that is (audit A-6). Written
+/// by XDP/TC when a port is claimed; stale owners (forward gone or moved
+/// on) are taken over by the next claim or deleted by the agent's sweeper.
+#[map(name = "XLB_SNAT_OWNERS")]
+pub static SNAT_OWNERS: HashMap<FlowKey, FlowKey> = HashMap::pinned(131072, 0);
+
 /// `sessionAffinity: ClientIP` pins. Written and read by XDP.
 #[map(name = "XLB_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(65536, 0);

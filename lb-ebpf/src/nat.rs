@@ -80,6 +80,9 @@ pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64, arrival: Arrival)
     let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(flow.last_seen_ns) > TOUCH_INTERVAL_NS {
         flow.last_seen_ns = now;
+        // Once a second per entry, not per packet: is the other half still
+        // there?
+        keep_pair(key, flow, now);
     }
     if key.proto == PROTO_TCP {
         if tcp_flags & TCP_SYN != 0
@@ -107,6 +110,49 @@ pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64, arrival: Arrival)
         }
     }
     Lookup::Hit(flow)
+}
+
+/// A flow is a pair that lives and dies together, but the flow table is an
+/// LRU map that evicts entries one at a time: a one-way stream keeps its
+/// forward entry hot while the reply entry goes cold and may be evicted
+/// (audit A-6), or the reverse. The surviving half, still in use, puts the
+/// missing one back. `BPF_NOEXIST`: if the key has been taken meanwhile (a
+/// new connection on the same tuple), it is left to its new owner. A SNAT
+/// port cannot have been taken, `XLB_SNAT_OWNERS` keeps it while this
+/// entry lives.
+// Not inlined and working in the scratch map: it runs once a second per
+// entry, and its key and value would not fit the hook's 512-byte frame.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
+fn keep_pair(key: &FlowKey, flow: &Flow, now: u64) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let scratch = unsafe { &mut *scratch };
+    // The partner's key answers this entry's rewrite; its value rewrites
+    // back to this entry's key (`conntrack::partner_key` in the agent).
+    scratch.other_key = reply_key_of(key, flow);
+    if FLOWS.get_ptr(&scratch.other_key).is_some() {
+        return;
+    }
+    scratch.reply = Flow {
+        last_seen_ns: now,
+        src_addr: key.dst_addr,
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        service_id: flow.service_id,
+        backend_id: flow.backend_id,
+        flags: (flow.flags ^ FLOW_F_REPLY) & (FLOW_F_REPLY | FLOW_F_SNAT),
+        _pad: [0; 3],
+    };
+    if FLOWS
+        .insert(&scratch.other_key, &scratch.reply, BPF_NOEXIST as u64)
+        .is_ok()
+        && let Some(g) = global()
+    {
+        g.flow_halves_restored += 1;
+    }
 }
 
 /// The flags a TCP packet may change on its entry. Without sequence tracking

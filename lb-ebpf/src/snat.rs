@@ -10,7 +10,7 @@ use lb_common::{Be16, CONFIG_KEY, FlowKey, PROTO_TCP};
 
 use crate::{
     hash::mix,
-    maps::{CONFIG, FLOWS, NewFlowScratch},
+    maps::{CONFIG, FLOWS, NewFlowScratch, SNAT_OWNERS},
     packet::v4_raw,
 };
 
@@ -20,8 +20,10 @@ const SNAT_TRIES: u32 = 32;
 
 /// Picks a node port for a source-translated flow and inserts its reply
 /// entry. A port is taken only if no flow of ours uses it towards this
-/// backend (`BPF_NOEXIST` insert, so two CPUs cannot take the same one) and
-/// the node itself has no socket that would receive the backend's replies.
+/// backend (no reply entry, and no live forward entry that rewrites to it:
+/// see `held_by_live_flow`), the node itself has no socket that would
+/// receive the backend's replies, and the claiming `BPF_NOEXIST` insert
+/// wins (so two CPUs cannot take the same one).
 // Map keys and values are passed by reference into the scratch map: by
 // value they would be copied onto the 512-byte BPF stack they are kept off.
 #[allow(clippy::needless_borrows_for_generic_args)]
@@ -67,7 +69,7 @@ pub fn allocate(
         // A plain lookup first: cheap, and unlike a failing insert into a
         // full LRU map it never evicts anything. Only a free port pays for
         // the socket lookup and the claiming insert.
-        if FLOWS.get_ptr(&scratch.reply_key).is_some() {
+        if FLOWS.get_ptr(&scratch.reply_key).is_some() || held_by_live_flow(scratch) {
             continue;
         }
         scratch.tuple.__bindgen_anon_1.ipv4.dport = port.wire();
@@ -78,10 +80,39 @@ pub fn allocate(
             .insert(&scratch.reply_key, &scratch.reply, BPF_NOEXIST as u64)
             .is_ok()
         {
+            // The port is ours once its owner is recorded; without the
+            // record an eviction of the reply entry could hand it out again
+            // while this flow lives, so no record, no flow.
+            if SNAT_OWNERS.insert(&scratch.reply_key, key, 0).is_err() {
+                let _ = FLOWS.remove(&scratch.reply_key);
+                return None;
+            }
             return Some((config.node_addr, port));
         }
     }
     None
+}
+
+/// The reply entry of a SNAT port is gone, but is the port still used? Its
+/// owner's forward entry may be alive (the LRU evicted only the reply half):
+/// then the backend would see two clients as one peer, and every reply would
+/// go to the newer one (audit A-6). The port is held while the owner's entry
+/// still rewrites to exactly this tuple; an owner whose entry is gone or
+/// now leads elsewhere (a new connection on its tuple) holds nothing.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+fn held_by_live_flow(scratch: &NewFlowScratch) -> bool {
+    let Some(owner) = (unsafe { SNAT_OWNERS.get(&scratch.reply_key) }) else {
+        return false;
+    };
+    let Some(forward) = (unsafe { FLOWS.get(owner) }) else {
+        return false;
+    };
+    let reply = &scratch.reply_key;
+    forward.dst_addr == reply.src_addr
+        && forward.dst_port == reply.src_port
+        && forward.src_addr == reply.dst_addr
+        && forward.src_port == reply.dst_port
 }
 
 /// Would the node's own stack receive the packet `tuple` describes (the

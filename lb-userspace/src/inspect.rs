@@ -156,6 +156,7 @@ pub fn rows(
                 "icmp_translated": g.icmp_translated,
                 "frag_needed_sent": g.frag_needed_sent,
                 "reply_wrong_interface": g.reply_wrong_interface,
+                "flow_halves_restored": g.flow_halves_restored,
             }));
         }
     }

@@ -34,6 +34,7 @@ const XDP_PASS: u32 = 2;
 const FRONTEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+const CLIENT2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 8);
 const FRONTEND2: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 2);
 const REMOTE2: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 3);
@@ -570,6 +571,87 @@ fn the_sweeper_never_deletes_a_live_flow_as_an_old_entrys_partner() -> Result<()
         dp.flow(client, to).is_some() && dp.flow((REMOTE, 8080), new_snat).is_some(),
         "the live connection must stay whole"
     );
+    Ok(())
+}
+
+/// Audit A-6: the LRU flow table evicts entries one at a time. When it
+/// drops the reply half of a SNAT'd flow whose forward half is still in use,
+/// the SNAT port must stay that flow's (a second client given the same port
+/// would receive the first one's replies), and the surviving half puts the
+/// missing one back. The eviction is made by deleting the entry: the
+/// datapath cannot tell one from the other.
+#[test]
+fn an_evicted_half_never_frees_its_snat_port_and_is_put_back() -> Result<()> {
+    let mut dp = Datapath::new()?;
+    // One SNAT port: whoever takes it must be the only one.
+    dp.maps.write_config(&Config {
+        node_addr: lb_common::addr_v4(NODE.octets()),
+        snat_port_min: 40000,
+        snat_port_max: 40000,
+        flags: 0,
+    })?;
+    let to = (FRONTEND, SNAT_PORT);
+    let (first, second) = ((CLIENT, 41000), (CLIENT2, 41001));
+    let (_, out) = dp.run(&tcp(first, to, TCP_SYN))?;
+    let snat = src_of(&out, 14);
+    assert_eq!(snat, (NODE, 40000));
+    let reply_key = tcp_key((REMOTE, 8080), snat);
+    dp.maps.flows.remove(&reply_key)?;
+
+    // The port is still held by the first client's live forward entry.
+    let input = tcp(second, to, TCP_SYN);
+    let (verdict, out) = dp.run(&input)?;
+    assert_eq!(verdict, XDP_DROP, "no free port: the new flow is refused");
+    assert_eq!(out, input);
+    let service = frontend(FRONTEND, SNAT_PORT, Protocol::Tcp);
+    assert_eq!(dp.stats_of(&service)?.drop_snat_exhausted, 1);
+    assert!(
+        dp.flow((REMOTE, 8080), snat).is_none(),
+        "the port was not given to the second client"
+    );
+
+    // The first client's next packet, a second after the last one it
+    // refreshed, puts the reply half back; the backend's answer reaches it.
+    let mut forward = dp.flow(first, to).context("forward entry")?;
+    forward.last_seen_ns = xlb::netdev::monotonic_ns() - 2_000_000_000;
+    dp.maps.flows.insert(tcp_key(first, to), forward, 0)?;
+    let (_, out) = dp.run(&tcp(first, to, TCP_ACK))?;
+    assert_eq!(src_of(&out, 14), snat);
+    assert_eq!(dp.global()?.flow_halves_restored, 1);
+    let (_, out) = dp.run(&tcp((REMOTE, 8080), snat, TCP_SYN | TCP_ACK))?;
+    assert_eq!(dst_of(&out, 14), first, "the reply reaches its own client");
+    assert_eq!(src_of(&out, 14), to);
+
+    // The other way round: the forward half evicted, a reply puts it back.
+    dp.maps.flows.remove(&tcp_key(first, to))?;
+    let mut reply = dp.flow((REMOTE, 8080), snat).context("reply entry")?;
+    reply.last_seen_ns = xlb::netdev::monotonic_ns() - 2_000_000_000;
+    dp.maps.flows.insert(reply_key, reply, 0)?;
+    dp.run(&tcp((REMOTE, 8080), snat, TCP_ACK))?;
+    assert_eq!(dp.global()?.flow_halves_restored, 2);
+    let (_, out) = dp.run(&tcp(first, to, TCP_ACK))?;
+    assert_eq!(dst_of(&out, 14), (REMOTE, 8080));
+    assert_eq!(src_of(&out, 14), snat, "same backend, same SNAT port");
+
+    // Once the flow is gone for good, the sweeper frees its owner record
+    // and the port serves the next client.
+    dp.maps.flows.remove(&tcp_key(first, to))?;
+    dp.maps.flows.remove(&reply_key)?;
+    let id = dp
+        .maps
+        .services
+        .get(&frontend_key(&service)?, 0)?
+        .service_id;
+    let summary = dp.maps.sweep_flows(
+        &Timeouts::default(),
+        &[id].into(),
+        &std::collections::HashSet::new(),
+    );
+    assert_eq!(summary.stale_owners, 1, "{summary:?}");
+    let (_, out) = dp.run(&tcp(second, to, TCP_SYN))?;
+    assert_eq!(src_of(&out, 14), snat, "the freed port is taken again");
+    let (_, out) = dp.run(&tcp((REMOTE, 8080), snat, TCP_SYN | TCP_ACK))?;
+    assert_eq!(dst_of(&out, 14), second);
     Ok(())
 }
 

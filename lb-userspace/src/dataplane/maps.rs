@@ -18,6 +18,8 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub maglev: Array<MapData, u32>,
     pub flows: HashMap<MapData, FlowKey, Flow>,
+    /// SNAT reply key → the forward key that holds the port.
+    pub snat_owners: HashMap<MapData, FlowKey, FlowKey>,
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub stats: PerCpuArray<MapData, ServiceStats>,
@@ -32,6 +34,7 @@ pub mod names {
     pub const BACKENDS: &str = "XLB_BACKENDS";
     pub const MAGLEV: &str = "XLB_MAGLEV";
     pub const FLOWS: &str = "XLB_FLOWS";
+    pub const SNAT_OWNERS: &str = "XLB_SNAT_OWNERS";
     pub const AFFINITY: &str = "XLB_AFFINITY";
     pub const SOURCE_RANGES: &str = "XLB_SRC_RANGES";
     pub const STATS: &str = "XLB_STATS";
@@ -85,6 +88,7 @@ impl Maps {
             backends: typed!(names::BACKENDS),
             maglev: typed!(names::MAGLEV),
             flows: typed!(names::FLOWS),
+            snat_owners: typed!(names::SNAT_OWNERS),
             affinity: typed!(names::AFFINITY),
             source_ranges: typed!(names::SOURCE_RANGES),
             stats: typed!(names::STATS),
@@ -180,6 +184,17 @@ fn absent_is_none<V>(r: Result<V, aya::maps::MapError>) -> Result<Option<V>, aya
     }
 }
 
+/// Does a forward entry (found at an owner's key) still rewrite to the SNAT
+/// tuple whose reply key is `reply_key`?
+fn owner_holds(reply_key: &FlowKey, forward: Option<&Flow>) -> bool {
+    forward.is_some_and(|f| {
+        f.dst_addr == reply_key.src_addr
+            && f.dst_port == reply_key.src_port
+            && f.src_addr == reply_key.dst_addr
+            && f.src_port == reply_key.dst_port
+    })
+}
+
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
@@ -203,6 +218,8 @@ pub struct SweepSummary {
     pub remaining: usize,
     /// Of those, forward entries that hold a SNAT port.
     pub snat_held: usize,
+    /// SNAT port owners removed because their flow is gone.
+    pub stale_owners: usize,
 }
 
 impl SweepSummary {
@@ -273,7 +290,41 @@ impl Maps {
                 summary.count(&judged, -1);
             }
         }
+        summary.stale_owners = self.sweep_snat_owners();
         summary
+    }
+
+    /// Removes the owner records of SNAT ports whose flow is gone: the port
+    /// is then free again for the datapath (which would also take over such
+    /// a record), and the owner map, which nothing evicts, does not fill up.
+    /// An owner is live while its forward entry rewrites to the port's tuple
+    /// (the datapath's `held_by_live_flow`) or the port's reply entry exists.
+    fn sweep_snat_owners(&mut self) -> usize {
+        let mut stale = Vec::new();
+        for entry in self.snat_owners.iter() {
+            let Ok((reply_key, owner)) = entry else {
+                continue;
+            };
+            if owner_holds(&reply_key, self.flows.get(&owner, 0).ok().as_ref())
+                || self.flows.get(&reply_key, 0).is_ok()
+            {
+                continue;
+            }
+            stale.push((reply_key, owner));
+        }
+        let mut removed = 0;
+        for (reply_key, owner) in stale {
+            // Claimed again since the scan: the new owner stays.
+            if self
+                .snat_owners
+                .get(&reply_key, 0)
+                .is_ok_and(|now| now == owner)
+                && self.snat_owners.remove(&reply_key).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// Everything the reconciler needs to adopt pinned state.

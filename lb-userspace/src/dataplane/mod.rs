@@ -135,6 +135,8 @@ pub fn load(pins: &PinDir, limits: Limits) -> Result<Ebpf> {
         .map_max_entries(names::BACKENDS, limits.max_backends)
         .map_max_entries(names::AFFINITY, limits.max_flows / 4 + 1)
         .map_max_entries(names::FLOWS, limits.max_flows)
+        // One owner per SNAT'd flow, whose two entries take two flow slots.
+        .map_max_entries(names::SNAT_OWNERS, limits.max_flows / 2 + 1)
         .load(OBJECT)
         .context("loading the xlb eBPF object (creating or opening its maps)")?;
     for name in attach::PROGRAMS {

@@ -147,6 +147,12 @@ pub const GLOBAL_COUNTERS: &[Field<GlobalStats>] = &[
         label: None,
         read: |g| g.reply_wrong_interface,
     },
+    Field {
+        family: "xlb_flow_halves_restored",
+        help: "Flow entries put back by the other entry of their pair after the flow table evicted them; a rising count means --max-flows is too small",
+        label: None,
+        read: |g| g.flow_halves_restored,
+    },
 ];
 
 /// What one scrape read from the datapath.

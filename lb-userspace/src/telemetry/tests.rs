@@ -71,6 +71,7 @@ fn snapshot() -> Snapshot {
             icmp_translated: 2,
             frag_needed_sent: 3,
             reply_wrong_interface: 4,
+            flow_halves_restored: 5,
         },
         flow_capacity: 262_144,
         interfaces: vec![("uplink".into(), "xdp"), ("uplink".into(), "tcx-egress")],
