@@ -193,7 +193,11 @@ pub struct Flow {
     pub service_id: u32,
     pub backend_id: u32,
     pub flags: u8,
-    pub _pad: [u8; 3],
+    // Padding as a byte and a word, not `[u8; 3]`: the datapath builds
+    // entries as struct literals, and LLVM's BPF backend turns a 3-byte
+    // zero fill into a call to a bytewise `memset`.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 /// `AFFINITY` key (`sessionAffinity: ClientIP`).
@@ -202,7 +206,9 @@ pub struct Flow {
 pub struct AffinityKey {
     pub service_id: u32,
     pub family: u8,
-    pub _pad: [u8; 3],
+    // A byte and a word, as in `Flow`.
+    pub _pad: u8,
+    pub _pad2: u16,
     pub client: [u8; 16],
 }
 

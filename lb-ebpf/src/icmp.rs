@@ -20,7 +20,7 @@ use crate::{
     checksum::CsumDelta,
     packet::{
         IPV4_MF, IPV4_OFFSET_MASK, Ipv4Hdr, PROTO_ICMP, Ports, Skip, TCP_CHECK_OFFSET,
-        UDP_CHECK_OFFSET, ptr_at, v4_raw,
+        UDP_CHECK_OFFSET, ptr_at, v4_addr, v4_raw,
     },
 };
 
@@ -93,17 +93,17 @@ pub fn parse_error(data: usize, data_end: usize, l3: usize) -> Result<IcmpError,
     // the checksum.
     let _: *mut [u8; 8] = ptr_at(data, data_end, inner_l4)?;
     let ports: *mut Ports = ptr_at(data, data_end, inner_l4)?;
-    let mut key = FlowKey {
-        proto,
-        family: FAMILY_V4,
-        ..FlowKey::default()
+    let key = unsafe {
+        FlowKey {
+            src_addr: v4_addr(inner_daddr),
+            dst_addr: v4_addr(inner_saddr),
+            src_port: Be16::from_wire((*ports).dest),
+            dst_port: Be16::from_wire((*ports).source),
+            proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
     };
-    unsafe {
-        key.src_addr[..4].copy_from_slice(&inner_daddr.to_ne_bytes());
-        key.dst_addr[..4].copy_from_slice(&inner_saddr.to_ne_bytes());
-        key.src_port = Be16::from_wire((*ports).dest);
-        key.dst_port = Be16::from_wire((*ports).source);
-    }
     Ok(IcmpError { l3, key })
 }
 

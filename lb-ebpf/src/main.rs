@@ -26,6 +26,7 @@ mod reverse_path;
 mod snat;
 mod stats;
 mod tc_path;
+mod words;
 mod xdp_path;
 
 use aya_ebpf::{

@@ -18,6 +18,7 @@ use crate::{
     maps::{AFFINITY, BACKENDS, FLOWS, MAGLEV, NewFlowScratch, SCRATCH, SERVICES, SOURCE_RANGES},
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reverse_path, snat,
+    words,
     stats::{global, service as stats},
 };
 
@@ -144,7 +145,8 @@ fn keep_pair(key: &FlowKey, flow: &Flow, now: u64) {
         service_id: flow.service_id,
         backend_id: flow.backend_id,
         flags: (flow.flags ^ FLOW_F_REPLY) & (FLOW_F_REPLY | FLOW_F_SNAT),
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     if FLOWS
         .insert(&scratch.other_key, &scratch.reply, BPF_NOEXIST as u64)
@@ -324,7 +326,8 @@ fn create_flow(
         service_id: service.service_id,
         backend_id,
         flags: 0,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     scratch.reply = Flow {
         last_seen_ns: now,
@@ -335,7 +338,8 @@ fn create_flow(
         service_id: service.service_id,
         backend_id,
         flags: FLOW_F_REPLY | if snat { FLOW_F_SNAT } else { 0 },
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     // The reply entry goes in first: a backend's answer must never find the
     // forward entry without its reverse.
@@ -423,7 +427,8 @@ fn pick_backend(
     scratch.affinity_key = AffinityKey {
         service_id: service.service_id,
         family: key.family,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
         client: key.src_addr,
     };
     let affinity = service.flags & SERVICE_F_AFFINITY != 0;
@@ -435,13 +440,13 @@ fn pick_backend(
             && backend.service_id == service.service_id
         {
             pinned.last_seen_ns = now;
-            scratch.backend = *backend;
+            words::copy(&mut scratch.backend, backend);
             return Some(pinned.backend_id);
         }
     }
     let slot = service.table_id * MAGLEV_TABLE_SIZE + hash % MAGLEV_TABLE_SIZE;
     let backend_id = *MAGLEV.get(slot)?;
-    scratch.backend = *unsafe { BACKENDS.get(backend_id) }?;
+    words::copy(&mut scratch.backend, unsafe { BACKENDS.get(backend_id) }?);
     if affinity {
         let pin = Affinity {
             last_seen_ns: now,

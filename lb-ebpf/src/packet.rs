@@ -179,17 +179,17 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
     } else {
         let _: *mut u16 = ptr_at(data, data_end, l4 + UDP_CHECK_OFFSET)?;
     }
-    let mut key = FlowKey {
-        proto: protocol,
-        family: FAMILY_V4,
-        ..FlowKey::default()
+    let key = unsafe {
+        FlowKey {
+            src_addr: v4_addr((*ip).saddr),
+            dst_addr: v4_addr((*ip).daddr),
+            src_port: Be16::from_wire((*ports).source),
+            dst_port: Be16::from_wire((*ports).dest),
+            proto: protocol,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
     };
-    unsafe {
-        key.src_addr[..4].copy_from_slice(&(*ip).saddr.to_ne_bytes());
-        key.dst_addr[..4].copy_from_slice(&(*ip).daddr.to_ne_bytes());
-        key.src_port = Be16::from_wire((*ports).source);
-        key.dst_port = Be16::from_wire((*ports).dest);
-    }
     // IP options or MF (first fragment): the key is known, translating is
     // not supported. DF (0x4000) is fine.
     if ihl != 5 || frag_off & IPV4_MF != 0 {
@@ -215,6 +215,14 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
         tcp_flags,
         ip_len,
     })
+}
+
+/// A raw (network-order) IPv4 address as the 16-byte address of a map key,
+/// the rest zero. Built as four words: zeroing the tail bytewise becomes a
+/// call to the BPF `memset`, a byte loop that cost every packet ~25 ns.
+#[inline(always)]
+pub fn v4_addr(raw: u32) -> [u8; 16] {
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>([raw, 0, 0, 0]) }
 }
 
 /// First four bytes of a 16-byte address as the raw (network-order) u32 a

@@ -16,6 +16,7 @@ use lb_common::{CONFIG_F_REVERSE_PATH, CONFIG_KEY, FlowKey};
 use crate::{
     maps::{CONFIG, ROUTE},
     packet::v4_raw,
+    words,
 };
 
 const AF_INET: u8 = 2;
@@ -37,7 +38,7 @@ pub fn holds(ctx: *mut core::ffi::c_void, ifindex: u32, src: u32, dst: u32) -> b
         return false;
     };
     let fib = unsafe { &mut *fib };
-    *fib = unsafe { core::mem::zeroed() };
+    words::zero(fib);
     fib.family = AF_INET;
     fib.ifindex = ifindex;
     fib.__bindgen_anon_3.ipv4_src = dst;

@@ -12,6 +12,7 @@ use crate::{
     hash::mix,
     maps::{CONFIG, FLOWS, NewFlowScratch, SNAT_OWNERS},
     packet::v4_raw,
+    words,
 };
 
 /// SNAT ports tried per packet before giving up (counted drop). At 70 %
@@ -57,7 +58,7 @@ pub fn allocate(
         family: key.family,
         _pad: [0; 2],
     };
-    scratch.tuple = unsafe { core::mem::zeroed() };
+    words::zero(&mut scratch.tuple);
     scratch.tuple.__bindgen_anon_1.ipv4.saddr = v4_raw(&backend_addr);
     scratch.tuple.__bindgen_anon_1.ipv4.daddr = node_raw;
     scratch.tuple.__bindgen_anon_1.ipv4.sport = backend_port.wire();

@@ -36,6 +36,7 @@ use crate::{
         parse, v4_raw,
     },
     stats::global,
+    words,
 };
 
 /// tcx: let the next program (or the stack) decide.
@@ -158,7 +159,8 @@ const ALWAYS_FITS: usize = 576;
 // Scalars and the raw skb, not references: a reference would force the
 // caller to keep the value in its own (tight) stack frame.
 fn too_big(skb: *mut __sk_buff, src: u32, dst: u32) -> Option<u16> {
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut room = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    let fib = words::zeroed(&mut room);
     fib.family = AF_INET;
     fib.__bindgen_anon_3.ipv4_src = src;
     fib.__bindgen_anon_4.ipv4_dst = dst;
@@ -168,7 +170,7 @@ fn too_big(skb: *mut __sk_buff, src: u32, dst: u32) -> Option<u16> {
     let rc = unsafe {
         fib_lookup(
             skb.cast(),
-            &mut fib,
+            fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_SKIP_NEIGH,
         )

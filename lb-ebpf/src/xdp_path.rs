@@ -22,6 +22,7 @@ use crate::{
         VlanHdr, parse, ptr_at, v4_raw,
     },
     stats::global,
+    words,
 };
 
 const AF_INET: u8 = 2;
@@ -227,7 +228,7 @@ fn route(ctx: &XdpContext, p: &Parsed, flow: &Flow) -> Route {
     };
     let fib = unsafe { &mut *fib };
     // The room is shared: nothing of the last packet's lookup may remain.
-    *fib = unsafe { core::mem::zeroed() };
+    words::zero(fib);
     unsafe {
         fib.family = AF_INET;
         fib.l4_protocol = (*ip).protocol;
@@ -259,7 +260,7 @@ fn lookup(ctx: &XdpContext, l3: usize, fib: &'static mut bpf_fib_lookup) -> Rout
     let Ok(ip) = ptr_at::<Ipv4Hdr>(data, data_end, l3) else {
         return Route::Pass;
     };
-    *fib = unsafe { core::mem::zeroed() };
+    words::zero(fib);
     unsafe {
         fib.family = AF_INET;
         fib.l4_protocol = (*ip).protocol;
@@ -321,8 +322,8 @@ fn redirect(ctx: &XdpContext, l3: usize, fib: &bpf_fib_lookup) -> u32 {
         let mut delta = CsumDelta::new();
         delta.word(old, *ttl_word);
         (*ip).check = delta.apply((*ip).check);
-        (*eth).dst = fib.dmac;
-        (*eth).src = fib.smac;
+        words::copy_bytes(&mut (*eth).dst, &fib.dmac);
+        words::copy_bytes(&mut (*eth).src, &fib.smac);
     }
     match TX_PORTS.redirect(fib.ifindex, 0) {
         Ok(action) => {
@@ -370,8 +371,8 @@ fn frag_needed(xdp: *mut xdp_md, l3: usize, mtu: u16) -> u32 {
         return xdp_action::XDP_DROP;
     };
     unsafe {
-        (*eth).dst = src;
-        (*eth).src = dst;
+        words::copy_bytes(&mut (*eth).dst, &src);
+        words::copy_bytes(&mut (*eth).src, &dst);
         (*eth).ether_type = ether_type;
     }
     if vlan {

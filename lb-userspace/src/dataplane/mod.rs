@@ -27,7 +27,7 @@ pub use maps::Maps;
 use maps::names;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
 /// Map sizes, chosen at load time. Pinned maps that already exist keep the
 /// size they were created with.
