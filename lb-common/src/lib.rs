@@ -306,6 +306,10 @@ pub struct GlobalStats {
     /// evicted them (one half of a pair gone: the table is too small for
     /// the flows it holds).
     pub flow_halves_restored: u64,
+    /// Would-be new flows to a frontend that is one of the node's own
+    /// addresses, on a port a socket of the node holds (a host daemon, a
+    /// reply to the node's own UDP socket): left to the kernel.
+    pub host_socket: u64,
 }
 
 impl GlobalStats {
@@ -321,6 +325,7 @@ impl GlobalStats {
             sum.frag_needed_sent += s.frag_needed_sent;
             sum.reply_wrong_interface += s.reply_wrong_interface;
             sum.flow_halves_restored += s.flow_halves_restored;
+            sum.host_socket += s.host_socket;
         }
         sum
     }
@@ -400,7 +405,7 @@ mod tests {
         );
         assert_eq!(
             (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
-            (64, 8)
+            (72, 8)
         );
         assert_eq!((size_of::<Config>(), align_of::<Config>()), (24, 4));
     }
@@ -442,6 +447,7 @@ mod tests {
             frag_needed_sent: 6 * n,
             reply_wrong_interface: 7 * n,
             flow_halves_restored: 8 * n,
+            host_socket: 9 * n,
         };
         assert_eq!(GlobalStats::accumulate(&[node(2), node(5)]), node(7));
     }

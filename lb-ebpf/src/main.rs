@@ -18,6 +18,7 @@
 
 mod checksum;
 mod hash;
+mod host;
 mod icmp;
 mod maps;
 mod nat;

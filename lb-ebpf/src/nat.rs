@@ -15,6 +15,7 @@ use lb_common::{
 
 use crate::{
     hash::flow_hash,
+    host,
     maps::{AFFINITY, BACKENDS, FLOWS, MAGLEV, NewFlowScratch, SCRATCH, SERVICES, SOURCE_RANGES},
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reverse_path, snat,
@@ -250,6 +251,7 @@ pub fn unsupported(service: &Service) -> Verdict {
 #[inline(always)]
 pub fn new_flow(
     ctx: *mut core::ffi::c_void,
+    ifindex: u32,
     key: &FlowKey,
     tcp_flags: u8,
     bytes: u64,
@@ -263,6 +265,9 @@ pub fn new_flow(
     let Some(service) = frontend_of(key) else {
         return Err(Verdict::Pass);
     };
+    if host::owns(ctx, key, ifindex) {
+        return Err(Verdict::Pass);
+    }
     create_flow(ctx, key, service, bytes)
 }
 

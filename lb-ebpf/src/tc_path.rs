@@ -125,7 +125,8 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         Lookup::Hit(flow) => flow,
         Lookup::Refused => return TCX_NEXT,
         Lookup::Miss => {
-            match nat::new_flow(ctx.skb.skb.cast(), &parsed.key, parsed.tcp_flags, bytes) {
+            let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+            match nat::new_flow(ctx.skb.skb.cast(), ifindex, &parsed.key, parsed.tcp_flags, bytes) {
                 Ok(flow) => flow,
                 Err(verdict) => return verdict.tc_action(),
             }

@@ -52,7 +52,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let flow = match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes, arrival) {
         Lookup::Hit(flow) => flow,
         Lookup::Refused => return xdp_action::XDP_PASS,
-        Lookup::Miss => match nat::new_flow(ctx.ctx.cast(), &parsed.key, parsed.tcp_flags, bytes) {
+        Lookup::Miss => match nat::new_flow(
+            ctx.ctx.cast(),
+            ctx.ingress_ifindex() as u32,
+            &parsed.key,
+            parsed.tcp_flags,
+            bytes,
+        ) {
             Ok(flow) => flow,
             Err(verdict) => return verdict.xdp_action(),
         },

@@ -157,6 +157,7 @@ pub fn rows(
                 "frag_needed_sent": g.frag_needed_sent,
                 "reply_wrong_interface": g.reply_wrong_interface,
                 "flow_halves_restored": g.flow_halves_restored,
+                "host_socket": g.host_socket,
             }));
         }
     }

@@ -794,6 +794,90 @@ fn node_mode_leaves_replies_to_the_nodes_own_connections_alone() -> Result<()> {
     Ok(())
 }
 
+/// Audit A-5 (the rest): in node address mode a port of the node's own
+/// address may belong to the node. A daemon listening there keeps its
+/// clients, and the answer to the node's own UDP socket on that port comes
+/// back to it; neither becomes a flow of the Service on the same port.
+#[test]
+fn node_mode_leaves_the_nodes_own_sockets_alone() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
+    let web = objects::service_in(
+        "default",
+        "web",
+        None,
+        &[("http", "TCP", 2222, "8080"), ("dns", "UDP", 45001, "8080")],
+    );
+    t.write_manifest("web.yaml", &to_yaml(&web))?;
+    write_web_endpoints(&t, &["pod-a", "pod-b", "pod-c"])?;
+    let _agent = t.start_agent_with(&["--address-mode", "node"])?;
+    // Nothing of the node's holds 2222 yet: the Service answers there.
+    wait_until(
+        "the Service on the node address",
+        Duration::from_secs(5),
+        || tcp_request(&t.client, SocketAddrV4::new(NODE_ADDR, 2222)).is_ok(),
+    )?;
+    let new_flows = t.stat("new_flows")?;
+
+    // A host daemon on the node's address and the Service's port.
+    let mut daemon = answer_once(
+        &t.node,
+        SocketAddrV4::new(NODE_ADDR, 2222),
+        "the node's daemon",
+    )?;
+    let answer = read_from(&t.client, SocketAddrV4::new(NODE_ADDR, 2222), None);
+    let _ = daemon.kill();
+    let answer = answer.context("the node's daemon on a Service port")?;
+    assert!(answer.contains("the node's daemon"), "{answer}");
+
+    // The node's own UDP socket on local port 45001 asks a server on the
+    // client, whose answer comes back to that port.
+    let server = ns_cmd(
+        &t.client,
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import socket\n\
+                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                 s.bind(('{CLIENT_ADDR}', 5300)); s.settimeout(10)\n\
+                 d, a = s.recvfrom(100); s.sendto(b'answer to ' + d, a)\n"
+            ),
+        ],
+    )
+    .spawn()
+    .context("starting the UDP server")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = ns_sh(
+        &t.node,
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import socket\n\
+                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                 s.bind(('{NODE_ADDR}', 45001)); s.settimeout(3)\n\
+                 s.sendto(b'the node', ('{CLIENT_ADDR}', 5300))\n\
+                 print(s.recvfrom(100)[0].decode())\n"
+            ),
+        ],
+    );
+    let mut server = server;
+    let _ = server.kill();
+    let asked = asked.context("the node's own UDP socket on a Service port")?;
+    assert!(asked.contains("answer to the node"), "{asked}");
+
+    assert_eq!(
+        t.stat("new_flows")?,
+        new_flows,
+        "the node's own traffic must not become flows"
+    );
+    assert!(t.stat("host_socket")? >= 2, "left to the host, counted");
+    Ok(())
+}
+
 /// Audit A-1: in status mode a Service that names a node's address in
 /// `spec.loadBalancerIP` (a request anyone who may create a Service can
 /// write) takes nothing: the node's own daemon on that port still answers.

@@ -153,6 +153,12 @@ pub const GLOBAL_COUNTERS: &[Field<GlobalStats>] = &[
         label: None,
         read: |g| g.flow_halves_restored,
     },
+    Field {
+        family: "xlb_host_socket_packets",
+        help: "Packets that would have started a flow to a frontend that is a node address, on a port a socket of the node holds (a host daemon, a reply to the node's own UDP socket), left to the kernel",
+        label: None,
+        read: |g| g.host_socket,
+    },
 ];
 
 /// What one scrape read from the datapath.

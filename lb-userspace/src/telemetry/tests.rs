@@ -72,6 +72,7 @@ fn snapshot() -> Snapshot {
             frag_needed_sent: 3,
             reply_wrong_interface: 4,
             flow_halves_restored: 5,
+            host_socket: 6,
         },
         flow_capacity: 262_144,
         interfaces: vec![("uplink".into(), "xdp"), ("uplink".into(), "tcx-egress")],

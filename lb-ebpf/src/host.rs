@@ -1,0 +1,79 @@
+//! Host traffic is the host's (audit A-5). A frontend may be one of the
+//! node's own addresses (node address mode, or a VIP that keepalived or
+//! kube-vip keeps on the node), and then a port of it may belong to the node
+//! itself: a daemon listening there (sshd, the kubelet), or one of the
+//! node's UDP sockets whose answers come back to it (the resolver, an NTP
+//! client that picked that local port). Such packets are not new clients of
+//! the Service: the kernel gets them. (TCP replies to the node's own
+//! connections never get this far: only a SYN starts a flow.)
+
+use aya_ebpf::{
+    bindings::{BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NOT_FWDED, bpf_fib_lookup},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+};
+use lb_common::{FlowKey, PROTO_TCP};
+
+use crate::{
+    maps::{ROUTE, SCRATCH},
+    packet::v4_raw,
+    stats::global,
+    words,
+};
+
+const AF_INET: u8 = 2;
+
+/// Does a socket of the node own the packet `key` (a would-be new flow that
+/// came in through `ifindex`)? Looked up for every new flow; the route
+/// lookup only when a socket matched.
+// Not inlined: it works in the scratch maps, in a frame of its own.
+#[inline(never)]
+pub fn owns(ctx: *mut core::ffi::c_void, key: &FlowKey, ifindex: u32) -> bool {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let tuple = unsafe { &mut (*scratch).tuple };
+    words::zero(tuple);
+    let (src, dst) = (v4_raw(&key.src_addr), v4_raw(&key.dst_addr));
+    tuple.__bindgen_anon_1.ipv4.saddr = src;
+    tuple.__bindgen_anon_1.ipv4.daddr = dst;
+    tuple.__bindgen_anon_1.ipv4.sport = key.src_port.wire();
+    tuple.__bindgen_anon_1.ipv4.dport = key.dst_port.wire();
+    let size = (core::mem::size_of::<u32>() * 2 + core::mem::size_of::<u16>() * 2) as u32;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let socket = unsafe {
+        if key.proto == PROTO_TCP {
+            bpf_sk_lookup_tcp(ctx, tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx, tuple, size, netns, 0)
+        }
+    };
+    if socket.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(socket.cast()) };
+    // A socket bound to the wildcard address matches any destination, also
+    // a frontend the node only forwards for: it counts only when the
+    // frontend is an address of this node (the route to it is local).
+    let Some(fib) = ROUTE.get_ptr_mut(0) else {
+        return false;
+    };
+    let fib: &mut bpf_fib_lookup = unsafe { &mut *fib };
+    words::zero(fib);
+    fib.family = AF_INET;
+    fib.ifindex = ifindex;
+    fib.__bindgen_anon_3.ipv4_src = src;
+    fib.__bindgen_anon_4.ipv4_dst = dst;
+    let rc = unsafe {
+        fib_lookup(
+            ctx,
+            fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    let local = rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64;
+    if local && let Some(g) = global() {
+        g.host_socket += 1;
+    }
+    local
+}
