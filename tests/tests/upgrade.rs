@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::MapData;
 use xlb_tests::{
     Agent, Conn, Reply, Topology, in_netns, ns_cmd,
-    objects::{endpoint_slice, service, to_yaml},
+    objects::{endpoint_slice, service, to_yaml, to_yaml_documents},
     parse_reply, tcp_request, udp_request, wait_until, xlb_bin,
 };
 
@@ -266,6 +266,20 @@ fn new_map_sizes_keep_established_flows() -> Result<()> {
     assert_eq!(shape(&map_pin(&t, "XLB_SERVICES"))?.2, 32);
     assert_eq!(shape(&map_pin(&t, "XLB_STATS"))?.2, 32);
     assert_unmoved(&mut conns, "after the resize")?;
+    // Room for the new size: 20 more frontends than the old map held.
+    let more: Vec<_> = (0..20u8)
+        .map(|i| {
+            service(
+                &format!("more-{i}"),
+                Ipv4Addr::new(10, 200, 0, 100 + i),
+                &[("http", "TCP", 80, "8080")],
+            )
+        })
+        .collect();
+    t.write_manifest("more.yaml", &to_yaml_documents(&more))?;
+    wait_until("22 frontends programmed", Duration::from_secs(10), || {
+        t.inspect("services").map(|s| s.len() == 22).unwrap_or(false)
+    })?;
     // New connections still reach every backend.
     let mut backends = BTreeSet::new();
     for _ in 0..60 {
