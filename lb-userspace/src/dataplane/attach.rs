@@ -106,6 +106,8 @@ fn is_virtual(iface: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct Attached {
     pub created: Vec<PathBuf>,
+    /// Pinned links that already run the new programs.
+    pub swapped: usize,
     /// (interface, pinned link, hook) to update once every new link is in.
     pending_updates: Vec<(String, PathBuf, Hook)>,
 }
@@ -116,13 +118,6 @@ enum Hook {
     Xdp,
     TcxIngress,
     TcxEgress,
-}
-
-impl Attached {
-    /// Interfaces whose pinned links still run the previous program.
-    pub fn has_pending_updates(&self) -> bool {
-        !self.pending_updates.is_empty()
-    }
 }
 
 /// First step of attaching `iface`: chooses the forward hook and attaches
@@ -226,6 +221,7 @@ pub fn update_pinned(ebpf: &mut Ebpf, attached: &mut Attached) -> Result<()> {
                 program
                     .attach_to_link(link)
                     .with_context(|| format!("replacing the XDP program on {iface}"))?;
+                attached.swapped += 1;
                 tracing::info!(interface = iface, "adopted pinned XDP link");
             }
             Hook::TcxIngress | Hook::TcxEgress => {
@@ -243,6 +239,7 @@ pub fn update_pinned(ebpf: &mut Ebpf, attached: &mut Attached) -> Result<()> {
                 program
                     .attach_to_link(link)
                     .with_context(|| format!("replacing the {what} program on {iface}"))?;
+                attached.swapped += 1;
                 tracing::info!(interface = iface, "adopted pinned {what} link");
             }
         }

@@ -249,10 +249,7 @@ pub fn read(path: &Path) -> Result<Option<BTreeMap<String, u64>>> {
     if !path.exists() {
         return Ok(None);
     }
-    let data = MapData::from_pin(path)
-        .with_context(|| format!("opening the layout stamps {}", path.display()))?;
-    let map: HashMap<MapData, StampKey, u64> = HashMap::try_from(Map::from_map_data(data)?)
-        .with_context(|| format!("{} is not xlb's layout stamp map", path.display()))?;
+    let map = open_stamps(path)?;
     let mut out = BTreeMap::new();
     for entry in map.iter() {
         let (key, stamp) = entry.context("reading the layout stamps")?;
@@ -265,10 +262,14 @@ pub fn read(path: &Path) -> Result<Option<BTreeMap<String, u64>>> {
 /// Writes this build's stamps to the stamp map at `path`, creating and
 /// pinning it when absent (or when what is there is not a stamp map).
 pub fn write(path: &Path) -> Result<()> {
-    let data = match MapData::from_pin(path) {
-        Ok(data) => data,
-        Err(_) => {
-            let _ = std::fs::remove_file(path);
+    let mut map = match open_stamps(path) {
+        Ok(map) => map,
+        Err(e) => {
+            if path.exists() {
+                tracing::warn!(error = %format!("{e:#}"), pin = %path.display(), "replacing an unreadable layout stamp map");
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
             let definition = aya_obj::Map::new_from_params(
                 aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32,
                 size_of::<StampKey>() as u32,
@@ -280,16 +281,21 @@ pub fn write(path: &Path) -> Result<()> {
                 .context("creating the layout stamp map")?;
             data.pin(path)
                 .with_context(|| format!("pinning the layout stamps at {}", path.display()))?;
-            data
+            HashMap::try_from(Map::from_map_data(data)?)?
         }
     };
-    let mut map: HashMap<MapData, StampKey, u64> = HashMap::try_from(Map::from_map_data(data)?)
-        .context("the layout stamp map has an unexpected shape")?;
     for (name, stamp) in wanted() {
         map.insert(stamp_key(name), stamp, 0)
             .with_context(|| format!("writing the layout stamp of {name}"))?;
     }
     Ok(())
+}
+
+fn open_stamps(path: &Path) -> Result<HashMap<MapData, StampKey, u64>> {
+    let data = MapData::from_pin(path)
+        .with_context(|| format!("opening the layout stamps {}", path.display()))?;
+    HashMap::try_from(Map::from_map_data(data)?)
+        .with_context(|| format!("{} is not xlb's layout stamp map", path.display()))
 }
 
 #[cfg(test)]

@@ -103,9 +103,8 @@ fn bring_up(
             attach::attach_new(&mut ebpf, pins, iface, uplinks.xdp_mode, &mut undo.attached)?;
         hooks.push((iface, hook));
     }
-    // From here the previous agent's links run the new programs, which use
-    // the new maps: those must stay, whatever happens next.
-    undo.links_updated = undo.attached.has_pending_updates();
+    // Once a previous agent's link runs the new programs, which use the new
+    // maps, those must stay whatever happens next (`attached.swapped`).
     attach::update_pinned(&mut ebpf, &mut undo.attached)?;
 
     // The old programs are off every link now: copy what they wrote while
@@ -285,8 +284,6 @@ struct Undo {
     attached: attach::Attached,
     /// Maps pinned aside and not yet committed.
     asides: Vec<String>,
-    /// Some pinned link already runs the new programs.
-    links_updated: bool,
     armed: bool,
 }
 
@@ -306,7 +303,6 @@ impl Undo {
             maps_before,
             attached: attach::Attached::default(),
             asides: Vec::new(),
-            links_updated: false,
             armed: true,
         }
     }
@@ -319,7 +315,7 @@ impl Undo {
         if !self.armed {
             return;
         }
-        if self.links_updated {
+        if self.attached.swapped > 0 {
             // The new programs run on some of the previous links: keep their
             // maps and links, so what runs keeps its state.
             if let Err(e) = commit_asides(&self.pins, &self.asides) {
