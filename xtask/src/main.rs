@@ -303,7 +303,10 @@ fn test(filter: &[String]) -> Result<()> {
     let mut e2e_result = Ok(());
     for (links, targets) in [
         ("wires", &[][..]),
-        ("container-nodes", &["--test", "e2e", "--test", "kube"][..]),
+        (
+            "container-nodes",
+            &["--test", "e2e", "--test", "kube", "--test", "upgrade"][..],
+        ),
     ] {
         println!("end-to-end suites on {links}");
         let mut e2e = Command::new("cargo");

@@ -100,22 +100,46 @@ fn is_virtual(iface: &str) -> bool {
         .exists()
 }
 
-/// Attaches (or re-attaches, adopting pinned links) the programs to
-/// `iface`. Returns the hook that runs the forward path.
-pub fn attach_interface(
+/// What attaching changed: the links this start created (removed again if
+/// the start fails), and the pinned links it still has to swap its program
+/// into.
+#[derive(Debug, Default)]
+pub struct Attached {
+    pub created: Vec<PathBuf>,
+    /// Pinned links that already run the new programs.
+    pub swapped: usize,
+    /// (interface, pinned link, hook) to update once every new link is in.
+    pending_updates: Vec<(String, PathBuf, Hook)>,
+}
+
+/// One of the three hooks, as pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Xdp,
+    TcxIngress,
+    TcxEgress,
+}
+
+/// First step of attaching `iface`: chooses the forward hook and attaches
+/// every hook that has no pinned link yet (recorded in `attached.created`).
+/// Hooks with a pinned link are only noted: [`update_pinned`] swaps the
+/// program into them once every interface's new links are in place, so a
+/// start that fails here leaves the previous agent's links untouched.
+pub fn attach_new(
     ebpf: &mut Ebpf,
     pins: &PinDir,
     iface: &str,
     choice: XdpModeChoice,
+    attached: &mut Attached,
 ) -> Result<IngressHook> {
     let hook = match choice {
         XdpModeChoice::Native => {
-            attach_xdp(ebpf, pins, iface)
+            need(ebpf, pins, iface, Hook::Xdp, attached)
                 .with_context(|| format!("attaching native XDP to {iface} (--xdp-mode native)"))?;
             IngressHook::Xdp
         }
         XdpModeChoice::Tc => {
-            attach_tc(ebpf, pins, iface, TcAttachType::Ingress)?;
+            need(ebpf, pins, iface, Hook::TcxIngress, attached)?;
             IngressHook::Tcx
         }
         XdpModeChoice::Generic => {
@@ -124,25 +148,109 @@ pub fn attach_interface(
                 "--xdp-mode generic: generic XDP cannot keep offloaded checksums right; \
                  using tcx ingress, which runs on the same packets"
             );
-            attach_tc(ebpf, pins, iface, TcAttachType::Ingress)?;
+            need(ebpf, pins, iface, Hook::TcxIngress, attached)?;
             IngressHook::Tcx
         }
         XdpModeChoice::Auto if is_virtual(iface) => {
-            attach_tc(ebpf, pins, iface, TcAttachType::Ingress)?;
+            need(ebpf, pins, iface, Hook::TcxIngress, attached)?;
             IngressHook::Tcx
         }
-        XdpModeChoice::Auto => match attach_xdp(ebpf, pins, iface) {
+        XdpModeChoice::Auto => match need(ebpf, pins, iface, Hook::Xdp, attached) {
             Ok(()) => IngressHook::Xdp,
             Err(native_error) => {
                 tracing::warn!(interface = iface, error = %format!("{native_error:#}"),
                     "native XDP unavailable, using tcx ingress (slower)");
-                attach_tc(ebpf, pins, iface, TcAttachType::Ingress)?;
+                need(ebpf, pins, iface, Hook::TcxIngress, attached)?;
                 IngressHook::Tcx
             }
         },
     };
-    // The new hook is in place: only now remove the one it replaces, so no
-    // packet misses the datapath.
+    need(ebpf, pins, iface, Hook::TcxEgress, attached)?;
+    Ok(hook)
+}
+
+/// Attaches `hook` to `iface` unless a pinned link exists (then noted for
+/// [`update_pinned`]).
+fn need(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    iface: &str,
+    hook: Hook,
+    attached: &mut Attached,
+) -> Result<()> {
+    let path = hook_pin(pins, iface, hook);
+    if path.exists() {
+        attached
+            .pending_updates
+            .push((iface.to_owned(), path, hook));
+        return Ok(());
+    }
+    match hook {
+        Hook::Xdp => attach_xdp(ebpf, &path, iface)?,
+        Hook::TcxIngress => attach_tc(ebpf, &path, iface, TcAttachType::Ingress)?,
+        Hook::TcxEgress => attach_tc(ebpf, &path, iface, TcAttachType::Egress)?,
+    }
+    attached.created.push(path);
+    Ok(())
+}
+
+fn hook_pin(pins: &PinDir, iface: &str, hook: Hook) -> PathBuf {
+    match hook {
+        Hook::Xdp => xdp_pin(pins, iface),
+        Hook::TcxIngress => tc_pin(pins, iface, TcAttachType::Ingress),
+        Hook::TcxEgress => tc_pin(pins, iface, TcAttachType::Egress),
+    }
+}
+
+/// Second step: swaps the new programs into the previous agent's pinned
+/// links (`BPF_LINK_UPDATE`, atomic per link). The pinned link's kind is
+/// checked before its program is replaced.
+pub fn update_pinned(ebpf: &mut Ebpf, attached: &mut Attached) -> Result<()> {
+    for (iface, path, hook) in std::mem::take(&mut attached.pending_updates) {
+        let pinned = PinnedLink::from_pin(&path)
+            .with_context(|| format!("opening pinned link {}", path.display()))?;
+        match hook {
+            Hook::Xdp => {
+                let link = XdpLink::try_from(FdLink::from(pinned)).with_context(|| {
+                    format!("pinned link {} is not an XDP link", path.display())
+                })?;
+                let program: &mut Xdp = ebpf
+                    .program_mut(XDP_PROGRAM)
+                    .context("XDP program missing")?
+                    .try_into()?;
+                program
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing the XDP program on {iface}"))?;
+                attached.swapped += 1;
+                tracing::info!(interface = iface, "adopted pinned XDP link");
+            }
+            Hook::TcxIngress | Hook::TcxEgress => {
+                let (name, what) = if hook == Hook::TcxIngress {
+                    (TC_INGRESS_PROGRAM, "tcx ingress")
+                } else {
+                    (TC_PROGRAM, "tcx egress")
+                };
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .with_context(|| format!("pinned link {} is not a tcx link", path.display()))?;
+                let program: &mut SchedClassifier = ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("{what} program {name} missing"))?
+                    .try_into()?;
+                program
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing the {what} program on {iface}"))?;
+                attached.swapped += 1;
+                tracing::info!(interface = iface, "adopted pinned {what} link");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Last step, once the new datapath runs everywhere: removes the link of
+/// the forward hook `hook` replaced on `iface` (a new `--xdp-mode`, an
+/// older agent's generic XDP), so no packet missed the datapath meanwhile.
+pub fn remove_replaced_hooks(pins: &PinDir, iface: &str, hook: IngressHook) -> Result<()> {
     let stale = match hook {
         IngressHook::Xdp => vec![
             tc_pin(pins, iface, TcAttachType::Ingress),
@@ -156,28 +264,15 @@ pub fn attach_interface(
             tracing::info!(interface = iface, ?hook, pin = %path.display(), "removed the link of the hook replaced");
         }
     }
-    attach_tc(ebpf, pins, iface, TcAttachType::Egress)?;
-    Ok(hook)
+    Ok(())
 }
 
-/// Native XDP, adopting a pinned link.
-fn attach_xdp(ebpf: &mut Ebpf, pins: &PinDir, iface: &str) -> Result<()> {
+/// Native XDP, pinned at `path`.
+fn attach_xdp(ebpf: &mut Ebpf, path: &Path, iface: &str) -> Result<()> {
     let program: &mut Xdp = ebpf
         .program_mut(XDP_PROGRAM)
         .context("XDP program missing")?
         .try_into()?;
-    let path = xdp_pin(pins, iface);
-    if path.exists() {
-        let pinned = PinnedLink::from_pin(&path)
-            .with_context(|| format!("opening pinned link {}", path.display()))?;
-        let link = XdpLink::try_from(FdLink::from(pinned))
-            .with_context(|| format!("pinned link {} is not an XDP link", path.display()))?;
-        program
-            .attach_to_link(link)
-            .with_context(|| format!("replacing the XDP program on {iface}"))?;
-        tracing::info!(interface = iface, "adopted pinned XDP link");
-        return Ok(());
-    }
     let link_id = program
         .attach(iface, XdpMode::Driver)
         .with_context(|| format!("attaching native XDP to {iface}"))?;
@@ -186,14 +281,14 @@ fn attach_xdp(ebpf: &mut Ebpf, pins: &PinDir, iface: &str) -> Result<()> {
         format!("XDP on {iface} was attached without a bpf_link (kernel < 5.9?)")
     })?;
     fd_link
-        .pin(&path)
+        .pin(path)
         .with_context(|| format!("pinning XDP link at {}", path.display()))?;
     tracing::info!(interface = iface, "attached native XDP program");
     Ok(())
 }
 
-/// A tcx program (ingress or egress), adopting a pinned link.
-fn attach_tc(ebpf: &mut Ebpf, pins: &PinDir, iface: &str, direction: TcAttachType) -> Result<()> {
+/// A tcx program (ingress or egress), pinned at `path`.
+fn attach_tc(ebpf: &mut Ebpf, path: &Path, iface: &str, direction: TcAttachType) -> Result<()> {
     let (name, what) = match direction {
         TcAttachType::Ingress => (TC_INGRESS_PROGRAM, "tcx ingress"),
         _ => (TC_PROGRAM, "tcx egress"),
@@ -202,18 +297,6 @@ fn attach_tc(ebpf: &mut Ebpf, pins: &PinDir, iface: &str, direction: TcAttachTyp
         .program_mut(name)
         .with_context(|| format!("{what} program {name} missing"))?
         .try_into()?;
-    let path = tc_pin(pins, iface, direction);
-    if path.exists() {
-        let pinned = PinnedLink::from_pin(&path)
-            .with_context(|| format!("opening pinned link {}", path.display()))?;
-        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-            .with_context(|| format!("pinned link {} is not a tcx link", path.display()))?;
-        program
-            .attach_to_link(link)
-            .with_context(|| format!("replacing the {what} program on {iface}"))?;
-        tracing::info!(interface = iface, "adopted pinned {what} link");
-        return Ok(());
-    }
     let link_id = program
         .attach_with_options(
             iface,
@@ -224,7 +307,7 @@ fn attach_tc(ebpf: &mut Ebpf, pins: &PinDir, iface: &str, direction: TcAttachTyp
     let link = program.take_link(link_id)?;
     let fd_link = FdLink::try_from(link).context("tcx link is not a bpf_link")?;
     fd_link
-        .pin(&path)
+        .pin(path)
         .with_context(|| format!("pinning {what} link at {}", path.display()))?;
     tracing::info!(interface = iface, "attached {what} program");
     Ok(())
@@ -279,7 +362,7 @@ pub fn detach_interface(pins: &PinDir, iface: &str) -> Result<()> {
     Ok(())
 }
 
-fn remove_if_exists(path: &Path) -> Result<()> {
+pub fn remove_if_exists(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -5,7 +5,10 @@
 //! swaps its program into the existing links.
 
 pub mod attach;
+pub mod layout;
 pub mod maps;
+mod migrate;
+pub mod pinned;
 mod start;
 
 pub use start::{Uplinks, start};
@@ -29,8 +32,8 @@ use maps::names;
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
-/// Map sizes, chosen at load time. Pinned maps that already exist keep the
-/// size they were created with.
+/// Map sizes, chosen at load time. A pinned map of another size is
+/// replaced by one of this size, its entries copied over.
 #[derive(Clone, Copy, Debug, clap::Args)]
 pub struct Limits {
     /// Frontends the maps can hold.
@@ -54,6 +57,9 @@ impl Default for Limits {
     }
 }
 
+/// The suffix of a map pinned aside during an upgrade.
+pub const PENDING_SUFFIX: &str = ":pending";
+
 /// Where one node's pins live.
 #[derive(Clone, Debug)]
 pub struct PinDir {
@@ -71,6 +77,15 @@ impl PinDir {
     }
     pub fn links(&self) -> PathBuf {
         self.root.join("links")
+    }
+    /// Where map `name` is pinned.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+    /// Where the new map `name` of an upgrade waits until the new programs
+    /// run (then it is renamed over the old pin).
+    pub fn pending_map(&self, name: &str) -> PathBuf {
+        self.maps().join(format!("{name}{PENDING_SUFFIX}"))
     }
 }
 
@@ -109,34 +124,98 @@ fn is_bpffs(path: &Path) -> Result<bool> {
     Ok(st.filesystem_type() == BPF_FS_MAGIC)
 }
 
+/// Map sizes the flags set (the others keep the object's).
+fn sizes(limits: Limits) -> Result<Vec<(&'static str, u32)>> {
+    if limits.max_services == 0 || limits.max_backends == 0 || limits.max_flows == 0 {
+        bail!(
+            "--max-services, --max-backends and --max-flows must be at least 1 (got {}, {}, {})",
+            limits.max_services,
+            limits.max_backends,
+            limits.max_flows
+        );
+    }
+    let maglev_slots = limits
+        .max_services
+        .checked_mul(MAGLEV_TABLE_SIZE)
+        .context("--max-services too large for the Maglev table")?;
+    Ok(vec![
+        (names::SERVICES, limits.max_services),
+        (names::STATS, limits.max_services),
+        (names::MAGLEV, maglev_slots),
+        (names::SOURCE_RANGES, limits.max_services.saturating_mul(4)),
+        (names::BACKENDS, limits.max_backends),
+        (names::AFFINITY, limits.max_flows / 4 + 1),
+        (names::FLOWS, limits.max_flows),
+        // One owner per SNAT'd flow, whose two entries take two flow slots.
+        (names::SNAT_OWNERS, limits.max_flows / 2 + 1),
+    ])
+}
+
+/// What every map the object pins by name must look like with these
+/// limits: the object's definition, with the sizes the flags set.
+pub fn wanted_shapes(limits: Limits) -> Result<Vec<(String, pinned::Shape)>> {
+    if OBJECT.is_empty() {
+        bail!(
+            "this xlb binary was built without its eBPF object: run `cargo xtask build-ebpf` and rebuild"
+        );
+    }
+    let sizes = sizes(limits)?;
+    let object = aya_obj::Object::parse(OBJECT).context("parsing the embedded eBPF object")?;
+    let mut out: Vec<(String, pinned::Shape)> = object
+        .maps
+        .iter()
+        .filter(|(_, map)| map.pinning() == aya_obj::maps::PinningType::ByName)
+        .map(|(name, map)| {
+            let max_entries = sizes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(map.max_entries(), |(_, size)| *size);
+            let shape = pinned::Shape {
+                map_type: map.map_type(),
+                key_size: map.key_size(),
+                value_size: map.value_size(),
+                max_entries,
+                flags: map.map_flags(),
+            };
+            (name.clone(), shape)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 /// Loads the embedded object, creating or adopting the pinned maps, and
-/// loads (verifies) its programs.
+/// loads (verifies) its programs. For the tests and tools that start on a
+/// fresh pin directory; the agent goes through [`start`], which checks
+/// what is pinned first.
 pub fn load(pins: &PinDir, limits: Limits) -> Result<Ebpf> {
+    load_with(pins, limits, &[])
+}
+
+/// [`load`], with the maps named in `elsewhere` pinned at the given paths
+/// instead of their usual pins (the new maps of an upgrade, pinned aside
+/// until the new programs run).
+fn load_with(pins: &PinDir, limits: Limits, elsewhere: &[(String, PathBuf)]) -> Result<Ebpf> {
     if OBJECT.is_empty() {
         bail!(
             "this xlb binary was built without its eBPF object: run `cargo xtask build-ebpf` and rebuild"
         );
     }
     check_privileges()?;
+    let sizes = sizes(limits)?;
     fs::create_dir_all(pins.maps())
         .with_context(|| format!("creating pin directory {}", pins.maps().display()))?;
     fs::create_dir_all(pins.links())
         .with_context(|| format!("creating pin directory {}", pins.links().display()))?;
-    let maglev_slots = limits
-        .max_services
-        .checked_mul(MAGLEV_TABLE_SIZE)
-        .context("--max-services too large for the Maglev table")?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pins.maps())
-        .map_max_entries(names::SERVICES, limits.max_services)
-        .map_max_entries(names::STATS, limits.max_services)
-        .map_max_entries(names::MAGLEV, maglev_slots)
-        .map_max_entries(names::SOURCE_RANGES, limits.max_services.saturating_mul(4))
-        .map_max_entries(names::BACKENDS, limits.max_backends)
-        .map_max_entries(names::AFFINITY, limits.max_flows / 4 + 1)
-        .map_max_entries(names::FLOWS, limits.max_flows)
-        // One owner per SNAT'd flow, whose two entries take two flow slots.
-        .map_max_entries(names::SNAT_OWNERS, limits.max_flows / 2 + 1)
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pins.maps());
+    for (name, size) in sizes {
+        loader.map_max_entries(name, size);
+    }
+    for (name, path) in elsewhere {
+        loader.map_pin_path(name.as_str(), path.as_path());
+    }
+    let mut ebpf = loader
         .load(OBJECT)
         .context("loading the xlb eBPF object (creating or opening its maps)")?;
     for name in attach::PROGRAMS {
