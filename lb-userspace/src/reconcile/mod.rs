@@ -25,7 +25,7 @@ use std::{
 };
 
 use anyhow::{Result, anyhow};
-use lb_common::{FrontendKey, MAGLEV_TABLE_SIZE};
+use lb_common::{FrontendKey, MAGLEV_TABLE_SIZE, SERVICE_F_SOURCE_RANGES};
 
 use self::{ids::IdPool, writer::Counting};
 // The encoding lived here first; callers outside the crate import it from here.
@@ -449,7 +449,9 @@ impl Programmed {
     }
 
     /// Source ranges to add, then the service entry, then ranges to remove:
-    /// a range is never missing while the service relies on it.
+    /// a range is never missing while the service relies on it. If a range
+    /// cannot be written (the trie is shared by every Service and may be
+    /// full), the frontend is closed instead (see [`Programmed::close`]).
     fn write_service_entry(
         &mut self,
         key: &FrontendKey,
@@ -457,28 +459,81 @@ impl Programmed {
         w: &mut dyn MapWriter,
     ) -> Result<()> {
         let new_ranges: BTreeSet<SourceRange> = spec.source_ranges.iter().copied().collect();
-        for r in new_ranges
+        let to_add: Vec<SourceRange> = new_ranges
             .difference(&self.source_ranges)
             .filter(|r| source_range_is_written(r))
-        {
-            let (k, len) = source_range_key(self.service_id, r)?;
-            w.put_source_range(&k, len)?;
+            .copied()
+            .collect();
+        for r in to_add {
+            let written = source_range_key(self.service_id, &r)
+                .and_then(|(k, len)| w.put_source_range(&k, len));
+            if let Err(e) = written {
+                self.close(key, spec, w);
+                return Err(e.context(
+                    "writing the source ranges failed; the frontend denies every source until they are written",
+                ));
+            }
+            self.source_ranges.insert(r);
         }
         let value = service_value(self.service_id, spec);
         if self.service_value != Some(value) {
             w.put_service(key, &value)?;
             self.service_value = Some(value);
         }
-        for r in self
+        let to_remove: Vec<SourceRange> = self
             .source_ranges
             .difference(&new_ranges)
-            .filter(|r| source_range_is_written(r))
-        {
-            let (k, len) = source_range_key(self.service_id, r)?;
-            w.delete_source_range(&k, len)?;
+            .copied()
+            .collect();
+        for r in to_remove {
+            if source_range_is_written(&r) {
+                let (k, len) = source_range_key(self.service_id, &r)?;
+                w.delete_source_range(&k, len)?;
+            }
+            self.source_ranges.remove(&r);
         }
-        self.source_ranges = new_ranges;
         Ok(())
+    }
+
+    /// Fails closed (audit A-13): the service entry gets the source-range
+    /// flag, then every range of the service leaves the trie, so no source
+    /// matches and every new flow is dropped. Leaving it as it was would keep
+    /// a frontend that had no ranges open to all, or one being narrowed open
+    /// to a mix of old and new ranges. Established flows keep running, as
+    /// after any narrowing. Best effort: if even the entry cannot be written
+    /// it is deleted, which also stops new flows.
+    fn close(&mut self, key: &FrontendKey, spec: &FrontendSpec, w: &mut dyn MapWriter) {
+        let mut closed = service_value(self.service_id, spec);
+        closed.flags |= SERVICE_F_SOURCE_RANGES;
+        if self.service_value != Some(closed) {
+            match w.put_service(key, &closed) {
+                Ok(()) => self.service_value = Some(closed),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), service_id = self.service_id,
+                        "closing a frontend failed; deleting its service entry");
+                    if w.delete_service(key).is_ok() {
+                        self.service_value = None;
+                    }
+                }
+            }
+        }
+        let written: Vec<SourceRange> = self
+            .source_ranges
+            .iter()
+            .filter(|r| source_range_is_written(r))
+            .copied()
+            .collect();
+        for r in written {
+            let deleted = source_range_key(self.service_id, &r)
+                .and_then(|(k, len)| w.delete_source_range(&k, len));
+            match deleted {
+                Ok(()) => {
+                    self.source_ranges.remove(&r);
+                }
+                Err(e) => tracing::error!(error = %format!("{e:#}"),
+                    service_id = self.service_id, "removing a source range of a closed frontend failed"),
+            }
+        }
     }
 
     /// Backends not in `wanted`: no slot points at them any more.

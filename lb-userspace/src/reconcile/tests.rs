@@ -21,6 +21,9 @@ struct FakeMaps {
     dangling_seen: bool,
     /// The next this many `put_service` calls fail.
     failing_service_writes: usize,
+    /// `put_source_range` succeeds this many more times, then fails (a full
+    /// trie); `None`: always succeeds.
+    range_writes_left: Option<usize>,
 }
 
 impl FakeMaps {
@@ -79,6 +82,11 @@ impl MapWriter for FakeMaps {
         Ok(())
     }
     fn put_source_range(&mut self, k: &lb_common::SourceRange, len: u32) -> Result<()> {
+        match &mut self.range_writes_left {
+            Some(0) => anyhow::bail!("ENOSPC (injected: the trie is full)"),
+            Some(left) => *left -= 1,
+            None => {}
+        }
         self.ranges.insert((k.service_id.host(), k.addr, len));
         Ok(())
     }
@@ -358,4 +366,70 @@ fn drift_in_the_maps_is_found_and_repaired() {
     maps.check();
     assert!(!maps.dangling_seen);
     assert_eq!(r.repair_drift(&mut maps).unwrap(), Drift::default());
+}
+
+fn ranges(n: u8) -> Vec<SourceRange> {
+    (0..n)
+        .map(|i| SourceRange {
+            addr: IpAddr::V4(Ipv4Addr::new(192, 0, i, 0)),
+            prefix_len: 24,
+        })
+        .collect()
+}
+
+impl FakeMaps {
+    /// The trie entries of service `id`.
+    fn ranges_of(&self, id: u32) -> usize {
+        self.ranges.iter().filter(|(s, _, _)| *s == id).count()
+    }
+}
+
+/// Audit A-13: a range update that fails partway (the shared trie is full)
+/// leaves the frontend closed: its entry says "source ranges apply" and no
+/// range of it is in the trie, so every source is denied; not open (the old
+/// entry without the flag) and not half-updated. The failure names the
+/// Service, and the retry writes everything once the trie has room.
+#[test]
+fn a_failed_range_write_closes_the_frontend_until_the_retry() {
+    for before in [ranges(0), ranges(1)] {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 1024);
+        let x = frontend(1, 80);
+        let mut open = spec("x", &[1, 2]);
+        open.source_ranges = before.clone();
+        assert!(r.apply(&state(&[(x, open)]), &mut maps).errors.is_empty());
+        let id = maps.services[&frontend_key(&x).unwrap()].service_id;
+
+        maps.range_writes_left = Some(4);
+        let mut narrowed = spec("x", &[1, 2]);
+        narrowed.source_ranges = ranges(10);
+        let d = state(&[(x, narrowed)]);
+        let s = r.apply(&d, &mut maps);
+        assert_eq!(s.failed.len(), 1, "{s:?}");
+        assert_eq!(s.failed[0].0.name, "x");
+        assert!(s.failed[0].1.contains("denies every source"), "{s:?}");
+        let entry = maps.services[&frontend_key(&x).unwrap()];
+        assert_ne!(
+            entry.flags & SERVICE_F_SOURCE_RANGES,
+            0,
+            "left open (ranges before: {})",
+            before.len()
+        );
+        assert_eq!(maps.ranges_of(id), 0, "half-updated ranges stayed");
+
+        // Still no room: still closed.
+        let s = r.apply(&d, &mut maps);
+        assert_eq!(s.failed.len(), 1, "{s:?}");
+        assert_eq!(maps.ranges_of(id), 0);
+
+        // Room again: the retry programs all ten.
+        maps.range_writes_left = None;
+        let s = r.apply(&d, &mut maps);
+        assert!(s.errors.is_empty(), "{s:?}");
+        assert_eq!(maps.ranges_of(id), 10);
+        let entry = maps.services[&frontend_key(&x).unwrap()];
+        assert_ne!(entry.flags & SERVICE_F_SOURCE_RANGES, 0);
+        assert_eq!(entry.backend_count, 2);
+        assert_eq!(r.apply(&d, &mut maps).map_writes, 0);
+    }
 }
