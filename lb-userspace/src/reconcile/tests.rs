@@ -3,6 +3,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr},
+    time::Instant,
 };
 
 use lb_common::SERVICE_F_SOURCE_RANGES;
@@ -432,4 +433,71 @@ fn a_failed_range_write_closes_the_frontend_until_the_retry() {
         assert_eq!(entry.backend_count, 2);
         assert_eq!(r.apply(&d, &mut maps).map_writes, 0);
     }
+}
+
+/// Audit A-15: a frontend removed and added again within the grace keeps
+/// its service id and backend ids, and its id stays active for the sweeper
+/// meanwhile, so its established flows are not swept; its map entries leave
+/// at once. After the grace the ids are freed and a comeback is new.
+#[test]
+fn a_frontend_back_within_the_grace_keeps_its_ids() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(16, 1024);
+    let (x, y) = (frontend(1, 80), frontend(2, 80));
+    let with_x = state(&[(x, spec("x", &[1, 2])), (y, spec("y", &[3]))]);
+    let without_x = state(&[(y, spec("y", &[3]))]);
+    assert!(r.apply(&with_x, &mut maps).errors.is_empty());
+    let id = r.service_id(&x).unwrap();
+    let backends: BTreeSet<u32> = maps.backends.keys().copied().collect();
+
+    let s = r.apply(&without_x, &mut maps);
+    assert_eq!(s.removed, 1, "{s:?}");
+    assert!(
+        maps.lookup(&x, 0).is_none(),
+        "a removed frontend still takes new flows"
+    );
+    assert_eq!(maps.backends.len(), 1);
+    assert!(
+        r.active_service_ids().contains(&id),
+        "its flows would be swept"
+    );
+    assert!(r.programmed().all(|(_, f, _)| *f != x));
+
+    let s = r.apply(&with_x, &mut maps);
+    assert!(s.errors.is_empty(), "{s:?}");
+    assert_eq!(
+        r.service_id(&x),
+        Some(id),
+        "a new service id: its flows are swept"
+    );
+    assert_eq!(
+        maps.backends.keys().copied().collect::<BTreeSet<_>>(),
+        backends
+    );
+    assert!(maps.lookup(&x, 0).is_some());
+    assert!(!maps.dangling_seen);
+    assert_eq!(r.apply(&with_x, &mut maps).map_writes, 0);
+
+    // Removed for longer than the grace: the ids go.
+    r.apply(&without_x, &mut maps);
+    assert_eq!(
+        r.forget_removed(Instant::now() + std::time::Duration::from_secs(1)),
+        1
+    );
+    assert!(!r.active_service_ids().contains(&id));
+    r.apply(&with_x, &mut maps);
+    assert_ne!(r.service_id(&x), Some(id));
+}
+
+/// Tombstones never make the service table full: the oldest gives its id up.
+#[test]
+fn a_tombstone_yields_its_id_when_the_table_is_full() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(1, 1024);
+    r.apply(&state(&[(frontend(1, 80), spec("a", &[1]))]), &mut maps);
+    r.apply(&state(&[]), &mut maps);
+    let s = r.apply(&state(&[(frontend(2, 80), spec("b", &[2]))]), &mut maps);
+    assert!(s.errors.is_empty(), "{s:?}");
+    assert_eq!(r.service_id(&frontend(2, 80)), Some(0));
+    assert_eq!(r.service_id(&frontend(1, 80)), None);
 }
