@@ -1238,3 +1238,64 @@ fn an_unreadable_manifest_directory_withdraws_nothing() -> Result<()> {
     assert_conns_alive(&mut conns, "directory back", &agent);
     Ok(())
 }
+
+/// Whether a UDP datagram sent from the client's side of the wire with the
+/// node's own address as its source reaches a socket on the node.
+fn node_hears_its_own_address_from_the_wire(t: &Topology) -> Result<bool> {
+    let listen = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{NODE_ADDR}', 7777)); s.settimeout(2)\n\
+         try:\n    print(s.recv(100).decode())\nexcept socket.timeout:\n    print('nothing')\n"
+    );
+    let listener = ns_cmd(&t.node, &["python3", "-c", &listen])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    // A raw IPv4 header: the client's kernel sends any source as it is.
+    let send = format!(
+        "import socket, struct, time\n\
+         node = socket.inet_aton('{NODE_ADDR}'); data = b'spoofed'\n\
+         udp = struct.pack('!HHHH', 5555, 7777, 8 + len(data), 0) + data\n\
+         ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, node, node)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n\
+         for _ in range(5):\n    s.sendto(ip + udp, ('{NODE_ADDR}', 0)); time.sleep(0.1)\n"
+    );
+    ns_sh(&t.client, &["python3", "-c", &send])?;
+    let out = listener.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("spoofed"))
+}
+
+/// Audit A-17 (4): the agent sets `accept_local=1` on its uplinks, because
+/// the kernel must take the source-NATed packets xlb hands it (tcx ingress
+/// always, XDP when it passes instead of redirecting), whose source is the
+/// node's address. That also lets the wire claim the node's address towards
+/// the node's own sockets. The README's guard (drop, on the input hook only,
+/// what arrives on an uplink with a local source) closes that, and xlb's
+/// SNAT traffic, which is forwarded and never meets the input hook, still
+/// flows.
+#[test]
+fn the_readme_guard_closes_accept_local_and_snat_still_flows() -> Result<()> {
+    let (t, _agent) = web_topology(|_| ())?;
+    assert!(
+        node_hears_its_own_address_from_the_wire(&t)?,
+        "the exposure the README describes is not there: update the README"
+    );
+    for rule in [
+        "add table inet xlb_guard",
+        "add chain inet xlb_guard input { type filter hook input priority 0 ; }",
+        "add rule inet xlb_guard input iifname \"uplink\" fib saddr type local drop",
+    ] {
+        ns_sh(&t.node, &["sh", "-c", &format!("nft '{rule}'")])?;
+    }
+    assert!(
+        !node_hears_its_own_address_from_the_wire(&t)?,
+        "the guard let a packet with the node's own address in"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        seen.insert(tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?.backend);
+        seen.insert(udp_request(&t.client, SocketAddrV4::new(WEB, 53))?.backend);
+    }
+    assert_eq!(seen.len(), 3, "every backend, pod-c by SNAT: {seen:?}");
+    Ok(())
+}
