@@ -118,6 +118,12 @@ pub struct AgentConfig {
     #[arg(long, env = "XLB_SWEEP_INTERVAL", default_value = "10",
           value_parser = flags::seconds_at_least_one)]
     pub sweep_interval: Duration,
+    /// Seconds a removed frontend keeps its ids: back within this time (a
+    /// bad edit fixed, an address flip, a manifest rewritten), it keeps its
+    /// established flows; after it, the sweeper ends them.
+    #[arg(long, env = "XLB_REMOVAL_GRACE", default_value = "30",
+          value_parser = flags::seconds_at_least_one)]
+    pub removal_grace: Duration,
     #[command(flatten)]
     pub timeouts: Timeouts,
     /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this
@@ -364,7 +370,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             // leader posts them.
             () = source.leadership_changed() => Changes::everything(),
             _ = sweep.tick() => {
-                datapath.sweep(&cfg.timeouts);
+                datapath.sweep(&cfg.timeouts, cfg.removal_grace);
                 continue;
             }
             _ = heartbeat.tick() => continue,
@@ -441,7 +447,16 @@ impl Datapath {
         }
     }
 
-    fn sweep(&mut self, timeouts: &Timeouts) {
+    fn sweep(&mut self, timeouts: &Timeouts, removal_grace: Duration) {
+        if let Some(before) = Instant::now().checked_sub(removal_grace) {
+            let ended = self.reconciler.forget_removed(before);
+            if ended > 0 {
+                tracing::debug!(
+                    frontends = ended,
+                    "removed frontends' ids freed; their flows go"
+                );
+            }
+        }
         let s = self.maps.sweep_flows(
             timeouts,
             &self.reconciler.active_service_ids(),

@@ -1207,3 +1207,179 @@ fn resync_restores_a_service_entry_removed_behind_the_agents_back() -> Result<()
     );
     Ok(())
 }
+
+// ---- Safe restarts and fail closed (issue 15: audit A-15) ----
+
+/// Opens `n` connections to `to`, each asked once; with the backend each
+/// reached.
+fn open_conns(t: &Topology, to: SocketAddrV4, n: usize) -> Result<Vec<(Conn, String)>> {
+    (0..n)
+        .map(|i| {
+            let mut c = Conn::open(&t.client, to, None)?;
+            let b = c.ask(&format!("open {i}"))?.backend;
+            Ok((c, b))
+        })
+        .collect()
+}
+
+/// Every connection still answers, from the backend it had.
+fn assert_conns_alive(conns: &mut [(Conn, String)], when: &str, agent: &Agent) {
+    for (i, (c, b)) in conns.iter_mut().enumerate() {
+        match c.ask(&format!("{when} {i}")) {
+            Ok(r) => assert_eq!(&r.backend, b, "{when}: connection {i} moved"),
+            Err(e) => panic!(
+                "{when}: established connection {i} (backend {b}) lost: {e:#}\n{}",
+                agent.log_text()
+            ),
+        }
+    }
+}
+
+/// Audit A-15: a Service withdrawn for a moment (a bad
+/// `loadBalancerSourceRanges` written into its manifest, fixed a second
+/// later) comes back with its old service id, so the sweeps that ran
+/// meanwhile and after leave its established connections alone; new
+/// connections were refused while it was withdrawn.
+#[test]
+fn a_service_withdrawn_for_a_moment_keeps_its_established_connections() -> Result<()> {
+    let (t, agent) = web_topology(|_| ())?;
+    let to = SocketAddrV4::new(WEB, 80);
+    let mut conns = open_conns(&t, to, 12)?;
+
+    web_service(&t, |spec| {
+        spec.load_balancer_source_ranges = Some(vec!["not-a-cidr".into()]);
+    })?;
+    wait_until("the Service withdrawn", Duration::from_secs(5), || {
+        t.inspect("services").map(|s| s.is_empty()).unwrap_or(false)
+    })?;
+    assert!(
+        tcp_request(&t.client, to).is_err(),
+        "a withdrawn Service took a new connection"
+    );
+    // At least one sweep (every second here) runs while it is withdrawn.
+    std::thread::sleep(Duration::from_millis(1200));
+    web_service(&t, |_| ())?;
+    wait_backends(&t, 6)?;
+    // Sweeps after the comeback.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_conns_alive(&mut conns, "after the comeback", &agent);
+    assert!(tcp_request(&t.client, to).is_ok());
+    Ok(())
+}
+
+/// Audit A-15: a manifest directory that cannot be read (here: moved away,
+/// as when a volume goes; root reads through any mode bits, so `chmod 000`
+/// would prove nothing) is not an empty one: the Services read before stay
+/// programmed and their connections keep working, the failure is logged,
+/// and once a directory is back (a new one, as a volume mounted again) it is
+/// watched and changes apply again.
+#[test]
+fn an_unreadable_manifest_directory_withdraws_nothing() -> Result<()> {
+    let (t, agent) = web_topology(|_| ())?;
+    let to = SocketAddrV4::new(WEB, 80);
+    let mut conns = open_conns(&t, to, 6)?;
+    let dir = t.manifests();
+    let away = dir.with_file_name("manifests.away");
+
+    std::fs::rename(&dir, &away)?;
+    // inotify follows the moved directory: a change in it makes the agent
+    // read its path again, where there is nothing now.
+    std::fs::write(away.join("poke.yaml"), "# a change\n")?;
+    wait_until(
+        "the unreadable directory reported",
+        Duration::from_secs(5),
+        || {
+            // Before and after the fix alike (then: "cannot read directory").
+            agent.log_text().contains("cannot read")
+        },
+    )
+    .with_context(|| agent.log_text())?;
+    // Retries (with backoff) keep failing meanwhile.
+    std::thread::sleep(Duration::from_secs(3));
+    let services = t.inspect("services")?;
+    assert_eq!(services.len(), 2, "frontends withdrawn: {services:?}");
+    assert_conns_alive(&mut conns, "directory gone", &agent);
+    tcp_request(&t.client, to).context("a new connection while the directory is gone")?;
+
+    // A new directory with the same files.
+    std::fs::create_dir(&dir)?;
+    for entry in std::fs::read_dir(&away)? {
+        let path = entry?.path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap()))?;
+    }
+    wait_until("the directory reads again", Duration::from_secs(20), || {
+        agent.log_text().contains("watching the new one")
+    })
+    .with_context(|| agent.log_text())?;
+    t.write_manifest(
+        "dns.yaml",
+        &to_yaml(&service("dns", DNS, &[("dns", "UDP", 53, "8080")])),
+    )?;
+    wait_until("a change applies again", Duration::from_secs(5), || {
+        t.inspect("services").map(|s| s.len() == 3).unwrap_or(false)
+    })
+    .with_context(|| agent.log_text())?;
+    assert_conns_alive(&mut conns, "directory back", &agent);
+    Ok(())
+}
+
+/// Whether a UDP datagram sent from the client's side of the wire with the
+/// node's own address as its source reaches a socket on the node.
+fn node_hears_its_own_address_from_the_wire(t: &Topology) -> Result<bool> {
+    let listen = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{NODE_ADDR}', 7777)); s.settimeout(2)\n\
+         try:\n    print(s.recv(100).decode())\nexcept socket.timeout:\n    print('nothing')\n"
+    );
+    let listener = ns_cmd(&t.node, &["python3", "-c", &listen])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    // A raw IPv4 header: the client's kernel sends any source as it is.
+    let send = format!(
+        "import socket, struct, time\n\
+         node = socket.inet_aton('{NODE_ADDR}'); data = b'spoofed'\n\
+         udp = struct.pack('!HHHH', 5555, 7777, 8 + len(data), 0) + data\n\
+         ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, node, node)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n\
+         for _ in range(5):\n    s.sendto(ip + udp, ('{NODE_ADDR}', 0)); time.sleep(0.1)\n"
+    );
+    ns_sh(&t.client, &["python3", "-c", &send])?;
+    let out = listener.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("spoofed"))
+}
+
+/// Audit A-17 (4): the agent sets `accept_local=1` on its uplinks, because
+/// the kernel must take the source-NATed packets xlb hands it (tcx ingress
+/// always, XDP when it passes instead of redirecting), whose source is the
+/// node's address. That also lets the wire claim the node's address towards
+/// the node's own sockets. The README's guard (drop, on the input hook only,
+/// what arrives on an uplink with a local source) closes that, and xlb's
+/// SNAT traffic, which is forwarded and never meets the input hook, still
+/// flows.
+#[test]
+fn the_readme_guard_closes_accept_local_and_snat_still_flows() -> Result<()> {
+    let (t, _agent) = web_topology(|_| ())?;
+    assert!(
+        node_hears_its_own_address_from_the_wire(&t)?,
+        "the exposure the README describes is not there: update the README"
+    );
+    for rule in [
+        "add table inet xlb_guard",
+        "add chain inet xlb_guard input { type filter hook input priority 0 ; }",
+        "add rule inet xlb_guard input iifname \"uplink\" fib saddr type local drop",
+    ] {
+        ns_sh(&t.node, &["sh", "-c", &format!("nft '{rule}'")])?;
+    }
+    assert!(
+        !node_hears_its_own_address_from_the_wire(&t)?,
+        "the guard let a packet with the node's own address in"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        seen.insert(tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?.backend);
+        seen.insert(udp_request(&t.client, SocketAddrV4::new(WEB, 53))?.backend);
+    }
+    assert_eq!(seen.len(), 3, "every backend, pod-c by SNAT: {seen:?}");
+    Ok(())
+}

@@ -761,3 +761,59 @@ fn assert_deploy_rbac_allows(api: &FakeApi, files: &[&str]) -> BTreeSet<(String,
     }
     used
 }
+
+/// Audit A-16: another controller (K3s ServiceLB left enabled, MetalLB)
+/// writes its own `status.loadBalancer.ingress` over every write of node
+/// mode's leader. The leader backs off per Service instead of answering each
+/// overwrite at API speed, and a Warning Event says the status is fought
+/// over and by whom, likely; a Service nobody fights over is written as
+/// usual meanwhile.
+#[test]
+fn a_status_write_war_backs_off_and_says_so() -> Result<()> {
+    let (t, api, kubeconfig) = api_topology()?;
+    let agent = t.start_agent_kube(&kubeconfig, &["--address-mode", "node"])?;
+    api.fight_service_status("web", Some(&["192.0.2.99"]));
+    api.apply(pending_service("web"));
+    api.apply(slice(&t, "web", &["pod-a"]));
+    let writes = || status_writes_from(&api, Ipv4Addr::LOCALHOST);
+    wait_until("the first status write", Duration::from_secs(10), || {
+        writes() > 0
+    })?;
+    let first = writes();
+    std::thread::sleep(Duration::from_secs(10));
+    let during = writes() - first;
+    assert!(
+        during <= 6,
+        "{during} status writes in 10 s against a rival controller\n{}",
+        agent.log_text()
+    );
+    let fought = api
+        .list("events.k8s.io/v1", "Event")
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == "web" && e["reason"] == "StatusFoughtOver")
+        .collect::<Vec<_>>();
+    assert_eq!(fought.len(), 1, "{fought:?}");
+    assert_eq!(fought[0]["type"], "Warning");
+    let note = fought[0]["note"].as_str().unwrap_or("");
+    assert!(
+        note.contains("192.0.2.99") && note.contains("ServiceLB") && note.contains("MetalLB"),
+        "{note}"
+    );
+
+    // Another Service is not held back by web's war.
+    api.apply(objects::to_json(&objects::service_in(
+        objects::NAMESPACE,
+        "other",
+        None,
+        &[("http", "TCP", 81, "8080")],
+    )));
+    wait_until("other gets its address", Duration::from_secs(5), || {
+        ingress(&api, "other") == [NODE_ADDR.to_string()]
+    })?;
+    // The rival stops: the next write sticks.
+    api.fight_service_status("web", None);
+    wait_until("web gets its address back", Duration::from_secs(40), || {
+        ingress(&api, "web") == [NODE_ADDR.to_string()]
+    })?;
+    Ok(())
+}

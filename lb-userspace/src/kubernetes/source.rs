@@ -104,6 +104,7 @@ impl ClusterSource {
                 scope.lb_classes.clone(),
                 candidate.watch(),
                 notify.clone(),
+                EventSink::new(client.clone(), &scope.node_name),
             );
             notify
         });

@@ -44,6 +44,17 @@ impl fmt::Display for ManifestError {
     }
 }
 
+/// The directory itself could not be read or listed (removed, replaced,
+/// EACCES, EIO): nothing is known about what it holds, so the caller keeps
+/// what it read before rather than taking this for "no Services".
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the manifest directory {}: {source}", dir.display())]
+pub struct DirectoryUnreadable {
+    pub dir: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// How a manifest file is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -74,35 +85,21 @@ impl Format {
 
 /// Reads every manifest file directly in `dir` (not in subdirectories), in
 /// the order of their names, so the result does not depend on the order the
-/// file system lists them in.
-pub fn load_dir(dir: &Path) -> (Objects, Vec<ManifestError>) {
+/// file system lists them in. A file that cannot be read is reported and
+/// skipped; a directory that cannot be listed completely is an error.
+pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<ManifestError>), DirectoryUnreadable> {
+    let unreadable = |source| DirectoryUnreadable {
+        dir: dir.to_owned(),
+        source,
+    };
     let mut objects = Objects::default();
     let mut errors = Vec::new();
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(error) => {
-            errors.push(whole_file_error(
-                dir,
-                format!("cannot read directory: {error}"),
-            ));
-            return (objects, errors);
-        }
-    };
     let mut files = Vec::new();
-    for entry in entries {
-        match entry {
-            Ok(entry) => {
-                let path = entry.path();
-                if let Some(format) = Format::of_file(&path) {
-                    files.push((path, format));
-                }
-            }
-            Err(error) => {
-                errors.push(whole_file_error(
-                    dir,
-                    format!("cannot list directory: {error}"),
-                ));
-            }
+    for entry in fs::read_dir(dir).map_err(unreadable)? {
+        // A listing cut short would drop the files after the cut.
+        let path = entry.map_err(unreadable)?.path();
+        if let Some(format) = Format::of_file(&path) {
+            files.push((path, format));
         }
     }
     files.sort_by(|(left, _), (right, _)| left.file_name().cmp(&right.file_name()));
@@ -127,7 +124,7 @@ pub fn load_dir(dir: &Path) -> (Objects, Vec<ManifestError>) {
         objects.append(file_objects);
         errors.extend(file_errors);
     }
-    (objects, errors)
+    Ok((objects, errors))
 }
 
 /// Reads one manifest file.
@@ -692,7 +689,7 @@ mod tests {
         fs::create_dir(directory.0.join("sub")).expect("create sub directory");
         fs::write(directory.0.join("sub/g.yaml"), service("nested")).expect("write nested");
 
-        let (objects, errors) = load_dir(&directory.0);
+        let (objects, errors) = load_dir(&directory.0).expect("a readable directory");
         assert_eq!(service_names(&objects), ["a", "b", "c"]);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].file, directory.0.join("f.yaml"));
@@ -700,16 +697,20 @@ mod tests {
     }
 
     #[test]
-    fn load_dir_of_a_missing_directory_is_one_error() {
+    fn load_dir_of_a_missing_or_replaced_directory_is_an_error_not_emptiness() {
         let missing = std::env::temp_dir().join("xlb-manifest-does-not-exist");
-        let (objects, errors) = load_dir(&missing);
-        assert!(objects.is_empty());
-        assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].document, 0);
+        let error = load_dir(&missing).expect_err("a missing directory read as empty");
+        assert_eq!(error.source.kind(), std::io::ErrorKind::NotFound);
         assert!(
-            errors[0].to_string().contains("cannot read directory"),
-            "{}",
-            errors[0]
+            error
+                .to_string()
+                .contains("cannot read the manifest directory"),
+            "{error}"
         );
+        let directory = TemporaryDirectory::new("replaced");
+        directory.write("web.yaml", "kind: Service\n");
+        let error =
+            load_dir(&directory.0.join("web.yaml")).expect_err("a file read as an empty directory");
+        assert_eq!(error.source.kind(), std::io::ErrorKind::NotADirectory);
     }
 }

@@ -1,7 +1,15 @@
 //! The manifest pipeline: inotify on the directory says "look again"; a
 //! sync reads every file and translates everything.
+//!
+//! A directory that cannot be read (removed, replaced, EACCES, EIO) is not
+//! an empty one: the sync fails, the Services read before stay programmed,
+//! and the agent retries with backoff (audit A-15). A directory replaced by
+//! a new one (a volume mounted again) is watched anew once it reads.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
@@ -10,6 +18,7 @@ use super::load_dir;
 use crate::{
     change::Change,
     model::DesiredState,
+    telemetry::telemetry,
     translate::{self, Scope},
 };
 
@@ -17,24 +26,55 @@ use crate::{
 pub struct ManifestSource {
     dir: PathBuf,
     scope: Scope,
+    changes: mpsc::UnboundedSender<Change>,
     /// Sends a [`Change::All`] on every change in the directory while held.
-    _watcher: notify::RecommendedWatcher,
+    watcher: notify::RecommendedWatcher,
+    /// The directory the watcher watches (inotify follows the inode, not
+    /// the path).
+    watched: Identity,
+    /// The last read failed.
+    unreadable: bool,
+}
+
+/// A directory's device and inode.
+type Identity = (u64, u64);
+
+fn identity(dir: &Path) -> std::io::Result<Identity> {
+    std::fs::metadata(dir).map(|m| (m.dev(), m.ino()))
 }
 
 impl ManifestSource {
     /// Starts watching `dir`; every change is sent on `changes`.
     pub fn start(dir: &Path, scope: Scope, changes: mpsc::UnboundedSender<Change>) -> Result<Self> {
+        let watched = identity(dir)
+            .with_context(|| format!("reading the manifest directory {}", dir.display()))?;
         Ok(ManifestSource {
             dir: dir.to_owned(),
             scope,
-            _watcher: watch_dir(dir, changes)?,
+            watcher: watch_dir(dir, changes.clone())?,
+            changes,
+            watched,
+            unreadable: false,
         })
     }
 
     /// Reads and translates the whole directory, and hands the result to
     /// `apply`. Problems are logged: there is no object to post Events on.
+    /// A directory that cannot be read is an error, and nothing is applied.
     pub fn sync(&mut self, apply: impl FnOnce(&DesiredState) -> Result<()>) -> Result<()> {
-        let (mut objects, errors) = load_dir(&self.dir);
+        let (mut objects, errors) = match load_dir(&self.dir) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                telemetry().source_read_errors.inc();
+                self.unreadable = true;
+                return Err(anyhow::Error::new(error)
+                    .context("the Services read before stay programmed until it reads again"));
+            }
+        };
+        if std::mem::take(&mut self.unreadable) {
+            tracing::info!(dir = %self.dir.display(), "the manifest directory reads again");
+        }
+        self.watch_again_if_replaced();
         for e in &errors {
             tracing::warn!(error = %e, "skipping malformed manifest");
         }
@@ -57,6 +97,27 @@ impl ManifestSource {
             libc::malloc_trim(0)
         };
         result
+    }
+
+    /// A directory put in place of the watched one (a volume mounted again,
+    /// a restored copy) would otherwise never be watched.
+    fn watch_again_if_replaced(&mut self) {
+        let Ok(now) = identity(&self.dir) else {
+            return;
+        };
+        if now == self.watched {
+            return;
+        }
+        match watch_dir(&self.dir, self.changes.clone()) {
+            Ok(watcher) => {
+                tracing::info!(dir = %self.dir.display(), "the manifest directory was replaced; watching the new one");
+                self.watcher = watcher;
+                self.watched = now;
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "watching the replaced manifest directory failed")
+            }
+        }
     }
 }
 

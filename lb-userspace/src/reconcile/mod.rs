@@ -10,6 +10,14 @@
 //! valid. That keeps one table per service (`table_id == service_id`) and
 //! writes only the ~M/N slots a change moves.
 //!
+//! A removed frontend leaves a tombstone for a grace period (audit A-15):
+//! its map entries go at once, so no new flow reaches it, but its service
+//! id and backend ids stay reserved and count as active for the flow
+//! sweeper. A frontend that comes back within the grace (a bad edit fixed,
+//! an IPAM or a manifest rewrite in flight, `kubectl replace --force`)
+//! gets its old ids again, so its established flows live on; only when the
+//! grace ends are the ids freed and the flows swept.
+//!
 //! Pure: map writes go through [`MapWriter`], so this is unit-tested without
 //! root.
 
@@ -22,10 +30,11 @@ mod writer;
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
+    time::Instant,
 };
 
 use anyhow::{Result, anyhow};
-use lb_common::{FrontendKey, MAGLEV_TABLE_SIZE};
+use lb_common::{FrontendKey, MAGLEV_TABLE_SIZE, SERVICE_F_SOURCE_RANGES};
 
 use self::{ids::IdPool, writer::Counting};
 // The encoding lived here first; callers outside the crate import it from here.
@@ -89,6 +98,9 @@ pub struct Adoption {
 
 pub struct Reconciler {
     programmed: BTreeMap<Frontend, Programmed>,
+    /// Frontends removed lately, with when: nothing of them is in the maps
+    /// any more, but their ids are kept (see the module).
+    removed: BTreeMap<Frontend, (Instant, Programmed)>,
     service_id_pool: IdPool,
     backend_id_pool: IdPool,
     /// Bumped whenever what [`Reconciler::programmed`] names changes (a
@@ -122,6 +134,7 @@ impl Reconciler {
     pub fn new(max_services: u32, max_backends: u32) -> Self {
         Self {
             programmed: BTreeMap::new(),
+            removed: BTreeMap::new(),
             service_id_pool: IdPool::services(max_services),
             backend_id_pool: IdPool::backends(max_backends),
             names_version: 0,
@@ -176,9 +189,64 @@ impl Reconciler {
         }
     }
 
-    /// Service ids in use (for the flow sweeper).
+    /// Service ids in use (for the flow sweeper), tombstones' included.
     pub fn active_service_ids(&self) -> HashSet<u32> {
-        self.programmed.values().map(|p| p.service_id).collect()
+        self.programmed
+            .values()
+            .chain(self.removed.values().map(|(_, p)| p))
+            .map(|p| p.service_id)
+            .collect()
+    }
+
+    /// The service id a frontend has, programmed or tombstoned.
+    pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.programmed
+            .get(frontend)
+            .or_else(|| self.removed.get(frontend).map(|(_, p)| p))
+            .map(|p| p.service_id)
+    }
+
+    /// Ends the tombstones of frontends removed before `removed_before`:
+    /// their ids are freed, and the next sweep deletes their flows. Returns
+    /// how many ended.
+    pub fn forget_removed(&mut self, removed_before: Instant) -> usize {
+        let ended: Vec<Frontend> = self
+            .removed
+            .iter()
+            .filter(|(_, (at, _))| *at < removed_before)
+            .map(|(f, _)| *f)
+            .collect();
+        for frontend in &ended {
+            self.forget(frontend);
+        }
+        ended.len()
+    }
+
+    /// Frees the ids of one tombstone.
+    fn forget(&mut self, frontend: &Frontend) {
+        if let Some((_, p)) = self.removed.remove(frontend) {
+            for id in p.backend_ids.values() {
+                self.backend_id_pool.release(*id);
+            }
+            self.service_id_pool.release(p.service_id);
+        }
+    }
+
+    /// A service id for a new frontend; when every id is taken, the oldest
+    /// tombstone gives its own up first.
+    fn allocate_service_id(&mut self) -> Result<u32> {
+        loop {
+            if let Ok(id) = self.service_id_pool.allocate() {
+                return Ok(id);
+            }
+            let oldest = self
+                .removed
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(f, _)| *f)
+                .ok_or_else(|| anyhow!("service table full (see --max-services)"))?;
+            self.forget(&oldest);
+        }
     }
 
     /// Backend ids in use (for the flow sweeper).
@@ -284,13 +352,14 @@ impl Reconciler {
         w: &mut dyn MapWriter,
     ) -> Result<()> {
         let key = frontend_key(frontend)?;
-        let mut p = match self.programmed.remove(frontend) {
+        let existing = self
+            .programmed
+            .remove(frontend)
+            .or_else(|| self.removed.remove(frontend).map(|(_, p)| p));
+        let mut p = match existing {
             Some(p) => p,
             None => {
-                let service_id = self
-                    .service_id_pool
-                    .allocate()
-                    .map_err(|_| anyhow!("service table full (see --max-services)"))?;
+                let service_id = self.allocate_service_id()?;
                 w.reset_stats(service_id)?;
                 Programmed::empty(service_id)
             }
@@ -328,7 +397,8 @@ impl Reconciler {
     }
 
     /// The write order reversed: the service entry first, so no new flow
-    /// reaches the ranges and backends going away.
+    /// reaches the ranges and backends going away. The ids stay with a
+    /// tombstone (see the module).
     fn remove_frontend(&mut self, frontend: &Frontend, w: &mut dyn MapWriter) -> Result<()> {
         let Some(p) = self.programmed.get(frontend) else {
             return Ok(());
@@ -345,12 +415,18 @@ impl Reconciler {
         }
         for id in p.backend_ids.values() {
             w.delete_backend(*id)?;
-            self.backend_id_pool.release(*id);
         }
-        let service_id = p.service_id;
-        self.programmed.remove(frontend);
+        let Some(p) = self.programmed.remove(frontend) else {
+            return Ok(());
+        };
         self.names_version += 1;
-        self.service_id_pool.release(service_id);
+        // Nothing of it is in the maps now; a comeback rewrites it all with
+        // the same ids.
+        let tombstone = Programmed {
+            backend_ids: p.backend_ids,
+            ..Programmed::empty(p.service_id)
+        };
+        self.removed.insert(*frontend, (Instant::now(), tombstone));
         Ok(())
     }
 }
@@ -449,7 +525,9 @@ impl Programmed {
     }
 
     /// Source ranges to add, then the service entry, then ranges to remove:
-    /// a range is never missing while the service relies on it.
+    /// a range is never missing while the service relies on it. If a range
+    /// cannot be written (the trie is shared by every Service and may be
+    /// full), the frontend is closed instead (see [`Programmed::close`]).
     fn write_service_entry(
         &mut self,
         key: &FrontendKey,
@@ -457,28 +535,81 @@ impl Programmed {
         w: &mut dyn MapWriter,
     ) -> Result<()> {
         let new_ranges: BTreeSet<SourceRange> = spec.source_ranges.iter().copied().collect();
-        for r in new_ranges
+        let to_add: Vec<SourceRange> = new_ranges
             .difference(&self.source_ranges)
             .filter(|r| source_range_is_written(r))
-        {
-            let (k, len) = source_range_key(self.service_id, r)?;
-            w.put_source_range(&k, len)?;
+            .copied()
+            .collect();
+        for r in to_add {
+            let written = source_range_key(self.service_id, &r)
+                .and_then(|(k, len)| w.put_source_range(&k, len));
+            if let Err(e) = written {
+                self.close(key, spec, w);
+                return Err(e.context(
+                    "writing the source ranges failed; the frontend denies every source until they are written",
+                ));
+            }
+            self.source_ranges.insert(r);
         }
         let value = service_value(self.service_id, spec);
         if self.service_value != Some(value) {
             w.put_service(key, &value)?;
             self.service_value = Some(value);
         }
-        for r in self
+        let to_remove: Vec<SourceRange> = self
             .source_ranges
             .difference(&new_ranges)
-            .filter(|r| source_range_is_written(r))
-        {
-            let (k, len) = source_range_key(self.service_id, r)?;
-            w.delete_source_range(&k, len)?;
+            .copied()
+            .collect();
+        for r in to_remove {
+            if source_range_is_written(&r) {
+                let (k, len) = source_range_key(self.service_id, &r)?;
+                w.delete_source_range(&k, len)?;
+            }
+            self.source_ranges.remove(&r);
         }
-        self.source_ranges = new_ranges;
         Ok(())
+    }
+
+    /// Fails closed (audit A-13): the service entry gets the source-range
+    /// flag, then every range of the service leaves the trie, so no source
+    /// matches and every new flow is dropped. Leaving it as it was would keep
+    /// a frontend that had no ranges open to all, or one being narrowed open
+    /// to a mix of old and new ranges. Established flows keep running, as
+    /// after any narrowing. Best effort: if even the entry cannot be written
+    /// it is deleted, which also stops new flows.
+    fn close(&mut self, key: &FrontendKey, spec: &FrontendSpec, w: &mut dyn MapWriter) {
+        let mut closed = service_value(self.service_id, spec);
+        closed.flags |= SERVICE_F_SOURCE_RANGES;
+        if self.service_value != Some(closed) {
+            match w.put_service(key, &closed) {
+                Ok(()) => self.service_value = Some(closed),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), service_id = self.service_id,
+                        "closing a frontend failed; deleting its service entry");
+                    if w.delete_service(key).is_ok() {
+                        self.service_value = None;
+                    }
+                }
+            }
+        }
+        let written: Vec<SourceRange> = self
+            .source_ranges
+            .iter()
+            .filter(|r| source_range_is_written(r))
+            .copied()
+            .collect();
+        for r in written {
+            let deleted = source_range_key(self.service_id, &r)
+                .and_then(|(k, len)| w.delete_source_range(&k, len));
+            match deleted {
+                Ok(()) => {
+                    self.source_ranges.remove(&r);
+                }
+                Err(e) => tracing::error!(error = %format!("{e:#}"),
+                    service_id = self.service_id, "removing a source range of a closed frontend failed"),
+            }
+        }
     }
 
     /// Backends not in `wanted`: no slot points at them any more.

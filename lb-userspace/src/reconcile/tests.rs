@@ -3,6 +3,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr},
+    time::Instant,
 };
 
 use lb_common::SERVICE_F_SOURCE_RANGES;
@@ -21,6 +22,9 @@ struct FakeMaps {
     dangling_seen: bool,
     /// The next this many `put_service` calls fail.
     failing_service_writes: usize,
+    /// `put_source_range` succeeds this many more times, then fails (a full
+    /// trie); `None`: always succeeds.
+    range_writes_left: Option<usize>,
 }
 
 impl FakeMaps {
@@ -79,6 +83,11 @@ impl MapWriter for FakeMaps {
         Ok(())
     }
     fn put_source_range(&mut self, k: &lb_common::SourceRange, len: u32) -> Result<()> {
+        match &mut self.range_writes_left {
+            Some(0) => anyhow::bail!("ENOSPC (injected: the trie is full)"),
+            Some(left) => *left -= 1,
+            None => {}
+        }
         self.ranges.insert((k.service_id.host(), k.addr, len));
         Ok(())
     }
@@ -358,4 +367,137 @@ fn drift_in_the_maps_is_found_and_repaired() {
     maps.check();
     assert!(!maps.dangling_seen);
     assert_eq!(r.repair_drift(&mut maps).unwrap(), Drift::default());
+}
+
+fn ranges(n: u8) -> Vec<SourceRange> {
+    (0..n)
+        .map(|i| SourceRange {
+            addr: IpAddr::V4(Ipv4Addr::new(192, 0, i, 0)),
+            prefix_len: 24,
+        })
+        .collect()
+}
+
+impl FakeMaps {
+    /// The trie entries of service `id`.
+    fn ranges_of(&self, id: u32) -> usize {
+        self.ranges.iter().filter(|(s, _, _)| *s == id).count()
+    }
+}
+
+/// Audit A-13: a range update that fails partway (the shared trie is full)
+/// leaves the frontend closed: its entry says "source ranges apply" and no
+/// range of it is in the trie, so every source is denied; not open (the old
+/// entry without the flag) and not half-updated. The failure names the
+/// Service, and the retry writes everything once the trie has room.
+#[test]
+fn a_failed_range_write_closes_the_frontend_until_the_retry() {
+    for before in [ranges(0), ranges(1)] {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(16, 1024);
+        let x = frontend(1, 80);
+        let mut open = spec("x", &[1, 2]);
+        open.source_ranges = before.clone();
+        assert!(r.apply(&state(&[(x, open)]), &mut maps).errors.is_empty());
+        let id = maps.services[&frontend_key(&x).unwrap()].service_id;
+
+        maps.range_writes_left = Some(4);
+        let mut narrowed = spec("x", &[1, 2]);
+        narrowed.source_ranges = ranges(10);
+        let d = state(&[(x, narrowed)]);
+        let s = r.apply(&d, &mut maps);
+        assert_eq!(s.failed.len(), 1, "{s:?}");
+        assert_eq!(s.failed[0].0.name, "x");
+        assert!(s.failed[0].1.contains("denies every source"), "{s:?}");
+        let entry = maps.services[&frontend_key(&x).unwrap()];
+        assert_ne!(
+            entry.flags & SERVICE_F_SOURCE_RANGES,
+            0,
+            "left open (ranges before: {})",
+            before.len()
+        );
+        assert_eq!(maps.ranges_of(id), 0, "half-updated ranges stayed");
+
+        // Still no room: still closed.
+        let s = r.apply(&d, &mut maps);
+        assert_eq!(s.failed.len(), 1, "{s:?}");
+        assert_eq!(maps.ranges_of(id), 0);
+
+        // Room again: the retry programs all ten.
+        maps.range_writes_left = None;
+        let s = r.apply(&d, &mut maps);
+        assert!(s.errors.is_empty(), "{s:?}");
+        assert_eq!(maps.ranges_of(id), 10);
+        let entry = maps.services[&frontend_key(&x).unwrap()];
+        assert_ne!(entry.flags & SERVICE_F_SOURCE_RANGES, 0);
+        assert_eq!(entry.backend_count, 2);
+        assert_eq!(r.apply(&d, &mut maps).map_writes, 0);
+    }
+}
+
+/// Audit A-15: a frontend removed and added again within the grace keeps
+/// its service id and backend ids, and its id stays active for the sweeper
+/// meanwhile, so its established flows are not swept; its map entries leave
+/// at once. After the grace the ids are freed and a comeback is new.
+#[test]
+fn a_frontend_back_within_the_grace_keeps_its_ids() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(16, 1024);
+    let (x, y) = (frontend(1, 80), frontend(2, 80));
+    let with_x = state(&[(x, spec("x", &[1, 2])), (y, spec("y", &[3]))]);
+    let without_x = state(&[(y, spec("y", &[3]))]);
+    assert!(r.apply(&with_x, &mut maps).errors.is_empty());
+    let id = r.service_id(&x).unwrap();
+    let backends: BTreeSet<u32> = maps.backends.keys().copied().collect();
+
+    let s = r.apply(&without_x, &mut maps);
+    assert_eq!(s.removed, 1, "{s:?}");
+    assert!(
+        maps.lookup(&x, 0).is_none(),
+        "a removed frontend still takes new flows"
+    );
+    assert_eq!(maps.backends.len(), 1);
+    assert!(
+        r.active_service_ids().contains(&id),
+        "its flows would be swept"
+    );
+    assert!(r.programmed().all(|(_, f, _)| *f != x));
+
+    let s = r.apply(&with_x, &mut maps);
+    assert!(s.errors.is_empty(), "{s:?}");
+    assert_eq!(
+        r.service_id(&x),
+        Some(id),
+        "a new service id: its flows are swept"
+    );
+    assert_eq!(
+        maps.backends.keys().copied().collect::<BTreeSet<_>>(),
+        backends
+    );
+    assert!(maps.lookup(&x, 0).is_some());
+    assert!(!maps.dangling_seen);
+    assert_eq!(r.apply(&with_x, &mut maps).map_writes, 0);
+
+    // Removed for longer than the grace: the ids go.
+    r.apply(&without_x, &mut maps);
+    assert_eq!(
+        r.forget_removed(Instant::now() + std::time::Duration::from_secs(1)),
+        1
+    );
+    assert!(!r.active_service_ids().contains(&id));
+    r.apply(&with_x, &mut maps);
+    assert_ne!(r.service_id(&x), Some(id));
+}
+
+/// Tombstones never make the service table full: the oldest gives its id up.
+#[test]
+fn a_tombstone_yields_its_id_when_the_table_is_full() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(1, 1024);
+    r.apply(&state(&[(frontend(1, 80), spec("a", &[1]))]), &mut maps);
+    r.apply(&state(&[]), &mut maps);
+    let s = r.apply(&state(&[(frontend(2, 80), spec("b", &[2]))]), &mut maps);
+    assert!(s.errors.is_empty(), "{s:?}");
+    assert_eq!(r.service_id(&frontend(2, 80)), Some(0));
+    assert_eq!(r.service_id(&frontend(1, 80)), None);
 }

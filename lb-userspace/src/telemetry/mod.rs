@@ -57,6 +57,8 @@ pub struct Telemetry {
     pub programming_duration: Histogram,
     pub programming_errors: Counter,
     pub resyncs: Counter,
+    /// Reads of the manifest directory that failed as a whole.
+    pub source_read_errors: Counter,
     pub watch_relists: Family<ResourceLabel, Counter>,
     pub leader: Gauge,
     /// Flow-table entries the last sweep found (it walks the table anyway;
@@ -80,6 +82,7 @@ impl Default for Telemetry {
             programming_duration: Histogram::new(exponential_buckets(0.0005, 4.0, 8)),
             programming_errors: Counter::default(),
             resyncs: Counter::default(),
+            source_read_errors: Counter::default(),
             watch_relists: Family::default(),
             leader: Gauge::default(),
             flow_entries: Gauge::default(),
@@ -123,6 +126,11 @@ impl Telemetry {
             "xlb_resyncs",
             "Periodic full comparisons of the desired state with the maps (--resync-interval)",
             self.resyncs.clone(),
+        );
+        r.register(
+            "xlb_source_read_errors",
+            "Reads of the manifest directory that failed as a whole (the Services read before stay programmed)",
+            self.source_read_errors.clone(),
         );
         r.register(
             "xlb_watch_relists",

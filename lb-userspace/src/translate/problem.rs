@@ -20,6 +20,9 @@ pub enum EventReason {
     PortConflict,
     /// Writing a frontend into a node's maps failed; the node retries.
     ProgrammingFailed,
+    /// Node mode: another controller keeps overwriting the status xlb
+    /// writes; xlb backs off.
+    StatusFoughtOver,
 }
 
 impl EventReason {
@@ -29,6 +32,7 @@ impl EventReason {
             EventReason::AddressConflict => "AddressConflict",
             EventReason::PortConflict => "PortConflict",
             EventReason::ProgrammingFailed => "ProgrammingFailed",
+            EventReason::StatusFoughtOver => "StatusFoughtOver",
         }
     }
 }

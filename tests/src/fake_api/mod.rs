@@ -94,6 +94,9 @@ pub(crate) struct Shared {
     /// Every open connection, to close them all when the fake is dropped.
     pub(crate) connections: Mutex<HashMap<u64, TcpStream>>,
     pub(crate) next_connection_id: AtomicU64,
+    /// By Service name: the ingress addresses a rival controller writes
+    /// into its status right after every status write of a client.
+    pub(crate) status_rival: Mutex<HashMap<String, Vec<String>>>,
 }
 
 pub(crate) enum Reply {
@@ -294,6 +297,9 @@ impl Shared {
                     &patch,
                     status_only,
                 )?;
+                if status_only {
+                    self.answer_status_write(resource, namespace, name);
+                }
                 Ok(Reply::Json(code, object))
             }
             ("DELETE", Some(name)) if !status_only => {
@@ -374,6 +380,30 @@ impl Shared {
             lock(&self.store).watches.remove(&id);
         }
         outcome
+    }
+}
+
+impl Shared {
+    /// The rival controller's answer to a client's status write, if one is
+    /// set: its own ingress, as a new write (MODIFIED for watches).
+    fn answer_status_write(&self, resource: usize, namespace: Option<&str>, name: &str) {
+        let Some(ips) = lock(&self.status_rival).get(name).cloned() else {
+            return;
+        };
+        if RESOURCE_TYPES[resource].kind != "Service" {
+            return;
+        }
+        let mut store = lock(&self.store);
+        let key = object_key(resource, namespace, name);
+        let Some(old) = store.objects.get(&key).cloned() else {
+            return;
+        };
+        let mut object = old.clone();
+        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        object["status"] = json!({"loadBalancer": {"ingress": ingress}});
+        if object != old {
+            store.commit_update(key, old, object);
+        }
     }
 }
 
@@ -471,6 +501,7 @@ impl FakeApi {
             requests: Mutex::new(Vec::new()),
             connections: Mutex::new(HashMap::new()),
             next_connection_id: AtomicU64::new(0),
+            status_rival: Mutex::new(HashMap::new()),
         });
         let accepting = listener
             .try_clone()
@@ -622,6 +653,21 @@ impl FakeApi {
         self.shared.unavailable.store(down, Ordering::SeqCst);
         if down {
             self.cut_watches();
+        }
+    }
+
+    /// While `ips` is set, a rival controller (K3s ServiceLB left enabled,
+    /// MetalLB) answers every status write of Service `name` (any
+    /// namespace) by writing these ingress addresses over it at once.
+    pub fn fight_service_status(&self, name: &str, ips: Option<&[&str]>) {
+        let mut rivals = lock(&self.shared.status_rival);
+        match ips {
+            Some(ips) => {
+                rivals.insert(name.into(), ips.iter().map(|ip| ip.to_string()).collect());
+            }
+            None => {
+                rivals.remove(name);
+            }
         }
     }
 
