@@ -63,14 +63,7 @@ pub fn owns(ctx: *mut core::ffi::c_void, key: &FlowKey, ifindex: u32) -> bool {
     fib.ifindex = ifindex;
     fib.__bindgen_anon_3.ipv4_src = src;
     fib.__bindgen_anon_4.ipv4_dst = dst;
-    let rc = unsafe {
-        fib_lookup(
-            ctx,
-            fib,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { fib_lookup(ctx, fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     let local = rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64;
     if local && let Some(g) = global() {
         g.host_socket += 1;

@@ -19,8 +19,8 @@ use crate::{
     maps::{AFFINITY, BACKENDS, FLOWS, MAGLEV, NewFlowScratch, SCRATCH, SERVICES, SOURCE_RANGES},
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reverse_path, snat,
-    words,
     stats::{global, service as stats},
+    words,
 };
 
 /// How often a flow's `last_seen_ns` is refreshed: writing it on every packet

@@ -126,7 +126,13 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         Lookup::Refused => return TCX_NEXT,
         Lookup::Miss => {
             let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-            match nat::new_flow(ctx.skb.skb.cast(), ifindex, &parsed.key, parsed.tcp_flags, bytes) {
+            match nat::new_flow(
+                ctx.skb.skb.cast(),
+                ifindex,
+                &parsed.key,
+                parsed.tcp_flags,
+                bytes,
+            ) {
                 Ok(flow) => flow,
                 Err(verdict) => return verdict.tc_action(),
             }
