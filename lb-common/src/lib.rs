@@ -310,6 +310,9 @@ pub struct GlobalStats {
     /// addresses, on a port a socket of the node holds (a host daemon, a
     /// reply to the node's own UDP socket): left to the kernel.
     pub host_socket: u64,
+    /// Would-be new flows left to the kernel because the agent's heartbeat
+    /// is older than `Config::stale_after_s`.
+    pub stale_passed: u64,
 }
 
 impl GlobalStats {
@@ -326,6 +329,7 @@ impl GlobalStats {
             sum.reply_wrong_interface += s.reply_wrong_interface;
             sum.flow_halves_restored += s.flow_halves_restored;
             sum.host_socket += s.host_socket;
+            sum.stale_passed += s.stale_passed;
         }
         sum
     }
@@ -352,6 +356,15 @@ pub struct Config {
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     pub flags: u32,
+    /// New flows are left to the kernel once the agent's heartbeat is older
+    /// than this many seconds (0: never): a datapath nobody keeps up to
+    /// date must not send new clients to pod addresses Kubernetes may have
+    /// given to other pods since.
+    pub stale_after_s: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the agent last said it was
+    /// alive; rewritten every few seconds by its main loop.
+    pub heartbeat_ns: u64,
 }
 
 #[cfg(feature = "user")]
@@ -405,9 +418,9 @@ mod tests {
         );
         assert_eq!(
             (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
-            (72, 8)
+            (80, 8)
         );
-        assert_eq!((size_of::<Config>(), align_of::<Config>()), (24, 4));
+        assert_eq!((size_of::<Config>(), align_of::<Config>()), (40, 8));
     }
 
     #[test]
@@ -448,6 +461,7 @@ mod tests {
             reply_wrong_interface: 7 * n,
             flow_halves_restored: 8 * n,
             host_socket: 9 * n,
+            stale_passed: 10 * n,
         };
         assert_eq!(GlobalStats::accumulate(&[node(2), node(5)]), node(7));
     }

@@ -7,16 +7,18 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_F_LOCAL, Be32, FLOW_F_ACKED, FLOW_F_ANSWERED, FLOW_F_CLOSING,
-    FLOW_F_REPLY, FLOW_F_RESET, FLOW_F_SNAT, Flow, FlowKey, FrontendKey, MAGLEV_TABLE_SIZE,
-    PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES,
-    SOURCE_RANGE_ID_BITS, Service, SourceRange,
+    Affinity, AffinityKey, BACKEND_F_LOCAL, Be32, CONFIG_KEY, FLOW_F_ACKED, FLOW_F_ANSWERED,
+    FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_RESET, FLOW_F_SNAT, Flow, FlowKey, FrontendKey,
+    MAGLEV_TABLE_SIZE, PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY,
+    SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange,
 };
 
 use crate::{
     hash::flow_hash,
     host,
-    maps::{AFFINITY, BACKENDS, FLOWS, MAGLEV, NewFlowScratch, SCRATCH, SERVICES, SOURCE_RANGES},
+    maps::{
+        AFFINITY, BACKENDS, CONFIG, FLOWS, MAGLEV, NewFlowScratch, SCRATCH, SERVICES, SOURCE_RANGES,
+    },
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reverse_path, snat,
     stats::{global, service as stats},
@@ -284,6 +286,13 @@ fn create_flow(
     service: &Service,
     bytes: u64,
 ) -> Result<&'static Flow, Verdict> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if agent_gone(now) {
+        if let Some(g) = global() {
+            g.stale_passed += 1;
+        }
+        return Err(Verdict::Pass);
+    }
     // Read in place, not copied: the copy would cost the new-flow frame
     // bytes the 512-byte stack limit cannot spare.
     let Some(st) = stats(service.service_id) else {
@@ -315,7 +324,6 @@ fn create_flow(
     }
 
     let hash = flow_hash(key);
-    let now = unsafe { bpf_ktime_get_ns() };
     let Some(backend_id) = pick_backend(service, key, hash, now, scratch) else {
         st.drop_no_backend += 1;
         return Err(Verdict::Drop);
@@ -379,6 +387,20 @@ fn create_flow(
     }
     st.new_flows += 1;
     Ok(&scratch.forward)
+}
+
+/// Has the agent stopped keeping the maps up to date (audit A-17 item 6)?
+/// Its backends may be pods that are gone, their addresses given to other
+/// pods since (after `kubectl delete` of xlb, or an agent that crash-loops
+/// before its first sync): new clients are not sent there once the
+/// heartbeat is older than `stale_after_s`. Established flows keep going.
+#[inline(always)]
+fn agent_gone(now: u64) -> bool {
+    let Some(config) = CONFIG.get(CONFIG_KEY) else {
+        return false;
+    };
+    config.stale_after_s != 0
+        && now.saturating_sub(config.heartbeat_ns) > config.stale_after_s as u64 * 1_000_000_000
 }
 
 /// A new flow's reply key is taken. It may be overwritten when it is this

@@ -136,6 +136,13 @@ pub struct AgentConfig {
     #[arg(long, env = "XLB_RESYNC_INTERVAL", default_value = "300",
           value_parser = flags::seconds_at_least_one)]
     pub resync_interval: Duration,
+    /// Seconds without a heartbeat from this agent after which the datapath
+    /// stops starting new flows and leaves them to the kernel (established
+    /// flows keep going): pinned maps nobody keeps up to date (xlb deleted,
+    /// an agent crash-looping before its first sync) would send new clients
+    /// to pod addresses Kubernetes may have given to other pods. 0: never.
+    #[arg(long, env = "XLB_STALE_AFTER", default_value_t = 600)]
+    pub stale_after: u32,
 }
 
 impl AgentConfig {
@@ -345,7 +352,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut sweep = tokio::time::interval(cfg.sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    // The datapath's heartbeat is written on this tick too: a few beats fit
+    // in --stale-after.
+    let mut heartbeat = tokio::time::interval(if cfg.stale_after == 0 {
+        HEARTBEAT
+    } else {
+        HEARTBEAT.min(Duration::from_secs(u64::from(cfg.stale_after)) / 3)
+    });
     let mut resync = tokio::time::interval_at(
         tokio::time::Instant::now() + cfg.resync_interval,
         cfg.resync_interval,
@@ -373,7 +386,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 datapath.sweep(&cfg.timeouts, cfg.removal_grace);
                 continue;
             }
-            _ = heartbeat.tick() => continue,
+            _ = heartbeat.tick() => {
+                datapath.beat();
+                continue;
+            }
             // Repairs what changed in the maps behind the agent's back, and
             // applies everything, which also retries what failed.
             _ = resync.tick() => {
@@ -447,6 +463,21 @@ impl Datapath {
         }
     }
 
+    /// Tells the datapath the agent is alive (`Config::heartbeat_ns`), once
+    /// the node configuration has been written.
+    fn beat(&mut self) {
+        let Some(config) = self.published.node_config else {
+            return;
+        };
+        let beat = Config {
+            heartbeat_ns: netdev::monotonic_ns(),
+            ..config
+        };
+        if let Err(e) = self.maps.write_config(&beat) {
+            tracing::warn!(error = %e, "writing the datapath heartbeat");
+        }
+    }
+
     fn sweep(&mut self, timeouts: &Timeouts, removal_grace: Duration) {
         if let Some(before) = Instant::now().checked_sub(removal_grace) {
             let ended = self.reconciler.forget_removed(before);
@@ -488,7 +519,10 @@ impl Datapath {
         let config = node_config_value(node_addr, cfg);
         if published.node_config.as_ref() != Some(&config) {
             netdev::warn_if_ephemeral(cfg.snat_ports.min, cfg.snat_ports.max);
-            maps.write_config(&config)?;
+            maps.write_config(&Config {
+                heartbeat_ns: netdev::monotonic_ns(),
+                ..config
+            })?;
             match node_addr {
                 Some(a) => tracing::info!(node_addr = %a, "SNAT address for remote backends"),
                 None => tracing::warn!(
@@ -554,5 +588,10 @@ fn node_config_value(node_addr: Option<Ipv4Addr>, cfg: &AgentConfig) -> Config {
         } else {
             CONFIG_F_REVERSE_PATH
         },
+        stale_after_s: cfg.stale_after,
+        // Written fresh with every write (`Datapath::beat`); kept 0 here so
+        // the value compares equal across beats.
+        heartbeat_ns: 0,
+        _pad: 0,
     }
 }

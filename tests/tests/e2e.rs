@@ -411,6 +411,44 @@ fn established_flow_survives_agent_restart() -> Result<()> {
     Ok(())
 }
 
+/// Audit A-17 item 6: pinned maps that no agent keeps up to date (xlb
+/// deleted, an agent crash-looping) must not keep sending new clients to pod
+/// addresses Kubernetes may have given to other pods. Once the agent's
+/// heartbeat is older than --stale-after, new flows are left to the kernel;
+/// established ones keep going, and a new agent takes new flows again.
+#[test]
+fn a_datapath_nobody_keeps_up_to_date_takes_no_new_clients() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    web_service(&t, |_| ())?;
+    let mut agent = t.start_agent_with(&["--stale-after", "3"])?;
+    wait_backends(&t, 6)?;
+    let to = SocketAddrV4::new(WEB, 80);
+    let mut conn = Conn::open(&t.client, to, None)?;
+    let backend = conn.ask("before")?.backend;
+    // Alive, its beats keep the datapath fresh past the bound.
+    std::thread::sleep(Duration::from_secs(5));
+    tcp_request(&t.client, to).context("a live agent's datapath takes new clients")?;
+    agent.stop()?;
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        tcp_request(&t.client, to).is_err(),
+        "a datapath without an agent took a new client"
+    );
+    assert!(t.stat("stale_passed")? > 0, "left to the kernel, counted");
+    assert_eq!(
+        conn.ask("after")?.backend,
+        backend,
+        "the established connection keeps going"
+    );
+    let _agent = t.start_agent_with(&["--stale-after", "3"])?;
+    wait_until("new clients again", Duration::from_secs(5), || {
+        tcp_request(&t.client, to).is_ok()
+    })?;
+    Ok(())
+}
+
 #[test]
 fn source_range_blocks_client_outside_it() -> Result<()> {
     let (t, _agent) = web_topology(|spec| {

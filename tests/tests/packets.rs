@@ -107,6 +107,7 @@ impl Datapath {
             snat_port_min: 32768,
             snat_port_max: 60999,
             flags: 0,
+            ..Config::default()
         })?;
         let mut desired = DesiredState::default();
         for protocol in [Protocol::Tcp, Protocol::Udp] {
@@ -589,6 +590,7 @@ fn an_evicted_half_never_frees_its_snat_port_and_is_put_back() -> Result<()> {
         snat_port_min: 40000,
         snat_port_max: 40000,
         flags: 0,
+        ..Config::default()
     })?;
     let to = (FRONTEND, SNAT_PORT);
     let (first, second) = ((CLIENT, 41000), (CLIENT2, 41001));
@@ -875,6 +877,7 @@ fn a_reply_from_the_wrong_side_is_not_translated() -> Result<()> {
         snat_port_min: 32768,
         snat_port_max: 60999,
         flags,
+        ..Config::default()
     };
     let client = (CLIENT, 41005);
     let (_, forwarded) = dp.run(&tcp(client, (FRONTEND, SNAT_PORT), TCP_SYN))?;

@@ -192,7 +192,8 @@ fn global_stats() -> Layout {
         frag_needed_sent,
         reply_wrong_interface,
         flow_halves_restored,
-        host_socket
+        host_socket,
+        stale_passed
     })
 }
 fn config() -> Layout {
@@ -200,7 +201,10 @@ fn config() -> Layout {
         node_addr,
         snat_port_min,
         snat_port_max,
-        flags
+        flags,
+        stale_after_s,
+        _pad,
+        heartbeat_ns
     })
 }
 

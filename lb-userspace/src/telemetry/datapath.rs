@@ -159,6 +159,12 @@ pub const GLOBAL_COUNTERS: &[Field<GlobalStats>] = &[
         label: None,
         read: |g| g.host_socket,
     },
+    Field {
+        family: "xlb_stale_passed_packets",
+        help: "Packets that would have started a flow, left to the kernel because the agent's heartbeat was older than --stale-after",
+        label: None,
+        read: |g| g.stale_passed,
+    },
 ];
 
 /// What one scrape read from the datapath.

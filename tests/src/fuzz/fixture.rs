@@ -274,6 +274,7 @@ impl Fixture {
             snat_port_min: 32768,
             snat_port_max: 60999,
             flags: CONFIG_F_REDIRECT | CONFIG_F_REVERSE_PATH,
+            ..Config::default()
         })?;
         let mut ifindexes = Vec::new();
         for link in &routes.interfaces {
