@@ -8,7 +8,7 @@
 //! connections never get this far: only a SYN starts a flow.)
 
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NOT_FWDED, bpf_fib_lookup},
+    bindings::{BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NOT_FWDED, bpf_fib_lookup, bpf_sock_tuple},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
 };
 use lb_common::{FlowKey, PROTO_TCP};
@@ -38,19 +38,9 @@ pub fn owns(ctx: *mut core::ffi::c_void, key: &FlowKey, ifindex: u32) -> bool {
     tuple.__bindgen_anon_1.ipv4.daddr = dst;
     tuple.__bindgen_anon_1.ipv4.sport = key.src_port.wire();
     tuple.__bindgen_anon_1.ipv4.dport = key.dst_port.wire();
-    let size = (core::mem::size_of::<u32>() * 2 + core::mem::size_of::<u16>() * 2) as u32;
-    let netns = BPF_F_CURRENT_NETNS as u64;
-    let socket = unsafe {
-        if key.proto == PROTO_TCP {
-            bpf_sk_lookup_tcp(ctx, tuple, size, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx, tuple, size, netns, 0)
-        }
-    };
-    if socket.is_null() {
+    if !socket_exists(ctx, key.proto, tuple) {
         return false;
     }
-    unsafe { bpf_sk_release(socket.cast()) };
     // A socket bound to the wildcard address matches any destination, also
     // a frontend the node only forwards for: it counts only when the
     // frontend is an address of this node (the route to it is local).
@@ -69,4 +59,25 @@ pub fn owns(ctx: *mut core::ffi::c_void, key: &FlowKey, ifindex: u32) -> bool {
         g.host_socket += 1;
     }
     local
+}
+
+/// Would the node's own stack receive the packet `tuple` describes (an
+/// established or listening TCP socket, a bound or connected UDP one, in
+/// this network namespace)?
+#[inline(always)]
+pub fn socket_exists(ctx: *mut core::ffi::c_void, proto: u8, tuple: &mut bpf_sock_tuple) -> bool {
+    let size = (core::mem::size_of::<u32>() * 2 + core::mem::size_of::<u16>() * 2) as u32;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let socket = unsafe {
+        if proto == PROTO_TCP {
+            bpf_sk_lookup_tcp(ctx, tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx, tuple, size, netns, 0)
+        }
+    };
+    if socket.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(socket.cast()) };
+    true
 }

@@ -2,14 +2,12 @@
 //! `MASQUERADE`): the node address and a free port from the SNAT range, so
 //! the backend's replies come back through this node.
 
-use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
-    helpers::{bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
-};
-use lb_common::{Be16, CONFIG_KEY, FlowKey, PROTO_TCP};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use lb_common::{Be16, CONFIG_KEY, FlowKey};
 
 use crate::{
     hash::mix,
+    host,
     maps::{CONFIG, FLOWS, NewFlowScratch, SNAT_OWNERS},
     packet::v4_raw,
     words,
@@ -74,7 +72,8 @@ pub fn allocate(
             continue;
         }
         scratch.tuple.__bindgen_anon_1.ipv4.dport = port.wire();
-        if node_socket_exists(ctx, key.proto, &mut scratch.tuple) {
+        // Would the backend's reply reach one of the node's own sockets?
+        if host::socket_exists(ctx, key.proto, &mut scratch.tuple) {
             continue;
         }
         if FLOWS
@@ -114,24 +113,4 @@ fn held_by_live_flow(scratch: &NewFlowScratch) -> bool {
         && forward.dst_port == reply.src_port
         && forward.src_addr == reply.dst_addr
         && forward.src_port == reply.dst_port
-}
-
-/// Would the node's own stack receive the packet `tuple` describes (the
-/// backend's reply to a SNAT port)?
-#[inline(always)]
-fn node_socket_exists(ctx: *mut core::ffi::c_void, proto: u8, tuple: &mut bpf_sock_tuple) -> bool {
-    let size = core::mem::size_of::<u32>() as u32 * 2 + core::mem::size_of::<u16>() as u32 * 2;
-    let netns = BPF_F_CURRENT_NETNS as u64;
-    let sk = unsafe {
-        if proto == PROTO_TCP {
-            bpf_sk_lookup_tcp(ctx, tuple, size, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx, tuple, size, netns, 0)
-        }
-    };
-    if sk.is_null() {
-        return false;
-    }
-    unsafe { bpf_sk_release(sk.cast()) };
-    true
 }
