@@ -310,6 +310,9 @@ pub struct GlobalStats {
     /// addresses, on a port a socket of the node holds (a host daemon, a
     /// reply to the node's own UDP socket): left to the kernel.
     pub host_socket: u64,
+    /// Later IPv4 fragments given the addresses their first fragment was
+    /// translated to.
+    pub fragments_translated: u64,
 }
 
 impl GlobalStats {
@@ -326,6 +329,7 @@ impl GlobalStats {
             sum.reply_wrong_interface += s.reply_wrong_interface;
             sum.flow_halves_restored += s.flow_halves_restored;
             sum.host_socket += s.host_socket;
+            sum.fragments_translated += s.fragments_translated;
         }
         sum
     }
@@ -405,7 +409,7 @@ mod tests {
         );
         assert_eq!(
             (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
-            (72, 8)
+            (80, 8)
         );
         assert_eq!((size_of::<Config>(), align_of::<Config>()), (24, 4));
     }
@@ -448,6 +452,7 @@ mod tests {
             reply_wrong_interface: 7 * n,
             flow_halves_restored: 8 * n,
             host_socket: 9 * n,
+            fragments_translated: 10 * n,
         };
         assert_eq!(GlobalStats::accumulate(&[node(2), node(5)]), node(7));
     }

@@ -158,6 +158,7 @@ pub fn rows(
                 "reply_wrong_interface": g.reply_wrong_interface,
                 "flow_halves_restored": g.flow_halves_restored,
                 "host_socket": g.host_socket,
+                "fragments_translated": g.fragments_translated,
             }));
         }
     }

@@ -192,7 +192,8 @@ fn global_stats() -> Layout {
         frag_needed_sent,
         reply_wrong_interface,
         flow_halves_restored,
-        host_socket
+        host_socket,
+        fragments_translated
     })
 }
 fn config() -> Layout {

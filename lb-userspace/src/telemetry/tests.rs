@@ -73,6 +73,7 @@ fn snapshot() -> Snapshot {
             reply_wrong_interface: 4,
             flow_halves_restored: 5,
             host_socket: 6,
+            fragments_translated: 7,
         },
         flow_capacity: 262_144,
         interfaces: vec![("uplink".into(), "xdp"), ("uplink".into(), "tcx-egress")],
