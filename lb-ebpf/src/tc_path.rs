@@ -77,7 +77,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
         Err(Skip::Icmp(l3)) => return icmp_error(ctx.skb.skb, l3, true),
         Err(Skip::Fragment(l3)) => {
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            return later_fragment(ctx.skb.skb, l3, ifindex);
+            return later_fragment(ctx.skb.skb, l3, ifindex, false);
         }
         Err(_) => return TCX_NEXT,
     };
@@ -124,7 +124,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         }
         Err(Skip::Fragment(l3)) => {
             let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-            return later_fragment(ctx.skb.skb, l3, ifindex);
+            return later_fragment(ctx.skb.skb, l3, ifindex, true);
         }
         Err(Skip::Malformed) => {
             if let Some(g) = global() {
@@ -183,13 +183,17 @@ pub fn ingress(ctx: &TcContext) -> i32 {
 /// A later fragment seen on `ifindex`: given its first fragment's addresses
 /// if that one was translated there (no L4 header here, so only the IPv4
 /// checksum changes), then left to the kernel like the flow's packets;
-/// left alone otherwise.
+/// left alone otherwise (and, at ingress, counted as passed).
 // Not inlined, for the same reason as `icmp_error`.
 #[inline(never)]
-fn later_fragment(skb: *mut __sk_buff, l3: usize, ifindex: u32) -> i32 {
+fn later_fragment(skb: *mut __sk_buff, l3: usize, ifindex: u32, ingress: bool) -> i32 {
     let ctx = &TcContext::new(skb);
     let Some((ip, record)) = fragments::later(ctx.data(), ctx.data_end(), l3, ifindex) else {
-        return TCX_NEXT;
+        return if ingress {
+            Verdict::Pass.tc_action()
+        } else {
+            TCX_NEXT
+        };
     };
     let (old_src, old_dst) = unsafe { ((*ip).saddr, (*ip).daddr) };
     let (new_src, new_dst) = (record.src, record.dst);
