@@ -313,6 +313,9 @@ pub struct GlobalStats {
     /// Would-be new flows left to the kernel because the agent's heartbeat
     /// is older than `Config::stale_after_s`.
     pub stale_passed: u64,
+    /// Later IPv4 fragments given the addresses their first fragment was
+    /// translated to.
+    pub fragments_translated: u64,
 }
 
 impl GlobalStats {
@@ -330,6 +333,7 @@ impl GlobalStats {
             sum.flow_halves_restored += s.flow_halves_restored;
             sum.host_socket += s.host_socket;
             sum.stale_passed += s.stale_passed;
+            sum.fragments_translated += s.fragments_translated;
         }
         sum
     }
@@ -418,7 +422,7 @@ mod tests {
         );
         assert_eq!(
             (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
-            (80, 8)
+            (88, 8)
         );
         assert_eq!((size_of::<Config>(), align_of::<Config>()), (40, 8));
     }
@@ -462,6 +466,7 @@ mod tests {
             flow_halves_restored: 8 * n,
             host_socket: 9 * n,
             stale_passed: 10 * n,
+            fragments_translated: 11 * n,
         };
         assert_eq!(GlobalStats::accumulate(&[node(2), node(5)]), node(7));
     }

@@ -17,6 +17,7 @@
 #![no_main]
 
 mod checksum;
+mod fragments;
 mod hash;
 mod host;
 mod icmp;

@@ -3,6 +3,7 @@
 //! All maps are pinned by name, so a restarted agent adopts them and the
 //! flows they hold.
 
+use crate::fragments::{Fragment, FragmentKey};
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, bpf_sock_tuple},
     macros::map,
@@ -97,6 +98,13 @@ pub static SCRATCH: PerCpuArray<NewFlowScratch> = PerCpuArray::with_max_entries(
 /// call chain. Like `XLB_SCRATCH`, it lives for one packet.
 #[map(name = "XLB_ROUTE")]
 pub static ROUTE: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+/// IPv4 datagrams whose first fragment was translated → what their later
+/// fragments become (`fragments.rs`). A record matters for the moments a
+/// datagram's fragments take to pass, so the map is neither pinned nor
+/// adopted: a restarted agent loses only datagrams in flight.
+#[map(name = "XLB_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, Fragment> = LruHashMap::with_max_entries(16384, 0);
 
 /// Interfaces translated packets may be redirected to (ifindex → ifindex):
 /// only devices known to accept XDP frames. Written by the agent.

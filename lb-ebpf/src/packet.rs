@@ -95,12 +95,13 @@ pub enum Skip {
     NotIpv4L4,
     /// Shorter than its headers claim.
     Malformed,
-    /// IPv4 with options, or the first fragment of a datagram: the ports are
-    /// known (in the key) but xlb does not translate it. Passed unless it is
-    /// for a frontend, then dropped and counted.
+    /// IPv4 with options: the ports are known (in the key) but xlb does not
+    /// translate it. Passed unless it is for a frontend, then dropped and
+    /// counted.
     Unsupported(FlowKey),
-    /// A later fragment: no ports to look at, passed on.
-    Fragment,
+    /// A later fragment (IPv4 header at this offset): no ports to look at;
+    /// translated only like its first fragment was (`fragments.rs`).
+    Fragment(usize),
     /// IPv4 ICMP; the header starts at this offset. Errors that quote a
     /// translated flow are the business of `icmp.rs`.
     Icmp(usize),
@@ -116,6 +117,19 @@ pub struct Parsed {
     pub key: FlowKey,
     pub tcp_flags: u8,
     pub ip_len: u16,
+    /// The first fragment of a datagram (more fragments follow): what it is
+    /// translated to is remembered for them.
+    pub first_fragment: bool,
+    /// The IP id as on the wire.
+    pub ip_id: u16,
+}
+
+impl Parsed {
+    /// The IP id and protocol as `fragments::remember` takes them.
+    #[inline(always)]
+    pub fn id_proto(&self) -> u32 {
+        self.ip_id as u32 | (self.key.proto as u32) << 16
+    }
 }
 
 #[inline(always)]
@@ -161,7 +175,7 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
     }
     // Fragment offset set: a later fragment, it carries no L4 header.
     if frag_off & IPV4_OFFSET_MASK != 0 {
-        return Err(Skip::Fragment);
+        return Err(Skip::Fragment(l3));
     }
     let ihl = (version_ihl & 0x0f) as usize;
     if ihl < 5 {
@@ -190,12 +204,11 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
             _pad: [0; 2],
         }
     };
-    // IP options or MF (first fragment): the key is known, translating is
-    // not supported. DF (0x4000) is fine.
-    if ihl != 5 || frag_off & IPV4_MF != 0 {
+    // IP options: the key is known, translating is not supported.
+    if ihl != 5 {
         return Err(Skip::Unsupported(key));
     }
-    let ip_len = u16::from_be(unsafe { (*ip).tot_len });
+    let (ip_len, ip_id) = unsafe { (u16::from_be((*ip).tot_len), (*ip).id) };
     // A total length that does not even cover the headers read is a lie;
     // one longer than the frame is checked by the hook, which knows the
     // packet's full length.
@@ -214,6 +227,8 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Skip> {
         key,
         tcp_flags,
         ip_len,
+        first_fragment: frag_off & IPV4_MF != 0,
+        ip_id,
     })
 }
 

@@ -27,6 +27,7 @@ use aya_ebpf::{
 use lb_common::{FLOW_F_REPLY, Flow, PROTO_UDP};
 
 use crate::{
+    fragments,
     icmp::{self, ErrorRewrite},
     maps::FLOWS,
     nat::{self, Arrival, Lookup, Verdict},
@@ -74,6 +75,10 @@ pub fn egress(ctx: &TcContext) -> i32 {
         // Errors from node-local backends, or from the node about packets
         // it forwarded to them: reply entries only, as for their packets.
         Err(Skip::Icmp(l3)) => return icmp_error(ctx.skb.skb, l3, true),
+        Err(Skip::Fragment(l3)) => {
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            return later_fragment(ctx.skb.skb, l3, ifindex, false);
+        }
         Err(_) => return TCX_NEXT,
     };
     let bytes = parsed.ip_len as u64;
@@ -81,6 +86,15 @@ pub fn egress(ctx: &TcContext) -> i32 {
     // hook's.
     match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes, Arrival::Egress) {
         Lookup::Hit(flow) if flow.flags & FLOW_F_REPLY != 0 => {
+            if parsed.first_fragment {
+                fragments::remember(
+                    v4_raw(&parsed.key.src_addr),
+                    v4_raw(&parsed.key.dst_addr),
+                    parsed.id_proto(),
+                    flow,
+                    unsafe { (*ctx.skb.skb).ifindex },
+                );
+            }
             if rewrite(ctx, &parsed, flow).is_err() {
                 return TC_ACT_SHOT;
             }
@@ -107,6 +121,10 @@ pub fn ingress(ctx: &TcContext) -> i32 {
                 Some(service) => nat::unsupported(service).tc_action(),
                 None => Verdict::Pass.tc_action(),
             };
+        }
+        Err(Skip::Fragment(l3)) => {
+            let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+            return later_fragment(ctx.skb.skb, l3, ifindex, true);
         }
         Err(Skip::Malformed) => {
             if let Some(g) = global() {
@@ -144,11 +162,52 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     {
         return frag_needed(ctx.skb.skb, parsed.l3, mtu);
     }
+    if parsed.first_fragment {
+        fragments::remember(
+            v4_raw(&parsed.key.src_addr),
+            v4_raw(&parsed.key.dst_addr),
+            parsed.id_proto(),
+            flow,
+            unsafe { (*ctx.skb.skb).ingress_ifindex },
+        );
+    }
     if rewrite(ctx, &parsed, flow).is_err() {
         return TC_ACT_SHOT;
     }
     if let Some(g) = global() {
         g.translated_passed += 1;
+    }
+    TCX_NEXT
+}
+
+/// A later fragment seen on `ifindex`: given its first fragment's addresses
+/// if that one was translated there (no L4 header here, so only the IPv4
+/// checksum changes), then left to the kernel like the flow's packets;
+/// left alone otherwise (and, at ingress, counted as passed).
+// Not inlined, for the same reason as `icmp_error`.
+#[inline(never)]
+fn later_fragment(skb: *mut __sk_buff, l3: usize, ifindex: u32, ingress: bool) -> i32 {
+    let ctx = &TcContext::new(skb);
+    let Some((ip, record)) = fragments::later(ctx.data(), ctx.data_end(), l3, ifindex) else {
+        return if ingress {
+            Verdict::Pass.tc_action()
+        } else {
+            TCX_NEXT
+        };
+    };
+    let (old_src, old_dst) = unsafe { ((*ip).saddr, (*ip).daddr) };
+    let (new_src, new_dst) = (record.src, record.dst);
+    let ip_check = l3 + IPV4_CHECK_OFFSET;
+    let written = ctx
+        .l3_csum_replace(ip_check, old_src as u64, new_src as u64, 4)
+        .and_then(|_| ctx.l3_csum_replace(ip_check, old_dst as u64, new_dst as u64, 4))
+        .and_then(|_| ctx.store(l3 + IPV4_SADDR_OFFSET, &new_src, 0))
+        .and_then(|_| ctx.store(l3 + IPV4_DADDR_OFFSET, &new_dst, 0));
+    if written.is_err() {
+        return TC_ACT_SHOT;
+    }
+    if let Some(g) = global() {
+        g.fragments_translated += 1;
     }
     TCX_NEXT
 }

@@ -14,7 +14,7 @@ use lb_common::{CONFIG_F_REDIRECT, CONFIG_KEY, Flow, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     checksum::CsumDelta,
-    icmp,
+    fragments, icmp,
     maps::{CONFIG, FLOWS, ROUTE, TX_PORTS},
     nat::{self, Arrival, Lookup, Verdict},
     packet::{
@@ -41,6 +41,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
                 None => pass(),
             };
         }
+        Err(Skip::Fragment(l3)) => return later_fragment(ctx.ctx, l3),
         Err(Skip::Malformed) => return malformed(),
         Err(_) => return pass(),
     };
@@ -73,6 +74,15 @@ fn forward(ctx: &XdpContext, parsed: &Parsed, flow: &Flow) -> u32 {
     if let Route::TooBig { mtu } = route {
         return frag_needed(ctx.ctx, parsed.l3, mtu);
     }
+    if parsed.first_fragment {
+        fragments::remember(
+            v4_raw(&parsed.key.src_addr),
+            v4_raw(&parsed.key.dst_addr),
+            parsed.id_proto(),
+            flow,
+            ctx.ingress_ifindex() as u32,
+        );
+    }
     if rewrite(ctx.data(), ctx.data_end(), parsed, flow).is_err() {
         return xdp_action::XDP_DROP;
     }
@@ -104,6 +114,39 @@ fn icmp_error(xdp: *mut xdp_md, l3: usize) -> u32 {
     }
     if let Some(g) = global() {
         g.icmp_translated += 1;
+    }
+    let Some(fib) = ROUTE.get_ptr_mut(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let fib = unsafe { &mut *fib };
+    match lookup(ctx, l3, fib) {
+        Route::Redirect(fib) => redirect(ctx, l3, fib),
+        _ => translated_passed(),
+    }
+}
+
+/// A later fragment: given its first fragment's addresses if that one was
+/// translated (no L4 header here, so only the IPv4 checksum changes), and
+/// forwarded like the flow's packets; left alone otherwise.
+// Not inlined, for the same reason as `icmp_error`.
+#[inline(never)]
+fn later_fragment(xdp: *mut xdp_md, l3: usize) -> u32 {
+    let ctx = &XdpContext::new(xdp);
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some((ip, record)) = fragments::later(data, data_end, l3, ctx.ingress_ifindex() as u32)
+    else {
+        return pass();
+    };
+    unsafe {
+        let mut delta = CsumDelta::new();
+        delta.dword((*ip).saddr, record.src);
+        delta.dword((*ip).daddr, record.dst);
+        (*ip).saddr = record.src;
+        (*ip).daddr = record.dst;
+        (*ip).check = delta.apply((*ip).check);
+    }
+    if let Some(g) = global() {
+        g.fragments_translated += 1;
     }
     let Some(fib) = ROUTE.get_ptr_mut(0) else {
         return xdp_action::XDP_DROP;

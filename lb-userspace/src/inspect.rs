@@ -159,6 +159,7 @@ pub fn rows(
                 "flow_halves_restored": g.flow_halves_restored,
                 "host_socket": g.host_socket,
                 "stale_passed": g.stale_passed,
+                "fragments_translated": g.fragments_translated,
             }));
         }
     }

@@ -252,3 +252,41 @@ pub fn test_run(program: &Xdp, frame: &[u8], spec: TestRunSpec) -> Result<TestRu
         frame: out,
     })
 }
+
+/// Splits the unfragmented IPv4 packet of `frame` (its header at `l3`,
+/// without options) into a first fragment carrying the first `at` bytes of
+/// its payload (a multiple of 8) and a later fragment carrying the rest,
+/// as a router would: same id, MF on the first, offset on the later one,
+/// header checksums recomputed.
+pub fn fragments(frame: &[u8], l3: usize, at: usize) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(at % 8, 0, "fragment offsets count 8-byte units");
+    assert_eq!(frame[l3] & 0x0f, 5, "no IP options");
+    let payload = &frame[l3 + 20..];
+    assert!(at < payload.len(), "both fragments carry payload");
+    let piece = |bytes: &[u8], frag: u16| {
+        let mut f = frame[..l3 + 20].to_vec();
+        f[l3 + 2..l3 + 4].copy_from_slice(&((20 + bytes.len()) as u16).to_be_bytes());
+        f[l3 + 6..l3 + 8].copy_from_slice(&frag.to_be_bytes());
+        f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let c = checksum(&f[l3..l3 + 20]);
+        f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(bytes);
+        f
+    };
+    (
+        piece(&payload[..at], 0x2000),
+        piece(&payload[at..], (at / 8) as u16),
+    )
+}
+
+/// `frame` with the IPv4 id (header at `l3`) set to `id`, header checksum
+/// recomputed.
+pub fn with_ip_id(frame: &[u8], l3: usize, id: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let ihl = (f[l3] & 0x0f) as usize * 4;
+    f[l3 + 4..l3 + 6].copy_from_slice(&id.to_be_bytes());
+    f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let c = checksum(&f[l3..l3 + ihl]);
+    f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    f
+}

@@ -1421,3 +1421,98 @@ fn the_readme_guard_closes_accept_local_and_snat_still_flows() -> Result<()> {
     assert_eq!(seen.len(), 3, "every backend, pod-c by SNAT: {seen:?}");
     Ok(())
 }
+
+/// Audit A-10 (part 2): a UDP answer larger than the MTU leaves its backend
+/// as fragments. Those of a node-local backend pass tcx egress, those of a
+/// remote one come back through the node's uplink hook; only the first
+/// carries the ports, the others get the addresses it was translated to.
+/// The client receives every 3000-byte answer whole, from the frontend,
+/// through a local backend and a remote one.
+const BIG: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 13);
+
+#[test]
+fn a_udp_answer_larger_than_the_mtu_reaches_the_client_whole() -> Result<()> {
+    let (t, _agent) = web_topology(|_| ())?;
+    let pods = ["pod-a", "pod-c"];
+    let mut servers = Vec::new();
+    for name in pods {
+        let pod = t.pod(name);
+        // Answers every datagram with 3000 bytes: its name, then dots.
+        let script = format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('{}', 9000))\n\
+             while True:\n    d, a = s.recvfrom(100)\n    s.sendto(b'{name}'.ljust(3000, b'.'), a)\n",
+            pod.addr
+        );
+        servers.push(
+            ns_cmd(&pod.ns, &["python3", "-c", &script])
+                .spawn()
+                .context("starting the UDP server")?,
+        );
+    }
+    t.write_manifest(
+        "big.yaml",
+        &to_yaml(&service("big", BIG, &[("dns", "UDP", 53, "9000")])),
+    )?;
+    let eps: Vec<(Ipv4Addr, &str, bool)> = pods
+        .iter()
+        .map(|p| {
+            let pod = t.pod(p);
+            (pod.addr, t.node_of(pod), true)
+        })
+        .collect();
+    t.write_manifest(
+        "big-endpoints.yaml",
+        &to_yaml(&endpoint_slice("big", &eps, &[("dns", "UDP", 9000)])),
+    )?;
+    wait_backends(&t, 8)?;
+    // Each ask from a fresh socket (a new flow, a new Maglev pick): who
+    // answered, how many bytes, from where.
+    let asked = ns_sh(
+        &t.client,
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import socket\n\
+                 for _ in range(40):\n    \
+                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n    \
+                     s.sendto(b'big?', ('{BIG}', 53))\n    \
+                     try:\n        d, a = s.recvfrom(5000)\n    \
+                     except socket.timeout:\n        print('timeout'); continue\n    \
+                     name = d.rstrip(b'.').decode()\n    \
+                     whole = d == name.encode().ljust(3000, b'.')\n    \
+                     print(name, len(d), '%s:%d' % a, whole)\n"
+            ),
+        ],
+    );
+    for mut server in servers {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    let asked = asked.context("asking the big service")?;
+    let mut answered = BTreeMap::new();
+    for line in asked.lines() {
+        assert_eq!(
+            line.split_whitespace().skip(1).collect::<Vec<_>>(),
+            ["3000", &format!("{BIG}:53"), "True"],
+            "every answer whole and from the frontend: {asked}"
+        );
+        *answered
+            .entry(
+                line.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        answered.keys().map(String::as_str).collect::<Vec<_>>(),
+        pods,
+        "both the local and the remote backend answered: {asked}"
+    );
+    assert!(t.stat("fragments_translated")? > 0, "counted");
+    Ok(())
+}

@@ -25,8 +25,8 @@ use xlb::{
     reconcile::{Reconciler, frontend_key},
 };
 use xlb_tests::packet::{
-    FrameSpec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TestRunSpec, checksum, frame, icmp_frame,
-    pseudo_checksum, test_run, test_run_tc,
+    FrameSpec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TestRunSpec, checksum, fragments, frame,
+    icmp_frame, pseudo_checksum, test_run, test_run_tc, with_ip_id,
 };
 
 const XDP_DROP: u32 = 1;
@@ -310,7 +310,7 @@ fn udp_without_checksum_keeps_zero() -> Result<()> {
 }
 
 #[test]
-fn ip_options_and_first_fragments_for_a_frontend_are_dropped_and_counted() -> Result<()> {
+fn ip_options_for_a_frontend_are_dropped_and_counted() -> Result<()> {
     let dp = Datapath::new()?;
     let before = dp.stats(Protocol::Udp)?.drop_unsupported;
     for spec in [
@@ -318,10 +318,12 @@ fn ip_options_and_first_fragments_for_a_frontend_are_dropped_and_counted() -> Re
             options: 4,
             ..spec()
         },
+        // A first fragment with options as well.
         FrameSpec {
+            options: 8,
             frag: 0x2000,
             ..spec()
-        }, // MF, offset 0
+        },
     ] {
         let input = frame(&spec);
         let (verdict, _) = dp.run(&input)?;
@@ -899,5 +901,171 @@ fn a_reply_from_the_wrong_side_is_not_translated() -> Result<()> {
         client,
         "without the check it is translated"
     );
+    Ok(())
+}
+
+/// A UDP datagram of `payload` bytes from `src` to `dst`, unfragmented
+/// (no DF: routers may fragment it).
+fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: usize) -> Vec<u8> {
+    frame(&FrameSpec {
+        sport: src.1,
+        dport: dst.1,
+        frag: 0,
+        payload,
+        ..FrameSpec::new(src.0, dst.0)
+    })
+}
+
+/// Checks two fragments as the receiver reassembles them: each IPv4 header
+/// checksum, the same addresses and id, the UDP checksum (in the first)
+/// over the whole datagram, and the payload as sent. Returns the
+/// datagram's (source, destination).
+fn assert_reassembles(
+    first: &[u8],
+    later: &[u8],
+    sent: &[u8],
+) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let l3 = 14;
+    assert_eq!(
+        checksum(&first[l3..l3 + 20]),
+        0,
+        "first fragment's IPv4 checksum"
+    );
+    assert_eq!(
+        checksum(&later[l3..l3 + 20]),
+        0,
+        "later fragment's IPv4 checksum"
+    );
+    assert_eq!(&first[l3 + 4..l3 + 8], &[0x12, 0x34, 0x20, 0], "id, MF");
+    assert_eq!(&later[l3 + 4..l3 + 6], &[0x12, 0x34], "id");
+    assert_eq!(
+        &first[l3 + 12..l3 + 20],
+        &later[l3 + 12..l3 + 20],
+        "both fragments carry the same addresses"
+    );
+    let mut whole = first.to_vec();
+    whole.extend_from_slice(&later[l3 + 20..]);
+    let total = (whole.len() - l3) as u16;
+    whole[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+    whole[l3 + 6..l3 + 8].copy_from_slice(&[0, 0]);
+    whole[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let c = checksum(&whole[l3..l3 + 20]);
+    whole[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    assert_checksums_valid(&whole, l3);
+    assert_eq!(&whole[l3 + 28..], &sent[l3 + 28..], "payload as sent");
+    (src_of(&whole, l3), dst_of(&whole, l3))
+}
+
+/// Audit A-10 (part 2): a node-local backend's UDP reply larger than the
+/// MTU, fragmented by the kernel before tcx egress, leaves as the
+/// frontend's: the first fragment through its flow, the later one through
+/// the record the first left; the datagram's UDP checksum is right.
+#[test]
+fn a_local_backends_fragmented_reply_leaves_as_the_frontends() -> Result<()> {
+    let dp = Datapath::new()?;
+    let client = (CLIENT, 42000);
+    let (_, delivered) = dp.run(&udp(client, (FRONTEND, 80), 16))?;
+    assert_eq!(dst_of(&delivered, 14), (BACKEND, 8080));
+    let reply = udp((BACKEND, 8080), client, 300);
+    let (first, later) = fragments(&reply, 14, 104);
+    let (verdict, first_out) = dp.run_egress(&first)?;
+    assert_eq!(verdict, TCX_NEXT);
+    let (verdict, later_out) = dp.run_egress(&later)?;
+    assert_eq!(verdict, TCX_NEXT);
+    let (src, dst) = assert_reassembles(&first_out, &later_out, &reply);
+    assert_eq!((src, dst), ((FRONTEND, 80), client));
+    assert_eq!(dp.global()?.fragments_translated, 1);
+    Ok(())
+}
+
+/// The same for a remote backend's reply reaching XDP (source-translated
+/// flow): it leaves to the client from the frontend, not to the node.
+#[test]
+fn a_remote_backends_fragmented_reply_reaches_the_client() -> Result<()> {
+    let mut dp = Datapath::new()?;
+    dp.desired.frontends.insert(
+        frontend(FRONTEND, SNAT_PORT, Protocol::Udp),
+        frontend_spec(REMOTE, false),
+    );
+    dp.apply()?;
+    let client = (CLIENT, 42001);
+    let (_, forwarded) = dp.run(&udp(client, (FRONTEND, SNAT_PORT), 16))?;
+    assert_eq!(dst_of(&forwarded, 14), (REMOTE, 8080));
+    let snat = src_of(&forwarded, 14);
+    assert_eq!(snat.0, NODE);
+    let reply = udp((REMOTE, 8080), snat, 1000);
+    let (first, later) = fragments(&reply, 14, 512);
+    let (verdict, first_out) = dp.run(&first)?;
+    assert_eq!(
+        verdict, XDP_PASS,
+        "translated, to the kernel (redirect off)"
+    );
+    let (verdict, later_out) = dp.run(&later)?;
+    assert_eq!(verdict, XDP_PASS);
+    let (src, dst) = assert_reassembles(&first_out, &later_out, &reply);
+    assert_eq!((src, dst), ((FRONTEND, SNAT_PORT), client));
+    assert_eq!(dp.global()?.fragments_translated, 1);
+    Ok(())
+}
+
+/// A client's fragmented datagram to a frontend: its first fragment starts
+/// the flow and is translated like any packet of it, the later one gets the
+/// same addresses. A later fragment changes no flow state.
+#[test]
+fn a_clients_fragmented_datagram_reaches_the_backend() -> Result<()> {
+    let dp = Datapath::new()?;
+    let client = (CLIENT, 42002);
+    let datagram = udp(client, (FRONTEND, 80), 200);
+    let (first, later) = fragments(&datagram, 14, 64);
+    let (verdict, first_out) = dp.run(&first)?;
+    assert_eq!(verdict, XDP_PASS);
+    let key = FlowKey {
+        proto: 17,
+        ..tcp_key(client, (FRONTEND, 80))
+    };
+    let entry = dp.maps.flows.get(&key, 0).context("the flow")?;
+    let (verdict, later_out) = dp.run(&later)?;
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        dp.maps.flows.get(&key, 0)?,
+        entry,
+        "a later fragment leaves its flow as it was"
+    );
+    let (src, dst) = assert_reassembles(&first_out, &later_out, &datagram);
+    assert_eq!((src, dst), (client, (BACKEND, 8080)));
+    assert_eq!(dp.stats(Protocol::Udp)?.new_flows, 1);
+    Ok(())
+}
+
+/// A later fragment without a record is never translated: another
+/// datagram's (other id), one whose first fragment was not for a frontend,
+/// one seen before its first fragment.
+#[test]
+fn a_later_fragment_without_a_record_is_untouched() -> Result<()> {
+    let dp = Datapath::new()?;
+    let client = (CLIENT, 42003);
+    let datagram = udp(client, (FRONTEND, 80), 200);
+    let (first, later) = fragments(&datagram, 14, 64);
+    // Before its first fragment: nothing to go by.
+    let (verdict, out) = dp.run(&later)?;
+    assert_eq!((verdict, &out), (XDP_PASS, &later), "before its first");
+    dp.run(&first)?;
+    let other = with_ip_id(&later, 14, 0x4321);
+    let (verdict, out) = dp.run(&other)?;
+    assert_eq!((verdict, &out), (XDP_PASS, &other), "another datagram's");
+    let stranger = udp(client, (NODE, 80), 200);
+    let (first, later) = fragments(&stranger, 14, 64);
+    let (_, out) = dp.run(&first)?;
+    assert_eq!(out, first, "not for a frontend");
+    let (verdict, out) = dp.run(&later)?;
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &later),
+        "nor its later fragment"
+    );
+    // At egress, only reply flows leave records.
+    let (verdict, out) = dp.run_egress(&later)?;
+    assert_eq!((verdict, &out), (TCX_NEXT, &later), "egress");
+    assert_eq!(dp.global()?.fragments_translated, 0);
     Ok(())
 }

@@ -193,7 +193,8 @@ fn global_stats() -> Layout {
         reply_wrong_interface,
         flow_halves_restored,
         host_socket,
-        stale_passed
+        stale_passed,
+        fragments_translated
     })
 }
 fn config() -> Layout {

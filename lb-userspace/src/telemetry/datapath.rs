@@ -165,6 +165,12 @@ pub const GLOBAL_COUNTERS: &[Field<GlobalStats>] = &[
         label: None,
         read: |g| g.stale_passed,
     },
+    Field {
+        family: "xlb_fragments_translated",
+        help: "Later IPv4 fragments given the addresses their datagram's first fragment was translated to",
+        label: None,
+        read: |g| g.fragments_translated,
+    },
 ];
 
 /// What one scrape read from the datapath.

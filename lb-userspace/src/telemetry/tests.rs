@@ -74,6 +74,7 @@ fn snapshot() -> Snapshot {
             flow_halves_restored: 5,
             host_socket: 6,
             stale_passed: 7,
+            fragments_translated: 8,
         },
         flow_capacity: 262_144,
         interfaces: vec![("uplink".into(), "xdp"), ("uplink".into(), "tcx-egress")],

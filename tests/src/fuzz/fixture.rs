@@ -19,7 +19,10 @@ use xlb::{
     reconcile::Reconciler,
 };
 
-use super::{generator::Targets, model::Route};
+use super::{
+    generator::Targets,
+    model::{FragmentMap, Route},
+};
 use crate::netns::ns_sh;
 
 pub const NODE: [u8; 4] = [10, 0, 1, 1];
@@ -184,6 +187,8 @@ pub fn build_network(ns: &str) -> Result<Routes> {
 pub struct Fixture {
     pins: PinDir,
     pub maps: Maps,
+    /// The datapath's fragment records (not pinned: taken from the object).
+    pub fragments: FragmentMap,
     ebpf: Ebpf,
     /// ifindex of each of `Routes::interfaces`, in order.
     pub ifindexes: Vec<u32>,
@@ -269,6 +274,10 @@ impl Fixture {
         };
         let mut ebpf = dataplane::load(&pins, limits)?;
         let mut maps = Maps::take(&mut ebpf)?;
+        let fragments = ebpf
+            .take_map("XLB_FRAGMENTS")
+            .context("XLB_FRAGMENTS missing from the object")?
+            .try_into()?;
         maps.write_config(&Config {
             node_addr: lb_common::addr_v4(NODE),
             snat_port_min: 32768,
@@ -316,6 +325,7 @@ impl Fixture {
         let mut fixture = Fixture {
             pins,
             maps,
+            fragments,
             ebpf,
             ifindexes,
             reconciler: Reconciler::new(limits.max_services, limits.max_backends),

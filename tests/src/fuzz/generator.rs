@@ -375,7 +375,14 @@ impl Generator {
         let ihl = 5 + options / 4;
         let mut ip = vec![(0x40 | ihl) as u8, self.rng.u8(..) & 0xfc];
         ip.extend_from_slice(&((ihl * 4 + l4.len()) as u16).to_be_bytes());
-        ip.extend_from_slice(&self.rng.u16(..).to_be_bytes());
+        // The IP id: often one of a few, so that a later fragment meets the
+        // record its first fragment left.
+        let id = if self.rng.bool() {
+            self.rng.u16(0..4)
+        } else {
+            self.rng.u16(..)
+        };
+        ip.extend_from_slice(&id.to_be_bytes());
         ip.extend_from_slice(&[0x40, 0, self.rng.u8(2..65), proto, 0, 0]);
         ip.extend_from_slice(&src);
         ip.extend_from_slice(&dst);

@@ -12,6 +12,7 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 /// Offsets inside an IPv4 header.
 pub const IP_TOT_LEN: usize = 2;
+pub const IP_ID: usize = 4;
 pub const IP_FRAG: usize = 6;
 pub const IP_TTL: usize = 8;
 pub const IP_PROTO: usize = 9;
@@ -102,10 +103,10 @@ pub enum Parse {
     NotIpv4L4,
     /// Cut short or impossible headers: passed on.
     Malformed,
-    /// A later fragment: passed on.
-    Fragment,
-    /// IP options or a first fragment: dropped if for a frontend, else
-    /// passed on.
+    /// A later fragment (IPv4 header at this offset): translated as its
+    /// first fragment was when that left a record, else passed on.
+    Fragment(usize),
+    /// IP options: dropped if for a frontend, else passed on.
     Unsupported(Tuple),
     Parsed(Parsed),
 }
@@ -116,6 +117,9 @@ pub struct Parsed {
     pub l4: usize,
     pub tuple: Tuple,
     pub tcp_flags: u8,
+    /// MF set (offset 0): translated like any packet, and remembered for
+    /// the datagram's later fragments.
+    pub first_fragment: bool,
 }
 
 /// The datapath's parse: Ethernet (one tag at most), IPv4, TCP or UDP.
@@ -142,7 +146,7 @@ pub fn parse(frame: &[u8]) -> Parse {
     }
     let frag = be16(frame, l3 + IP_FRAG);
     if frag & 0x1fff != 0 {
-        return Parse::Fragment;
+        return Parse::Fragment(l3);
     }
     let ihl = (frame[l3] & 0x0f) as usize;
     if ihl < 5 {
@@ -154,7 +158,7 @@ pub fn parse(frame: &[u8]) -> Parse {
         return Parse::Malformed;
     }
     let tuple = Tuple::read(frame, l3, l4);
-    if ihl != 5 || frag & 0x2000 != 0 {
+    if ihl != 5 {
         return Parse::Unsupported(tuple);
     }
     // A total length shorter than the headers read, or longer than the
@@ -173,6 +177,7 @@ pub fn parse(frame: &[u8]) -> Parse {
         l4,
         tuple,
         tcp_flags,
+        first_fragment: frag & 0x2000 != 0,
     })
 }
 
@@ -257,4 +262,14 @@ pub fn l4_end(frame: &[u8], l3: usize, fields_end: usize) -> usize {
     } else {
         frame.len()
     }
+}
+
+/// The `XLB_FRAGMENTS` key of the IPv4 packet at `l3`: source, destination,
+/// id (as on the wire), protocol, a pad byte.
+pub fn fragment_key(frame: &[u8], l3: usize) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&frame[l3 + IP_SRC..l3 + IP_DST + 4]);
+    key[8..10].copy_from_slice(&frame[l3 + IP_ID..l3 + IP_ID + 2]);
+    key[10] = frame[l3 + IP_PROTO];
+    key
 }

@@ -23,7 +23,7 @@ use crate::{
     packet::{TestRunSpec, test_run, test_run_tc},
 };
 use generator::{Generator, KnownFlow};
-use model::{Expect, Model};
+use model::{Expect, Hook, Model};
 
 /// The program a frame is run through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -166,7 +166,18 @@ fn run_inside(settings: &Settings, routes: &fixture::Routes) -> Result<Report> {
             model = Model::read(&fixture.maps, routes.clone(), settings.icmp)?;
         }
         let case = generator.next(&flows);
-        let expect = model.expect(case.program, &case.frame, &fixture.maps);
+        let hook = Hook {
+            // BPF_PROG_TEST_RUN runs tc programs on a loopback skb (device
+            // 1) with no ingress device (0).
+            ifindex: match case.program {
+                Program::Xdp => fixture.ifindexes[case.ingress],
+                Program::TcEgress => 1,
+                _ => 0,
+            },
+            fragments: &fixture.fragments,
+            maps: &fixture.maps,
+        };
+        let expect = model.expect(case.program, &case.frame, &hook);
         let (verdict, out) = match case.program {
             Program::Xdp => {
                 let spec = TestRunSpec {
@@ -196,14 +207,7 @@ fn run_inside(settings: &Settings, routes: &fixture::Routes) -> Result<Report> {
                 model::verdict_name(case.program, verdict),
             ))
             .or_default() += 1;
-        match model.judge(
-            case.program,
-            &case.frame,
-            &expect,
-            verdict,
-            &out,
-            &fixture.maps,
-        ) {
+        match model.judge(case.program, &case.frame, &expect, verdict, &out, &hook) {
             Ok(judged) => {
                 *report.outcomes.entry(judged.class).or_default() += 1;
                 if let Some(flow) = judged.new_flow {

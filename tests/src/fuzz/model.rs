@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use aya::maps::lpm_trie::Key;
+use aya::maps::{MapData, lpm_trie::Key};
 use lb_common::{
     BACKEND_F_LOCAL, Backend, Be32, CONFIG_F_REDIRECT, Config, FLOW_F_CLOSING, FLOW_F_REPLY,
     FLOW_F_SNAT, Flow, FrontendKey, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES,
@@ -23,7 +23,7 @@ use super::{
     generator::KnownFlow,
     headers::{
         self, IP_CHECK, IP_DST, IP_SRC, IP_TOT_LEN, IP_TTL, IcmpError, PROTO_TCP, PROTO_UDP, Parse,
-        Parsed, TCP_CHECK, Tuple, UDP_CHECK, be16,
+        Parsed, TCP_CHECK, Tuple, UDP_CHECK, be16, fragment_key,
     },
 };
 use crate::packet::{checksum, pseudo_checksum};
@@ -35,6 +35,26 @@ pub const XDP_REDIRECT: u32 = 4;
 /// tcx: `TCX_NEXT` (-1) and `TC_ACT_SHOT`.
 pub const TC_NEXT: u32 = u32::MAX;
 pub const TC_SHOT: u32 = 2;
+
+/// `XLB_FRAGMENTS` as bytes: key {src, dst, IP id, protocol, pad}, value
+/// {translated src, translated dst, ifindex (host order)}.
+pub type FragmentMap = aya::maps::HashMap<MapData, [u8; 12], [u8; 12]>;
+
+/// Where a frame is run: the maps, the device the program sees it on, and
+/// the fragment records it reads.
+pub struct Hook<'a> {
+    pub maps: &'a Maps,
+    /// What the program reads as the device (XDP: the ingress device; tc
+    /// ingress: `ingress_ifindex`; tc egress: the skb's device).
+    pub ifindex: u32,
+    pub fragments: &'a FragmentMap,
+}
+
+/// A fragment record: the translated source and destination, the device.
+fn record(value: &[u8; 12]) -> ([u8; 4], [u8; 4], u32) {
+    let at = |i: usize| [value[i], value[i + 1], value[i + 2], value[i + 3]];
+    (at(0), at(4), u32::from_ne_bytes(at(8)))
+}
 
 /// One frontend as the maps hold it.
 #[derive(Clone, Debug)]
@@ -69,6 +89,13 @@ pub enum Expect {
     Icmp {
         error: IcmpError,
         entry: Flow,
+    },
+    /// A later fragment whose first fragment left a record: its addresses
+    /// become these.
+    Fragment {
+        l3: usize,
+        src: [u8; 4],
+        dst: [u8; 4],
     },
     /// An ICMP error that would be translated, while ICMP translation is
     /// not checked (`XLB_FUZZ_ICMP=0`).
@@ -153,7 +180,8 @@ impl Model {
     }
 
     /// What `program` must do with `frame`, given the maps as they are now.
-    pub fn expect(&self, program: Program, frame: &[u8], maps: &Maps) -> Expect {
+    pub fn expect(&self, program: Program, frame: &[u8], hook: &Hook) -> Expect {
+        let maps = hook.maps;
         let creates = program != Program::TcEgress;
         if let Some(error) = headers::icmp_error(frame) {
             let k = error.lookup();
@@ -173,15 +201,31 @@ impl Model {
         match headers::parse(frame) {
             Parse::NotIpv4L4 => pass("not IPv4 TCP/UDP"),
             Parse::Malformed => pass("malformed"),
-            Parse::Fragment => pass("later fragment"),
+            Parse::Fragment(l3) => {
+                // Options: their first fragment is never translated.
+                if frame[l3] != 0x45 {
+                    return pass("later fragment with options");
+                }
+                match hook.fragments.get(&fragment_key(frame, l3), 0) {
+                    Ok(value) => {
+                        let (src, dst, ifindex) = record(&value);
+                        if ifindex == hook.ifindex {
+                            Expect::Fragment { l3, src, dst }
+                        } else {
+                            pass("later fragment, its record made on another device")
+                        }
+                    }
+                    Err(_) => pass("later fragment without a record"),
+                }
+            }
             Parse::Unsupported(t) => {
                 if creates && self.frontend(&t).is_some() {
                     Expect::Unchanged {
                         drop: true,
-                        why: "options or first fragment for a frontend",
+                        why: "options for a frontend",
                     }
                 } else {
-                    pass("options or first fragment, not for a frontend")
+                    pass("options, not for a frontend")
                 }
             }
             Parse::Parsed(parsed) => {
@@ -268,8 +312,9 @@ impl Model {
         expect: &Expect,
         verdict: u32,
         out: &[u8],
-        maps: &Maps,
+        hook: &Hook,
     ) -> Result<Judged, Mismatch> {
+        let maps = hook.maps;
         let (pass, drop) = match program {
             Program::Xdp => (XDP_PASS, XDP_DROP),
             _ => (TC_NEXT, TC_SHOT),
@@ -306,7 +351,8 @@ impl Model {
                     // reply entry's packet that arrives from the wrong side.
                     return judged("reply passed untranslated");
                 }
-                self.judge_translation(program, input, parsed, entry, verdict, out)?;
+                let sent = self.judge_translation(program, input, parsed, entry, verdict, out)?;
+                judge_record(input, parsed, entry, sent, hook)?;
                 judged(if reply {
                     "translated reply"
                 } else {
@@ -334,7 +380,8 @@ impl Model {
                         ));
                     }
                 }
-                self.judge_translation(program, input, parsed, &made, verdict, out)?;
+                let sent = self.judge_translation(program, input, parsed, &made, verdict, out)?;
+                judge_record(input, parsed, &made, sent, hook)?;
                 Ok(Judged {
                     class: if replaces.is_some() {
                         "translated forward (new flow over a closed one whose backend left)"
@@ -352,6 +399,10 @@ impl Model {
                         },
                     }),
                 })
+            }
+            Expect::Fragment { l3, src, dst } => {
+                self.judge_fragment(program, input, *l3, (*src, *dst), verdict, out)?;
+                judged("later fragment translated by its record")
             }
             Expect::Icmp { error, entry } => {
                 let reply = entry.flags & FLOW_F_REPLY != 0;
@@ -458,7 +509,8 @@ impl Model {
     }
 
     /// The TCP/UDP translation of `input` to `entry`, by `program`'s rules,
-    /// then sent on as `bpf_fib_lookup` would decide.
+    /// then sent on as `bpf_fib_lookup` would decide. True when the packet
+    /// went on translated (not answered with "fragmentation needed").
     fn judge_translation(
         &self,
         program: Program,
@@ -467,7 +519,7 @@ impl Model {
         entry: &Flow,
         verdict: u32,
         out: &[u8],
-    ) -> Result<(), Mismatch> {
+    ) -> Result<bool, Mismatch> {
         let rewritten = match program {
             Program::Xdp => rewrite_xdp(input, parsed, entry),
             _ => rewrite_tc(input, parsed, entry),
@@ -496,7 +548,7 @@ impl Model {
                     // Back out of the ingress device: through TX_PORTS
                     // when it is there, XDP_TX otherwise.
                     (XDP_TX | XDP_REDIRECT, Route::FragNeeded { mtu }) => {
-                        return frag_needed(input, parsed, mtu, out);
+                        return frag_needed(input, parsed, mtu, out).map(|()| false);
                     }
                     _ => {
                         return Err(mismatch(
@@ -534,6 +586,60 @@ impl Model {
         {
             return Err(mismatch(
                 "checksum validity changed by the translation",
+                "valid in, valid out; invalid in, invalid out",
+            ));
+        }
+        Ok(true)
+    }
+
+    /// A later fragment's translation to its record's addresses: the IPv4
+    /// header only (XDP: one delta; tc: the helper per address), then sent
+    /// on as the route says (XDP; one too big for it is passed).
+    fn judge_fragment(
+        &self,
+        program: Program,
+        input: &[u8],
+        l3: usize,
+        (src, dst): ([u8; 4], [u8; 4]),
+        verdict: u32,
+        out: &[u8],
+    ) -> Result<(), Mismatch> {
+        let mut rewritten = input.to_vec();
+        let (old_src, old_dst) = (dword_at(input, l3 + IP_SRC), dword_at(input, l3 + IP_DST));
+        let (new_src, new_dst) = (u32::from_ne_bytes(src), u32::from_ne_bytes(dst));
+        let check = word_at(input, l3 + IP_CHECK);
+        let check = match program {
+            Program::Xdp => {
+                let mut delta = Delta::default();
+                delta.dword(old_src, new_src);
+                delta.dword(old_dst, new_dst);
+                delta.apply(check)
+            }
+            _ => csum_replace4(csum_replace4(check, old_src, new_src), old_dst, new_dst),
+        };
+        put_word(&mut rewritten, l3 + IP_CHECK, check);
+        put_dword(&mut rewritten, l3 + IP_SRC, new_src);
+        put_dword(&mut rewritten, l3 + IP_DST, new_dst);
+        let ok = match program {
+            Program::Xdp => match (verdict, self.route_of(&rewritten, l3)) {
+                (XDP_PASS, Route::Redirect { .. }) => false,
+                (XDP_PASS, _) => out == rewritten,
+                (XDP_REDIRECT, Route::Redirect { dmac, smac }) => {
+                    out == redirected(&rewritten, l3, dmac, smac)
+                }
+                _ => false,
+            },
+            _ => verdict == TC_NEXT && out == rewritten,
+        };
+        if !ok {
+            return Err(mismatch(
+                "later fragment mistranslated or not translated",
+                format!("addresses {src:?} -> {dst:?}: {}", super::hex(&rewritten)),
+            ));
+        }
+        if valid_ipv4(input, l3) != valid_ipv4(out, l3) {
+            return Err(mismatch(
+                "checksum validity changed by the fragment translation",
                 "valid in, valid out; invalid in, invalid out",
             ));
         }
@@ -594,6 +700,28 @@ impl Model {
         let dst = headers::addr_at(f, l3 + IP_DST);
         self.routes
             .route(dst, be16(f, l3 + IP_TOT_LEN), f[l3 + IP_TTL])
+    }
+}
+
+/// A first fragment that went on translated to `entry` left the record its
+/// later fragments get: the translated addresses, the device.
+fn judge_record(
+    input: &[u8],
+    parsed: &Parsed,
+    entry: &Flow,
+    sent: bool,
+    hook: &Hook,
+) -> Result<(), Mismatch> {
+    if !parsed.first_fragment || !sent {
+        return Ok(());
+    }
+    let want = (v4(&entry.src_addr), v4(&entry.dst_addr), hook.ifindex);
+    match hook.fragments.get(&fragment_key(input, parsed.l3), 0) {
+        Ok(value) if record(&value) == want => Ok(()),
+        other => Err(mismatch(
+            "first fragment translated without its record",
+            format!("record {want:?}, got {other:?}"),
+        )),
     }
 }
 
