@@ -10,7 +10,7 @@
 
 use crate::{
     maps::FRAGMENTS,
-    packet::{Ipv4Hdr, ptr_at, v4_raw},
+    packet::{Ipv4Hdr, Parsed, ptr_at, v4_raw},
 };
 use lb_common::Flow;
 
@@ -33,6 +33,21 @@ pub struct Fragment {
     /// The device the first fragment was seen on: later fragments from
     /// elsewhere are not its datagram's.
     pub ifindex: u32,
+}
+
+/// If `parsed` is a first fragment, remembers how it is translated (to
+/// `flow`'s tuple), for the later fragments that arrive through `ifindex`.
+#[inline(always)]
+pub fn remember_first(parsed: &Parsed, flow: &Flow, ifindex: u32) {
+    if parsed.first_fragment {
+        remember(
+            v4_raw(&parsed.key.src_addr),
+            v4_raw(&parsed.key.dst_addr),
+            parsed.id_proto(),
+            flow,
+            ifindex,
+        );
+    }
 }
 
 /// Remembers how the first fragment of a datagram was translated.

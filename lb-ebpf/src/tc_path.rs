@@ -86,15 +86,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
     // hook's.
     match nat::existing_flow(&parsed.key, parsed.tcp_flags, bytes, Arrival::Egress) {
         Lookup::Hit(flow) if flow.flags & FLOW_F_REPLY != 0 => {
-            if parsed.first_fragment {
-                fragments::remember(
-                    v4_raw(&parsed.key.src_addr),
-                    v4_raw(&parsed.key.dst_addr),
-                    parsed.id_proto(),
-                    flow,
-                    unsafe { (*ctx.skb.skb).ifindex },
-                );
-            }
+            fragments::remember_first(&parsed, flow, unsafe { (*ctx.skb.skb).ifindex });
             if rewrite(ctx, &parsed, flow).is_err() {
                 return TC_ACT_SHOT;
             }
@@ -162,15 +154,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     {
         return frag_needed(ctx.skb.skb, parsed.l3, mtu);
     }
-    if parsed.first_fragment {
-        fragments::remember(
-            v4_raw(&parsed.key.src_addr),
-            v4_raw(&parsed.key.dst_addr),
-            parsed.id_proto(),
-            flow,
-            unsafe { (*ctx.skb.skb).ingress_ifindex },
-        );
-    }
+    fragments::remember_first(&parsed, flow, unsafe { (*ctx.skb.skb).ingress_ifindex });
     if rewrite(ctx, &parsed, flow).is_err() {
         return TC_ACT_SHOT;
     }

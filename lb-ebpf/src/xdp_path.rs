@@ -74,15 +74,7 @@ fn forward(ctx: &XdpContext, parsed: &Parsed, flow: &Flow) -> u32 {
     if let Route::TooBig { mtu } = route {
         return frag_needed(ctx.ctx, parsed.l3, mtu);
     }
-    if parsed.first_fragment {
-        fragments::remember(
-            v4_raw(&parsed.key.src_addr),
-            v4_raw(&parsed.key.dst_addr),
-            parsed.id_proto(),
-            flow,
-            ctx.ingress_ifindex() as u32,
-        );
-    }
+    fragments::remember_first(parsed, flow, ctx.ingress_ifindex() as u32);
     if rewrite(ctx.data(), ctx.data_end(), parsed, flow).is_err() {
         return xdp_action::XDP_DROP;
     }
@@ -115,6 +107,13 @@ fn icmp_error(xdp: *mut xdp_md, l3: usize) -> u32 {
     if let Some(g) = global() {
         g.icmp_translated += 1;
     }
+    send_translated(ctx, l3)
+}
+
+/// Routes and sends a packet translated in place (an ICMP error, a later
+/// fragment) whose IPv4 header is at `l3`.
+#[inline(always)]
+fn send_translated(ctx: &XdpContext, l3: usize) -> u32 {
     let Some(fib) = ROUTE.get_ptr_mut(0) else {
         return xdp_action::XDP_DROP;
     };
@@ -148,14 +147,7 @@ fn later_fragment(xdp: *mut xdp_md, l3: usize) -> u32 {
     if let Some(g) = global() {
         g.fragments_translated += 1;
     }
-    let Some(fib) = ROUTE.get_ptr_mut(0) else {
-        return xdp_action::XDP_DROP;
-    };
-    let fib = unsafe { &mut *fib };
-    match lookup(ctx, l3, fib) {
-        Route::Redirect(fib) => redirect(ctx, l3, fib),
-        _ => translated_passed(),
-    }
+    send_translated(ctx, l3)
 }
 
 impl Verdict {
