@@ -8,19 +8,12 @@
 //! connections never get this far: only a SYN starts a flow.)
 
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NOT_FWDED, bpf_fib_lookup, bpf_sock_tuple},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    bindings::{BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NOT_FWDED, bpf_sock_tuple},
+    helpers::{bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
 };
 use lb_common::{FlowKey, PROTO_TCP};
 
-use crate::{
-    maps::{ROUTE, SCRATCH},
-    packet::v4_raw,
-    stats::global,
-    words,
-};
-
-const AF_INET: u8 = 2;
+use crate::{maps::SCRATCH, packet::v4_raw, reverse_path, stats::global, words};
 
 /// Does a socket of the node own the packet `key` (a would-be new flow that
 /// came in through `ifindex`)? Looked up for every new flow; the route
@@ -44,17 +37,8 @@ pub fn owns(ctx: *mut core::ffi::c_void, key: &FlowKey, ifindex: u32) -> bool {
     // A socket bound to the wildcard address matches any destination, also
     // a frontend the node only forwards for: it counts only when the
     // frontend is an address of this node (the route to it is local).
-    let Some(fib) = ROUTE.get_ptr_mut(0) else {
-        return false;
-    };
-    let fib: &mut bpf_fib_lookup = unsafe { &mut *fib };
-    words::zero(fib);
-    fib.family = AF_INET;
-    fib.ifindex = ifindex;
-    fib.__bindgen_anon_3.ipv4_src = src;
-    fib.__bindgen_anon_4.ipv4_dst = dst;
-    let rc = unsafe { fib_lookup(ctx, fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
-    let local = rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64;
+    let local = reverse_path::route(ctx, ifindex, src, dst, 0)
+        .is_some_and(|(rc, _)| rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64);
     if local && let Some(g) = global() {
         g.host_socket += 1;
     }

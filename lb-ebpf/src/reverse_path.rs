@@ -34,24 +34,36 @@ pub fn holds(ctx: *mut core::ffi::c_void, ifindex: u32, src: u32, dst: u32) -> b
     if !on {
         return true;
     }
-    let Some(fib) = ROUTE.get_ptr_mut(0) else {
-        return false;
-    };
-    let fib = unsafe { &mut *fib };
+    route(ctx, ifindex, dst, src, BPF_FIB_LOOKUP_SKIP_NEIGH)
+        .is_some_and(|(rc, fib)| rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && fib.ifindex == ifindex)
+}
+
+/// `bpf_fib_lookup` of a packet from `src` to `dst` (raw IPv4) arriving on
+/// `ifindex`, in the per-CPU `XLB_ROUTE` room: the return code and the
+/// result. Shared by the checks made before a packet is translated.
+#[inline(always)]
+pub fn route(
+    ctx: *mut core::ffi::c_void,
+    ifindex: u32,
+    src: u32,
+    dst: u32,
+    flags: u32,
+) -> Option<(i64, &'static bpf_fib_lookup)> {
+    let fib = unsafe { &mut *ROUTE.get_ptr_mut(0)? };
     words::zero(fib);
     fib.family = AF_INET;
     fib.ifindex = ifindex;
-    fib.__bindgen_anon_3.ipv4_src = dst;
-    fib.__bindgen_anon_4.ipv4_dst = src;
+    fib.__bindgen_anon_3.ipv4_src = src;
+    fib.__bindgen_anon_4.ipv4_dst = dst;
     let rc = unsafe {
         fib_lookup(
             ctx,
             fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
+            flags,
         )
     };
-    rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && fib.ifindex == ifindex
+    Some((rc, fib))
 }
 
 /// The key's source and destination as raw IPv4 addresses.
