@@ -222,18 +222,24 @@ pub struct Affinity {
 
 /// `SOURCE_RANGES` (LPM trie) key data; the trie key is
 /// `{prefix_len: u32, data: SourceRange}`. `prefix_len` counts the 32 bits of
-/// `service_id` plus the address prefix, so a lookup only matches ranges of
-/// its own service. `service_id` is big-endian because the trie matches bits
-/// from the first byte on.
+/// `service_id`, the family and the address prefix, so a lookup only
+/// matches ranges of its own service and family (an IPv4 range must never
+/// match an IPv6 client whose address starts with the same bytes).
+/// `service_id` is big-endian because the trie matches bits from the first
+/// byte on. A trie prefix covers `service_id`, `family` and the address
+/// bits, never `_pad`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceRange {
     pub service_id: Be32,
+    pub family: u8,
     pub addr: [u8; 16],
+    pub _pad: [u8; 3],
 }
 
-/// Bits of `SourceRange::service_id` in a trie prefix.
-pub const SOURCE_RANGE_ID_BITS: u32 = 32;
+/// Bits of `SourceRange::service_id` and `SourceRange::family` in a trie
+/// prefix: a range of `n` address bits has prefix `SOURCE_RANGE_ID_BITS + n`.
+pub const SOURCE_RANGE_ID_BITS: u32 = 40;
 
 /// Per-service counters (`STATS`, per-CPU array indexed by service id).
 #[repr(C)]
@@ -369,6 +375,9 @@ pub struct Config {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the agent last said it was
     /// alive; rewritten every few seconds by its main loop.
     pub heartbeat_ns: u64,
+    /// Address IPv6 remote-backend flows are source-translated to. All
+    /// zero: IPv6 SNAT impossible, such flows are dropped.
+    pub node_addr_v6: [u8; 16],
 }
 
 #[cfg(feature = "user")]
@@ -414,7 +423,7 @@ mod tests {
         assert_eq!((size_of::<Affinity>(), align_of::<Affinity>()), (16, 8));
         assert_eq!(
             (size_of::<SourceRange>(), align_of::<SourceRange>()),
-            (20, 4)
+            (24, 4)
         );
         assert_eq!(
             (size_of::<ServiceStats>(), align_of::<ServiceStats>()),
@@ -424,7 +433,7 @@ mod tests {
             (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
             (88, 8)
         );
-        assert_eq!((size_of::<Config>(), align_of::<Config>()), (40, 8));
+        assert_eq!((size_of::<Config>(), align_of::<Config>()), (56, 8));
     }
 
     #[test]
@@ -434,7 +443,8 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, _pad) + 2, size_of::<FlowKey>());
         assert_eq!(offset_of!(Flow, _pad) + 3, size_of::<Flow>());
         assert_eq!(offset_of!(AffinityKey, client), 8);
-        assert_eq!(offset_of!(SourceRange, addr), 4);
+        assert_eq!(offset_of!(SourceRange, addr), 5);
+        assert_eq!(offset_of!(SourceRange, _pad) + 3, size_of::<SourceRange>());
         assert_eq!(offset_of!(Backend, service_id), 20);
         assert_eq!(offset_of!(Flow, src_addr), 8);
     }

@@ -310,7 +310,9 @@ fn create_flow(
             SOURCE_RANGE_ID_BITS + 128,
             SourceRange {
                 service_id: Be32::from_host(service.service_id),
+                family: key.family,
                 addr: key.src_addr,
+                _pad: [0; 3],
             },
         );
         if SOURCE_RANGES.get(&scratch.range).is_none() {

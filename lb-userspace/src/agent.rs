@@ -593,5 +593,7 @@ fn node_config_value(node_addr: Option<Ipv4Addr>, cfg: &AgentConfig) -> Config {
         // the value compares equal across beats.
         heartbeat_ns: 0,
         _pad: 0,
+        // IPv6 SNAT: the agent side of IPv6 is issue 10's.
+        node_addr_v6: [0; 16],
     }
 }

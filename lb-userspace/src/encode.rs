@@ -123,7 +123,9 @@ pub fn source_range_key(
     Ok((
         lb_common::SourceRange {
             service_id: Be32::from_host(service_id),
+            family: family(range.addr),
             addr: addr16(range.addr).with_context(|| format!("source range {range}"))?,
+            _pad: [0; 3],
         },
         SOURCE_RANGE_ID_BITS + range.prefix_len as u32,
     ))
@@ -141,7 +143,7 @@ pub fn source_range_from_key(key: &lb_common::SourceRange, prefix_len: u32) -> (
     (
         key.service_id.host(),
         SourceRange {
-            addr: addr_from16(&key.addr, FAMILY_V4),
+            addr: addr_from16(&key.addr, key.family),
             prefix_len: prefix_len.saturating_sub(SOURCE_RANGE_ID_BITS) as u8,
         },
     )

@@ -166,7 +166,12 @@ fn affinity() -> Layout {
     })
 }
 fn source_range() -> Layout {
-    layout!(SourceRange { service_id, addr })
+    layout!(SourceRange {
+        service_id,
+        family,
+        addr,
+        _pad
+    })
 }
 fn service_stats() -> Layout {
     layout!(ServiceStats {
@@ -205,7 +210,8 @@ fn config() -> Layout {
         flags,
         stale_after_s,
         _pad,
-        heartbeat_ns
+        heartbeat_ns,
+        node_addr_v6
     })
 }
 

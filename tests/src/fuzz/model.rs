@@ -261,7 +261,9 @@ impl Model {
                         SOURCE_RANGE_ID_BITS + 128,
                         SourceRange {
                             service_id: Be32::from_host(view.service.service_id),
+                            family: lb_common::FAMILY_V4,
                             addr: lb_common::addr_v4(t.src),
+                            _pad: [0; 3],
                         },
                     );
                     if maps.source_ranges.get(&range, 0).is_err() {
