@@ -5,12 +5,12 @@
 //! the rewrite to the packet is the hook's job (XDP writes the bytes itself,
 //! TC goes through the skb helpers that know about partial checksums).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
     Affinity, AffinityKey, BACKEND_F_LOCAL, Be32, CONFIG_KEY, FLOW_F_ACKED, FLOW_F_ANSWERED,
     FLOW_F_CLOSING, FLOW_F_REPLY, FLOW_F_RESET, FLOW_F_SNAT, Flow, FlowKey, FrontendKey,
     MAGLEV_TABLE_SIZE, PROTO_TCP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY,
-    SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange,
+    SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service,
 };
 
 use crate::{
@@ -306,15 +306,13 @@ fn create_flow(
     };
     let scratch = unsafe { &mut *scratch };
     if service.flags & SERVICE_F_SOURCE_RANGES != 0 {
-        scratch.range = Key::new(
-            SOURCE_RANGE_ID_BITS + 128,
-            SourceRange {
-                service_id: Be32::from_host(service.service_id),
-                family: key.family,
-                addr: key.src_addr,
-                _pad: [0; 3],
-            },
-        );
+        // Field by field: the key is packed, and a whole-struct write
+        // becomes a bytewise memset of its padding. `_pad` is never written
+        // (zero since the scratch map was made).
+        scratch.range.prefix_len = SOURCE_RANGE_ID_BITS + 128;
+        scratch.range.data.service_id = Be32::from_host(service.service_id);
+        scratch.range.data.family = key.family;
+        scratch.range.data.addr = key.src_addr;
         if SOURCE_RANGES.get(&scratch.range).is_none() {
             st.drop_source_range += 1;
             return Err(Verdict::Drop);
