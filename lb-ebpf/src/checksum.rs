@@ -23,6 +23,13 @@ impl CsumDelta {
         self.word((old >> 16) as u16, (new >> 16) as u16);
     }
 
+    /// The accumulated difference as a 32-bit one's complement sum (what
+    /// `bpf_l4_csum_replace` takes with size 0).
+    #[inline(always)]
+    pub fn sum(&self) -> u32 {
+        self.0
+    }
+
     /// Applies the delta to a checksum field value.
     #[inline(always)]
     pub fn apply(&self, check: u16) -> u16 {

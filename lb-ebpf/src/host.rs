@@ -11,9 +11,34 @@ use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NOT_FWDED, bpf_sock_tuple},
     helpers::{bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
 };
-use lb_common::{FlowKey, PROTO_TCP};
+use lb_common::{FAMILY_V6, FlowKey, PROTO_TCP};
 
 use crate::{maps::SCRATCH, packet::v4_raw, reverse_path, stats::global, words};
+
+/// Fills a socket tuple from 16-byte addresses of `family` and raw ports.
+#[inline(always)]
+pub fn set_tuple(
+    tuple: &mut bpf_sock_tuple,
+    family: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    sport: u16,
+    dport: u16,
+) {
+    if family == FAMILY_V6 {
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        t.saddr = words::addr_words(src);
+        t.daddr = words::addr_words(dst);
+        t.sport = sport;
+        t.dport = dport;
+    } else {
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        t.saddr = v4_raw(src);
+        t.daddr = v4_raw(dst);
+        t.sport = sport;
+        t.dport = dport;
+    }
+}
 
 /// Does a socket of the node own the packet `key` (a would-be new flow that
 /// came in through `ifindex`)? Looked up for every new flow; the route
@@ -26,18 +51,21 @@ pub fn owns(ctx: *mut core::ffi::c_void, key: &FlowKey, ifindex: u32) -> bool {
     };
     let tuple = unsafe { &mut (*scratch).tuple };
     words::zero(tuple);
-    let (src, dst) = (v4_raw(&key.src_addr), v4_raw(&key.dst_addr));
-    tuple.__bindgen_anon_1.ipv4.saddr = src;
-    tuple.__bindgen_anon_1.ipv4.daddr = dst;
-    tuple.__bindgen_anon_1.ipv4.sport = key.src_port.wire();
-    tuple.__bindgen_anon_1.ipv4.dport = key.dst_port.wire();
-    if !socket_exists(ctx, key.proto, tuple) {
+    set_tuple(
+        tuple,
+        key.family,
+        &key.src_addr,
+        &key.dst_addr,
+        key.src_port.wire(),
+        key.dst_port.wire(),
+    );
+    if !socket_exists(ctx, key.family, key.proto, tuple) {
         return false;
     }
     // A socket bound to the wildcard address matches any destination, also
     // a frontend the node only forwards for: it counts only when the
     // frontend is an address of this node (the route to it is local).
-    let local = reverse_path::route(ctx, ifindex, src, dst, 0)
+    let local = reverse_path::route(ctx, ifindex, key.family, &key.src_addr, &key.dst_addr, 0)
         .is_some_and(|(rc, _)| rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64);
     if local && let Some(g) = global() {
         g.host_socket += 1;
@@ -49,8 +77,15 @@ pub fn owns(ctx: *mut core::ffi::c_void, key: &FlowKey, ifindex: u32) -> bool {
 /// established or listening TCP socket, a bound or connected UDP one, in
 /// this network namespace)?
 #[inline(always)]
-pub fn socket_exists(ctx: *mut core::ffi::c_void, proto: u8, tuple: &mut bpf_sock_tuple) -> bool {
-    let size = (core::mem::size_of::<u32>() * 2 + core::mem::size_of::<u16>() * 2) as u32;
+pub fn socket_exists(
+    ctx: *mut core::ffi::c_void,
+    family: u8,
+    proto: u8,
+    tuple: &mut bpf_sock_tuple,
+) -> bool {
+    // The helper tells the families apart by the tuple's size.
+    let addr = if family == FAMILY_V6 { 16 } else { 4 };
+    let size = (addr * 2 + core::mem::size_of::<u16>() * 2) as u32;
     let netns = BPF_F_CURRENT_NETNS as u64;
     let socket = unsafe {
         if proto == PROTO_TCP {

@@ -99,6 +99,12 @@ pub static SCRATCH: PerCpuArray<NewFlowScratch> = PerCpuArray::with_max_entries(
 #[map(name = "XLB_ROUTE")]
 pub static ROUTE: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU room the IPv6 parser passes an offset through, so the verifier
+/// forgets where it came from (`packet::opaque_offset`). Lives for one
+/// packet; neither pinned nor adopted.
+#[map(name = "XLB_OFFSET")]
+pub static OFFSET: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// IPv4 datagrams whose first fragment was translated → what their later
 /// fragments become (`fragments.rs`). A record matters for the moments a
 /// datagram's fragments take to pass, so the map is neither pinned nor

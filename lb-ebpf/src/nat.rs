@@ -72,14 +72,12 @@ pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64, arrival: Arrival)
     let flow = unsafe { &mut *flow };
     if flow.flags & FLOW_F_REPLY != 0
         && let Arrival::Ingress { ctx, ifindex } = arrival
+        && !reverse_path::holds(ctx, ifindex, key)
     {
-        let (src, dst) = reverse_path::addresses(key);
-        if !reverse_path::holds(ctx, ifindex, src, dst) {
-            if let Some(g) = global() {
-                g.reply_wrong_interface += 1;
-            }
-            return Lookup::Refused;
+        if let Some(g) = global() {
+            g.reply_wrong_interface += 1;
         }
+        return Lookup::Refused;
     }
     let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(flow.last_seen_ns) > TOUCH_INTERVAL_NS {

@@ -11,7 +11,7 @@ use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup},
     helpers::bpf_fib_lookup as fib_lookup,
 };
-use lb_common::{CONFIG_F_REVERSE_PATH, CONFIG_KEY, FlowKey};
+use lb_common::{CONFIG_F_REVERSE_PATH, CONFIG_KEY, FAMILY_V6, FlowKey};
 
 use crate::{
     maps::{CONFIG, ROUTE},
@@ -20,6 +20,7 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Did a packet with flow key `key` come in through `ifindex`, the
 /// interface the route to its source leaves by? True when the check is off
@@ -27,34 +28,56 @@ const AF_INET: u8 = 2;
 // Not inlined, and scalars only: its lookup gets a frame of its own, off
 // the hook's.
 #[inline(never)]
-pub fn holds(ctx: *mut core::ffi::c_void, ifindex: u32, src: u32, dst: u32) -> bool {
+pub fn holds(ctx: *mut core::ffi::c_void, ifindex: u32, key: &FlowKey) -> bool {
     let on = CONFIG
         .get(CONFIG_KEY)
         .is_some_and(|c| c.flags & CONFIG_F_REVERSE_PATH != 0);
     if !on {
         return true;
     }
-    route(ctx, ifindex, dst, src, BPF_FIB_LOOKUP_SKIP_NEIGH)
-        .is_some_and(|(rc, fib)| rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && fib.ifindex == ifindex)
+    route(
+        ctx,
+        ifindex,
+        key.family,
+        &key.dst_addr,
+        &key.src_addr,
+        BPF_FIB_LOOKUP_SKIP_NEIGH,
+    )
+    .is_some_and(|(rc, fib)| rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && fib.ifindex == ifindex)
 }
 
-/// `bpf_fib_lookup` of a packet from `src` to `dst` (raw IPv4) arriving on
-/// `ifindex`, in the per-CPU `XLB_ROUTE` room: the return code and the
-/// result. Shared by the checks made before a packet is translated.
+/// Fills the family and addresses of a route lookup (16-byte map-key
+/// addresses of `family`); everything else is the caller's.
+#[inline(always)]
+pub fn set_addresses(fib: &mut bpf_fib_lookup, family: u8, src: &[u8; 16], dst: &[u8; 16]) {
+    if family == FAMILY_V6 {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = words::addr_words(src);
+        fib.__bindgen_anon_4.ipv6_dst = words::addr_words(dst);
+    } else {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = v4_raw(src);
+        fib.__bindgen_anon_4.ipv4_dst = v4_raw(dst);
+    }
+}
+
+/// `bpf_fib_lookup` of a packet from `src` to `dst` (16-byte addresses of
+/// `family`) arriving on `ifindex`, in the per-CPU `XLB_ROUTE` room: the
+/// return code and the result. Shared by the checks made before a packet
+/// is translated.
 #[inline(always)]
 pub fn route(
     ctx: *mut core::ffi::c_void,
     ifindex: u32,
-    src: u32,
-    dst: u32,
+    family: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
     flags: u32,
 ) -> Option<(i64, &'static bpf_fib_lookup)> {
     let fib = unsafe { &mut *ROUTE.get_ptr_mut(0)? };
     words::zero(fib);
-    fib.family = AF_INET;
+    set_addresses(fib, family, src, dst);
     fib.ifindex = ifindex;
-    fib.__bindgen_anon_3.ipv4_src = src;
-    fib.__bindgen_anon_4.ipv4_dst = dst;
     let rc = unsafe {
         fib_lookup(
             ctx,
@@ -64,10 +87,4 @@ pub fn route(
         )
     };
     Some((rc, fib))
-}
-
-/// The key's source and destination as raw IPv4 addresses.
-#[inline(always)]
-pub fn addresses(key: &FlowKey) -> (u32, u32) {
-    (v4_raw(&key.src_addr), v4_raw(&key.dst_addr))
 }

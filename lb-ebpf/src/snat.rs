@@ -3,13 +3,12 @@
 //! the backend's replies come back through this node.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
-use lb_common::{Be16, CONFIG_KEY, FlowKey};
+use lb_common::{Be16, CONFIG_KEY, FAMILY_V6, FlowKey};
 
 use crate::{
     hash::mix,
     host,
     maps::{CONFIG, FLOWS, NewFlowScratch, SNAT_OWNERS},
-    packet::v4_raw,
     words,
 };
 
@@ -36,8 +35,17 @@ pub fn allocate(
     // The chosen backend, in the scratch map with everything else.
     let (backend_addr, backend_port) = (scratch.backend.addr, scratch.backend.port);
     let config = CONFIG.get(CONFIG_KEY)?;
-    let node_raw = v4_raw(&config.node_addr);
-    if node_raw == 0 || config.snat_port_max < config.snat_port_min {
+    let node_addr = if key.family == FAMILY_V6 {
+        &config.node_addr_v6
+    } else {
+        &config.node_addr
+    };
+    // All zero: no SNAT address of this family. Copied by words (a 16-byte
+    // copy becomes a bytewise `memmove`).
+    let words = words::addr_words(node_addr);
+    let node_addr = &unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) };
+    if words[0] | words[1] | words[2] | words[3] == 0 || config.snat_port_max < config.snat_port_min
+    {
         return None;
     }
     let span = (config.snat_port_max - config.snat_port_min) as u32 + 1;
@@ -49,7 +57,7 @@ pub fn allocate(
     // probe: not even one copy fits the 512-byte BPF stack any more.
     scratch.reply_key = FlowKey {
         src_addr: backend_addr,
-        dst_addr: config.node_addr,
+        dst_addr: *node_addr,
         src_port: backend_port,
         dst_port: Be16::default(),
         proto: key.proto,
@@ -57,9 +65,14 @@ pub fn allocate(
         _pad: [0; 2],
     };
     words::zero(&mut scratch.tuple);
-    scratch.tuple.__bindgen_anon_1.ipv4.saddr = v4_raw(&backend_addr);
-    scratch.tuple.__bindgen_anon_1.ipv4.daddr = node_raw;
-    scratch.tuple.__bindgen_anon_1.ipv4.sport = backend_port.wire();
+    host::set_tuple(
+        &mut scratch.tuple,
+        key.family,
+        &backend_addr,
+        node_addr,
+        backend_port.wire(),
+        0,
+    );
     for i in 0..SNAT_TRIES {
         // Stride through the range so collisions do not cluster.
         let port = config.snat_port_min as u32 + (start + i * 7919) % span;
@@ -71,9 +84,13 @@ pub fn allocate(
         if FLOWS.get_ptr(&scratch.reply_key).is_some() || held_by_live_flow(scratch) {
             continue;
         }
-        scratch.tuple.__bindgen_anon_1.ipv4.dport = port.wire();
+        if key.family == FAMILY_V6 {
+            scratch.tuple.__bindgen_anon_1.ipv6.dport = port.wire();
+        } else {
+            scratch.tuple.__bindgen_anon_1.ipv4.dport = port.wire();
+        }
         // Would the backend's reply reach one of the node's own sockets?
-        if host::socket_exists(ctx, key.proto, &mut scratch.tuple) {
+        if host::socket_exists(ctx, key.family, key.proto, &mut scratch.tuple) {
             continue;
         }
         if FLOWS
@@ -87,7 +104,7 @@ pub fn allocate(
                 let _ = FLOWS.remove(&scratch.reply_key);
                 return None;
             }
-            return Some((config.node_addr, port));
+            return Some((*node_addr, port));
         }
     }
     None

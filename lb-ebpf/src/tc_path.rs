@@ -24,17 +24,19 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{FLOW_F_REPLY, Flow, PROTO_UDP};
+use lb_common::{FAMILY_V6, FLOW_F_REPLY, Flow, PROTO_UDP};
 
 use crate::{
+    checksum::CsumDelta,
     fragments,
     icmp::{self, ErrorRewrite},
     maps::FLOWS,
     nat::{self, Arrival, Lookup, Verdict},
     packet::{
-        EthHdr, IPV4_CHECK_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, MAX_HEADERS_LEN,
-        PORTS_DEST_OFFSET, PORTS_SOURCE_OFFSET, Parsed, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
-        parse, v4_raw,
+        ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CHECK_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET,
+        IPV6_DADDR_OFFSET, IPV6_SADDR_OFFSET, MAX_HEADERS_LEN, PORTS_DEST_OFFSET,
+        PORTS_SOURCE_OFFSET, Parsed, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, network, parse_v4,
+        parse_v6, v4_raw,
     },
     stats::global,
     words,
@@ -43,21 +45,66 @@ use crate::{
 /// tcx: let the next program (or the stack) decide.
 const TCX_NEXT: i32 = -1;
 
-/// Parses the skb, pulling headers that sit in its non-linear part into the
-/// linear area first when the first look finds them cut short.
+/// Parses the skb with `parse` (one family's parser), pulling headers that
+/// sit in its non-linear part into the linear area first when the first
+/// look finds them cut short.
 #[inline(always)]
-fn parse_skb(ctx: &TcContext) -> Result<Parsed, Skip> {
-    match parse(ctx.data(), ctx.data_end()) {
-        Err(Skip::Malformed) => {
-            let want = core::cmp::min(ctx.len(), MAX_HEADERS_LEN as u32);
-            if ctx.pull_data(want).is_err() {
-                return Err(Skip::Malformed);
+fn parse_skb<F: Fn(usize, usize) -> Result<Parsed, Skip>>(
+    ctx: &TcContext,
+    parse: F,
+) -> Result<Parsed, Skip> {
+    // One parser body for both looks (a second inlined copy would double
+    // this frame): the first look, and after a pull the second.
+    let mut pulled = false;
+    loop {
+        match parse(ctx.data(), ctx.data_end()) {
+            Err(Skip::Malformed) if !pulled => {
+                if pull_headers(ctx).is_err() {
+                    return Err(Skip::Malformed);
+                }
+                pulled = true;
             }
-            parse(ctx.data(), ctx.data_end())
+            other => return other,
         }
-        other => other,
     }
 }
+
+#[inline(always)]
+fn pull_headers(ctx: &TcContext) -> Result<(), i64> {
+    let want = core::cmp::min(ctx.len(), MAX_HEADERS_LEN as u32);
+    ctx.pull_data(want).map(|_| ())
+}
+
+/// Where the network header starts and its EtherType (see
+/// `packet::network`), pulling the link headers in if need be.
+#[inline(always)]
+fn network_skb(ctx: &TcContext) -> Option<(usize, u16)> {
+    match network(ctx.data(), ctx.data_end()) {
+        Ok(found) => Some(found),
+        Err(_) => {
+            pull_headers(ctx).ok()?;
+            network(ctx.data(), ctx.data_end()).ok()
+        }
+    }
+}
+
+/// One subprogram per hook and family (see `packet::network`).
+macro_rules! per_family {
+    ($name:ident, $parse:ident, $handle:ident) => {
+        #[inline(never)]
+        fn $name(skb: *mut __sk_buff, l3: usize) -> i32 {
+            let ctx = &TcContext::new(skb);
+            $handle(
+                ctx,
+                parse_skb(ctx, |data, data_end| $parse(data, data_end, l3)),
+            )
+        }
+    };
+}
+per_family!(egress_v4, parse_v4, egress_parsed);
+per_family!(egress_v6, parse_v6, egress_parsed);
+per_family!(ingress_v4, parse_v4, ingress_parsed);
+per_family!(ingress_v6, parse_v6, ingress_parsed);
 
 /// Does the packet claim more than the skb holds? Such a packet is never
 /// translated.
@@ -69,7 +116,16 @@ fn cut_short(ctx: &TcContext, p: &Parsed) -> bool {
 /// tcx egress: replies of node-local backends.
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
-    let parsed = match parse_skb(ctx) {
+    match network_skb(ctx) {
+        Some((l3, ETH_P_IP)) => egress_v4(ctx.skb.skb, l3),
+        Some((l3, ETH_P_IPV6)) => egress_v6(ctx.skb.skb, l3),
+        _ => TCX_NEXT,
+    }
+}
+
+#[inline(always)]
+fn egress_parsed(ctx: &TcContext, parsed: Result<Parsed, Skip>) -> i32 {
+    let parsed = match parsed {
         Ok(p) if cut_short(ctx, &p) => return TCX_NEXT,
         Ok(p) => p,
         // Errors from node-local backends, or from the node about packets
@@ -99,7 +155,22 @@ pub fn egress(ctx: &TcContext) -> i32 {
 /// tcx ingress: what `xdp_path::run` does, for uplinks without XDP.
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
-    let parsed = match parse_skb(ctx) {
+    match network_skb(ctx) {
+        Some((l3, ETH_P_IP)) => ingress_v4(ctx.skb.skb, l3),
+        Some((l3, ETH_P_IPV6)) => ingress_v6(ctx.skb.skb, l3),
+        Some(_) => Verdict::Pass.tc_action(),
+        None => {
+            if let Some(g) = global() {
+                g.malformed += 1;
+            }
+            TCX_NEXT
+        }
+    }
+}
+
+#[inline(always)]
+fn ingress_parsed(ctx: &TcContext, parsed: Result<Parsed, Skip>) -> i32 {
+    let parsed = match parsed {
         Ok(p) if cut_short(ctx, &p) => {
             if let Some(g) = global() {
                 g.malformed += 1;
@@ -149,6 +220,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         }
     };
     if parsed.df
+        && parsed.key.family != FAMILY_V6
         && ctx.len() as usize > parsed.l3 + ALWAYS_FITS
         && let Some(mtu) = too_big(ctx.skb.skb, v4_raw(&flow.src_addr), v4_raw(&flow.dst_addr))
     {
@@ -380,6 +452,9 @@ impl Verdict {
 /// (offloaded) L4 checksum.
 #[inline(always)]
 fn rewrite(ctx: &TcContext, p: &Parsed, flow: &Flow) -> Result<(), i64> {
+    if p.key.family == FAMILY_V6 {
+        return rewrite_v6(ctx.skb.skb, p, flow);
+    }
     let udp = p.key.proto == PROTO_UDP;
     let l4_check = p.l4
         + if udp {
@@ -416,6 +491,62 @@ fn rewrite(ctx: &TcContext, p: &Parsed, flow: &Flow) -> Result<(), i64> {
     ctx.l3_csum_replace(ip_check, old_dst as u64, new_dst as u64, 4)?;
     ctx.store(p.l3 + IPV4_SADDR_OFFSET, &new_src, 0)?;
     ctx.store(p.l3 + IPV4_DADDR_OFFSET, &new_dst, 0)?;
+    ctx.store(p.l4 + PORTS_SOURCE_OFFSET, &flow.src_port.wire(), 0)?;
+    ctx.store(p.l4 + PORTS_DEST_OFFSET, &flow.dst_port.wire(), 0)?;
+    Ok(())
+}
+
+/// [`rewrite`] for IPv6. The address change goes into the L4 checksum as
+/// one difference (`bpf_l4_csum_replace` with size 0). IPv6 has no header
+/// checksum to absorb the new addresses, so they are stored with
+/// `BPF_F_RECOMPUTE_CSUM`: for a CHECKSUM_COMPLETE skb the helper's
+/// pseudo-header adjustment of `skb->csum` (right for IPv4, where the
+/// header checksum absorbs the address change) is then offset by the
+/// stored bytes, and `skb->csum` stays the sum of the packet.
+// Not inlined: the address words get a frame of their own, off the hook's.
+#[inline(never)]
+fn rewrite_v6(skb: *mut __sk_buff, p: &Parsed, flow: &Flow) -> Result<(), i64> {
+    let ctx = &TcContext::new(skb);
+    let udp = p.key.proto == PROTO_UDP;
+    let l4_check = p.l4
+        + if udp {
+            UDP_CHECK_OFFSET
+        } else {
+            TCP_CHECK_OFFSET
+        };
+    // The parser refused UDP with checksum 0; a computed 0 becomes 0xffff.
+    let mangled = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let old_src = words::addr_words(&p.key.src_addr);
+    let old_dst = words::addr_words(&p.key.dst_addr);
+    let new_src = words::addr_words(&flow.src_addr);
+    let new_dst = words::addr_words(&flow.dst_addr);
+    let mut delta = CsumDelta::new();
+    for i in 0..4 {
+        delta.dword(old_src[i], new_src[i]);
+        delta.dword(old_dst[i], new_dst[i]);
+    }
+    ctx.l4_csum_replace(
+        l4_check,
+        0,
+        delta.sum() as u64,
+        BPF_F_PSEUDO_HDR as u64 | mangled,
+    )?;
+    let port_flags = mangled | 2;
+    ctx.l4_csum_replace(
+        l4_check,
+        p.key.src_port.wire() as u64,
+        flow.src_port.wire() as u64,
+        port_flags,
+    )?;
+    ctx.l4_csum_replace(
+        l4_check,
+        p.key.dst_port.wire() as u64,
+        flow.dst_port.wire() as u64,
+        port_flags,
+    )?;
+    let recompute = BPF_F_RECOMPUTE_CSUM as u64;
+    ctx.store(p.l3 + IPV6_SADDR_OFFSET, &new_src, recompute)?;
+    ctx.store(p.l3 + IPV6_DADDR_OFFSET, &new_dst, recompute)?;
     ctx.store(p.l4 + PORTS_SOURCE_OFFSET, &flow.src_port.wire(), 0)?;
     ctx.store(p.l4 + PORTS_DEST_OFFSET, &flow.dst_port.wire(), 0)?;
     Ok(())

@@ -56,3 +56,33 @@ pub fn copy_bytes<const N: usize>(dst: &mut [u8; N], src: &[u8; N]) {
         unsafe { write_volatile(dst.as_mut_ptr().add(i), *byte) };
     }
 }
+
+/// A 16-byte address (in a packet, a key or a map value) as the four
+/// network-order words checksums and route lookups take. Word loads: the
+/// BPF backend splits a load it may not assume aligned into four byte
+/// loads (and their spills), while BPF itself allows the unaligned word
+/// loads the IPv4 path has always made (its headers sit at offset 14).
+#[inline(always)]
+pub fn addr_words(addr: &[u8; 16]) -> [u32; 4] {
+    let from = addr.as_ptr() as *const u32;
+    // SAFETY: four in-bounds words.
+    unsafe {
+        [
+            read_volatile(from),
+            read_volatile(from.add(1)),
+            read_volatile(from.add(2)),
+            read_volatile(from.add(3)),
+        ]
+    }
+}
+
+/// Writes a 16-byte address as four word stores (a plain array assignment
+/// may become a bytewise `memcpy`).
+#[inline(always)]
+pub fn store_addr(dst: &mut [u8; 16], words: [u32; 4]) {
+    let to = dst.as_mut_ptr() as *mut u32;
+    for (i, word) in words.iter().enumerate() {
+        // SAFETY: `i < 4`, in bounds; word stores as in `addr_words`.
+        unsafe { write_volatile(to.add(i), *word) };
+    }
+}

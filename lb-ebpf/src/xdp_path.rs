@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{CONFIG_F_REDIRECT, CONFIG_KEY, Flow, PROTO_TCP, PROTO_UDP};
+use lb_common::{CONFIG_F_REDIRECT, CONFIG_KEY, FAMILY_V6, Flow, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     checksum::CsumDelta,
@@ -18,9 +18,10 @@ use crate::{
     maps::{CONFIG, FLOWS, ROUTE, TX_PORTS},
     nat::{self, Arrival, Lookup, Verdict},
     packet::{
-        EthHdr, IPV4_TTL_OFFSET, Ipv4Hdr, Parsed, Ports, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
-        VlanHdr, parse, ptr_at, v4_raw,
+        ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_TTL_OFFSET, Ipv4Hdr, Ipv6Hdr, Parsed, Ports, Skip,
+        TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, VlanHdr, network, parse_v4, parse_v6, ptr_at, v4_raw,
     },
+    reverse_path,
     stats::global,
     words,
 };
@@ -29,12 +30,42 @@ const AF_INET: u8 = 2;
 
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let parsed = match parse(data, data_end) {
+    match network(ctx.data(), ctx.data_end()) {
+        Ok((l3, ETH_P_IP)) => run_v4(ctx.ctx, l3),
+        Ok((l3, ETH_P_IPV6)) => run_v6(ctx.ctx, l3),
+        Ok(_) => pass(),
+        Err(_) => malformed(),
+    }
+}
+
+/// An IPv4 packet whose header starts at `l3`.
+// Not inlined, like `run_v6`: each family's path is a subprogram of its
+// own (see `packet::network`).
+#[inline(never)]
+fn run_v4(xdp: *mut xdp_md, l3: usize) -> u32 {
+    let ctx = &XdpContext::new(xdp);
+    handle(ctx, parse_v4(ctx.data(), ctx.data_end(), l3))
+}
+
+/// An IPv6 packet whose header starts at `l3`.
+#[inline(never)]
+fn run_v6(xdp: *mut xdp_md, l3: usize) -> u32 {
+    let ctx = &XdpContext::new(xdp);
+    handle(ctx, parse_v6(ctx.data(), ctx.data_end(), l3))
+}
+
+/// What happens to a parsed packet, for either family.
+#[inline(always)]
+fn handle(ctx: &XdpContext, parsed: Result<Parsed, Skip>) -> u32 {
+    let data_end = ctx.data_end();
+    let data = ctx.data();
+    let parsed = match parsed {
         // Claims more than the frame holds: cut short, never translated.
         Ok(p) if p.l3 + p.ip_len as usize > data_end - data => return malformed(),
         Ok(p) => p,
         Err(Skip::Icmp(l3)) => return icmp_error(ctx.ctx, l3),
+        // Neighbour discovery, router advertisements, echo: the node's.
+        Err(Skip::Icmp6) => return pass(),
         Err(Skip::Unsupported(key)) => {
             return match nat::frontend_of(&key) {
                 Some(service) => nat::unsupported(service).xdp_action(),
@@ -72,6 +103,9 @@ pub fn run(ctx: &XdpContext) -> u32 {
 fn forward(ctx: &XdpContext, parsed: &Parsed, flow: &Flow) -> u32 {
     let route = route(ctx, parsed, flow);
     if let Route::TooBig { mtu } = route {
+        if parsed.key.family == FAMILY_V6 {
+            return translated_passed();
+        }
         return frag_needed(ctx.ctx, parsed.l3, mtu);
     }
     fragments::remember_first(parsed, flow, ctx.ingress_ifindex() as u32);
@@ -79,6 +113,7 @@ fn forward(ctx: &XdpContext, parsed: &Parsed, flow: &Flow) -> u32 {
         return xdp_action::XDP_DROP;
     }
     match route {
+        Route::Redirect(fib) if parsed.key.family == FAMILY_V6 => redirect_v6(ctx, parsed.l3, fib),
         Route::Redirect(fib) => redirect(ctx, parsed.l3, fib),
         _ => translated_passed(),
     }
@@ -184,6 +219,14 @@ fn pass() -> u32 {
 /// the addresses) incrementally.
 #[inline(always)]
 fn rewrite(data: usize, data_end: usize, p: &Parsed, flow: &Flow) -> Result<(), Skip> {
+    if p.key.family == FAMILY_V6 {
+        // The frame's bounds are those the caller read (nothing resized it).
+        return if rewrite_v6(data, data_end, p.l3 | p.l4 << 16, p.key.proto, flow) {
+            Ok(())
+        } else {
+            Err(Skip::Malformed)
+        };
+    }
     let ip: *mut Ipv4Hdr = ptr_at(data, data_end, p.l3)?;
     let ports: *mut Ports = ptr_at(data, data_end, p.l4)?;
     let new_src = v4_raw(&flow.src_addr);
@@ -221,6 +264,60 @@ fn rewrite(data: usize, data_end: usize, p: &Parsed, flow: &Flow) -> Result<(), 
     Ok(())
 }
 
+/// [`rewrite`] for IPv6: no header checksum; the L4 checksum's
+/// pseudo-header covers both 128-bit addresses. UDP over IPv6 always has a
+/// checksum (the parser refused a 0), and a computed 0 is sent as 0xffff.
+// Not inlined, scalars and the map value only: the address words get a
+// frame of their own, off the hook's.
+// (BPF calls take at most five arguments: the two offsets share one.)
+#[inline(never)]
+fn rewrite_v6(data: usize, data_end: usize, offsets: usize, proto: u8, flow: &Flow) -> bool {
+    // Masked so the verifier knows their bounds: L3 starts within the
+    // first 22 bytes, L4 within 16 KiB (40 + 4 extension headers of at
+    // most 2 KiB).
+    let (l3, l4) = (offsets & 0xff, (offsets >> 16) & 0x3fff);
+    let Ok(ip) = ptr_at::<Ipv6Hdr>(data, data_end, l3) else {
+        return false;
+    };
+    let Ok(ports) = ptr_at::<Ports>(data, data_end, l4) else {
+        return false;
+    };
+    let new_src = words::addr_words(&flow.src_addr);
+    let new_dst = words::addr_words(&flow.dst_addr);
+    let new_sport = flow.src_port.wire();
+    let new_dport = flow.dst_port.wire();
+    unsafe {
+        let old_src = words::addr_words(&(*ip).saddr);
+        let old_dst = words::addr_words(&(*ip).daddr);
+        let mut delta = CsumDelta::new();
+        for i in 0..4 {
+            delta.dword(old_src[i], new_src[i]);
+            delta.dword(old_dst[i], new_dst[i]);
+        }
+        delta.word((*ports).source, new_sport);
+        delta.word((*ports).dest, new_dport);
+        let at = if proto == PROTO_TCP {
+            TCP_CHECK_OFFSET
+        } else {
+            UDP_CHECK_OFFSET
+        };
+        let Ok(check) = ptr_at::<u16>(data, data_end, l4 + at) else {
+            return false;
+        };
+        let c = delta.apply(*check);
+        *check = if c == 0 && proto == PROTO_UDP {
+            0xffff
+        } else {
+            c
+        };
+        words::store_addr(&mut (*ip).saddr, new_src);
+        words::store_addr(&mut (*ip).daddr, new_dst);
+        (*ports).source = new_sport;
+        (*ports).dest = new_dport;
+    }
+    true
+}
+
 #[inline(always)]
 fn translated_passed() -> u32 {
     if let Some(g) = global() {
@@ -240,9 +337,10 @@ enum Route {
     TooBig { mtu: u16 },
 }
 
-/// IPv4 guarantees 576 bytes: smaller packets are not checked against the
-/// MTU unless the route is looked up anyway (for a redirect).
+/// IPv4 guarantees 576 bytes, IPv6 1280: smaller packets are not checked
+/// against the MTU unless the route is looked up anyway (for a redirect).
 const ALWAYS_FITS: u16 = 576;
+const ALWAYS_FITS_V6: u16 = 1280;
 
 /// Looks up the route of the packet as it will be after translation to
 /// `flow`, before anything is rewritten: a packet too big for it is answered
@@ -254,14 +352,16 @@ fn route(ctx: &XdpContext, p: &Parsed, flow: &Flow) -> Route {
         .get(CONFIG_KEY)
         .map(|c| c.flags & CONFIG_F_REDIRECT != 0)
         .unwrap_or(false);
-    let check_size = p.df && p.ip_len > ALWAYS_FITS && p.ip_len as usize >= icmp::QUOTABLE_LEN;
+    let v6 = p.key.family == FAMILY_V6;
+    let check_size = if v6 {
+        p.ip_len > ALWAYS_FITS_V6
+    } else {
+        p.df && p.ip_len > ALWAYS_FITS && p.ip_len as usize >= icmp::QUOTABLE_LEN
+    };
     if !redirect_on && !check_size {
         return Route::Pass;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let Ok(ip) = ptr_at::<Ipv4Hdr>(data, data_end, p.l3) else {
-        return Route::Pass;
-    };
     // Looked up only when a route lookup is made: most packets with
     // redirects off need none.
     let Some(fib) = ROUTE.get_ptr_mut(0) else {
@@ -270,14 +370,15 @@ fn route(ctx: &XdpContext, p: &Parsed, flow: &Flow) -> Route {
     let fib = unsafe { &mut *fib };
     // The room is shared: nothing of the last packet's lookup may remain.
     words::zero(fib);
-    unsafe {
-        fib.family = AF_INET;
-        fib.l4_protocol = (*ip).protocol;
-        fib.__bindgen_anon_1.tot_len = p.ip_len;
-        fib.__bindgen_anon_2.tos = (*ip).tos;
+    if !v6 {
+        let Ok(ip) = ptr_at::<Ipv4Hdr>(data, data_end, p.l3) else {
+            return Route::Pass;
+        };
+        unsafe { fib.__bindgen_anon_2.tos = (*ip).tos };
     }
-    fib.__bindgen_anon_3.ipv4_src = v4_raw(&flow.src_addr);
-    fib.__bindgen_anon_4.ipv4_dst = v4_raw(&flow.dst_addr);
+    fib.l4_protocol = p.key.proto;
+    fib.__bindgen_anon_1.tot_len = p.ip_len;
+    reverse_path::set_addresses(fib, p.key.family, &flow.src_addr, &flow.dst_addr);
     fib.ifindex = ctx.ingress_ifindex() as u32;
     match fib_result(ctx, fib, redirect_on) {
         Route::TooBig { mtu } if check_size => Route::TooBig { mtu },
@@ -363,6 +464,36 @@ fn redirect(ctx: &XdpContext, l3: usize, fib: &bpf_fib_lookup) -> u32 {
         let mut delta = CsumDelta::new();
         delta.word(old, *ttl_word);
         (*ip).check = delta.apply((*ip).check);
+        words::copy_bytes(&mut (*eth).dst, &fib.dmac);
+        words::copy_bytes(&mut (*eth).src, &fib.smac);
+    }
+    match TX_PORTS.redirect(fib.ifindex, 0) {
+        Ok(action) => {
+            if let Some(g) = global() {
+                g.redirected += 1;
+            }
+            action
+        }
+        Err(action) => action,
+    }
+}
+
+/// [`redirect`] for IPv6: the hop limit has no checksum to follow.
+#[inline(always)]
+fn redirect_v6(ctx: &XdpContext, l3: usize, fib: &bpf_fib_lookup) -> u32 {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Ok(ip) = ptr_at::<Ipv6Hdr>(data, data_end, l3) else {
+        return translated_passed();
+    };
+    let Ok(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+        return translated_passed();
+    };
+    unsafe {
+        // At 1 the kernel answers with ICMPv6 time exceeded.
+        if (*ip).hop_limit <= 1 {
+            return translated_passed();
+        }
+        (*ip).hop_limit -= 1;
         words::copy_bytes(&mut (*eth).dst, &fib.dmac);
         words::copy_bytes(&mut (*eth).src, &fib.smac);
     }

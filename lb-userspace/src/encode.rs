@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use lb_common::{
     BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Be16, Be32, FAMILY_V4, FAMILY_V6, FrontendKey,
     SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS,
@@ -16,8 +16,7 @@ use crate::model::{Backend, Frontend, FrontendSpec, Protocol, SourceRange};
 pub fn addr16(addr: IpAddr) -> Result<[u8; 16]> {
     match addr {
         IpAddr::V4(a) => Ok(lb_common::addr_v4(a.octets())),
-        // The datapath parses IPv4 only.
-        IpAddr::V6(_) => bail!("IPv6 is not supported yet"),
+        IpAddr::V6(a) => Ok(a.octets()),
     }
 }
 
@@ -52,7 +51,7 @@ pub fn frontend_key(frontend: &Frontend) -> Result<FrontendKey> {
 /// The frontend a `SERVICES` key names; `None` for a key this agent never
 /// writes (another family or protocol).
 pub fn frontend_from_key(key: &FrontendKey) -> Option<Frontend> {
-    if key.family != FAMILY_V4 {
+    if key.family != FAMILY_V4 && key.family != FAMILY_V6 {
         return None;
     }
     Some(Frontend {

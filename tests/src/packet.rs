@@ -2,7 +2,10 @@
 //! 802.1Q tag, IPv4 with options, TCP SYN or UDP), the Internet checksum,
 //! and a `BPF_PROG_TEST_RUN` wrapper over aya's [`TestRun`].
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
@@ -288,5 +291,132 @@ pub fn with_ip_id(frame: &[u8], l3: usize, id: u16) -> Vec<u8> {
     f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
     let c = checksum(&f[l3..l3 + ihl]);
     f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// The checksum over the IPv6 pseudo-header (RFC 8200 section 8.1) and
+/// `l4` (0 when `l4` already holds a correct checksum).
+pub fn pseudo_checksum6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    pseudo.extend_from_slice(l4);
+    checksum(&pseudo)
+}
+
+/// What [`frame6`] builds: Ethernet (optionally 802.1Q-tagged) + IPv6 (+
+/// extension headers) + a TCP segment or a UDP datagram, with a correct
+/// checksum unless told otherwise.
+#[derive(Clone, Debug)]
+pub struct FrameSpec6 {
+    pub vlan: Option<u16>,
+    /// Extension headers before the L4 header, each as (type, bytes): the
+    /// builder chains them and fills in each one's next-header byte.
+    pub extensions: Vec<(u8, Vec<u8>)>,
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP only: the flags byte.
+    pub tcp_flags: u8,
+    /// UDP only: false sends checksum 0 (invalid over IPv6).
+    pub udp_checksum: bool,
+    pub payload: usize,
+    pub hop_limit: u8,
+}
+
+impl FrameSpec6 {
+    /// A TCP SYN with a 16-byte payload from `src`:40000 to `dst`:80.
+    pub fn new(src: Ipv6Addr, dst: Ipv6Addr) -> FrameSpec6 {
+        FrameSpec6 {
+            vlan: None,
+            extensions: Vec::new(),
+            proto: 6,
+            src,
+            dst,
+            sport: 40000,
+            dport: 80,
+            tcp_flags: TCP_SYN,
+            udp_checksum: true,
+            payload: 16,
+            hop_limit: 64,
+        }
+    }
+}
+
+/// A hop-by-hop or destination-options header of 8 bytes (PadN only), as
+/// [`FrameSpec6::extensions`] takes it.
+pub fn padding_options() -> Vec<u8> {
+    vec![0, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// A fragment header (offset in 8-byte units, more-fragments flag).
+pub fn fragment_header(offset: u16, more: bool) -> Vec<u8> {
+    let field = (offset << 3) | more as u16;
+    let mut h = vec![0, 0];
+    h.extend_from_slice(&field.to_be_bytes());
+    h.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    h
+}
+
+/// Offset of the IPv6 header in a [`frame6`] frame.
+pub fn l3_of(spec: &FrameSpec6) -> usize {
+    if spec.vlan.is_some() { 18 } else { 14 }
+}
+
+/// Offset of the L4 header in a [`frame6`] frame.
+pub fn l4_of(spec: &FrameSpec6) -> usize {
+    l3_of(spec) + 40 + spec.extensions.iter().map(|(_, b)| b.len()).sum::<usize>()
+}
+
+/// The frame `spec` describes.
+pub fn frame6(spec: &FrameSpec6) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+    if let Some(vid) = spec.vlan {
+        f.extend_from_slice(&[0x81, 0x00]);
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&[0x86, 0xdd]);
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&spec.sport.to_be_bytes());
+    l4.extend_from_slice(&spec.dport.to_be_bytes());
+    let l4_len = if spec.proto == 6 { 20 } else { 8 } + spec.payload;
+    if spec.proto == 6 {
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, spec.tcp_flags, 0xff, 0xff]);
+        l4.extend_from_slice(&[0, 0, 0, 0]);
+    } else {
+        l4.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend(std::iter::repeat_n(0xabu8, spec.payload));
+    let check_at = if spec.proto == 6 { 16 } else { 6 };
+    if spec.proto == 6 || spec.udp_checksum {
+        let c = pseudo_checksum6(&spec.src, &spec.dst, spec.proto, &l4);
+        let c = if spec.proto == 17 && c == 0 {
+            0xffff
+        } else {
+            c
+        };
+        l4[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let mut chain = Vec::new();
+    for (i, (_, bytes)) in spec.extensions.iter().enumerate() {
+        let mut h = bytes.clone();
+        h[0] = spec.extensions.get(i + 1).map_or(spec.proto, |(t, _)| *t);
+        chain.extend_from_slice(&h);
+    }
+    let first = spec.extensions.first().map_or(spec.proto, |(t, _)| *t);
+    let payload_len = chain.len() + l4.len();
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(payload_len as u16).to_be_bytes());
+    f.extend_from_slice(&[first, spec.hop_limit]);
+    f.extend_from_slice(&spec.src.octets());
+    f.extend_from_slice(&spec.dst.octets());
+    f.extend_from_slice(&chain);
+    f.extend_from_slice(&l4);
     f
 }
