@@ -45,7 +45,7 @@ pub fn set_tuple(
 /// lookup only when a socket matched.
 // Not inlined: it works in the scratch maps, in a frame of its own.
 #[inline(never)]
-pub fn owns(ctx: *mut core::ffi::c_void, key: &FlowKey, ifindex: u32) -> bool {
+pub fn owns(ctx: *mut core::ffi::c_void, key: &FlowKey, family: u8, ifindex: u32) -> bool {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return false;
     };
@@ -53,19 +53,19 @@ pub fn owns(ctx: *mut core::ffi::c_void, key: &FlowKey, ifindex: u32) -> bool {
     words::zero(tuple);
     set_tuple(
         tuple,
-        key.family,
+        family,
         &key.src_addr,
         &key.dst_addr,
         key.src_port.wire(),
         key.dst_port.wire(),
     );
-    if !socket_exists(ctx, key.family, key.proto, tuple) {
+    if !socket_exists(ctx, family, key.proto, tuple) {
         return false;
     }
     // A socket bound to the wildcard address matches any destination, also
     // a frontend the node only forwards for: it counts only when the
     // frontend is an address of this node (the route to it is local).
-    let local = reverse_path::route(ctx, ifindex, key.family, &key.src_addr, &key.dst_addr, 0)
+    let local = reverse_path::route(ctx, ifindex, family, &key.src_addr, &key.dst_addr, 0)
         .is_some_and(|(rc, _)| rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64);
     if local && let Some(g) = global() {
         g.host_socket += 1;

@@ -265,10 +265,15 @@ pub fn new_flow(
     let Some(service) = frontend_of(key) else {
         return Err(Verdict::Pass);
     };
-    if host::owns(ctx, key, ifindex) {
+    // The family as an argument, not read from `key`: the verifier knows an
+    // argument's value, but not a byte of a key in the caller's frame, and
+    // would check every family branch below for both families.
+    let family = key.family;
+    if host::owns(ctx, key, family, ifindex) {
         return Err(Verdict::Pass);
     }
-    create_flow(ctx, key, service, bytes)
+    // (BPF calls take five arguments, the result's slot counting as one.)
+    create_flow(ctx, key, service, bytes | (family as u64) << 56)
 }
 
 /// Source ranges, backend choice, SNAT, and both entries of a new flow.
@@ -282,8 +287,9 @@ fn create_flow(
     ctx: *mut core::ffi::c_void,
     key: &FlowKey,
     service: &Service,
-    bytes: u64,
+    bytes_family: u64,
 ) -> Result<&'static Flow, Verdict> {
+    let (bytes, family) = (bytes_family & 0xffff_ffff, (bytes_family >> 56) as u8);
     let now = unsafe { bpf_ktime_get_ns() };
     if agent_gone(now) {
         if let Some(g) = global() {
@@ -309,7 +315,7 @@ fn create_flow(
         // (zero since the scratch map was made).
         scratch.range.prefix_len = SOURCE_RANGE_ID_BITS + 128;
         scratch.range.data.service_id = Be32::from_host(service.service_id);
-        scratch.range.data.family = key.family;
+        scratch.range.data.family = family;
         scratch.range.data.addr = key.src_addr;
         if SOURCE_RANGES.get(&scratch.range).is_none() {
             st.drop_source_range += 1;
@@ -355,7 +361,7 @@ fn create_flow(
     // The reply entry goes in first: a backend's answer must never find the
     // forward entry without its reverse.
     if snat {
-        match snat::allocate(ctx, key, hash, scratch) {
+        match snat::allocate(ctx, key, family, hash, scratch) {
             Some((node_addr, port)) => {
                 scratch.forward.src_addr = node_addr;
                 scratch.forward.src_port = port;

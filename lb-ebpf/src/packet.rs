@@ -319,13 +319,16 @@ pub fn parse_v6(data: usize, data_end: usize, l3: usize) -> Result<Parsed, Skip>
             // never reassemble the datagram.
             return Err(Skip::NotIpv4L4);
         }
-        l4 = opaque_offset((walked & 0xffff) as usize)?;
+        l4 = (walked & 0xffff) as usize;
         next = (walked >> 16) as u8;
         unsupported = walked & WALK_UNSUPPORTED != 0;
     }
     if next == PROTO_ICMPV6 {
         return Err(Skip::Icmp6);
     }
+    // From here on the offsets are two unknown values (see
+    // `opaque_offsets`), whatever tag and extension headers led here.
+    let (l3, l4) = opaque_offsets(l3, l4)?;
     if next != PROTO_TCP && next != PROTO_UDP {
         return Err(Skip::NotIpv4L4);
     }
@@ -438,19 +441,21 @@ fn walk(data: usize, data_end: usize, mut l4: usize, mut next: u8) -> Result<u64
     Ok(l4 as u64 | (next as u64) << 16 | if unsupported { WALK_UNSUPPORTED } else { 0 })
 }
 
-/// An offset past IPv6 extension headers, as the verifier will see it from
-/// here on: any value below 16 KiB. Every combination of walked headers
-/// gives the offset a different known range, and the verifier would check
-/// everything after the walk once per combination (past its one-million-
-/// instruction budget); read back from a map, the offset is one unknown
-/// value and the paths after the walk are checked once.
+/// The network and transport offsets of an IPv6 packet, as the verifier
+/// will see them from here on: any values below 32 and 16 KiB. Every
+/// combination of a VLAN tag and walked extension headers gives the
+/// offsets different known values, and the verifier would check all the
+/// code after the parse once per combination (which took it past half a
+/// million instructions); read back from a map, they are unknown values
+/// and that code is checked once. Costs one per-CPU array access.
 #[inline(always)]
-fn opaque_offset(offset: usize) -> Result<usize, Skip> {
+fn opaque_offsets(l3: usize, l4: usize) -> Result<(usize, usize), Skip> {
     let slot = OFFSET.get_ptr_mut(0).ok_or(Skip::Malformed)?;
-    unsafe {
-        core::ptr::write_volatile(slot, offset as u32);
-        Ok(core::ptr::read_volatile(slot) as usize & 0x3fff)
-    }
+    let read = unsafe {
+        core::ptr::write_volatile(slot, (l3 << 16 | l4) as u32);
+        core::ptr::read_volatile(slot) as usize
+    };
+    Ok(((read >> 16) & 0x1f, read & 0x3fff))
 }
 
 /// A raw (network-order) IPv4 address as the 16-byte address of a map key,

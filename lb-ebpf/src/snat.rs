@@ -29,13 +29,14 @@ const SNAT_TRIES: u32 = 32;
 pub fn allocate(
     ctx: *mut core::ffi::c_void,
     key: &FlowKey,
+    family: u8,
     hash: u32,
     scratch: &mut NewFlowScratch,
 ) -> Option<([u8; 16], Be16)> {
     // The chosen backend, in the scratch map with everything else.
     let (backend_addr, backend_port) = (scratch.backend.addr, scratch.backend.port);
     let config = CONFIG.get(CONFIG_KEY)?;
-    let node_addr = if key.family == FAMILY_V6 {
+    let node_addr = if family == FAMILY_V6 {
         &config.node_addr_v6
     } else {
         &config.node_addr
@@ -61,13 +62,13 @@ pub fn allocate(
         src_port: backend_port,
         dst_port: Be16::default(),
         proto: key.proto,
-        family: key.family,
+        family,
         _pad: [0; 2],
     };
     words::zero(&mut scratch.tuple);
     host::set_tuple(
         &mut scratch.tuple,
-        key.family,
+        family,
         &backend_addr,
         node_addr,
         backend_port.wire(),
@@ -84,13 +85,13 @@ pub fn allocate(
         if FLOWS.get_ptr(&scratch.reply_key).is_some() || held_by_live_flow(scratch) {
             continue;
         }
-        if key.family == FAMILY_V6 {
+        if family == FAMILY_V6 {
             scratch.tuple.__bindgen_anon_1.ipv6.dport = port.wire();
         } else {
             scratch.tuple.__bindgen_anon_1.ipv4.dport = port.wire();
         }
         // Would the backend's reply reach one of the node's own sockets?
-        if host::socket_exists(ctx, key.family, key.proto, &mut scratch.tuple) {
+        if host::socket_exists(ctx, family, key.proto, &mut scratch.tuple) {
             continue;
         }
         if FLOWS
