@@ -359,7 +359,7 @@ pub fn partial_checksum_fixed_point(
 /// The one's complement sum (unfolded) of `len` bytes at `at`, a multiple
 /// of 4.
 #[inline(always)]
-fn sum(at: usize, len: usize) -> u32 {
+pub fn sum(at: usize, len: usize) -> u32 {
     let s = unsafe {
         aya_ebpf::helpers::bpf_csum_diff(core::ptr::null_mut(), 0, at as *mut u32, len as u32, 0)
     };
@@ -367,7 +367,7 @@ fn sum(at: usize, len: usize) -> u32 {
 }
 
 #[inline(always)]
-fn fold(sum: u64) -> u16 {
+pub fn fold(sum: u64) -> u16 {
     let s = (sum & 0xffff) + (sum >> 16);
     let s = (s & 0xffff) + (s >> 16);
     let s = (s & 0xffff) + (s >> 16);

@@ -57,6 +57,7 @@ pub struct Ipv4Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv6Hdr {
     /// Version (4 bits), traffic class, flow label.
     pub vtc_flow: u32,
@@ -130,8 +131,9 @@ pub const TCP_FLAGS_OFFSET: usize = core::mem::offset_of!(TcpHdr, flags);
 /// How much of an skb the tc hook pulls into the linear area before parsing:
 /// the headers `parse` and `icmp::parse_error` read (Ethernet, a VLAN tag,
 /// IPv4, ICMP, the quoted IPv4 header and TCP up to its checksum), or
-/// Ethernet, a tag, IPv6, 64 bytes of extension headers and TCP.
-pub const MAX_HEADERS_LEN: usize = 18 + 40 + 64 + 20;
+/// Ethernet, a tag, IPv6, ICMPv6, the quoted IPv6 header and TCP up to its
+/// checksum (which also covers 64 bytes of extension headers before TCP).
+pub const MAX_HEADERS_LEN: usize = 18 + 40 + 8 + 40 + 20 + 24;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
@@ -154,8 +156,10 @@ pub enum Skip {
     /// IPv4 ICMP; the header starts at this offset. Errors that quote a
     /// translated flow are the business of `icmp.rs`.
     Icmp(usize),
-    /// ICMPv6 (neighbour discovery, errors, echo): passed untouched.
-    Icmp6,
+    /// ICMPv6 right after the fixed IPv6 header, which starts at this
+    /// offset. Errors that quote a translated flow are the business of
+    /// `icmp6.rs`; neighbour discovery and the rest pass untouched.
+    Icmp6(usize),
 }
 
 /// A parsed IPv4 TCP/UDP packet: offsets from the start of the frame and the
@@ -323,12 +327,16 @@ pub fn parse_v6(data: usize, data_end: usize, l3: usize) -> Result<Parsed, Skip>
         next = (walked >> 16) as u8;
         unsupported = walked & WALK_UNSUPPORTED != 0;
     }
-    if next == PROTO_ICMPV6 {
-        return Err(Skip::Icmp6);
+    // ICMPv6 after extension headers is left alone (never translated).
+    if next == PROTO_ICMPV6 && l4 != l3 + IPV6_LEN {
+        return Err(Skip::NotIpv4L4);
     }
     // From here on the offsets are two unknown values (see
     // `opaque_offsets`), whatever tag and extension headers led here.
     let (l3, l4) = opaque_offsets(l3, l4)?;
+    if next == PROTO_ICMPV6 {
+        return Err(Skip::Icmp6(l3));
+    }
     if next != PROTO_TCP && next != PROTO_UDP {
         return Err(Skip::NotIpv4L4);
     }

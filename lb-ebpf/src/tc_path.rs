@@ -24,20 +24,22 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{FAMILY_V6, FLOW_F_REPLY, Flow, PROTO_UDP};
+use lb_common::{FAMILY_V6, FLOW_F_REPLY, Flow, FlowKey, PROTO_UDP};
 
 use crate::{
     checksum::CsumDelta,
     fragments,
     icmp::{self, ErrorRewrite},
+    icmp6,
     maps::FLOWS,
     nat::{self, Arrival, Lookup, Verdict},
     packet::{
         ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CHECK_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET,
-        IPV6_DADDR_OFFSET, IPV6_SADDR_OFFSET, MAX_HEADERS_LEN, PORTS_DEST_OFFSET,
-        PORTS_SOURCE_OFFSET, Parsed, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, network, parse_v4,
-        parse_v6, v4_raw,
+        IPV6_DADDR_OFFSET, IPV6_SADDR_OFFSET, Ipv6Hdr, MAX_HEADERS_LEN, PORTS_DEST_OFFSET,
+        PORTS_SOURCE_OFFSET, PROTO_ICMPV6, Parsed, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
+        network, parse_v4, parse_v6, v4_raw,
     },
+    reverse_path,
     stats::global,
     words,
 };
@@ -88,6 +90,16 @@ fn network_skb(ctx: &TcContext) -> Option<(usize, u16)> {
     }
 }
 
+/// Is the IPv6 packet at `l3` ICMPv6 right after its fixed header? Such
+/// packets go to `icmp6_error` straight from the hook: called from the
+/// per-family subprogram its frame would stack on that one's, past the
+/// 512-byte limit.
+#[inline(always)]
+fn icmp6_first(ctx: &TcContext, l3: usize) -> bool {
+    ctx.load::<u8>(l3 + core::mem::offset_of!(Ipv6Hdr, nexthdr))
+        .is_ok_and(|next| next == PROTO_ICMPV6)
+}
+
 /// One subprogram per hook and family (see `packet::network`).
 macro_rules! per_family {
     ($name:ident, $parse:ident, $handle:ident) => {
@@ -118,6 +130,7 @@ fn cut_short(ctx: &TcContext, p: &Parsed) -> bool {
 pub fn egress(ctx: &TcContext) -> i32 {
     match network_skb(ctx) {
         Some((l3, ETH_P_IP)) => egress_v4(ctx.skb.skb, l3),
+        Some((l3, ETH_P_IPV6)) if icmp6_first(ctx, l3) => icmp6_error(ctx.skb.skb, l3, true),
         Some((l3, ETH_P_IPV6)) => egress_v6(ctx.skb.skb, l3),
         _ => TCX_NEXT,
     }
@@ -131,6 +144,8 @@ fn egress_parsed(ctx: &TcContext, parsed: Result<Parsed, Skip>) -> i32 {
         // Errors from node-local backends, or from the node about packets
         // it forwarded to them: reply entries only, as for their packets.
         Err(Skip::Icmp(l3)) => return icmp_error(ctx.skb.skb, l3, true),
+        // Handled before parsing (see `icmp6_first`).
+        Err(Skip::Icmp6(_)) => return TCX_NEXT,
         Err(Skip::Fragment(l3)) => {
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             return later_fragment(ctx.skb.skb, l3, ifindex, false);
@@ -157,6 +172,7 @@ fn egress_parsed(ctx: &TcContext, parsed: Result<Parsed, Skip>) -> i32 {
 pub fn ingress(ctx: &TcContext) -> i32 {
     match network_skb(ctx) {
         Some((l3, ETH_P_IP)) => ingress_v4(ctx.skb.skb, l3),
+        Some((l3, ETH_P_IPV6)) if icmp6_first(ctx, l3) => icmp6_error(ctx.skb.skb, l3, false),
         Some((l3, ETH_P_IPV6)) => ingress_v6(ctx.skb.skb, l3),
         Some(_) => Verdict::Pass.tc_action(),
         None => {
@@ -179,6 +195,7 @@ fn ingress_parsed(ctx: &TcContext, parsed: Result<Parsed, Skip>) -> i32 {
         }
         Ok(p) => p,
         Err(Skip::Icmp(l3)) => return icmp_error(ctx.skb.skb, l3, false),
+        Err(Skip::Icmp6(_)) => return Verdict::Pass.tc_action(),
         Err(Skip::Unsupported(key)) => {
             return match nat::frontend_of(&key) {
                 Some(service) => nat::unsupported(service).tc_action(),
@@ -219,12 +236,12 @@ fn ingress_parsed(ctx: &TcContext, parsed: Result<Parsed, Skip>) -> i32 {
             }
         }
     };
+    let v6 = parsed.key.family == FAMILY_V6;
     if parsed.df
-        && parsed.key.family != FAMILY_V6
-        && ctx.len() as usize > parsed.l3 + ALWAYS_FITS
-        && let Some(mtu) = too_big(ctx.skb.skb, v4_raw(&flow.src_addr), v4_raw(&flow.dst_addr))
+        && ctx.len() as usize > parsed.l3 + if v6 { ALWAYS_FITS_V6 } else { ALWAYS_FITS }
+        && let Some(mtu) = too_big(ctx.skb.skb, flow, parsed.key.family)
     {
-        return frag_needed(ctx.skb.skb, parsed.l3, mtu);
+        return frag_needed(ctx.skb.skb, parsed.l3, mtu as u32 | (v6 as u32) << 16);
     }
     fragments::remember_first(&parsed, flow, unsafe { (*ctx.skb.skb).ingress_ifindex });
     if rewrite(ctx, &parsed, flow).is_err() {
@@ -268,9 +285,10 @@ fn later_fragment(skb: *mut __sk_buff, l3: usize, ifindex: u32, ingress: bool) -
     TCX_NEXT
 }
 
-/// IPv4 guarantees 576 bytes: smaller packets are not checked against the
-/// MTU.
+/// IPv4 guarantees 576 bytes, IPv6 1280: smaller packets are not checked
+/// against the MTU.
 const ALWAYS_FITS: usize = 576;
+const ALWAYS_FITS_V6: usize = 1280;
 
 /// The MTU of the device the packet would leave through once translated to
 /// `flow`, if it does not fit it (for a GSO skb: if its segments do not).
@@ -280,12 +298,10 @@ const ALWAYS_FITS: usize = 576;
 #[inline(never)]
 // Scalars and the raw skb, not references: a reference would force the
 // caller to keep the value in its own (tight) stack frame.
-fn too_big(skb: *mut __sk_buff, src: u32, dst: u32) -> Option<u16> {
+fn too_big(skb: *mut __sk_buff, flow: &Flow, family: u8) -> Option<u16> {
     let mut room = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
     let fib = words::zeroed(&mut room);
-    fib.family = AF_INET;
-    fib.__bindgen_anon_3.ipv4_src = src;
-    fib.__bindgen_anon_4.ipv4_dst = dst;
+    reverse_path::set_addresses(fib, family, &flow.src_addr, &flow.dst_addr);
     fib.ifindex = unsafe { (*skb).ingress_ifindex };
     // No length given: the helper checks the skb against the egress
     // device's MTU itself (GSO skbs always pass that check).
@@ -313,28 +329,39 @@ fn too_big(skb: *mut __sk_buff, src: u32, dst: u32) -> Option<u16> {
     Some(len as u16)
 }
 
-/// Answers a packet too big for its route with "fragmentation needed", sent
-/// back out of the device it came in on: the skb is cut to the quoted part
-/// (which ends GSO), grown after its L2 header by the new IPv4 and ICMP
-/// headers, and its Ethernet addresses swapped.
+/// Answers a packet too big for its route with ICMP "fragmentation needed"
+/// or ICMPv6 "packet too big" (`mtu_family`: the MTU, bit 16 set for
+/// IPv6), sent back out of the device it came in on: the skb is cut to the
+/// quoted part (which ends GSO), grown after its L2 header by the new IP
+/// and ICMP headers, and its Ethernet addresses swapped.
 // Not inlined, for the same reason as `icmp_error`.
 #[inline(never)]
-fn frag_needed(skb: *mut __sk_buff, l3: usize, mtu: u16) -> i32 {
+fn frag_needed(skb: *mut __sk_buff, l3: usize, mtu_family: u32) -> i32 {
     let ctx = &TcContext::new(skb);
+    let (mtu, v6) = (mtu_family as u16, mtu_family >> 16 != 0);
+    let (quotable, headers_len) = if v6 {
+        (icmp6::QUOTABLE_LEN, icmp6::TOO_BIG_HEADERS_LEN)
+    } else {
+        (icmp::QUOTABLE_LEN, icmp::FRAG_NEEDED_HEADERS_LEN)
+    };
     let Ok(eth) = ctx.load::<EthHdr>(0) else {
         return TC_ACT_SHOT;
     };
-    let quoted = l3 + icmp::FRAG_NEEDED_HEADERS_LEN;
-    let keep = (l3 + icmp::QUOTABLE_LEN) as u32;
+    let quoted = l3 + headers_len;
+    let keep = (l3 + quotable) as u32;
     if unsafe { bpf_skb_change_tail(skb, keep, 0) } != 0
         || ctx
-            .adjust_room(icmp::FRAG_NEEDED_HEADERS_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
+            .adjust_room(headers_len as i32, BPF_ADJ_ROOM_MAC, 0)
             .is_err()
-        || ctx.pull_data((quoted + icmp::QUOTABLE_LEN) as u32).is_err()
+        || ctx.pull_data((quoted + quotable) as u32).is_err()
     {
         return TC_ACT_SHOT;
     }
-    let fixed = icmp::partial_checksum_fixed_point(ctx.data(), ctx.data_end(), quoted);
+    let fixed = if v6 {
+        icmp6::partial_checksum_fixed_point(ctx.data(), ctx.data_end(), quoted)
+    } else {
+        icmp::partial_checksum_fixed_point(ctx.data(), ctx.data_end(), quoted)
+    };
     match fixed {
         Ok(Some((at, value))) => {
             if ctx
@@ -347,19 +374,23 @@ fn frag_needed(skb: *mut __sk_buff, l3: usize, mtu: u16) -> i32 {
         Ok(None) => {}
         Err(_) => return TC_ACT_SHOT,
     }
-    let Ok(headers) = icmp::frag_needed(ctx.data(), ctx.data_end(), quoted, mtu) else {
-        return TC_ACT_SHOT;
+    let stored = if v6 {
+        let Ok(headers) = icmp6::too_big(ctx.data(), ctx.data_end(), quoted, mtu) else {
+            return TC_ACT_SHOT;
+        };
+        ctx.store(l3, &headers, BPF_F_RECOMPUTE_CSUM as u64)
+    } else {
+        let Ok(headers) = icmp::frag_needed(ctx.data(), ctx.data_end(), quoted, mtu) else {
+            return TC_ACT_SHOT;
+        };
+        ctx.store(l3, &headers, BPF_F_RECOMPUTE_CSUM as u64)
     };
     let swapped = EthHdr {
         dst: eth.src,
         src: eth.dst,
         ether_type: eth.ether_type,
     };
-    if ctx
-        .store(l3, &headers, BPF_F_RECOMPUTE_CSUM as u64)
-        .is_err()
-        || ctx.store(0, &swapped, 0).is_err()
-    {
+    if stored.is_err() || ctx.store(0, &swapped, 0).is_err() {
         return TC_ACT_SHOT;
     }
     if let Some(g) = global() {
@@ -407,6 +438,101 @@ fn icmp_error(skb: *mut __sk_buff, l3: usize, replies_only: bool) -> i32 {
     TCX_NEXT
 }
 
+/// An ICMPv6 message: translated when it is an error quoting a packet of a
+/// translated flow (at egress only replies' flows), then left to the
+/// kernel.
+// Not inlined, like `icmp_error`.
+// The key by reference: by value it would be copied again.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
+fn icmp6_error(skb: *mut __sk_buff, l3: usize, replies_only: bool) -> i32 {
+    let ctx = &TcContext::new(skb);
+    let l3 = l3 & 0x1f;
+    // The quoted headers may lie in the skb's non-linear part: one parser
+    // body for the look before and the look after pulling them in.
+    let mut pulled = false;
+    let key = loop {
+        match icmp6::parse_error(ctx.data(), ctx.data_end(), l3) {
+            Ok(key) => break key,
+            Err(Skip::Malformed) if !pulled => {
+                if pull_headers(ctx).is_err() {
+                    return TCX_NEXT;
+                }
+                pulled = true;
+            }
+            Err(_) => return TCX_NEXT,
+        }
+    };
+    let Some(entry) = (unsafe { FLOWS.get(&key) }) else {
+        return TCX_NEXT;
+    };
+    if replies_only && entry.flags & FLOW_F_REPLY == 0 {
+        return TCX_NEXT;
+    }
+    match translate_error6(skb, l3, &key, entry) {
+        Translated::Yes => {
+            if let Some(g) = global() {
+                g.icmp_translated += 1;
+            }
+            TCX_NEXT
+        }
+        Translated::No => TCX_NEXT,
+        Translated::Broken => TC_ACT_SHOT,
+    }
+}
+
+enum Translated {
+    Yes,
+    /// Left as it was.
+    No,
+    /// Half written: must not leave.
+    Broken,
+}
+
+/// Works out and writes an ICMPv6 error's translation.
+#[inline(always)]
+fn translate_error6(skb: *mut __sk_buff, l3: usize, key: &FlowKey, entry: &Flow) -> Translated {
+    let ctx = &TcContext::new(skb);
+    let l3 = l3 & 0x1f;
+    let Ok(checks) = icmp6::error_rewrite(ctx.data(), ctx.data_end(), l3, key, entry) else {
+        return Translated::No;
+    };
+    if store_error6(ctx, l3, &checks, entry).is_err() {
+        return Translated::Broken;
+    }
+    Translated::Yes
+}
+
+/// Writes an ICMPv6 error's translation through the store helper, every
+/// store with `BPF_F_RECOMPUTE_CSUM`: the ICMPv6 checksum covers the outer
+/// addresses through its pseudo-header, so unlike IPv4 the changes do not
+/// cancel out in the packet's own sum, and a CHECKSUM_COMPLETE skb's sum
+/// must follow each of them. Addresses and ports are stored straight from
+/// the flow entry.
+#[inline(always)]
+fn store_error6(
+    ctx: &TcContext,
+    l3: usize,
+    c: &icmp6::ErrorChecks,
+    entry: &Flow,
+) -> Result<(), i64> {
+    let recompute = BPF_F_RECOMPUTE_CSUM as u64;
+    let ports = l3 + icmp6::INNER_PORTS;
+    if c.l4_check_at != 0 {
+        ctx.store(l3 + c.l4_check_at, &c.l4_check, recompute)?;
+    }
+    ctx.store(ports + PORTS_SOURCE_OFFSET, &entry.dst_port, recompute)?;
+    ctx.store(ports + PORTS_DEST_OFFSET, &entry.src_port, recompute)?;
+    ctx.store(l3 + icmp6::INNER_SADDR, &entry.dst_addr, recompute)?;
+    ctx.store(l3 + icmp6::INNER_DADDR, &entry.src_addr, recompute)?;
+    ctx.store(l3 + icmp6::ICMP_CHECK, &c.icmp_check, recompute)?;
+    if c.from_entry_source {
+        ctx.store(l3 + icmp6::OUTER_SADDR, &entry.src_addr, recompute)?;
+    }
+    ctx.store(l3 + icmp6::OUTER_DADDR, &entry.dst_addr, recompute)?;
+    Ok(())
+}
+
 /// Writes an ICMP error's translation through the store helper. Every
 /// change is offset by a checksum in the same packet (nothing is in a
 /// pseudo-header of the outer packet), so a complete checksum of the skb
@@ -428,8 +554,6 @@ fn store_error(ctx: &TcContext, l3: usize, r: &ErrorRewrite) -> Result<(), i64> 
     ctx.store(l3 + icmp::OUTER_CHECK, &r.outer_check, 0)?;
     Ok(())
 }
-
-const AF_INET: u8 = 2;
 
 impl Verdict {
     /// The tcx action for a packet that is not rewritten; a pass is counted.

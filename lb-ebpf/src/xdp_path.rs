@@ -14,12 +14,13 @@ use lb_common::{CONFIG_F_REDIRECT, CONFIG_KEY, FAMILY_V6, Flow, PROTO_TCP, PROTO
 
 use crate::{
     checksum::CsumDelta,
-    fragments, icmp,
+    fragments, icmp, icmp6,
     maps::{CONFIG, FLOWS, ROUTE, TX_PORTS},
     nat::{self, Arrival, Lookup, Verdict},
     packet::{
-        ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_TTL_OFFSET, Ipv4Hdr, Ipv6Hdr, Parsed, Ports, Skip,
-        TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, VlanHdr, network, parse_v4, parse_v6, ptr_at, v4_raw,
+        ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_TTL_OFFSET, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, Parsed, Ports,
+        Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, VlanHdr, network, parse_v4, parse_v6, ptr_at,
+        v4_raw,
     },
     reverse_path,
     stats::global,
@@ -64,8 +65,9 @@ fn handle(ctx: &XdpContext, parsed: Result<Parsed, Skip>) -> u32 {
         Ok(p) if p.l3 + p.ip_len as usize > data_end - data => return malformed(),
         Ok(p) => p,
         Err(Skip::Icmp(l3)) => return icmp_error(ctx.ctx, l3),
-        // Neighbour discovery, router advertisements, echo: the node's.
-        Err(Skip::Icmp6) => return pass(),
+        // Errors of translated flows; neighbour discovery, router
+        // advertisements and echo pass.
+        Err(Skip::Icmp6(l3)) => return icmp6_error(ctx.ctx, l3),
         Err(Skip::Unsupported(key)) => {
             return match nat::frontend_of(&key) {
                 Some(service) => nat::unsupported(service).xdp_action(),
@@ -103,10 +105,8 @@ fn handle(ctx: &XdpContext, parsed: Result<Parsed, Skip>) -> u32 {
 fn forward(ctx: &XdpContext, parsed: &Parsed, flow: &Flow) -> u32 {
     let route = route(ctx, parsed, flow);
     if let Route::TooBig { mtu } = route {
-        if parsed.key.family == FAMILY_V6 {
-            return translated_passed();
-        }
-        return frag_needed(ctx.ctx, parsed.l3, mtu);
+        let v6 = (parsed.key.family == FAMILY_V6) as u32;
+        return too_big(ctx.ctx, parsed.l3, mtu as u32 | v6 << 16);
     }
     fragments::remember_first(parsed, flow, ctx.ingress_ifindex() as u32);
     if rewrite(ctx.data(), ctx.data_end(), parsed, flow).is_err() {
@@ -155,6 +155,41 @@ fn send_translated(ctx: &XdpContext, l3: usize) -> u32 {
     let fib = unsafe { &mut *fib };
     match lookup(ctx, l3, fib) {
         Route::Redirect(fib) => redirect(ctx, l3, fib),
+        _ => translated_passed(),
+    }
+}
+
+/// An ICMPv6 message: translated when it is an error quoting a packet of
+/// a translated flow (either direction), then forwarded like the flow's
+/// packets; passed otherwise.
+// Not inlined, like `icmp_error`.
+// The key by reference: by value it would be copied again.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
+fn icmp6_error(xdp: *mut xdp_md, l3: usize) -> u32 {
+    let ctx = &XdpContext::new(xdp);
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let l3 = l3 & 0x1f;
+    let Ok(key) = icmp6::parse_error(data, data_end, l3) else {
+        return pass();
+    };
+    let Some(entry) = (unsafe { FLOWS.get(&key) }) else {
+        return pass();
+    };
+    let written = icmp6::error_rewrite(data, data_end, l3, &key, entry)
+        .and_then(|checks| checks.write(data, data_end, l3, entry));
+    if written.is_err() {
+        return xdp_action::XDP_DROP;
+    }
+    if let Some(g) = global() {
+        g.icmp_translated += 1;
+    }
+    let Some(fib) = ROUTE.get_ptr_mut(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let fib = unsafe { &mut *fib };
+    match lookup_v6(ctx, l3, fib) {
+        Route::Redirect(fib) => redirect_v6(ctx, l3, fib),
         _ => translated_passed(),
     }
 }
@@ -419,6 +454,33 @@ fn lookup(ctx: &XdpContext, l3: usize, fib: &'static mut bpf_fib_lookup) -> Rout
     }
 }
 
+/// [`lookup`] for the IPv6 packet at `l3`.
+#[inline(always)]
+fn lookup_v6(ctx: &XdpContext, l3: usize, fib: &'static mut bpf_fib_lookup) -> Route {
+    let redirect_on = CONFIG
+        .get(CONFIG_KEY)
+        .map(|c| c.flags & CONFIG_F_REDIRECT != 0)
+        .unwrap_or(false);
+    if !redirect_on {
+        return Route::Pass;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Ok(ip) = ptr_at::<Ipv6Hdr>(data, data_end, l3) else {
+        return Route::Pass;
+    };
+    words::zero(fib);
+    unsafe {
+        fib.l4_protocol = (*ip).nexthdr;
+        fib.__bindgen_anon_1.tot_len = u16::from_be((*ip).payload_len) + IPV6_LEN as u16;
+        reverse_path::set_addresses(fib, FAMILY_V6, &(*ip).saddr, &(*ip).daddr);
+    }
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    match fib_result(ctx, fib, true) {
+        Route::TooBig { .. } => Route::Pass,
+        other => other,
+    }
+}
+
 #[inline(always)]
 fn fib_result(ctx: &XdpContext, fib: &'static mut bpf_fib_lookup, redirect_on: bool) -> Route {
     let rc = unsafe {
@@ -485,7 +547,10 @@ fn redirect_v6(ctx: &XdpContext, l3: usize, fib: &bpf_fib_lookup) -> u32 {
     let Ok(ip) = ptr_at::<Ipv6Hdr>(data, data_end, l3) else {
         return translated_passed();
     };
-    let Ok(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+    // Checked on its own: the compiler would drop this check as implied by
+    // the one above (`l3 + 40 >= 14`), which the verifier cannot tell when
+    // `l3` is not a constant (an ICMPv6 error's).
+    let Ok(eth) = ptr_at::<EthHdr>(core::hint::black_box(data), data_end, 0) else {
         return translated_passed();
     };
     unsafe {
@@ -508,14 +573,35 @@ fn redirect_v6(ctx: &XdpContext, l3: usize, fib: &bpf_fib_lookup) -> u32 {
     }
 }
 
-/// Answers a packet too big for its route with "fragmentation needed", sent
-/// back out of the device it came in on: the frame is cut to the quoted
-/// part, grown at the front by the new IPv4 and ICMP headers, and its
-/// Ethernet addresses swapped.
+/// Answers a packet too big for its route with ICMP "fragmentation needed"
+/// or ICMPv6 "packet too big" (`mtu_family`: the MTU, and bit 16 set for
+/// IPv6), sent back out of the device it came in on: the frame is cut to
+/// the quoted part, grown at the front by the new IP and ICMP headers, and
+/// its Ethernet addresses swapped.
 // Not inlined, for the same reason as `icmp_error`.
 #[inline(never)]
-fn frag_needed(xdp: *mut xdp_md, l3: usize, mtu: u16) -> u32 {
+fn too_big(xdp: *mut xdp_md, l3: usize, mtu_family: u32) -> u32 {
     let ctx = &XdpContext::new(xdp);
+    let l3 = l3 & 0x1f;
+    let mtu = mtu_family as u16;
+    // One body per family, each with its sizes as constants (shared, the
+    // compiler merges the two families' bounds checks into forms the
+    // verifier cannot follow).
+    if mtu_family >> 16 != 0 {
+        answer_too_big::<true>(ctx, l3, mtu)
+    } else {
+        answer_too_big::<false>(ctx, l3, mtu)
+    }
+}
+
+#[inline(always)]
+fn answer_too_big<const V6: bool>(ctx: &XdpContext, l3: usize, mtu: u16) -> u32 {
+    let v6 = V6;
+    let (quotable, headers_len) = if v6 {
+        (icmp6::QUOTABLE_LEN, icmp6::TOO_BIG_HEADERS_LEN)
+    } else {
+        (icmp::QUOTABLE_LEN, icmp::FRAG_NEEDED_HEADERS_LEN)
+    };
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Ok(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
         return xdp_action::XDP_DROP;
@@ -526,14 +612,18 @@ fn frag_needed(xdp: *mut xdp_md, l3: usize, mtu: u16) -> u32 {
         Ok(v) if vlan => unsafe { ((*v).tci, (*v).ether_type) },
         _ => (0, 0),
     };
-    let keep = l3 + icmp::QUOTABLE_LEN;
-    let cut = (data_end - data) as i32 - keep as i32;
+    let keep = l3 + quotable;
+    // The frame's length first, as a value of its own: folded into
+    // `data_end - (keep + data)` it would subtract a packet pointer from a
+    // number, which the verifier refuses.
+    let frame_len = core::hint::black_box(data_end - data);
+    let cut = frame_len as i32 - keep as i32;
     if cut < 0 {
         return xdp_action::XDP_DROP;
     }
     unsafe {
         if bpf_xdp_adjust_tail(ctx.ctx, -cut) != 0
-            || bpf_xdp_adjust_head(ctx.ctx, -(icmp::FRAG_NEEDED_HEADERS_LEN as i32)) != 0
+            || bpf_xdp_adjust_head(ctx.ctx, -(headers_len as i32)) != 0
         {
             return xdp_action::XDP_DROP;
         }
@@ -556,14 +646,24 @@ fn frag_needed(xdp: *mut xdp_md, l3: usize, mtu: u16) -> u32 {
             (*v).ether_type = tag.1;
         }
     }
-    let quoted = l3 + icmp::FRAG_NEEDED_HEADERS_LEN;
-    let Ok(headers) = icmp::frag_needed(data, data_end, quoted, mtu) else {
-        return xdp_action::XDP_DROP;
-    };
-    let Ok(room) = ptr_at::<icmp::FragNeeded>(data, data_end, l3) else {
-        return xdp_action::XDP_DROP;
-    };
-    unsafe { *room = headers };
+    let quoted = l3 + headers_len;
+    if v6 {
+        let Ok(headers) = icmp6::too_big(data, data_end, quoted, mtu) else {
+            return xdp_action::XDP_DROP;
+        };
+        let Ok(room) = ptr_at::<icmp6::TooBig>(data, data_end, l3) else {
+            return xdp_action::XDP_DROP;
+        };
+        words::copy(unsafe { &mut *room }, &headers);
+    } else {
+        let Ok(headers) = icmp::frag_needed(data, data_end, quoted, mtu) else {
+            return xdp_action::XDP_DROP;
+        };
+        let Ok(room) = ptr_at::<icmp::FragNeeded>(data, data_end, l3) else {
+            return xdp_action::XDP_DROP;
+        };
+        unsafe { *room = headers };
+    }
     if let Some(g) = global() {
         g.frag_needed_sent += 1;
     }

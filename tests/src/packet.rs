@@ -420,3 +420,30 @@ pub fn frame6(spec: &FrameSpec6) -> Vec<u8> {
     f.extend_from_slice(&l4);
     f
 }
+
+/// An ICMPv6 error (`kind`, `code`, the 4 bytes after the checksum as
+/// `rest`: the MTU of "packet too big") from `src` to `dst` quoting
+/// `quoted` (an IPv6 packet, or its first bytes), in an Ethernet frame,
+/// with a correct checksum.
+pub fn icmp6_frame(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    kind: u8,
+    code: u8,
+    rest: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let c = pseudo_checksum6(&src, &dst, 58, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&icmp);
+    f
+}

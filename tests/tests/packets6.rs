@@ -22,8 +22,8 @@ use xlb::{
     reconcile::{Reconciler, frontend_key},
 };
 use xlb_tests::packet::{
-    FrameSpec, FrameSpec6, TCP_ACK, TCP_SYN, TestRunSpec, fragment_header, frame, frame6, l3_of,
-    l4_of, padding_options, pseudo_checksum6, test_run, test_run_tc,
+    FrameSpec, FrameSpec6, TCP_ACK, TCP_SYN, TestRunSpec, fragment_header, frame, frame6,
+    icmp6_frame, l3_of, l4_of, padding_options, pseudo_checksum6, test_run, test_run_tc,
 };
 
 const XDP_DROP: u32 = 1;
@@ -444,5 +444,95 @@ fn a_dual_stack_service_keeps_each_family_to_its_own_backends() -> Result<()> {
     assert_eq!(tuple(&out, 14, l4_of(&v6)).1, (BACKEND, 8080));
     assert_eq!(dp.stats(FRONTEND4.into(), 80, Protocol::Tcp)?.new_flows, 1);
     assert_eq!(dp.stats(FRONTEND.into(), 80, Protocol::Tcp)?.new_flows, 1);
+    Ok(())
+}
+
+/// A router on the client's side.
+const ROUTER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 1);
+
+/// Checks an ICMPv6 message's checksum (over the pseudo-header and the
+/// whole message) in a frame from [`icmp6_frame`] after translation.
+fn assert_icmp6_checksum_valid(f: &[u8]) {
+    let ((src, _), (dst, _)) = tuple(f, 14, 54);
+    assert_eq!(
+        pseudo_checksum6(&src, &dst, ICMPV6, &f[54..]),
+        0,
+        "ICMPv6 checksum"
+    );
+}
+
+#[test]
+fn a_packet_too_big_for_a_reply_reaches_the_backend_translated() -> Result<()> {
+    let dp = Datapath::new()?;
+    // The flow: CLIENT → FRONTEND:80 → BACKEND:8080 (local).
+    let syn = tcp6((CLIENT, 40010), (FRONTEND, 80), TCP_SYN);
+    dp.xdp(&frame6(&syn))?;
+    // A router towards the client cannot take a 1500-byte reply, which
+    // left as FRONTEND:80 → CLIENT:40010, and says so to FRONTEND.
+    let reply = FrameSpec6 {
+        payload: 40,
+        ..tcp6((FRONTEND, 80), (CLIENT, 40010), TCP_ACK)
+    };
+    let quoted = frame6(&reply)[14..].to_vec();
+    let error = icmp6_frame(ROUTER, FRONTEND, 2, 0, 1280, &quoted);
+    let before = dp.global()?.icmp_translated;
+    let (verdict, out) = dp.xdp(&error)?;
+    assert_eq!(verdict, XDP_PASS);
+    // To the backend that sent it, quoting what the backend sent; from the
+    // router (the entry does not rewrite sources).
+    assert_eq!(tuple(&out, 14, 14).0.0, ROUTER);
+    assert_eq!(tuple(&out, 14, 14).1.0, BACKEND);
+    assert_eq!(
+        tuple(&out, 62, 102),
+        ((BACKEND, 8080), (CLIENT, 40010)),
+        "the quoted packet is the backend's"
+    );
+    assert_eq!(&out[58..62], &1280u32.to_be_bytes(), "the MTU is kept");
+    assert_icmp6_checksum_valid(&out);
+    assert_checksum_valid(&out[..], 62, 102, 6);
+    assert_eq!(dp.global()?.icmp_translated, before + 1);
+    Ok(())
+}
+
+#[test]
+fn a_local_backends_port_unreachable_leaves_as_the_frontends() -> Result<()> {
+    let dp = Datapath::new()?;
+    let udp = FrameSpec6 {
+        proto: 17,
+        sport: 40011,
+        ..FrameSpec6::new(CLIENT, FRONTEND)
+    };
+    let (_, translated) = dp.xdp(&frame6(&udp))?;
+    // The pod answers the translated datagram with port unreachable.
+    let error = icmp6_frame(BACKEND, CLIENT, 1, 4, 0, &translated[14..]);
+    let (rc, out) = dp.tc("xlb_tc_egress", &error)?;
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(
+        (tuple(&out, 14, 14).0.0, tuple(&out, 14, 14).1.0),
+        (FRONTEND, CLIENT),
+        "from the frontend: no pod address leaves"
+    );
+    assert_eq!(
+        tuple(&out, 62, 102),
+        ((CLIENT, 40011), (FRONTEND, 80)),
+        "quoting what the client sent"
+    );
+    assert_icmp6_checksum_valid(&out);
+    assert_checksum_valid(&out[..], 62, 102, 17);
+    Ok(())
+}
+
+#[test]
+fn an_error_about_someone_elses_packet_is_left_alone() -> Result<()> {
+    let dp = Datapath::new()?;
+    let syn = tcp6((CLIENT, 40012), (FRONTEND, 80), TCP_SYN);
+    dp.xdp(&frame6(&syn))?;
+    let reply = tcp6((FRONTEND, 80), (CLIENT, 40012), TCP_ACK);
+    let quoted = frame6(&reply)[14..].to_vec();
+    // Addressed to someone who did not send the quoted packet.
+    let error = icmp6_frame(ROUTER, NODE, 2, 0, 1280, &quoted);
+    let (verdict, out) = dp.xdp(&error)?;
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, error);
     Ok(())
 }
