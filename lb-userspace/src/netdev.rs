@@ -1,6 +1,9 @@
 //! Interface facts and the few sysctls the datapath relies on.
 
-use std::{fs, net::Ipv4Addr};
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context, Result};
 use nix::{
@@ -22,6 +25,24 @@ pub fn first_ipv4(name: &str) -> Result<Option<Ipv4Addr>> {
     Ok(found)
 }
 
+/// First IPv6 address of an interface (getifaddrs order) that can be a
+/// SNAT source towards backends on other nodes: not link-local (fe80::/10,
+/// meaningless off the link), loopback, multicast or unspecified. Unique
+/// local addresses (fc00::/7) count: many clusters number nodes and pods
+/// from them.
+pub fn first_global_ipv6(name: &str) -> Result<Option<Ipv6Addr>> {
+    let found = getifaddrs()
+        .context("getifaddrs")?
+        .filter(|a| a.interface_name == name)
+        .filter_map(|a| a.address?.as_sockaddr_in6().map(|sin6| sin6.ip()))
+        .find(|ip| is_snat_source_v6(*ip));
+    Ok(found)
+}
+
+fn is_snat_source_v6(ip: Ipv6Addr) -> bool {
+    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_unicast_link_local())
+}
+
 /// Sets a sysctl under /proc/sys if it does not have the value yet; returns
 /// whether it changed.
 pub fn ensure_sysctl(path: &str, value: &str) -> Result<bool> {
@@ -34,15 +55,23 @@ pub fn ensure_sysctl(path: &str, value: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// The kernel must forward what XDP hands it, and must accept source-NATed
-/// packets (source = this node's address) that XDP passes up instead of
-/// redirecting (first packets of a flow, before the neighbour is known).
+/// The kernel must forward what XDP hands it (IPv4 and IPv6), and must
+/// accept source-NATed IPv4 packets (source = this node's address) that XDP
+/// passes up instead of redirecting (first packets of a flow, before the
+/// neighbour is known). IPv6 has no `accept_local`: the kernel takes a
+/// packet from one of its own addresses as it is.
 ///
 /// Redirected packets need neither, so a failure (a read-only /proc/sys in
 /// a container) is a warning naming the setting to make on the node, not a
 /// reason to stop.
 pub fn prepare_forwarding(ifaces: &[String]) {
-    let mut settings = vec![("net/ipv4/ip_forward".to_string(), "net.ipv4.ip_forward")];
+    let mut settings = vec![
+        ("net/ipv4/ip_forward".to_string(), "net.ipv4.ip_forward"),
+        (
+            "net/ipv6/conf/all/forwarding".to_string(),
+            "net.ipv6.conf.all.forwarding",
+        ),
+    ];
     for iface in ifaces {
         settings.push((
             format!("net/ipv4/conf/{iface}/accept_local"),
@@ -122,6 +151,24 @@ mod tests {
     }
 
     #[test]
+    fn link_local_and_loopback_are_no_ipv6_snat_source_but_ula_and_global_are() {
+        for (text, usable) in [
+            ("fe80::1", false),
+            ("febf::1", false),
+            ("::1", false),
+            ("::", false),
+            ("ff02::1", false),
+            ("fd00:10::1", true),
+            ("2001:db8::1", true),
+        ] {
+            let ip: Ipv6Addr = text.parse().unwrap();
+            assert_eq!(is_snat_source_v6(ip), usable, "{text}");
+        }
+        // `lo` holds only ::1 (if IPv6 is on at all): no SNAT source.
+        assert_eq!(first_global_ipv6("lo").unwrap(), None);
+    }
+
+    #[test]
     fn a_missing_interface_is_named_in_the_error() {
         let error = format!("{:#}", ifindex("xlb-no-such0").unwrap_err());
         assert!(
@@ -129,6 +176,7 @@ mod tests {
             "{error}"
         );
         assert_eq!(first_ipv4("xlb-no-such0").unwrap(), None);
+        assert_eq!(first_global_ipv6("xlb-no-such0").unwrap(), None);
     }
 
     #[test]

@@ -146,6 +146,7 @@ fn state(entries: &[(Frontend, FrontendSpec)]) -> DesiredState {
     DesiredState {
         frontends: entries.iter().cloned().collect(),
         node_addr: None,
+        node_addr_v6: None,
     }
 }
 

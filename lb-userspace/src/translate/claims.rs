@@ -13,7 +13,9 @@ use k8s_openapi::api::{
 use super::{
     AddressMode,
     node_mode::{self, NodePlan},
-    objects::{Objects, Order, ServiceKey, claim_order, node_address_of, slice_service},
+    objects::{
+        Objects, Order, ServiceKey, claim_order, node_address_of, node_address_v6_of, slice_service,
+    },
     problem::{EventReason, Problem, reference_to},
     service::ServiceContext,
 };
@@ -83,6 +85,7 @@ impl Translator {
             claims: HashMap::new(),
             desired: DesiredState {
                 node_addr: node_address_of(nodes, node_name),
+                node_addr_v6: node_address_v6_of(nodes, node_name),
                 ..DesiredState::default()
             },
         };
