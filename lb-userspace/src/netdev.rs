@@ -65,13 +65,10 @@ pub fn ensure_sysctl(path: &str, value: &str) -> Result<bool> {
 /// a container) is a warning naming the setting to make on the node, not a
 /// reason to stop.
 pub fn prepare_forwarding(ifaces: &[String]) {
-    let mut settings = vec![
-        ("net/ipv4/ip_forward".to_string(), "net.ipv4.ip_forward"),
-        (
-            "net/ipv6/conf/all/forwarding".to_string(),
-            "net.ipv6.conf.all.forwarding",
-        ),
-    ];
+    let mut settings = vec![("net/ipv4/ip_forward".to_string(), "net.ipv4.ip_forward")];
+    if ipv6_forwarding_is_safe(ifaces) {
+        settings.push((IPV6_FORWARDING.to_string(), "net.ipv6.conf.all.forwarding"));
+    }
     for iface in ifaces {
         settings.push((
             format!("net/ipv4/conf/{iface}/accept_local"),
@@ -89,6 +86,46 @@ pub fn prepare_forwarding(ifaces: &[String]) {
             ),
         }
     }
+}
+
+const IPV6_FORWARDING: &str = "net/ipv6/conf/all/forwarding";
+
+/// Whether the agent may turn IPv6 forwarding on. Not on a kernel without
+/// IPv6 (nothing to forward, no warning wanted). Not when it is off and an
+/// interface takes router advertisements only while not forwarding
+/// (`accept_ra=1`, the default): forwarding would drop the node's
+/// RA-learned IPv6 routes, cutting the node off. There a warning names the
+/// settings for the operator to make (`accept_ra=2` keeps RAs while
+/// forwarding); a dual-stack Kubernetes node has forwarding on already.
+fn ipv6_forwarding_is_safe(ifaces: &[String]) -> bool {
+    let Ok(current) = fs::read_to_string(format!("/proc/sys/{IPV6_FORWARDING}")) else {
+        tracing::debug!("no IPv6 in this kernel: IPv6 forwarding left alone");
+        return false;
+    };
+    if current.trim() == "1" {
+        return true;
+    }
+    let taking_ras: Vec<&String> = ifaces
+        .iter()
+        .filter(|iface| {
+            fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{iface}/accept_ra"))
+                .is_ok_and(|value| accepts_ras_only_without_forwarding(&value))
+        })
+        .collect();
+    if taking_ras.is_empty() {
+        return true;
+    }
+    tracing::warn!(
+        ifaces = ?taking_ras,
+        "net.ipv6.conf.all.forwarding is 0 and left so: these interfaces take router advertisements (accept_ra=1), which forwarding would stop; IPv6 packets xlb hands to the kernel may be dropped. Set accept_ra=2 on them and forwarding=1 on the node"
+    );
+    false
+}
+
+/// `accept_ra` 1: router advertisements are taken unless forwarding is on
+/// (0: never, 2: even when forwarding).
+fn accepts_ras_only_without_forwarding(accept_ra: &str) -> bool {
+    accept_ra.trim() == "1"
 }
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
@@ -166,6 +203,13 @@ mod tests {
         }
         // `lo` holds only ::1 (if IPv6 is on at all): no SNAT source.
         assert_eq!(first_global_ipv6("lo").unwrap(), None);
+    }
+
+    #[test]
+    fn only_accept_ra_1_loses_router_advertisements_to_forwarding() {
+        assert!(accepts_ras_only_without_forwarding("1\n"));
+        assert!(!accepts_ras_only_without_forwarding("0\n"));
+        assert!(!accepts_ras_only_without_forwarding("2\n"));
     }
 
     #[test]
