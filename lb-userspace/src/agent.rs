@@ -10,7 +10,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -516,7 +516,11 @@ impl Datapath {
             Some(a) => Some(a),
             None => netdev::first_ipv4(&cfg.ifaces[0])?,
         };
-        let config = node_config_value(node_addr, cfg);
+        let node_addr_v6 = match desired.node_addr_v6 {
+            Some(a) => Some(a),
+            None => netdev::first_global_ipv6(&cfg.ifaces[0])?,
+        };
+        let config = node_config_value(node_addr, node_addr_v6, cfg);
         if published.node_config.as_ref() != Some(&config) {
             netdev::warn_if_ephemeral(cfg.snat_ports.min, cfg.snat_ports.max);
             maps.write_config(&Config {
@@ -527,6 +531,14 @@ impl Datapath {
                 Some(a) => tracing::info!(node_addr = %a, "SNAT address for remote backends"),
                 None => tracing::warn!(
                     "no node address (no Node InternalIP, no IPv4 on the uplink): flows to remote backends will be dropped"
+                ),
+            }
+            match node_addr_v6 {
+                Some(a) => {
+                    tracing::info!(node_addr_v6 = %a, "IPv6 SNAT address for remote backends")
+                }
+                None => tracing::info!(
+                    "no IPv6 node address (no Node IPv6 InternalIP, no global IPv6 on the uplink): IPv6 flows to remote backends will be dropped"
                 ),
             }
             published.node_config = Some(config);
@@ -572,7 +584,11 @@ impl Datapath {
     }
 }
 
-fn node_config_value(node_addr: Option<Ipv4Addr>, cfg: &AgentConfig) -> Config {
+fn node_config_value(
+    node_addr: Option<Ipv4Addr>,
+    node_addr_v6: Option<Ipv6Addr>,
+    cfg: &AgentConfig,
+) -> Config {
     Config {
         node_addr: node_addr
             .map(|a| lb_common::addr_v4(a.octets()))
@@ -593,7 +609,6 @@ fn node_config_value(node_addr: Option<Ipv4Addr>, cfg: &AgentConfig) -> Config {
         // the value compares equal across beats.
         heartbeat_ns: 0,
         _pad: 0,
-        // IPv6 SNAT: the agent side of IPv6 is issue 10's.
-        node_addr_v6: [0; 16],
+        node_addr_v6: node_addr_v6.map(|a| a.octets()).unwrap_or_default(),
     }
 }

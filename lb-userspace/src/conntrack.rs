@@ -193,6 +193,50 @@ mod tests {
         assert_eq!(true_partner(&rk, &r, Some(reused)), None);
     }
 
+    /// The IPv6 pair of a SNAT flow: client 2001:db8::1 → frontend
+    /// 2001:db8::10, rewritten to node fd00::2 → backend fd00:10:1::5.
+    fn pair_v6() -> (FlowKey, Flow, FlowKey, Flow) {
+        let ip = |text: &str| text.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let (fk, mut f, _, _) = pair();
+        let fk = FlowKey {
+            src_addr: ip("2001:db8::1"),
+            dst_addr: ip("2001:db8::10"),
+            family: lb_common::FAMILY_V6,
+            ..fk
+        };
+        f.src_addr = ip("fd00::2");
+        f.dst_addr = ip("fd00:10:1::5");
+        let rk = partner_key(&fk, &f);
+        let r = Flow {
+            src_addr: fk.dst_addr,
+            dst_addr: fk.src_addr,
+            src_port: fk.dst_port,
+            dst_port: fk.src_port,
+            flags: FLOW_F_REPLY,
+            ..f
+        };
+        (fk, f, rk, r)
+    }
+
+    #[test]
+    fn ipv6_pairs_use_all_sixteen_bytes_and_keep_their_family() {
+        let (fk, f, rk, r) = pair_v6();
+        assert_eq!(rk.family, lb_common::FAMILY_V6);
+        assert_eq!(rk.src_addr, f.dst_addr);
+        assert_eq!(rk.dst_addr, f.src_addr);
+        assert_eq!(partner_key(&rk, &r), fk);
+        assert_eq!(true_partner(&rk, &r, Some(f)), Some(f));
+        assert_eq!(true_partner(&fk, &f, Some(r)), Some(r));
+        // A forward entry that differs only in the last byte of its
+        // rewritten address leads elsewhere: no partner.
+        let mut other = f;
+        other.dst_addr[15] ^= 1;
+        assert_eq!(true_partner(&rk, &r, Some(other)), None);
+        // The same bytes under the IPv4 family are another key.
+        let as_v4 = FlowKey { family: 4, ..fk };
+        assert_ne!(partner_key(&as_v4, &f), rk);
+    }
+
     #[test]
     fn timeouts_use_the_fresher_direction() {
         let (fk, mut f, _, mut r) = pair();

@@ -1,6 +1,6 @@
 //! How the model's values are written as the map keys and values of
 //! lb-common, and read back (adoption of pinned maps, `xlb inspect`). The
-//! only place that knows the 16-byte address form, so IPv6 is added here.
+//! only place that knows the 16-byte address form and the family byte.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -12,16 +12,17 @@ use lb_common::{
 
 use crate::model::{Backend, Frontend, FrontendSpec, Protocol, SourceRange};
 
-/// An address in the maps' 16-byte form (see [`lb_common::addr_v4`]).
+/// An address in the maps' 16-byte form (see [`lb_common::addr_v4`]); its
+/// family goes beside it ([`family`]). Infallible since IPv6 is written
+/// too; the `Result` stays for the callers' error context.
 pub fn addr16(addr: IpAddr) -> Result<[u8; 16]> {
-    match addr {
-        IpAddr::V4(a) => Ok(lb_common::addr_v4(a.octets())),
-        IpAddr::V6(a) => Ok(a.octets()),
-    }
+    Ok(match addr {
+        IpAddr::V4(a) => lb_common::addr_v4(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    })
 }
 
 /// The inverse of [`addr16`]: `family` says how many of the 16 bytes count.
-/// Maps whose entries carry no family (the source-range trie) hold IPv4.
 pub fn addr_from16(addr: &[u8; 16], family: u8) -> IpAddr {
     if family == FAMILY_V6 {
         IpAddr::V6(Ipv6Addr::from(*addr))
@@ -49,7 +50,7 @@ pub fn frontend_key(frontend: &Frontend) -> Result<FrontendKey> {
 }
 
 /// The frontend a `SERVICES` key names; `None` for a key this agent never
-/// writes (another family or protocol).
+/// writes (an unknown family or protocol).
 pub fn frontend_from_key(key: &FrontendKey) -> Option<Frontend> {
     if key.family != FAMILY_V4 && key.family != FAMILY_V6 {
         return None;
@@ -113,8 +114,11 @@ pub fn backend_from_value(value: &lb_common::Backend) -> Backend {
 }
 
 /// `SOURCE_RANGES` trie key and prefix length of one range of service
-/// `service_id`: the prefix covers the id too, so a lookup only matches
-/// ranges of its own service.
+/// `service_id`: the prefix covers the id and the family too, so a lookup
+/// only matches ranges of its own service and family. A frontend carries
+/// every range of its Service, of both families: one with ranges of only
+/// the other family is still flagged ([`service_value`]) and matches no
+/// client, so it refuses all (fail closed, audit A-13).
 pub fn source_range_key(
     service_id: u32,
     range: &SourceRange,
@@ -128,13 +132,6 @@ pub fn source_range_key(
         },
         SOURCE_RANGE_ID_BITS + range.prefix_len as u32,
     ))
-}
-
-/// Whether a range is written to `SOURCE_RANGES`. IPv6 ranges cannot match
-/// the IPv4 datapath: they are not written, but still count (the service is
-/// flagged), so a list of only IPv6 ranges blocks IPv4 clients.
-pub fn source_range_is_written(range: &SourceRange) -> bool {
-    range.addr.is_ipv4()
 }
 
 /// The service id and range a `SOURCE_RANGES` trie key names.
@@ -167,18 +164,75 @@ mod tests {
         assert_eq!(family(addr), FAMILY_V4);
     }
 
+    fn v6(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
     #[test]
-    fn ipv6_is_refused_with_the_object_named() {
-        let frontend = Frontend {
-            addr: "2001:db8::1".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
+    fn ipv6_addresses_fill_all_sixteen_bytes_and_read_back() {
+        let addr = v6("2001:db8::7");
+        let bytes = addr16(addr).unwrap();
+        assert_eq!(bytes[..2], [0x20, 0x01]);
+        assert_eq!(bytes[15], 7);
+        assert_eq!(family(addr), FAMILY_V6);
+        assert_eq!(addr_from16(&bytes, FAMILY_V6), addr);
+        // The same bytes under the IPv4 family are another address: the
+        // family byte is what tells them apart.
+        assert_eq!(addr_from16(&bytes, FAMILY_V4), v4(0x20, 0x01, 0x0d, 0xb8));
+    }
+
+    #[test]
+    fn ipv6_frontend_backend_and_range_round_trip() {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let frontend = Frontend {
+                addr: v6("2001:db8::1"),
+                port: 80,
+                protocol,
+            };
+            let key = frontend_key(&frontend).unwrap();
+            assert_eq!(key.family, FAMILY_V6);
+            assert_eq!(frontend_from_key(&key), Some(frontend));
+            assert_eq!(frontend.to_string(), format!("[2001:db8::1]:80/{protocol}"));
+        }
+        let backend = Backend {
+            addr: v6("fd00:10:244::5"),
+            port: 8080,
+            local: true,
+            terminating: false,
         };
-        let error = format!("{:#}", frontend_key(&frontend).unwrap_err());
-        assert_eq!(
-            error,
-            "frontend [2001:db8::1]:80/TCP: IPv6 is not supported yet"
-        );
+        let value = backend_value(&backend, 9).unwrap();
+        assert_eq!(value.family, FAMILY_V6);
+        assert_eq!(backend_from_value(&value), backend);
+
+        let range = SourceRange {
+            addr: v6("2001:db8:100::"),
+            prefix_len: 48,
+        };
+        let (key, prefix_len) = source_range_key(7, &range).unwrap();
+        assert_eq!(key.family, FAMILY_V6);
+        assert_eq!(prefix_len, SOURCE_RANGE_ID_BITS + 48);
+        assert_eq!(source_range_from_key(&key, prefix_len), (7, range));
+    }
+
+    #[test]
+    fn ranges_of_the_two_families_with_the_same_leading_bytes_are_distinct_keys() {
+        // 32.1.13.184/32 and 2001:db8::/32 start with the same four bytes;
+        // only the family byte (inside the prefix) keeps an IPv4 range from
+        // matching IPv6 clients.
+        let ipv4 = SourceRange {
+            addr: v4(0x20, 0x01, 0x0d, 0xb8),
+            prefix_len: 32,
+        };
+        let ipv6 = SourceRange {
+            addr: v6("2001:db8::"),
+            prefix_len: 32,
+        };
+        let (key4, len4) = source_range_key(3, &ipv4).unwrap();
+        let (key6, len6) = source_range_key(3, &ipv6).unwrap();
+        assert_eq!((len4, key4.addr), (len6, key6.addr));
+        assert_ne!(key4.family, key6.family);
+        assert_eq!(source_range_from_key(&key4, len4), (3, ipv4));
+        assert_eq!(source_range_from_key(&key6, len6), (3, ipv6));
     }
 
     #[test]
@@ -206,7 +260,7 @@ mod tests {
         key.proto = 1;
         assert_eq!(frontend_from_key(&key), None);
         key.proto = lb_common::PROTO_UDP;
-        key.family = FAMILY_V6;
+        key.family = 0;
         assert_eq!(frontend_from_key(&key), None);
     }
 

@@ -230,3 +230,26 @@ fn one_table(rows: &[Value]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{FAMILY_V4, FAMILY_V6};
+
+    use super::*;
+
+    #[test]
+    fn addresses_of_both_families_print_in_their_usual_notation() {
+        let v6: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(
+            endpoint(addr_from16(&v6.octets(), FAMILY_V6), 80),
+            "[2001:db8::1]:80"
+        );
+        assert_eq!(
+            endpoint(
+                addr_from16(&lb_common::addr_v4([192, 0, 2, 1]), FAMILY_V4),
+                80
+            ),
+            "192.0.2.1:80"
+        );
+    }
+}

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 /// Transport protocol of a frontend.
@@ -122,4 +122,7 @@ pub struct DesiredState {
     /// Address remote-backend flows are source-translated to: the Node's
     /// InternalIP when known (else the agent uses the uplink's first IPv4).
     pub node_addr: Option<Ipv4Addr>,
+    /// The same for IPv6 flows: the Node's IPv6 InternalIP when known (else
+    /// the agent uses the uplink's first global IPv6 address).
+    pub node_addr_v6: Option<Ipv6Addr>,
 }

@@ -1,6 +1,9 @@
 //! Interface facts and the few sysctls the datapath relies on.
 
-use std::{fs, net::Ipv4Addr};
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context, Result};
 use nix::{
@@ -22,6 +25,24 @@ pub fn first_ipv4(name: &str) -> Result<Option<Ipv4Addr>> {
     Ok(found)
 }
 
+/// First IPv6 address of an interface (getifaddrs order) that can be a
+/// SNAT source towards backends on other nodes: not link-local (fe80::/10,
+/// meaningless off the link), loopback, multicast or unspecified. Unique
+/// local addresses (fc00::/7) count: many clusters number nodes and pods
+/// from them.
+pub fn first_global_ipv6(name: &str) -> Result<Option<Ipv6Addr>> {
+    let found = getifaddrs()
+        .context("getifaddrs")?
+        .filter(|a| a.interface_name == name)
+        .filter_map(|a| a.address?.as_sockaddr_in6().map(|sin6| sin6.ip()))
+        .find(|ip| is_snat_source_v6(*ip));
+    Ok(found)
+}
+
+fn is_snat_source_v6(ip: Ipv6Addr) -> bool {
+    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_unicast_link_local())
+}
+
 /// Sets a sysctl under /proc/sys if it does not have the value yet; returns
 /// whether it changed.
 pub fn ensure_sysctl(path: &str, value: &str) -> Result<bool> {
@@ -34,15 +55,20 @@ pub fn ensure_sysctl(path: &str, value: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// The kernel must forward what XDP hands it, and must accept source-NATed
-/// packets (source = this node's address) that XDP passes up instead of
-/// redirecting (first packets of a flow, before the neighbour is known).
+/// The kernel must forward what XDP hands it (IPv4 and IPv6), and must
+/// accept source-NATed IPv4 packets (source = this node's address) that XDP
+/// passes up instead of redirecting (first packets of a flow, before the
+/// neighbour is known). IPv6 has no `accept_local`: the kernel takes a
+/// packet from one of its own addresses as it is.
 ///
 /// Redirected packets need neither, so a failure (a read-only /proc/sys in
 /// a container) is a warning naming the setting to make on the node, not a
 /// reason to stop.
 pub fn prepare_forwarding(ifaces: &[String]) {
     let mut settings = vec![("net/ipv4/ip_forward".to_string(), "net.ipv4.ip_forward")];
+    if ipv6_forwarding_is_safe(ifaces) {
+        settings.push((IPV6_FORWARDING.to_string(), "net.ipv6.conf.all.forwarding"));
+    }
     for iface in ifaces {
         settings.push((
             format!("net/ipv4/conf/{iface}/accept_local"),
@@ -60,6 +86,46 @@ pub fn prepare_forwarding(ifaces: &[String]) {
             ),
         }
     }
+}
+
+const IPV6_FORWARDING: &str = "net/ipv6/conf/all/forwarding";
+
+/// Whether the agent may turn IPv6 forwarding on. Not on a kernel without
+/// IPv6 (nothing to forward, no warning wanted). Not when it is off and an
+/// interface takes router advertisements only while not forwarding
+/// (`accept_ra=1`, the default): forwarding would drop the node's
+/// RA-learned IPv6 routes, cutting the node off. There a warning names the
+/// settings for the operator to make (`accept_ra=2` keeps RAs while
+/// forwarding); a dual-stack Kubernetes node has forwarding on already.
+fn ipv6_forwarding_is_safe(ifaces: &[String]) -> bool {
+    let Ok(current) = fs::read_to_string(format!("/proc/sys/{IPV6_FORWARDING}")) else {
+        tracing::debug!("no IPv6 in this kernel: IPv6 forwarding left alone");
+        return false;
+    };
+    if current.trim() == "1" {
+        return true;
+    }
+    let taking_ras: Vec<&String> = ifaces
+        .iter()
+        .filter(|iface| {
+            fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{iface}/accept_ra"))
+                .is_ok_and(|value| accepts_ras_only_without_forwarding(&value))
+        })
+        .collect();
+    if taking_ras.is_empty() {
+        return true;
+    }
+    tracing::warn!(
+        ifaces = ?taking_ras,
+        "net.ipv6.conf.all.forwarding is 0 and left so: these interfaces take router advertisements (accept_ra=1), which forwarding would stop; IPv6 packets xlb hands to the kernel may be dropped. Set accept_ra=2 on them and forwarding=1 on the node"
+    );
+    false
+}
+
+/// `accept_ra` 1: router advertisements are taken unless forwarding is on
+/// (0: never, 2: even when forwarding).
+fn accepts_ras_only_without_forwarding(accept_ra: &str) -> bool {
+    accept_ra.trim() == "1"
 }
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`).
@@ -122,6 +188,31 @@ mod tests {
     }
 
     #[test]
+    fn link_local_and_loopback_are_no_ipv6_snat_source_but_ula_and_global_are() {
+        for (text, usable) in [
+            ("fe80::1", false),
+            ("febf::1", false),
+            ("::1", false),
+            ("::", false),
+            ("ff02::1", false),
+            ("fd00:10::1", true),
+            ("2001:db8::1", true),
+        ] {
+            let ip: Ipv6Addr = text.parse().unwrap();
+            assert_eq!(is_snat_source_v6(ip), usable, "{text}");
+        }
+        // `lo` holds only ::1 (if IPv6 is on at all): no SNAT source.
+        assert_eq!(first_global_ipv6("lo").unwrap(), None);
+    }
+
+    #[test]
+    fn only_accept_ra_1_loses_router_advertisements_to_forwarding() {
+        assert!(accepts_ras_only_without_forwarding("1\n"));
+        assert!(!accepts_ras_only_without_forwarding("0\n"));
+        assert!(!accepts_ras_only_without_forwarding("2\n"));
+    }
+
+    #[test]
     fn a_missing_interface_is_named_in_the_error() {
         let error = format!("{:#}", ifindex("xlb-no-such0").unwrap_err());
         assert!(
@@ -129,6 +220,7 @@ mod tests {
             "{error}"
         );
         assert_eq!(first_ipv4("xlb-no-such0").unwrap(), None);
+        assert_eq!(first_global_ipv6("xlb-no-such0").unwrap(), None);
     }
 
     #[test]

@@ -553,6 +553,274 @@ fn node_mode_writes_node_addresses_and_a_port_conflict_leaves_the_later_service_
     Ok(())
 }
 
+/// IPv6 addresses of the dual-stack tests (ULA). The topology's links are
+/// IPv4, so these tests look at what the agent programs and writes for the
+/// IPv6 half, and send real traffic through the IPv4 half.
+const WEB_V6: &str = "fd00:200::10";
+const NODE_V6: &str = "fd00:1::1";
+const NODE2_V6: &str = "fd00:1::2";
+
+/// `service` with `spec.ipFamilyPolicy` and `spec.ipFamilies` set.
+fn with_families(mut service: Value, policy: &str, families: &[&str]) -> Value {
+    service["spec"]["ipFamilyPolicy"] = json!(policy);
+    service["spec"]["ipFamilies"] = json!(families);
+    service
+}
+
+/// A Node with an IPv4 and an IPv6 InternalIP.
+fn dual_stack_node(name: &str, ipv4: Ipv4Addr, ipv6: &str) -> Value {
+    let mut node = node(name, ipv4);
+    node["status"]["addresses"]
+        .as_array_mut()
+        .expect("addresses")
+        .push(json!({"type": "InternalIP", "address": ipv6}));
+    node
+}
+
+/// An `addressType: IPv6` EndpointSlice `<service>-v6` of `default/service`
+/// on port http 8080, with ready endpoints (address, node).
+fn ipv6_slice(service: &str, endpoints: &[(&str, &str)]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(address, node)| {
+            json!({"addresses": [address], "nodeName": node, "conditions": {"ready": true}})
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-v6"),
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": service}
+        },
+        "addressType": "IPv6",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
+    })
+}
+
+/// `status.loadBalancer.ingress[].ip` of Service `default/name` in the
+/// order written.
+fn ingress_in_order(api: &FakeApi, name: &str) -> Vec<String> {
+    api.get("v1", "Service", Some("default"), name)
+        .map(|service| {
+            service["status"]["loadBalancer"]["ingress"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["ip"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `xlb inspect` rows: frontend → (flags, sorted backend addresses).
+fn programmed(t: &Topology) -> Result<std::collections::BTreeMap<String, (String, Vec<String>)>> {
+    let services = t.inspect("services")?;
+    let backends = t.inspect("backends")?;
+    let mut out = std::collections::BTreeMap::new();
+    for service in services {
+        let id = service["service_id"].as_u64();
+        let mut addresses: Vec<String> = backends
+            .iter()
+            .filter(|b| b["service_id"].as_u64() == id)
+            .filter_map(|b| b["address"].as_str().map(str::to_string))
+            .collect();
+        addresses.sort();
+        out.insert(
+            service["frontend"].as_str().unwrap_or_default().to_string(),
+            (
+                service["flags"].as_str().unwrap_or_default().to_string(),
+                addresses,
+            ),
+        );
+    }
+    Ok(out)
+}
+
+#[test]
+fn a_dual_stack_service_is_a_frontend_per_family_with_that_familys_endpoints() -> Result<()> {
+    let (t, api, kubeconfig) = api_topology()?;
+    api.apply(node(&t.node2_name, NODE2_ADDR));
+    let _agent = t.start_agent_kube(&kubeconfig, &[])?;
+    let mut web = with_families(
+        service("web", WEB, None),
+        "RequireDualStack",
+        &["IPv4", "IPv6"],
+    );
+    web["status"]["loadBalancer"]["ingress"] = json!([{"ip": WEB.to_string()}, {"ip": WEB_V6}]);
+    // Ranges of both families; the client (10.0.1.2) is inside the IPv4 one.
+    web["spec"]["loadBalancerSourceRanges"] = json!(["10.0.1.0/24", "fd00:100::/64"]);
+    api.apply(web.clone());
+    api.apply(slice(&t, "web", &["pod-a", "pod-b"]));
+    api.apply(ipv6_slice(
+        "web",
+        &[
+            ("fd00:244:1::2", &t.node_name),
+            ("fd00:244:2::2", &t.node2_name),
+        ],
+    ));
+    let v4 = format!("{WEB}:80/TCP");
+    let v6 = format!("[{WEB_V6}]:80/TCP");
+    wait_until("both families programmed", Duration::from_secs(10), || {
+        programmed(&t).is_ok_and(|p| p.get(&v6).is_some_and(|(_, b)| b.len() == 2))
+    })?;
+    let now = programmed(&t)?;
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(
+        now[&v4],
+        (
+            "source-ranges".to_string(),
+            vec!["10.244.1.2:8080".to_string(), "10.244.2.2:8080".to_string()]
+        )
+    );
+    assert_eq!(
+        now[&v6],
+        (
+            "source-ranges".to_string(),
+            vec![
+                "[fd00:244:1::2]:8080".to_string(),
+                "[fd00:244:2::2]:8080".to_string()
+            ]
+        )
+    );
+    let local: Vec<String> = t
+        .inspect("backends")?
+        .iter()
+        .filter(|b| b["flags"] == "local")
+        .filter_map(|b| b["address"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        local.contains(&"[fd00:244:1::2]:8080".to_string()),
+        "{local:?}"
+    );
+    // The IPv4 half carries traffic as before.
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        seen.insert(tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?.backend);
+    }
+    assert_eq!(seen, BTreeSet::from(["pod-a".into(), "pod-b".into()]));
+
+    // The IPv6 slice goes: only the IPv6 frontend loses its backends.
+    api.delete(
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        Some("default"),
+        "web-v6",
+    );
+    wait_until("IPv6 backends removed", Duration::from_secs(10), || {
+        programmed(&t).is_ok_and(|p| p.get(&v6).is_some_and(|(_, b)| b.is_empty()))
+    })?;
+    assert_eq!(programmed(&t)?[&v4].1.len(), 2);
+
+    // Back to IPv4 only: the IPv6 frontend goes, and the IPv6 address
+    // still in the status is reported on the Service.
+    api.apply(with_families(web, "SingleStack", &["IPv4"]));
+    wait_until("IPv6 frontend withdrawn", Duration::from_secs(10), || {
+        frontends(&t) == BTreeSet::from([v4.clone()])
+    })?;
+    let family_events = || {
+        api.list("events.k8s.io/v1", "Event")
+            .into_iter()
+            .filter(|e| {
+                e["regarding"]["name"] == "web"
+                    && e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains(WEB_V6) && n.contains("family"))
+            })
+            .count()
+    };
+    wait_until(
+        "an Event about the IPv6 ingress address",
+        Duration::from_secs(10),
+        || family_events() > 0,
+    )?;
+    assert!(tcp_request(&t.client, SocketAddrV4::new(WEB, 80)).is_ok());
+    Ok(())
+}
+
+#[test]
+fn node_mode_serves_and_writes_both_families_in_ip_families_order() -> Result<()> {
+    let (t, api, kubeconfig) = api_topology()?;
+    api.apply(dual_stack_node(&t.node_name, NODE_ADDR, NODE_V6));
+    api.apply(dual_stack_node(&t.node2_name, NODE2_ADDR, NODE2_V6));
+    let _agent = t.start_agent_kube(&kubeconfig, &["--address-mode", "node"])?;
+
+    api.apply(with_families(
+        pending_service("web"),
+        "PreferDualStack",
+        &["IPv6", "IPv4"],
+    ));
+    api.apply(slice(&t, "web", &["pod-a", "pod-b"]));
+    api.apply(ipv6_slice("web", &[("fd00:244:1::2", &t.node_name)]));
+    let want = [
+        NODE_V6.to_string(),
+        NODE2_V6.to_string(),
+        NODE_ADDR.to_string(),
+        NODE2_ADDR.to_string(),
+    ];
+    wait_until(
+        "web's status lists both families, IPv6 first",
+        Duration::from_secs(10),
+        || ingress_in_order(&api, "web") == want,
+    )?;
+    let v4 = format!("{NODE_ADDR}:80/TCP");
+    let v6 = format!("[{NODE_V6}]:80/TCP");
+    wait_until(
+        "web programmed on both own addresses",
+        Duration::from_secs(5),
+        || frontends(&t) == BTreeSet::from([v4.clone(), v6.clone()]),
+    )?;
+    let now = programmed(&t)?;
+    assert_eq!(now[&v6].1, ["[fd00:244:1::2]:8080"]);
+    assert_eq!(now[&v4].1, ["10.244.1.2:8080", "10.244.2.2:8080"]);
+    assert!(tcp_request(&t.client, SocketAddrV4::new(NODE_ADDR, 80)).is_ok());
+
+    // Port 80 is taken per family: an IPv6-only Service on it is pending
+    // (its IPv6 port is web's), an IPv4-only one on port 81 is not.
+    std::thread::sleep(Duration::from_millis(1100));
+    api.apply(with_families(
+        pending_service("six"),
+        "SingleStack",
+        &["IPv6"],
+    ));
+    let mut four = with_families(pending_service("four"), "SingleStack", &["IPv4"]);
+    four["spec"]["ports"][0]["port"] = json!(81);
+    api.apply(four);
+    wait_until(
+        "four gets its IPv4 addresses",
+        Duration::from_secs(10),
+        || ingress_in_order(&api, "four") == [NODE_ADDR.to_string(), NODE2_ADDR.to_string()],
+    )?;
+    let conflicts = || {
+        api.list("events.k8s.io/v1", "Event")
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == "six" && e["reason"] == "PortConflict")
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "a PortConflict Event on six",
+        Duration::from_secs(10),
+        || !conflicts().is_empty(),
+    )?;
+    let note = conflicts()[0]["note"].as_str().unwrap_or("").to_string();
+    assert!(
+        note.contains("IPv6") && note.contains("default/web"),
+        "{note}"
+    );
+    assert!(ingress_in_order(&api, "six").is_empty());
+    wait_until("four programmed", Duration::from_secs(5), || {
+        frontends(&t).contains(&format!("{NODE_ADDR}:81/TCP"))
+    })?;
+    assert!(
+        !frontends(&t).iter().any(|f| f.ends_with("]:81/TCP")),
+        "{:?}",
+        frontends(&t)
+    );
+    Ok(())
+}
+
 #[test]
 fn one_of_two_agents_holds_the_lease_and_the_other_takes_over() -> Result<()> {
     require_root();

@@ -3,7 +3,12 @@
 //! matters); the Lease holder posts the problems as Events and, in node
 //! mode, writes the Services' status.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Result;
 use k8s_openapi::api::{
@@ -23,7 +28,7 @@ use crate::{
     model::{DesiredState, Frontend, ServiceRef},
     translate::{
         AddressMode, EventReason, Problem, Scope, ServiceKey, Translator, handles_class,
-        node_address_of, node_mode, problem::reference_to,
+        node_address_of, node_address_v6_of, node_mode, problem::reference_to,
     },
 };
 
@@ -44,15 +49,19 @@ pub struct ClusterSource {
     node_context: Option<NodeContext>,
 }
 
-/// This node's SNAT address and, in node mode, the addresses it serves.
-type NodeContext = (Option<Ipv4Addr>, Vec<Ipv4Addr>);
+/// This node's SNAT addresses and, in node mode, the addresses it serves.
+type NodeContext = (Option<Ipv4Addr>, Option<Ipv6Addr>, Vec<IpAddr>);
 
 fn node_context(nodes: &[Node], scope: &Scope) -> NodeContext {
     let serves = match scope.address_mode {
         AddressMode::Status => Vec::new(),
         AddressMode::Node => node_mode::own_addresses(nodes, &scope.node_name),
     };
-    (node_address_of(nodes, &scope.node_name), serves)
+    (
+        node_address_of(nodes, &scope.node_name),
+        node_address_v6_of(nodes, &scope.node_name),
+        serves,
+    )
 }
 
 impl ClusterSource {

@@ -16,7 +16,7 @@
 //! as long each time up to [`HOLD_MAX`], and a Warning Event says the
 //! status is fought over. Other Services are written as usual.
 
-use std::{collections::HashMap, net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -50,7 +50,7 @@ const FIGHT_FORGOTTEN: Duration = Duration::from_secs(600);
 /// What we wrote, and the Service's resourceVersion we wrote over: until
 /// the watch delivers the new version, the store still shows the old
 /// status, and that must not cause the same write again.
-type Written = HashMap<ServiceKey, (Vec<Ipv4Addr>, Option<String>)>;
+type Written = HashMap<ServiceKey, (Vec<IpAddr>, Option<String>)>;
 
 /// A Service whose status another controller overwrites.
 #[derive(Debug)]
@@ -273,7 +273,7 @@ async fn write_pass(
 }
 
 /// The Warning Event on a fought-over Service, naming the usual culprits.
-fn fought_over(service: &Service, ours: &[Ipv4Addr], theirs: Option<&[Ipv4Addr]>) -> Problem {
+fn fought_over(service: &Service, ours: &[IpAddr], theirs: Option<&[IpAddr]>) -> Problem {
     let theirs = match theirs {
         Some(ips) => format!("{ips:?}"),
         None => "other addresses".into(),
@@ -290,7 +290,7 @@ fn fought_over(service: &Service, ours: &[Ipv4Addr], theirs: Option<&[Ipv4Addr]>
     )
 }
 
-async fn patch(client: &Client, key: &ServiceKey, ingress: &[Ipv4Addr]) -> kube::Result<()> {
+async fn patch(client: &Client, key: &ServiceKey, ingress: &[IpAddr]) -> kube::Result<()> {
     let api: Api<Service> = Api::namespaced(client.clone(), &key.namespace);
     let ingress: Vec<_> = ingress
         .iter()

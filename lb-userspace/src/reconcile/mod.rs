@@ -41,8 +41,7 @@ use self::{ids::IdPool, writer::Counting};
 pub use crate::encode::{frontend_from_key, frontend_key};
 use crate::{
     encode::{
-        backend_from_value, backend_value, service_value, source_range_from_key,
-        source_range_is_written, source_range_key,
+        backend_from_value, backend_value, service_value, source_range_from_key, source_range_key,
     },
     maglev,
     model::{Backend, DesiredState, Frontend, FrontendSpec, SourceRange},
@@ -405,11 +404,7 @@ impl Reconciler {
         };
         let key = frontend_key(frontend)?;
         w.delete_service(&key)?;
-        for r in p
-            .source_ranges
-            .iter()
-            .filter(|r| source_range_is_written(r))
-        {
+        for r in &p.source_ranges {
             let (k, len) = source_range_key(p.service_id, r)?;
             w.delete_source_range(&k, len)?;
         }
@@ -537,7 +532,6 @@ impl Programmed {
         let new_ranges: BTreeSet<SourceRange> = spec.source_ranges.iter().copied().collect();
         let to_add: Vec<SourceRange> = new_ranges
             .difference(&self.source_ranges)
-            .filter(|r| source_range_is_written(r))
             .copied()
             .collect();
         for r in to_add {
@@ -562,10 +556,8 @@ impl Programmed {
             .copied()
             .collect();
         for r in to_remove {
-            if source_range_is_written(&r) {
-                let (k, len) = source_range_key(self.service_id, &r)?;
-                w.delete_source_range(&k, len)?;
-            }
+            let (k, len) = source_range_key(self.service_id, &r)?;
+            w.delete_source_range(&k, len)?;
             self.source_ranges.remove(&r);
         }
         Ok(())
@@ -593,12 +585,7 @@ impl Programmed {
                 }
             }
         }
-        let written: Vec<SourceRange> = self
-            .source_ranges
-            .iter()
-            .filter(|r| source_range_is_written(r))
-            .copied()
-            .collect();
+        let written: Vec<SourceRange> = self.source_ranges.iter().copied().collect();
         for r in written {
             let deleted = source_range_key(self.service_id, &r)
                 .and_then(|(k, len)| w.delete_source_range(&k, len));

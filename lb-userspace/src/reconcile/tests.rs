@@ -17,7 +17,8 @@ struct FakeMaps {
     services: HashMap<FrontendKey, lb_common::Service>,
     backends: HashMap<u32, lb_common::Backend>,
     maglev: HashMap<u32, u32>,
-    ranges: BTreeSet<(u32, [u8; 16], u32)>,
+    /// (service id, family, address, prefix length).
+    ranges: BTreeSet<(u32, u8, [u8; 16], u32)>,
     /// Every write checks that no slot points at a missing backend.
     dangling_seen: bool,
     /// The next this many `put_service` calls fail.
@@ -88,11 +89,13 @@ impl MapWriter for FakeMaps {
             Some(left) => *left -= 1,
             None => {}
         }
-        self.ranges.insert((k.service_id.host(), k.addr, len));
+        self.ranges
+            .insert((k.service_id.host(), k.family, k.addr, len));
         Ok(())
     }
     fn delete_source_range(&mut self, k: &lb_common::SourceRange, len: u32) -> Result<()> {
-        self.ranges.remove(&(k.service_id.host(), k.addr, len));
+        self.ranges
+            .remove(&(k.service_id.host(), k.family, k.addr, len));
         Ok(())
     }
     fn reset_stats(&mut self, _id: u32) -> Result<()> {
@@ -146,6 +149,7 @@ fn state(entries: &[(Frontend, FrontendSpec)]) -> DesiredState {
     DesiredState {
         frontends: entries.iter().cloned().collect(),
         node_addr: None,
+        node_addr_v6: None,
     }
 }
 
@@ -257,6 +261,84 @@ fn adopted_state_keeps_ids_and_is_rewritten() {
     assert_eq!((s.updated, s.added), (1, 0));
     let ids_after: BTreeSet<u32> = maps.backends.keys().copied().collect();
     assert_eq!(ids_before, ids_after);
+    assert_eq!(second.apply(&d, &mut maps).map_writes, 0);
+}
+
+#[test]
+fn a_dual_stack_service_is_programmed_and_adopted_in_both_families() {
+    let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
+    let ipv6 = Frontend {
+        addr: ip("2001:db8::10"),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let mut v6_spec = spec("web", &[]);
+    v6_spec.backends = vec![Backend {
+        addr: ip("fd00:10:1::4"),
+        port: 8080,
+        local: false,
+        terminating: false,
+    }];
+    // 32.1.13.184/32 and 2001:db8::/32 share their leading bytes and
+    // length: only the family keeps them apart.
+    v6_spec.source_ranges = vec![
+        SourceRange {
+            addr: ip("32.1.13.184"),
+            prefix_len: 32,
+        },
+        SourceRange {
+            addr: ip("2001:db8::"),
+            prefix_len: 32,
+        },
+    ];
+    let mut v4_spec = spec("web", &[4]);
+    v4_spec.source_ranges = v6_spec.source_ranges.clone();
+    let d = state(&[(frontend(10, 80), v4_spec), (ipv6, v6_spec)]);
+    let mut maps = FakeMaps::default();
+    let mut first = Reconciler::new(16, 1024);
+    let s = first.apply(&d, &mut maps);
+    assert_eq!((s.added, s.errors.len()), (2, 0), "{:?}", s.errors);
+    assert_eq!(maps.ranges.len(), 4, "{:?}", maps.ranges);
+    let backend = maps.lookup(&ipv6, 7).unwrap();
+    assert_eq!(backend.family, lb_common::FAMILY_V6);
+    assert_eq!(
+        crate::encode::backend_from_value(&backend).addr,
+        ip("fd00:10:1::4")
+    );
+
+    // A restarted agent reads everything back and has nothing to write.
+    let mut second = Reconciler::new(16, 1024);
+    second.adopt(Adoption {
+        services: maps
+            .services
+            .iter()
+            .map(|(k, v)| AdoptedService { key: *k, value: *v })
+            .collect(),
+        backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+        source_ranges: maps
+            .ranges
+            .iter()
+            .map(|(id, family, addr, len)| {
+                let key = lb_common::SourceRange {
+                    service_id: lb_common::Be32::from_host(*id),
+                    family: *family,
+                    addr: *addr,
+                    _pad: [0; 3],
+                };
+                (key, *len)
+            })
+            .collect(),
+    });
+    let programmed: Vec<String> = second
+        .programmed()
+        .map(|(_, frontend, _)| frontend.to_string())
+        .collect();
+    assert_eq!(programmed, ["10.200.0.10:80/TCP", "[2001:db8::10]:80/TCP"]);
+    // Adopted entries are rewritten once (as for IPv4), then left alone.
+    let ranges_before = maps.ranges.clone();
+    let s = second.apply(&d, &mut maps);
+    assert_eq!((s.updated, s.added, s.errors.len()), (2, 0, 0), "{s:?}");
+    assert_eq!(maps.ranges, ranges_before);
     assert_eq!(second.apply(&d, &mut maps).map_writes, 0);
 }
 
@@ -381,7 +463,7 @@ fn ranges(n: u8) -> Vec<SourceRange> {
 impl FakeMaps {
     /// The trie entries of service `id`.
     fn ranges_of(&self, id: u32) -> usize {
-        self.ranges.iter().filter(|(s, _, _)| *s == id).count()
+        self.ranges.iter().filter(|(s, _, _, _)| *s == id).count()
     }
 }
 

@@ -13,7 +13,9 @@ use k8s_openapi::api::{
 use super::{
     AddressMode,
     node_mode::{self, NodePlan},
-    objects::{Objects, Order, ServiceKey, claim_order, node_address_of, slice_service},
+    objects::{
+        Objects, Order, ServiceKey, claim_order, node_address_of, node_address_v6_of, slice_service,
+    },
     problem::{EventReason, Problem, reference_to},
     service::ServiceContext,
 };
@@ -83,6 +85,7 @@ impl Translator {
             claims: HashMap::new(),
             desired: DesiredState {
                 node_addr: node_address_of(nodes, node_name),
+                node_addr_v6: node_address_v6_of(nodes, node_name),
                 ..DesiredState::default()
             },
         };
@@ -351,7 +354,22 @@ mod tests {
     /// A Service whose address and ports come from small pools, so that
     /// Services often claim the same frontends.
     fn random_service(rng: &mut Rng, name: &str, created: u64) -> Service {
-        let ip = format!("192.0.2.{}", 1 + rng.below(3));
+        let ipv4 = format!("192.0.2.{}", 1 + rng.below(3));
+        let ipv6 = format!("2001:db8::{}", 1 + rng.below(3));
+        // Either family, both, and families of the ingress the Service does
+        // not have.
+        let ingress = match rng.below(3) {
+            0 => json!([{"ip": ipv4}]),
+            1 => json!([{"ip": ipv6}]),
+            _ => json!([{"ip": ipv4}, {"ip": ipv6}]),
+        };
+        let (policy, families) = match rng.below(5) {
+            0 => (json!(null), json!(null)),
+            1 => (json!("SingleStack"), json!(["IPv6"])),
+            2 => (json!("PreferDualStack"), json!(["IPv4", "IPv6"])),
+            3 => (json!("RequireDualStack"), json!(["IPv6", "IPv4"])),
+            _ => (json!("SingleStack"), json!(["IPv4"])),
+        };
         let mut ports = vec![json!({"name": "a", "port": 80 + rng.below(2), "protocol": "TCP"})];
         if rng.below(2) == 0 {
             ports.push(json!({"name": "b", "port": 53, "protocol": "UDP"}));
@@ -360,24 +378,33 @@ mod tests {
             "metadata": {"name": name, "namespace": "ns",
                          "creationTimestamp": format!("2026-01-01T00:{:02}:00Z", created % 60)},
             "spec": {"type": "LoadBalancer", "ports": ports,
+                     "ipFamilyPolicy": policy, "ipFamilies": families,
                      "externalTrafficPolicy": if rng.below(3) == 0 { "Local" } else { "Cluster" }},
-            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}
+            "status": {"loadBalancer": {"ingress": ingress}}
         }))
         .unwrap()
     }
 
+    /// An IPv4 or an IPv6 slice (named apart, so a Service may have both).
     fn random_slice(rng: &mut Rng, service: &str) -> EndpointSlice {
+        let ipv6 = rng.below(2) == 0;
         let endpoints: Vec<_> = (0..rng.below(4))
             .map(|i| {
-                json!({"addresses": [format!("10.244.{}.{}", rng.below(3), i + 2)],
+                let address = if ipv6 {
+                    format!("fd00:244:{}::{}", rng.below(3), i + 2)
+                } else {
+                    format!("10.244.{}.{}", rng.below(3), i + 2)
+                };
+                json!({"addresses": [address],
                        "nodeName": if rng.below(2) == 0 { "node-1" } else { "node-2" },
                        "conditions": {"ready": rng.below(4) != 0}})
             })
             .collect();
+        let (suffix, address_type) = if ipv6 { ("y", "IPv6") } else { ("x", "IPv4") };
         serde_json::from_value(json!({
-            "metadata": {"name": format!("{service}-x"), "namespace": "ns",
+            "metadata": {"name": format!("{service}-{suffix}"), "namespace": "ns",
                          "labels": {SERVICE_NAME_LABEL: service}},
-            "addressType": "IPv4",
+            "addressType": address_type,
             "ports": [{"name": "a", "port": 8080, "protocol": "TCP"},
                       {"name": "b", "port": 5353, "protocol": "UDP"}],
             "endpoints": endpoints
@@ -387,7 +414,8 @@ mod tests {
 
     fn node() -> k8s_openapi::api::core::v1::Node {
         serde_json::from_value(json!({"metadata": {"name": "node-1"},
-            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}}))
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"},
+                                     {"type": "InternalIP", "address": "fd00::1"}]}}))
         .unwrap()
     }
 
@@ -403,6 +431,8 @@ mod tests {
         };
         let (mut translator, _) = Translator::build(&objects, "node-1", mode);
         let mut clock = 0;
+        // Both families were exercised, not only generated.
+        let mut seen_families = BTreeSet::new();
         for step in 0..400 {
             let name = &names[rng.below(names.len() as u64) as usize];
             let present = objects
@@ -436,6 +466,15 @@ mod tests {
                     clock += 1;
                     objects.services.push(random_service(&mut rng, name, clock));
                     objects.endpoint_slices.push(random_slice(&mut rng, name));
+                    // Often a slice of the other family too.
+                    let other = random_slice(&mut rng, name);
+                    if !objects
+                        .endpoint_slices
+                        .iter()
+                        .any(|s| s.metadata.name == other.metadata.name)
+                    {
+                        objects.endpoint_slices.push(other);
+                    }
                 }
             }
 
@@ -459,6 +498,12 @@ mod tests {
             }
 
             let (full, _) = translate(&objects, "node-1", mode);
+            seen_families.extend(
+                full.frontends
+                    .iter()
+                    .filter(|(_, spec)| !spec.backends.is_empty())
+                    .map(|(frontend, _)| frontend.addr.is_ipv6()),
+            );
             assert_eq!(
                 translator.desired(),
                 &full,
@@ -473,6 +518,7 @@ mod tests {
                 .collect();
             assert_eq!(changed, differing, "step {step} ({mode:?}, seed {seed})");
         }
+        assert_eq!(seen_families.len(), 2, "({mode:?}, seed {seed})");
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! `type: LoadBalancer` Services must have to stand in for kube-proxy and
 //! K3s ServiceLB:
 //!
-//! - frontends: every IPv4 `status.loadBalancer.ingress[].ip` × every
-//!   `spec.ports[]` (never `spec.loadBalancerIP`, a tenant's request);
+//! - frontends: every `status.loadBalancer.ingress[].ip` of the Service's
+//!   families ([`families`]: `spec.ipFamilies`, `spec.ipFamilyPolicy`) ×
+//!   every `spec.ports[]` (never `spec.loadBalancerIP`, a tenant's request);
 //! - backends: the Service's EndpointSlices (label
-//!   `kubernetes.io/service-name`), whose ports are named after the Service
-//!   ports and carry the already resolved target port;
+//!   `kubernetes.io/service-name`) of the frontend's own family (an IPv6
+//!   frontend gets the `addressType: IPv6` slices), whose ports are named
+//!   after the Service ports and carry the already resolved target port;
 //! - ready endpoints, else serving-and-terminating ones (KEP-1669,
 //!   "ProxyTerminatingEndpoints"), chosen among the local endpoints only with
 //!   `externalTrafficPolicy: Local`;
@@ -22,6 +24,7 @@
 //! several ask for, [`node_mode`] allocates node addresses and ports.
 
 pub mod claims;
+pub mod families;
 #[cfg(test)]
 mod fixtures;
 pub mod node_mode;
@@ -31,7 +34,8 @@ pub mod service;
 
 pub use claims::Translator;
 pub use objects::{
-    DEFAULT_LB_CLASS, Objects, Order, ServiceKey, handles_class, node_address_of, slice_service,
+    DEFAULT_LB_CLASS, Objects, Order, ServiceKey, handles_class, node_address_of,
+    node_address_v6_of, slice_service,
 };
 pub use problem::{EventReason, Problem};
 
@@ -127,5 +131,76 @@ mod tests {
         assert_eq!(node_address_of(&objects.nodes, "node-3"), None);
         let (state, _) = translate(&objects, NODE, AddressMode::Status);
         assert_eq!(state.node_addr, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        // The IPv6 SNAT address: the first IPv6 InternalIP.
+        assert_eq!(
+            node_address_v6_of(&objects.nodes, NODE),
+            Some("fd00::1".parse().unwrap())
+        );
+        assert_eq!(state.node_addr_v6, Some("fd00::1".parse().unwrap()));
+        assert_eq!(node_address_v6_of(&objects.nodes, "node-2"), None);
+    }
+
+    #[test]
+    fn node_mode_serves_each_service_the_node_addresses_of_its_families() {
+        let node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\nstatus:\n  addresses:\n\
+                    \x20 - type: InternalIP\n    address: 10.0.0.1\n\
+                    \x20 - type: InternalIP\n    address: fd00::1\n---\n";
+        let dual = service(
+            "dual",
+            "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv6, IPv4]\n",
+            HTTP_PORT,
+        );
+        let v6 = service(
+            "v6",
+            "  ipFamilies: [IPv6]\n",
+            "  - name: dns\n    port: 53\n    protocol: UDP\n",
+        );
+        let v4 = service("v4", "", "  - name: tls\n    port: 443\n");
+        let yaml = node.to_owned()
+            + &dual
+            + &v6
+            + &v4
+            + &slice(
+                "dual-4",
+                "dual",
+                SLICE_HTTP_PORT,
+                &endpoint("10.244.1.5", NODE, "{}"),
+            )
+            + &slice(
+                "dual-6",
+                "dual",
+                SLICE_HTTP_PORT,
+                &endpoint("\"fd00:244::5\"", NODE, "{}"),
+            )
+            .replace("addressType: IPv4", "addressType: IPv6");
+        let (state, errors) = translate(&objects(&yaml), NODE, AddressMode::Node);
+        assert!(errors.is_empty(), "{errors:?}");
+        let frontends: Vec<(String, String, Vec<String>)> = state
+            .frontends
+            .iter()
+            .map(|(frontend, spec)| {
+                (
+                    frontend.to_string(),
+                    spec.service.name.clone(),
+                    spec.backends.iter().map(|b| b.addr.to_string()).collect(),
+                )
+            })
+            .collect();
+        let row = |f: &str, s: &str, b: &[&str]| {
+            (
+                f.to_owned(),
+                s.to_owned(),
+                b.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            frontends,
+            [
+                row("10.0.0.1:80/TCP", "dual", &["10.244.1.5"]),
+                row("10.0.0.1:443/TCP", "v4", &[]),
+                row("[fd00::1]:53/UDP", "v6", &[]),
+                row("[fd00::1]:80/TCP", "dual", &["fd00:244::5"]),
+            ]
+        );
     }
 }

@@ -5,13 +5,17 @@
 //!   that label, else all; never those labelled
 //!   `node.kubernetes.io/exclude-from-external-load-balancers` (the upstream
 //!   label every load-balancer controller honours) or being deleted.
-//! - Which addresses: each such node's IPv4 `InternalIP` and `ExternalIP`.
+//! - Which addresses: each such node's `InternalIP` and `ExternalIP` of the
+//!   Service's families (`spec.ipFamilies`), written to
+//!   `status.loadBalancer.ingress` family by family in the order of
+//!   `spec.ipFamilies`, as K3s ServiceLB does.
 //! - Every agent programs its own node's addresses; the leader (see
 //!   `crate::kubernetes::lease`) writes the addresses of the nodes that are Ready into
 //!   `status.loadBalancer.ingress`, only those with a ready local endpoint
 //!   for `externalTrafficPolicy: Local`, since the others drop the traffic.
 //! - All Services share the node addresses, so two of them asking for the
-//!   same port and protocol conflict: the one created first keeps it, the
+//!   same port and protocol in the same family conflict (an IPv4-only and an
+//!   IPv6-only Service may both have port 80): the one created first keeps it, the
 //!   later one stays pending (no frontend anywhere, empty status) with an
 //!   Event naming the Service that holds the port, until that one lets go.
 //!
@@ -20,7 +24,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use k8s_openapi::api::{
@@ -28,9 +32,12 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use super::objects::{
-    ServiceKey, claim_order, endpoint_ready, node_addresses, port_number, port_protocol,
-    slice_service,
+use super::{
+    families::{Families, Family, service_families},
+    objects::{
+        ServiceKey, claim_order, endpoint_ready, node_addresses, port_number, port_protocol,
+        slice_service,
+    },
 };
 use crate::model::Protocol;
 
@@ -43,6 +50,7 @@ pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-b
 /// A Service left pending because an earlier one holds one of its ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
+    pub family: Family,
     pub port: u16,
     pub protocol: Protocol,
     /// The Service that holds the port.
@@ -53,9 +61,9 @@ impl Conflict {
     /// The text of the Event on the pending Service.
     pub fn message(&self) -> String {
         format!(
-            "port {}/{} on the node addresses is already used by Service {}, which was \
+            "port {}/{} on the node {} addresses is already used by Service {}, which was \
              created earlier; this Service stays pending (no address) until that port is free",
-            self.port, self.protocol, self.holder
+            self.port, self.protocol, self.family, self.holder
         )
     }
 }
@@ -64,7 +72,8 @@ impl Conflict {
 /// which Services are pending.
 #[derive(Clone, Debug)]
 pub struct NodePlan {
-    pub addresses: Vec<Ipv4Addr>,
+    /// Both families; each Service uses those of its own families.
+    pub addresses: Vec<IpAddr>,
     pub allocation: Allocation,
 }
 
@@ -90,7 +99,7 @@ pub struct Allocation {
 /// Assigns ports to the LoadBalancer Services of `services` in claim
 /// order ([`super::objects::Order`]).
 pub fn allocate<'a>(services: impl IntoIterator<Item = &'a Service>) -> Allocation {
-    let mut held: BTreeMap<(u16, Protocol), ServiceKey> = BTreeMap::new();
+    let mut held: BTreeMap<(Family, u16, Protocol), ServiceKey> = BTreeMap::new();
     let mut allocation = Allocation::default();
     for service in claim_order(services) {
         if !is_load_balancer(service) {
@@ -100,8 +109,9 @@ pub fn allocate<'a>(services: impl IntoIterator<Item = &'a Service>) -> Allocati
         let claims = port_claims(service);
         let conflict = claims.iter().find_map(|claim| {
             held.get(claim).map(|holder| Conflict {
-                port: claim.0,
-                protocol: claim.1,
+                family: claim.0,
+                port: claim.1,
+                protocol: claim.2,
                 holder: holder.clone(),
             })
         });
@@ -121,7 +131,7 @@ pub fn allocate<'a>(services: impl IntoIterator<Item = &'a Service>) -> Allocati
 
 /// The addresses this node serves node-mode Services at: empty when the
 /// node is not one of the [`eligible`] ones (or is unknown).
-pub fn own_addresses(nodes: &[Node], node_name: &str) -> Vec<Ipv4Addr> {
+pub fn own_addresses(nodes: &[Node], node_name: &str) -> Vec<IpAddr> {
     eligible(nodes)
         .into_iter()
         .find(|node| node.metadata.name.as_deref() == Some(node_name))
@@ -161,19 +171,20 @@ pub fn is_ready(node: &Node) -> bool {
 
 /// What the leader writes into `status.loadBalancer.ingress` of every
 /// LoadBalancer Service in `objects` (already filtered to the classes xlb
-/// handles): the sorted addresses of the eligible, Ready nodes (with a ready
-/// local endpoint for `Local`), nothing for pending Services.
+/// handles): the addresses of the eligible, Ready nodes (with a ready local
+/// endpoint for `Local`) of the Service's families, in [`ingress_order`];
+/// nothing for pending Services.
 pub fn desired_ingress(
     services: &[&Service],
     endpoint_slices: &[&EndpointSlice],
     nodes: &[Node],
-) -> BTreeMap<ServiceKey, Vec<Ipv4Addr>> {
+) -> BTreeMap<ServiceKey, Vec<IpAddr>> {
     let allocation = allocate(services.iter().copied());
     let serving: Vec<&Node> = eligible(nodes)
         .into_iter()
         .filter(|node| is_ready(node))
         .collect();
-    let all: BTreeSet<Ipv4Addr> = serving
+    let all: BTreeSet<IpAddr> = serving
         .iter()
         .flat_map(|node| node_addresses(node))
         .collect();
@@ -199,7 +210,7 @@ pub fn desired_ingress(
             Vec::new()
         } else if is_local(service) {
             let with_endpoints = ready_nodes.get(&key);
-            let local: BTreeSet<Ipv4Addr> = serving
+            let local: BTreeSet<IpAddr> = serving
                 .iter()
                 .filter(|node| {
                     with_endpoints.is_some_and(|names| {
@@ -215,16 +226,23 @@ pub fn desired_ingress(
         } else {
             all.iter().copied().collect()
         };
+        let families = families_of(service);
+        let ingress = ingress_order(
+            &families,
+            ingress
+                .into_iter()
+                .filter(|addr| families.contains(Family::of(*addr))),
+        );
         desired.insert(key, ingress);
     }
     desired
 }
 
-/// The IPv4 addresses `status.loadBalancer.ingress` holds now, sorted; `None`
-/// when it holds anything else (a hostname, an IPv6 address), which the
-/// leader replaces.
-pub fn current_ingress(service: &Service) -> Option<Vec<Ipv4Addr>> {
-    let mut found = BTreeSet::new();
+/// The addresses `status.loadBalancer.ingress` holds now, in
+/// [`ingress_order`]; `None` when it holds anything else (a hostname, text
+/// that is no address), which the leader replaces.
+pub fn current_ingress(service: &Service) -> Option<Vec<IpAddr>> {
+    let mut found = Vec::new();
     for ingress in service
         .status
         .iter()
@@ -234,9 +252,30 @@ pub fn current_ingress(service: &Service) -> Option<Vec<Ipv4Addr>> {
         if ingress.hostname.is_some() {
             return None;
         }
-        found.insert(ingress.ip.as_deref()?.parse::<Ipv4Addr>().ok()?);
+        found.push(ingress.ip.as_deref()?.parse::<IpAddr>().ok()?);
     }
-    Some(found.into_iter().collect())
+    Some(ingress_order(&families_of(service), found))
+}
+
+/// The order of `status.loadBalancer.ingress`: family by family as
+/// `spec.ipFamilies` lists them (K3s ServiceLB's order, which clients that
+/// take the first address rely on), sorted within a family, no duplicates.
+pub fn ingress_order(
+    families: &Families,
+    addresses: impl IntoIterator<Item = IpAddr>,
+) -> Vec<IpAddr> {
+    let mut ordered: Vec<IpAddr> = addresses.into_iter().collect();
+    ordered.sort_by_key(|addr| (families.rank(Family::of(*addr)), *addr));
+    ordered.dedup();
+    ordered
+}
+
+fn families_of(service: &Service) -> Families {
+    service
+        .spec
+        .as_ref()
+        .map(service_families)
+        .unwrap_or_else(|| service_families(&Default::default()))
 }
 
 fn is_load_balancer(service: &Service) -> bool {
@@ -255,14 +294,22 @@ fn is_local(service: &Service) -> bool {
         == Some("Local")
 }
 
-/// The (port, protocol) pairs a Service asks for; ports the translation
-/// rejects (bad number or protocol) claim nothing.
-fn port_claims(service: &Service) -> Vec<(u16, Protocol)> {
-    let mut claims: Vec<(u16, Protocol)> = service
+/// The (family, port, protocol) triples a Service asks for, one per port
+/// and family of the Service; ports the translation rejects (bad number or
+/// protocol) claim nothing.
+fn port_claims(service: &Service) -> Vec<(Family, u16, Protocol)> {
+    let families = families_of(service);
+    let mut claims: Vec<(Family, u16, Protocol)> = service
         .spec
         .iter()
         .flat_map(|spec| spec.ports.iter().flatten())
         .filter_map(|port| Some((port_number(port.port)?, port_protocol(port)?)))
+        .flat_map(|(port, protocol)| {
+            families
+                .list
+                .iter()
+                .map(move |family| (*family, port, protocol))
+        })
         .collect();
     claims.sort();
     claims.dedup();
@@ -354,10 +401,12 @@ mod tests {
                 .collect()
         };
         assert_eq!(names(eligible(&nodes)), ["a", "b"]);
+        // Both families: each Service takes those of its own.
         assert_eq!(
             own_addresses(&nodes, "b"),
             [
-                "10.0.0.2".parse::<Ipv4Addr>().unwrap(),
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "fd00::2".parse().unwrap(),
                 "203.0.113.2".parse().unwrap()
             ]
         );
@@ -400,7 +449,7 @@ mod tests {
         let services: Vec<&Service> = services.iter().collect();
         let desired = desired_ingress(&services, &[&slice], &nodes);
         let ips =
-            |list: &[&str]| -> Vec<Ipv4Addr> { list.iter().map(|s| s.parse().unwrap()).collect() };
+            |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|s| s.parse().unwrap()).collect() };
         assert_eq!(
             desired[&ServiceKey::new("default", "web")],
             ips(&["10.0.0.1", "10.0.0.2"])
@@ -432,7 +481,136 @@ mod tests {
             current_ingress(&with(json!([{"hostname": "lb.example"}]))),
             None
         );
-        assert_eq!(current_ingress(&with(json!([{"ip": "fd00::1"}]))), None);
+        assert_eq!(
+            current_ingress(&with(json!([{"ip": "fd00::1"}]))),
+            Some(vec!["fd00::1".parse().unwrap()])
+        );
+        assert_eq!(current_ingress(&with(json!([{"ip": "node-1"}]))), None);
         assert_eq!(current_ingress(&Service::default()), Some(vec![]));
+    }
+
+    fn with_families(mut service: Service, policy: &str, families: &[&str]) -> Service {
+        let spec = service.spec.as_mut().unwrap();
+        spec.ip_family_policy = Some(policy.into());
+        spec.ip_families = Some(families.iter().map(ToString::to_string).collect());
+        service
+    }
+
+    #[test]
+    fn port_claims_hold_per_family() {
+        let services = vec![
+            with_families(
+                service("v4", "2026-01-01T00:00:00Z", &[(80, "TCP")]),
+                "SingleStack",
+                &["IPv4"],
+            ),
+            // Port 80 in the other family only: no conflict.
+            with_families(
+                service("v6", "2026-02-01T00:00:00Z", &[(80, "TCP")]),
+                "SingleStack",
+                &["IPv6"],
+            ),
+            // Both families: its IPv4 port 80 is taken.
+            with_families(
+                service("dual", "2026-03-01T00:00:00Z", &[(80, "TCP")]),
+                "RequireDualStack",
+                &["IPv6", "IPv4"],
+            ),
+        ];
+        let allocation = allocate(&services);
+        assert_eq!(allocation.pending.len(), 1, "{allocation:?}");
+        let conflict = &allocation.pending[&ServiceKey::new("default", "dual")];
+        assert_eq!(
+            (conflict.family, &conflict.holder),
+            (Family::V4, &ServiceKey::new("default", "v4"))
+        );
+
+        // Without the IPv4 holder, the IPv6 one still blocks it.
+        let allocation = allocate(&services[1..]);
+        let conflict = &allocation.pending[&ServiceKey::new("default", "dual")];
+        assert_eq!(conflict.family, Family::V6);
+        assert_eq!(conflict.holder, ServiceKey::new("default", "v6"));
+        assert!(
+            conflict.message().contains("node IPv6 addresses"),
+            "{}",
+            conflict.message()
+        );
+
+        // Single-stack Services of both families, no dual one: all served.
+        assert!(allocate(&services[..2]).pending.is_empty());
+    }
+
+    #[test]
+    fn ingress_lists_each_family_of_the_service_in_ip_families_order() {
+        let nodes = vec![
+            node(
+                "a",
+                json!({}),
+                &[("InternalIP", "10.0.0.1"), ("InternalIP", "fd00::1")],
+            ),
+            node(
+                "b",
+                json!({}),
+                &[
+                    ("InternalIP", "fd00::2"),
+                    ("InternalIP", "10.0.0.2"),
+                    ("ExternalIP", "2001:db8::2"),
+                ],
+            ),
+        ];
+        let services = [
+            with_families(
+                service("v6-first", "2026-01-01T00:00:00Z", &[(80, "TCP")]),
+                "PreferDualStack",
+                &["IPv6", "IPv4"],
+            ),
+            with_families(
+                service("v4-first", "2026-01-01T00:00:00Z", &[(81, "TCP")]),
+                "RequireDualStack",
+                &["IPv4", "IPv6"],
+            ),
+            with_families(
+                service("v6-only", "2026-01-01T00:00:00Z", &[(82, "TCP")]),
+                "SingleStack",
+                &["IPv6"],
+            ),
+            // No ipFamilies (a manifest): IPv4, as before dual-stack.
+            service("plain", "2026-01-01T00:00:00Z", &[(83, "TCP")]),
+        ];
+        let services: Vec<&Service> = services.iter().collect();
+        let desired = desired_ingress(&services, &[], &nodes);
+        let ips =
+            |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|s| s.parse().unwrap()).collect() };
+        assert_eq!(
+            desired[&ServiceKey::new("default", "v6-first")],
+            ips(&["2001:db8::2", "fd00::1", "fd00::2", "10.0.0.1", "10.0.0.2"])
+        );
+        assert_eq!(
+            desired[&ServiceKey::new("default", "v4-first")],
+            ips(&["10.0.0.1", "10.0.0.2", "2001:db8::2", "fd00::1", "fd00::2"])
+        );
+        assert_eq!(
+            desired[&ServiceKey::new("default", "v6-only")],
+            ips(&["2001:db8::2", "fd00::1", "fd00::2"])
+        );
+        assert_eq!(
+            desired[&ServiceKey::new("default", "plain")],
+            ips(&["10.0.0.1", "10.0.0.2"])
+        );
+
+        // What the API holds is read in the same order, so a status
+        // written as desired is seen as in place whatever order it lists.
+        let mut written = services[0].clone();
+        written.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [
+                {"ip": "10.0.0.2"}, {"ip": "fd00::2"}, {"ip": "10.0.0.1"},
+                {"ip": "2001:db8::2"}, {"ip": "fd00::1"}
+            ]}}))
+            .unwrap(),
+        );
+        assert_eq!(
+            current_ingress(&written).as_ref(),
+            Some(&desired[&ServiceKey::new("default", "v6-first")])
+        );
     }
 }

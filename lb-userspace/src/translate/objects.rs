@@ -3,7 +3,11 @@
 //! and the few fields whose defaults the API defines. A leaf: every other
 //! translation module builds on it, and it imports none of them.
 
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 use k8s_openapi::{
     api::{
@@ -170,6 +174,18 @@ pub fn endpoint_ready(endpoint: &Endpoint) -> bool {
 /// The first IPv4 `InternalIP` of the Node named `node_name`: the address
 /// remote-backend flows are source-translated to.
 pub fn node_address_of(nodes: &[Node], node_name: &str) -> Option<Ipv4Addr> {
+    first_internal_ip(nodes, node_name)
+}
+
+/// The first IPv6 `InternalIP` of the Node named `node_name`: the address
+/// IPv6 remote-backend flows are source-translated to.
+pub fn node_address_v6_of(nodes: &[Node], node_name: &str) -> Option<Ipv6Addr> {
+    first_internal_ip(nodes, node_name)
+}
+
+/// The first `InternalIP` that parses as `A` (an address of one family:
+/// the other family's text does not parse).
+fn first_internal_ip<A: FromStr>(nodes: &[Node], node_name: &str) -> Option<A> {
     nodes
         .iter()
         .find(|node| node.metadata.name.as_deref() == Some(node_name))?
@@ -179,11 +195,12 @@ pub fn node_address_of(nodes: &[Node], node_name: &str) -> Option<Ipv4Addr> {
         .as_ref()?
         .iter()
         .filter(|address| address.type_ == "InternalIP")
-        .find_map(|address| address.address.parse::<Ipv4Addr>().ok())
+        .find_map(|address| address.address.parse::<A>().ok())
 }
 
-/// A node's IPv4 `InternalIP` and `ExternalIP` addresses, in that order.
-pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
+/// A node's `InternalIP` and `ExternalIP` addresses of both families, in
+/// that order (the Node's own order within each type).
+pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
     let mut found = Vec::new();
     for kind in ["InternalIP", "ExternalIP"] {
         for address in node
@@ -192,7 +209,7 @@ pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
             .flat_map(|status| status.addresses.iter().flatten())
             .filter(|address| address.type_ == kind)
         {
-            if let Ok(ip) = address.address.parse::<Ipv4Addr>()
+            if let Ok(ip) = address.address.parse::<IpAddr>()
                 && !found.contains(&ip)
             {
                 found.push(ip);

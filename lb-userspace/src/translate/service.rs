@@ -4,8 +4,8 @@
 //! is reported and skips only that part.
 
 use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
 };
 
 use ipnet::IpNet;
@@ -18,6 +18,7 @@ use k8s_openapi::{
 };
 
 use super::{
+    families::{Families, Family, service_families},
     node_mode::NodePlan,
     objects::{SOURCE_RANGES_ANNOTATION, ServiceKey, endpoint_ready, port_number, port_protocol},
     problem::{EventReason, Problem, reference_to},
@@ -56,16 +57,19 @@ impl ValidPort<'_> {
 /// their defaults: `ready` and `serving` nil mean true, `terminating` nil
 /// means false.
 struct EndpointView {
-    addresses: Vec<Ipv4Addr>,
+    /// Of the slice's family.
+    addresses: Vec<IpAddr>,
     ready: bool,
     serving: bool,
     terminating: bool,
     local: bool,
 }
 
-/// An IPv4 EndpointSlice of the Service, its addresses already parsed.
+/// An IPv4 or IPv6 EndpointSlice of the Service, its addresses already
+/// parsed.
 struct SliceView<'a> {
     object: ObjectReference,
+    family: Family,
     ports: &'a [EndpointPort],
     endpoints: Vec<EndpointView>,
 }
@@ -123,14 +127,23 @@ impl<'a> ServiceContext<'a> {
         let local_only = self.local_only(spec);
         let affinity_timeout = self.affinity_timeout(spec);
         let ports = self.ports(spec);
-        let addresses = match self.node_plan {
-            None => self.frontend_addresses(service),
+        let families = service_families(spec);
+        for problem in &families.problems {
+            self.report(problem.clone());
+        }
+        let addresses: BTreeSet<IpAddr> = match self.node_plan {
+            None => self.frontend_addresses(service, &families),
             Some(plan) => {
                 if let Some(conflict) = plan.allocation.pending.get(self.key) {
                     self.report_as(EventReason::PortConflict, conflict.message());
                     return Vec::new();
                 }
-                plan.addresses.iter().copied().collect()
+                // The node's addresses of the families the Service has.
+                plan.addresses
+                    .iter()
+                    .copied()
+                    .filter(|address| families.contains(Family::of(*address)))
+                    .collect()
             }
         };
         if ports.is_empty() {
@@ -148,15 +161,29 @@ impl<'a> ServiceContext<'a> {
             .filter_map(|slice| self.slice_view(slice))
             .collect();
 
+        let address_families: BTreeSet<Family> = addresses
+            .iter()
+            .map(|address| Family::of(*address))
+            .collect();
         let mut frontends = Vec::new();
         for port in &ports {
-            let backends = self.backends(port, &slices, local_only);
-            tracing::debug!(
-                service = %self.key,
-                port = port.name(),
-                backends = backends.len(),
-                "translated Service port"
-            );
+            // Each family's frontends get that family's endpoints only.
+            let mut backends_of: BTreeMap<Family, Vec<Backend>> = BTreeMap::new();
+            for &family in &address_families {
+                let same_family: Vec<&SliceView> = slices
+                    .iter()
+                    .filter(|slice| slice.family == family)
+                    .collect();
+                let backends = self.backends(port, &same_family, local_only);
+                tracing::debug!(
+                    service = %self.key,
+                    port = port.name(),
+                    %family,
+                    backends = backends.len(),
+                    "translated Service port"
+                );
+                backends_of.insert(family, backends);
+            }
             let service_ref = ServiceRef {
                 namespace: self.key.namespace.clone(),
                 name: self.key.name.clone(),
@@ -164,13 +191,13 @@ impl<'a> ServiceContext<'a> {
             };
             for &address in &addresses {
                 let frontend = Frontend {
-                    addr: IpAddr::V4(address),
+                    addr: address,
                     port: port.number,
                     protocol: port.protocol,
                 };
                 let spec = FrontendSpec {
                     service: service_ref.clone(),
-                    backends: backends.clone(),
+                    backends: backends_of[&Family::of(address)].clone(),
                     local_only,
                     affinity_timeout,
                     source_ranges: source_ranges.clone(),
@@ -311,8 +338,10 @@ impl<'a> ServiceContext<'a> {
     /// the addresses to grant or refuse (MetalLB honours it only inside a
     /// pool the Service may use); programming it would let any tenant take
     /// any address and port on every node (audit A-1). `status` is a
-    /// subresource only the address owner writes.
-    fn frontend_addresses(&mut self, service: &Service) -> BTreeSet<Ipv4Addr> {
+    /// subresource only the address owner writes. An address of a family the
+    /// Service does not have is skipped, as kube-proxy does: no endpoint of
+    /// that family would ever serve it.
+    fn frontend_addresses(&mut self, service: &Service, families: &Families) -> BTreeSet<IpAddr> {
         let ingress = service
             .status
             .as_ref()
@@ -331,11 +360,19 @@ impl<'a> ServiceContext<'a> {
                 continue;
             }
             match text.parse::<IpAddr>() {
-                Ok(IpAddr::V4(address)) => {
+                Ok(address) if families.contains(Family::of(address)) => {
                     addresses.insert(address);
                 }
-                Ok(IpAddr::V6(_)) => self.report(format!(
-                    "{field} {text} is IPv6, which xlb does not support yet; address skipped"
+                Ok(address) => self.report(format!(
+                    "{field} {text} is {}, a family the Service does not have \
+                     (ipFamilies: {}); address skipped",
+                    Family::of(address),
+                    families
+                        .list
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )),
                 Err(_) => self.report(format!(
                     "{field} {text:?} is not an IP address; address skipped"
@@ -346,29 +383,29 @@ impl<'a> ServiceContext<'a> {
     }
 
     /// Parses an EndpointSlice of the Service once, reporting invalid
-    /// addresses on the slice itself. `None` for slices of another address
-    /// family.
+    /// addresses on the slice itself. `None` for `FQDN` slices (no address
+    /// to translate to).
     fn slice_view<'s>(&mut self, slice: &'s EndpointSlice) -> Option<SliceView<'s>> {
         let object = reference_to(slice);
-        if slice.address_type != "IPv4" {
+        let Some(family) = Family::parse(&slice.address_type) else {
             tracing::debug!(
                 slice = ?object.name,
                 address_type = %slice.address_type,
-                "skipping EndpointSlice that is not IPv4"
+                "skipping EndpointSlice that is neither IPv4 nor IPv6"
             );
             return None;
-        }
+        };
         let mut endpoints = Vec::new();
         for endpoint in slice.endpoints.iter().flatten() {
             let mut addresses = Vec::new();
             for text in &endpoint.addresses {
-                match text.parse::<Ipv4Addr>() {
-                    Ok(address) => addresses.push(address),
-                    Err(_) => self.problems.push(Problem::new(
+                match text.parse::<IpAddr>() {
+                    Ok(address) if Family::of(address) == family => addresses.push(address),
+                    _ => self.problems.push(Problem::new(
                         object.clone(),
                         EventReason::InvalidSpec,
                         format!(
-                            "endpoint address {text:?} is not an IPv4 address; address skipped"
+                            "endpoint address {text:?} is not an {family} address; address skipped"
                         ),
                     )),
                 }
@@ -384,6 +421,7 @@ impl<'a> ServiceContext<'a> {
         }
         Some(SliceView {
             object,
+            family,
             ports: slice.ports.as_deref().unwrap_or_default(),
             endpoints,
         })
@@ -393,7 +431,7 @@ impl<'a> ServiceContext<'a> {
     fn backends(
         &mut self,
         port: &ValidPort,
-        slices: &[SliceView],
+        slices: &[&SliceView],
         local_only: bool,
     ) -> Vec<Backend> {
         // (endpoint, backend port) of every slice that serves this port.
@@ -429,7 +467,7 @@ impl<'a> ServiceContext<'a> {
             })
             .flat_map(|(endpoint, backend_port)| {
                 endpoint.addresses.iter().map(move |&address| Backend {
-                    addr: IpAddr::V4(address),
+                    addr: address,
                     port: backend_port,
                     local: endpoint.local,
                     terminating,
@@ -665,7 +703,8 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_and_invalid_ingress_addresses_are_reported_and_skipped() {
+    fn ingress_addresses_of_another_family_or_invalid_are_reported_and_skipped() {
+        // No ipFamilies, no clusterIP: an IPv4 Service.
         let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\n\
                     spec:\n  type: LoadBalancer\n  ports:\n  - port: 80\n\
                     status:\n  loadBalancer:\n    ingress:\n    - ip: 2001:db8::10\n\
@@ -674,8 +713,8 @@ mod tests {
         assert_eq!(
             errors,
             [
-                "Service shop/web: status.loadBalancer.ingress ip 2001:db8::10 is IPv6, which \
-                 xlb does not support yet; address skipped",
+                "Service shop/web: status.loadBalancer.ingress ip 2001:db8::10 is IPv6, a \
+                 family the Service does not have (ipFamilies: IPv4); address skipped",
                 "Service shop/web: status.loadBalancer.ingress ip \"not-an-ip\" is not an IP \
                  address; address skipped",
             ]
@@ -1046,6 +1085,200 @@ mod tests {
                 addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 prefix_len: 0
             })
+        );
+    }
+
+    /// `shop/web`, port http 80 → 8080, with the given families and
+    /// ingress addresses; `extra` is more spec lines.
+    fn family_service(families: &str, policy: &str, ingress: &[&str], extra: &str) -> String {
+        let ingress: String = ingress
+            .iter()
+            .map(|ip| format!("    - ip: \"{ip}\"\n"))
+            .collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\n\
+             spec:\n  type: LoadBalancer\n  ipFamilyPolicy: {policy}\n  ipFamilies: {families}\n\
+             {extra}  ports:\n{HTTP_PORT}\
+             status:\n  loadBalancer:\n    ingress:\n{ingress}---\n"
+        )
+    }
+
+    fn ipv6_slice(name: &str, endpoints: &str) -> String {
+        slice(name, "web", SLICE_HTTP_PORT, endpoints)
+            .replace("addressType: IPv4", "addressType: IPv6")
+    }
+
+    fn at(address: &str, port: u16) -> Frontend {
+        Frontend {
+            addr: address.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn backend_at(address: &str, port: u16, local: bool) -> Backend {
+        Backend {
+            addr: address.parse().unwrap(),
+            port,
+            local,
+            terminating: false,
+        }
+    }
+
+    #[test]
+    fn a_dual_stack_service_is_a_frontend_per_family_each_with_its_familys_endpoints() {
+        let fqdn = slice(
+            "web-dns",
+            "web",
+            SLICE_HTTP_PORT,
+            "- addresses: [\"backend.example\"]\n",
+        )
+        .replace("addressType: IPv4", "addressType: FQDN");
+        let yaml = family_service(
+            "[IPv6, IPv4]",
+            "RequireDualStack",
+            &["192.0.2.10", "2001:db8::10"],
+            "  loadBalancerSourceRanges: [\"198.51.100.0/24\", \"2001:db8:100::/48\"]\n",
+        ) + &slice(
+            "web-4",
+            "web",
+            SLICE_HTTP_PORT,
+            &(endpoint("10.1.0.4", NODE, "{}") + &endpoint("10.1.0.5", "node-2", "{}")),
+        ) + &ipv6_slice(
+            "web-6",
+            &(endpoint("\"fd00:10:1::4\"", NODE, "{}")
+                + &endpoint("\"fd00:10:1::5\"", "node-2", "{ready: false}")),
+        ) + &fqdn;
+        let (state, errors) = run(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        let frontends: Vec<String> = state.frontends.keys().map(ToString::to_string).collect();
+        assert_eq!(frontends, ["192.0.2.10:80/TCP", "[2001:db8::10]:80/TCP"]);
+        let ipv4 = &state.frontends[&at("192.0.2.10", 80)];
+        assert_eq!(
+            ipv4.backends,
+            [
+                backend_at("10.1.0.4", 8080, true),
+                backend_at("10.1.0.5", 8080, false)
+            ]
+        );
+        let ipv6 = &state.frontends[&at("2001:db8::10", 80)];
+        assert_eq!(ipv6.backends, [backend_at("fd00:10:1::4", 8080, true)]);
+        // Both families' ranges on both frontends: the trie key carries the
+        // family, so each range only ever matches clients of its own.
+        let ranges: Vec<String> = ipv6.source_ranges.iter().map(ToString::to_string).collect();
+        assert_eq!(ranges, ["198.51.100.0/24", "2001:db8:100::/48"]);
+        assert_eq!(ipv4.source_ranges, ipv6.source_ranges);
+    }
+
+    #[test]
+    fn ranges_of_one_family_keep_the_other_familys_frontend_closed() {
+        let yaml = family_service(
+            "[IPv4, IPv6]",
+            "PreferDualStack",
+            &["192.0.2.10", "2001:db8::10"],
+            "",
+        )
+        .replace(
+            "metadata:\n  name: web\n",
+            "metadata:\n  name: web\n  annotations:\n    \
+             service.beta.kubernetes.io/load-balancer-source-ranges: \"2001:db8:100::/48\"\n",
+        );
+        let (state, errors) = run(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        // The IPv4 frontend has ranges (all IPv6): flagged, so no IPv4
+        // client is let in, rather than every one.
+        for address in ["192.0.2.10", "2001:db8::10"] {
+            let spec = &state.frontends[&at(address, 80)];
+            assert_eq!(spec.source_ranges.len(), 1, "{address}");
+            let value = crate::encode::service_value(1, spec);
+            assert_ne!(value.flags & lb_common::SERVICE_F_SOURCE_RANGES, 0);
+        }
+    }
+
+    #[test]
+    fn a_single_stack_ipv6_service_takes_ipv6_addresses_and_slices_only() {
+        let yaml = family_service("[IPv6]", "SingleStack", &["2001:db8::10", "192.0.2.10"], "")
+            + &ipv6_slice(
+                "web-6",
+                &(endpoint("\"fd00:10:1::4\"", NODE, "{}") + "- addresses: [\"10.1.0.9\"]\n"),
+            )
+            + &slice(
+                "web-4",
+                "web",
+                SLICE_HTTP_PORT,
+                &endpoint("10.1.0.4", NODE, "{}"),
+            );
+        let (state, errors) = run(&yaml);
+        assert_eq!(
+            errors,
+            [
+                "Service shop/web: status.loadBalancer.ingress ip 192.0.2.10 is IPv4, a family \
+                 the Service does not have (ipFamilies: IPv6); address skipped",
+                "EndpointSlice shop/web-6: endpoint address \"10.1.0.9\" is not an IPv6 address; \
+                 address skipped",
+            ]
+        );
+        let frontends: Vec<Frontend> = state.frontends.keys().copied().collect();
+        assert_eq!(frontends, [at("2001:db8::10", 80)]);
+        assert_eq!(
+            state.frontends[&at("2001:db8::10", 80)].backends,
+            [backend_at("fd00:10:1::4", 8080, true)]
+        );
+    }
+
+    #[test]
+    fn an_ipv6_load_balancer_ip_alone_is_never_a_frontend_either() {
+        let yaml = family_service(
+            "[IPv6]",
+            "SingleStack",
+            &[],
+            "  loadBalancerIP: 2001:db8::20\n",
+        )
+        .replace("    ingress:\n", "    ingress: []\n");
+        let (state, errors) = run(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(state.frontends.is_empty(), "{:?}", state.frontends);
+    }
+
+    #[test]
+    fn the_terminating_fallback_is_decided_per_family() {
+        // IPv4 has a ready endpoint, IPv6 only a terminating one: the IPv6
+        // frontend falls back to it without the IPv4 one doing so.
+        let yaml = family_service(
+            "[IPv4, IPv6]",
+            "RequireDualStack",
+            &["192.0.2.10", "2001:db8::10"],
+            "",
+        ) + &slice(
+            "web-4",
+            "web",
+            SLICE_HTTP_PORT,
+            &(endpoint("10.1.0.4", NODE, "{}")
+                + &endpoint(
+                    "10.1.0.5",
+                    NODE,
+                    "{ready: false, serving: true, terminating: true}",
+                )),
+        ) + &ipv6_slice(
+            "web-6",
+            &endpoint(
+                "\"fd00:10:1::5\"",
+                NODE,
+                "{ready: false, serving: true, terminating: true}",
+            ),
+        );
+        let (state, errors) = run(&yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            state.frontends[&at("192.0.2.10", 80)].backends,
+            [backend_at("10.1.0.4", 8080, true)]
+        );
+        assert_eq!(
+            state.frontends[&at("2001:db8::10", 80)].backends,
+            [Backend {
+                terminating: true,
+                ..backend_at("fd00:10:1::5", 8080, true)
+            }]
         );
     }
 }
