@@ -21,6 +21,7 @@ mod fragments;
 mod hash;
 mod host;
 mod icmp;
+mod leak;
 mod maps;
 mod nat;
 mod packet;

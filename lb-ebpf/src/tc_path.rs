@@ -29,6 +29,7 @@ use lb_common::{FLOW_F_REPLY, Flow, PROTO_UDP};
 use crate::{
     fragments,
     icmp::{self, ErrorRewrite},
+    leak,
     maps::FLOWS,
     nat::{self, Arrival, Lookup, Verdict},
     packet::{
@@ -92,6 +93,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
             }
             TCX_NEXT
         }
+        _ if leak::reply_without_flow(&parsed.key) => TC_ACT_SHOT,
         _ => TCX_NEXT,
     }
 }

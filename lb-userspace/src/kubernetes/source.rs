@@ -20,10 +20,10 @@ use super::{
 };
 use crate::{
     change::{Change, Changes},
-    model::{DesiredState, Frontend, ServiceRef},
+    model::{DesiredState, Frontend, Network, ServiceRef},
     translate::{
-        AddressMode, EventReason, Problem, Scope, ServiceKey, Translator, handles_class,
-        node_address_of, node_mode, problem::reference_to,
+        AddressMode, EventReason, Problem, Scope, ServiceKey, Translator, cluster_networks,
+        handles_class, node_address_of, node_mode, problem::reference_to,
     },
 };
 
@@ -44,15 +44,20 @@ pub struct ClusterSource {
     node_context: Option<NodeContext>,
 }
 
-/// This node's SNAT address and, in node mode, the addresses it serves.
-type NodeContext = (Option<Ipv4Addr>, Vec<Ipv4Addr>);
+/// This node's SNAT address, in node mode the addresses it serves, and
+/// the cluster's networks.
+type NodeContext = (Option<Ipv4Addr>, Vec<Ipv4Addr>, BTreeSet<Network>);
 
 fn node_context(nodes: &[Node], scope: &Scope) -> NodeContext {
     let serves = match scope.address_mode {
         AddressMode::Status => Vec::new(),
         AddressMode::Node => node_mode::own_addresses(nodes, &scope.node_name),
     };
-    (node_address_of(nodes, &scope.node_name), serves)
+    (
+        node_address_of(nodes, &scope.node_name),
+        serves,
+        cluster_networks(nodes),
+    )
 }
 
 impl ClusterSource {
@@ -68,11 +73,13 @@ impl ClusterSource {
         changes: mpsc::UnboundedSender<Change>,
     ) -> Result<Option<Self>> {
         let node_mode = scope.address_mode == AddressMode::Node;
-        let stores = watches::watch(client.clone(), &scope.node_name, node_mode, changes);
+        // Every Node in both modes: their pod CIDRs and addresses are the
+        // cluster's networks, which the reply-leak check at egress spares.
+        let stores = watches::watch(client.clone(), changes);
         tracing::info!(
             address_mode = ?scope.address_mode,
             "listing Services, EndpointSlices and {}",
-            if node_mode { "Nodes" } else { "this Node" }
+            "Nodes"
         );
         // Until the first complete list the maps keep what a previous
         // agent left; an unreachable API server is retried with backoff

@@ -146,6 +146,7 @@ fn state(entries: &[(Frontend, FrontendSpec)]) -> DesiredState {
     DesiredState {
         frontends: entries.iter().cloned().collect(),
         node_addr: None,
+        cluster_networks: Default::default(),
     }
 }
 

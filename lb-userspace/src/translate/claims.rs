@@ -13,7 +13,9 @@ use k8s_openapi::api::{
 use super::{
     AddressMode,
     node_mode::{self, NodePlan},
-    objects::{Objects, Order, ServiceKey, claim_order, node_address_of, slice_service},
+    objects::{
+        Objects, Order, ServiceKey, claim_order, cluster_networks, node_address_of, slice_service,
+    },
     problem::{EventReason, Problem, reference_to},
     service::ServiceContext,
 };
@@ -83,6 +85,7 @@ impl Translator {
             claims: HashMap::new(),
             desired: DesiredState {
                 node_addr: node_address_of(nodes, node_name),
+                cluster_networks: cluster_networks(nodes),
                 ..DesiredState::default()
             },
         };
