@@ -564,8 +564,12 @@ fn non_service_traffic_passes_untouched() -> Result<()> {
         ],
     )?;
     // Direct TCP to a pod address (not a frontend) reaches that pod,
-    // untranslated: the pod sees the client.
-    let r = tcp_request(&t.client, SocketAddrV4::new(t.pod("pod-b").addr, 8080))?;
+    // untranslated: the pod sees the client. On a port that is no
+    // Service's: the answers from a backend's port to outside the
+    // cluster's networks are dropped as replies of lost flows unless
+    // `--allow-pod-source-egress` (pod networks routed without NAT).
+    t.start_servers(&[9090])?;
+    let r = tcp_request(&t.client, SocketAddrV4::new(t.pod("pod-b").addr, 9090))?;
     assert_eq!(
         (r.backend.as_str(), r.peer.ip()),
         ("pod-b", CLIENT_ADDR.into())

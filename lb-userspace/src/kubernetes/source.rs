@@ -78,8 +78,7 @@ impl ClusterSource {
         let stores = watches::watch(client.clone(), changes);
         tracing::info!(
             address_mode = ?scope.address_mode,
-            "listing Services, EndpointSlices and {}",
-            "Nodes"
+            "listing Services, EndpointSlices and Nodes"
         );
         // Until the first complete list the maps keep what a previous
         // agent left; an unreachable API server is retried with backoff
