@@ -241,6 +241,39 @@ pub struct SourceRange {
 /// prefix: a range of `n` address bits has prefix `SOURCE_RANGE_ID_BITS + n`.
 pub const SOURCE_RANGE_ID_BITS: u32 = 40;
 
+/// `LOCAL_BACKENDS` key: a node-local backend of a LoadBalancer Service (or
+/// one that was, until the agent retires it). A packet leaving an uplink
+/// from this address and port with no reply entry is a reply whose flow is
+/// gone (swept, ended with its Service, evicted): sent on, it would carry
+/// the pod's address to the client (audit A-10 part 3).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalBackendKey {
+    pub addr: [u8; 16],
+    pub port: Be16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// `CLUSTER_NETWORKS` (LPM trie) key data; the trie key is
+/// `{prefix_len: u32, data: ClusterNetwork}`. The cluster's own networks:
+/// pod CIDRs, node addresses, `--cluster-cidr`. A pod's packet to one of
+/// them is cluster traffic (a ClusterIP reply to another node's pod, a
+/// hostNetwork peer), never a leak. `prefix_len` counts the family byte and
+/// the address prefix, so an IPv4 network never matches an IPv6 address;
+/// never `_pad`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterNetwork {
+    pub family: u8,
+    pub addr: [u8; 16],
+    pub _pad: [u8; 3],
+}
+
+/// Bits of `ClusterNetwork::family` in a trie prefix: a network of `n`
+/// address bits has prefix `CLUSTER_NETWORK_FAMILY_BITS + n`.
+pub const CLUSTER_NETWORK_FAMILY_BITS: u32 = 8;
+
 /// Per-service counters (`STATS`, per-CPU array indexed by service id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -322,6 +355,11 @@ pub struct GlobalStats {
     /// Later IPv4 fragments given the addresses their first fragment was
     /// translated to.
     pub fragments_translated: u64,
+    /// Packets from a node-local backend's address and port, with no reply
+    /// entry, to a destination outside the cluster's networks, dropped at
+    /// uplink egress: replies of flows xlb no longer has, which would leave
+    /// with the pod's address (`CONFIG_F_POD_SOURCE_GUARD`).
+    pub reply_leaks_dropped: u64,
 }
 
 impl GlobalStats {
@@ -340,6 +378,7 @@ impl GlobalStats {
             sum.host_socket += s.host_socket;
             sum.stale_passed += s.stale_passed;
             sum.fragments_translated += s.fragments_translated;
+            sum.reply_leaks_dropped += s.reply_leaks_dropped;
         }
         sum
     }
@@ -354,6 +393,11 @@ pub const CONFIG_F_REDIRECT: u32 = 1 << 0;
 /// it came in through the interface the route to its source leaves by
 /// (audit A-12: no reply injection from the client side).
 pub const CONFIG_F_REVERSE_PATH: u32 = 1 << 1;
+/// At uplink egress, drop a packet without a reply entry whose source is a
+/// node-local backend (`LOCAL_BACKENDS`) and whose destination is outside
+/// the cluster's networks (`CLUSTER_NETWORKS`): a reply of a flow xlb no
+/// longer has, leaving with the pod's address.
+pub const CONFIG_F_POD_SOURCE_GUARD: u32 = 1 << 2;
 
 /// `CONFIG` value, written by the agent before any service.
 #[repr(C)]
@@ -396,6 +440,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for SourceRange {}
+    unsafe impl aya::Pod for LocalBackendKey {}
+    unsafe impl aya::Pod for ClusterNetwork {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for GlobalStats {}
     unsafe impl aya::Pod for Config {}
@@ -426,12 +472,20 @@ mod tests {
             (24, 4)
         );
         assert_eq!(
+            (size_of::<LocalBackendKey>(), align_of::<LocalBackendKey>()),
+            (20, 2)
+        );
+        assert_eq!(
+            (size_of::<ClusterNetwork>(), align_of::<ClusterNetwork>()),
+            (20, 1)
+        );
+        assert_eq!(
             (size_of::<ServiceStats>(), align_of::<ServiceStats>()),
             (80, 8)
         );
         assert_eq!(
             (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
-            (88, 8)
+            (96, 8)
         );
         assert_eq!((size_of::<Config>(), align_of::<Config>()), (56, 8));
     }
@@ -446,6 +500,12 @@ mod tests {
         assert_eq!(offset_of!(SourceRange, addr), 5);
         assert_eq!(offset_of!(SourceRange, _pad) + 3, size_of::<SourceRange>());
         assert_eq!(offset_of!(Backend, service_id), 20);
+        assert_eq!(offset_of!(LocalBackendKey, family) + 1, 20);
+        assert_eq!(offset_of!(ClusterNetwork, addr), 1);
+        assert_eq!(
+            offset_of!(ClusterNetwork, _pad) + 3,
+            size_of::<ClusterNetwork>()
+        );
         assert_eq!(offset_of!(Flow, src_addr), 8);
     }
 
@@ -477,6 +537,7 @@ mod tests {
             host_socket: 9 * n,
             stale_passed: 10 * n,
             fragments_translated: 11 * n,
+            reply_leaks_dropped: 12 * n,
         };
         assert_eq!(GlobalStats::accumulate(&[node(2), node(5)]), node(7));
     }

@@ -22,6 +22,7 @@ mod hash;
 mod host;
 mod icmp;
 mod icmp6;
+mod leak;
 mod maps;
 mod nat;
 mod packet;

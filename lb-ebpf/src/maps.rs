@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, Config, Flow, FlowKey, FrontendKey, GlobalStats,
-    MAGLEV_TABLE_SIZE, Service, ServiceStats, SourceRange,
+    Affinity, AffinityKey, Backend, ClusterNetwork, Config, Flow, FlowKey, FrontendKey,
+    GlobalStats, LocalBackendKey, MAGLEV_TABLE_SIZE, Service, ServiceStats, SourceRange,
 };
 
 /// Frontend → service. Written by the agent (reconciler); read by XDP for
@@ -54,6 +54,18 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(6553
 /// of services with `SERVICE_F_SOURCE_RANGES`.
 #[map(name = "XLB_SRC_RANGES")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(16384, 0);
+
+/// Node-local backends (address, port, protocol) of LB Services, and
+/// those that were until the agent retired them. Written by the agent; read
+/// by tc egress for packets with no reply entry (`leak.rs`).
+#[map(name = "XLB_LOCAL_BACKS")]
+pub static LOCAL_BACKENDS: HashMap<LocalBackendKey, u32> = HashMap::pinned(65536, 0);
+
+/// The cluster's own networks (pod CIDRs, node addresses,
+/// `--cluster-cidr`). Written by the agent; read by tc egress with
+/// `LOCAL_BACKENDS` (`leak.rs`).
+#[map(name = "XLB_CLUSTER_NET")]
+pub static CLUSTER_NETWORKS: LpmTrie<ClusterNetwork, u32> = LpmTrie::pinned(4096, 0);
 
 /// Per-service counters. Written by XDP and TC; read by `xlb inspect stats`.
 #[map(name = "XLB_STATS")]

@@ -30,7 +30,7 @@ use crate::{
     checksum::CsumDelta,
     fragments,
     icmp::{self, ErrorRewrite},
-    icmp6,
+    icmp6, leak,
     maps::FLOWS,
     nat::{self, Arrival, Lookup, Verdict},
     packet::{
@@ -163,6 +163,7 @@ fn egress_parsed(ctx: &TcContext, parsed: Result<Parsed, Skip>) -> i32 {
             }
             TCX_NEXT
         }
+        _ if leak::reply_without_flow(&parsed.key) => TC_ACT_SHOT,
         _ => TCX_NEXT,
     }
 }

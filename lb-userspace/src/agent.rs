@@ -17,17 +17,18 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::Ebpf;
-use lb_common::{CONFIG_F_REDIRECT, CONFIG_F_REVERSE_PATH, Config};
+use lb_common::{CONFIG_F_POD_SOURCE_GUARD, CONFIG_F_REDIRECT, CONFIG_F_REVERSE_PATH, Config};
 use tokio::sync::mpsc;
 
 use crate::{
     change::{Change, Changes},
     conntrack::Timeouts,
     dataplane::{self, Limits, Maps, Uplinks, attach},
+    egress_guard::{self, EgressGuard},
     flags::{self, PortRange},
     kubernetes::{self, ClusterSource, LeaseConfig},
     manifest::ManifestSource,
-    model::{DesiredState, Frontend, ServiceRef},
+    model::{DesiredState, Frontend, Network, ServiceRef},
     netdev,
     reconcile::Reconciler,
     state_file,
@@ -107,6 +108,29 @@ pub struct AgentConfig {
     /// cannot inject into a flow; turn this on only for asymmetric routing.
     #[arg(long, env = "XLB_NO_REVERSE_PATH_CHECK")]
     pub no_reverse_path_check: bool,
+    /// The cluster's networks besides those its Node objects name (pod
+    /// CIDRs, node addresses): the cluster CIDR (K3s: 10.42.0.0/16) and
+    /// any other network of the cluster's own; either family; repeat or
+    /// separate with commas. A node-local backend's packet that matches no
+    /// flow is dropped at the uplink when it goes outside these networks
+    /// (a reply of a flow xlb no longer has, which would leak the pod's
+    /// address); give them when the source has no Node objects (manifests).
+    #[arg(
+        long = "cluster-cidr",
+        env = "XLB_CLUSTER_CIDRS",
+        value_delimiter = ','
+    )]
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// Let a node-local backend's packets without a flow leave the node
+    /// with the pod's address for any destination. Needed when pod
+    /// addresses are routed outside the cluster without NAT (Calico with
+    /// BGP and no outgoing NAT) and outside peers reach pods directly; by
+    /// default such packets are dropped (counted as
+    /// `xlb_reply_leaks_dropped_packets_total`), because with a CNI that
+    /// masquerades pod traffic (flannel, K3s) they are replies of flows xlb
+    /// no longer has.
+    #[arg(long, env = "XLB_ALLOW_POD_SOURCE_EGRESS")]
+    pub allow_pod_source_egress: bool,
     /// Which hook runs the forward path: `auto` (native XDP on physical
     /// NICs; tcx ingress on virtual devices such as veth, whose packets carry
     /// offloaded checksums XDP cannot see, and where native XDP fails),
@@ -255,6 +279,8 @@ struct Datapath {
     _ebpf: Ebpf,
     maps: Maps,
     reconciler: Reconciler,
+    /// The local backends and cluster networks of the reply-leak check.
+    guard: EgressGuard,
     published: Published,
     /// Frontends whose writes failed since the last look, with their
     /// Services: reported, and retried with backoff.
@@ -432,10 +458,15 @@ impl Datapath {
             );
         }
         reconciler.adopt(found);
+        let mut guard = EgressGuard::new(cfg.cluster_cidrs.iter().copied().map(Network::from));
+        guard
+            .adopt(&maps, Instant::now())
+            .context("reading the local backends and cluster networks a previous agent left")?;
         Ok(Datapath {
             _ebpf: ebpf,
             maps,
             reconciler,
+            guard,
             published: Published::default(),
             failed: Vec::new(),
             incomplete: false,
@@ -488,6 +519,18 @@ impl Datapath {
                 );
             }
         }
+        match self
+            .guard
+            .expire(&mut self.maps, Instant::now(), egress_guard::RETENTION)
+        {
+            Ok(0) => {}
+            Ok(retired) => tracing::debug!(
+                retired,
+                guarded = self.guard.guarded(),
+                "local backends gone from their Services for the retention no longer guarded"
+            ),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "retiring local backends"),
+        }
         let s = self.maps.sweep_flows(
             timeouts,
             &self.reconciler.active_service_ids(),
@@ -509,6 +552,7 @@ impl Datapath {
         let Datapath {
             maps,
             reconciler,
+            guard,
             published,
             ..
         } = self;
@@ -558,6 +602,11 @@ impl Datapath {
             tracing::error!(error = %e, "programming failed");
         }
         self.incomplete |= !summary.errors.is_empty();
+        if let Err(e) = guard.apply(desired, changed, maps, Instant::now()) {
+            // Retried with the next complete sync, like a failed frontend.
+            tracing::error!(error = %format!("{e:#}"), "programming the reply-leak check failed");
+            self.incomplete = true;
+        }
         self.failed.extend(summary.failed);
         if summary.added + summary.updated + summary.removed > 0 {
             tracing::info!(
@@ -603,6 +652,10 @@ fn node_config_value(
             0
         } else {
             CONFIG_F_REVERSE_PATH
+        } | if cfg.allow_pod_source_egress {
+            0
+        } else {
+            CONFIG_F_POD_SOURCE_GUARD
         },
         stale_after_s: cfg.stale_after,
         // Written fresh with every write (`Datapath::beat`); kept 0 here so

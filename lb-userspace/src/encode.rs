@@ -6,11 +6,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
 use lb_common::{
-    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Be16, Be32, FAMILY_V4, FAMILY_V6, FrontendKey,
-    SERVICE_F_AFFINITY, SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS,
+    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Be16, Be32, CLUSTER_NETWORK_FAMILY_BITS,
+    ClusterNetwork, FAMILY_V4, FAMILY_V6, FrontendKey, LocalBackendKey, SERVICE_F_AFFINITY,
+    SERVICE_F_LOCAL_ONLY, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS,
 };
 
-use crate::model::{Backend, Frontend, FrontendSpec, Protocol, SourceRange};
+use crate::model::{Backend, Frontend, FrontendSpec, Network, Protocol, SourceRange};
 
 /// An address in the maps' 16-byte form (see [`lb_common::addr_v4`]); its
 /// family goes beside it ([`family`]). Infallible since IPv6 is written
@@ -110,6 +111,43 @@ pub fn backend_from_value(value: &lb_common::Backend) -> Backend {
         port: value.port.host(),
         local: value.flags & BACKEND_F_LOCAL != 0,
         terminating: value.flags & BACKEND_F_TERMINATING != 0,
+    }
+}
+
+/// `LOCAL_BACKENDS` key of a node-local backend reached with `protocol`.
+pub fn local_backend_key(backend: &Backend, protocol: Protocol) -> Result<LocalBackendKey> {
+    Ok(LocalBackendKey {
+        addr: addr16(backend.addr).with_context(|| format!("backend {}", backend.addr))?,
+        port: Be16::from_host(backend.port),
+        proto: protocol.number(),
+        family: family(backend.addr),
+    })
+}
+
+/// `CLUSTER_NETWORKS` trie key and prefix length of one network, either
+/// family: the prefix covers the family byte, so an IPv4 network never
+/// matches an IPv6 address that starts with the same bytes.
+pub fn cluster_network_key(network: &Network) -> (ClusterNetwork, u32) {
+    let addr = match network.addr {
+        IpAddr::V4(a) => lb_common::addr_v4(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    };
+    let key = ClusterNetwork {
+        family: family(network.addr),
+        addr,
+        _pad: [0; 3],
+    };
+    (
+        key,
+        CLUSTER_NETWORK_FAMILY_BITS + u32::from(network.prefix_len),
+    )
+}
+
+/// The network a `CLUSTER_NETWORKS` trie key names.
+pub fn cluster_network_from_key(key: &ClusterNetwork, prefix_len: u32) -> Network {
+    Network {
+        addr: addr_from16(&key.addr, key.family),
+        prefix_len: prefix_len.saturating_sub(CLUSTER_NETWORK_FAMILY_BITS) as u8,
     }
 }
 
@@ -233,6 +271,24 @@ mod tests {
         assert_ne!(key4.family, key6.family);
         assert_eq!(source_range_from_key(&key4, len4), (3, ipv4));
         assert_eq!(source_range_from_key(&key6, len6), (3, ipv6));
+    }
+
+    #[test]
+    fn cluster_networks_round_trip_in_both_families() {
+        for text in ["10.42.0.0/16", "10.0.1.1/32", "fd00:42::/56", "0.0.0.0/0"] {
+            let network = Network::from(text.parse::<ipnet::IpNet>().unwrap());
+            let (key, prefix_len) = cluster_network_key(&network);
+            assert_eq!(
+                cluster_network_from_key(&key, prefix_len),
+                network,
+                "{text}"
+            );
+        }
+        let (v4, v4_len) = cluster_network_key(&Network::from(
+            "10.42.0.0/16".parse::<ipnet::IpNet>().unwrap(),
+        ));
+        assert_eq!((v4.family, v4_len), (FAMILY_V4, 24));
+        assert_eq!(v4.addr[..4], [10, 42, 0, 0]);
     }
 
     #[test]

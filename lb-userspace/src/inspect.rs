@@ -160,6 +160,7 @@ pub fn rows(
                 "host_socket": g.host_socket,
                 "stale_passed": g.stale_passed,
                 "fragments_translated": g.fragments_translated,
+                "reply_leaks_dropped": g.reply_leaks_dropped,
             }));
         }
     }

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod change;
 pub mod conntrack;
 pub mod dataplane;
+pub mod egress_guard;
 pub mod encode;
 pub mod flags;
 pub mod inspect;

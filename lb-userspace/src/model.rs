@@ -3,7 +3,7 @@
 //! reconciler diffs two of these and writes only what changed.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
@@ -101,6 +101,30 @@ impl fmt::Display for SourceRange {
     }
 }
 
+/// One of the cluster's own networks (a Node's pod CIDR or address,
+/// `--cluster-cidr`), host bits clear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct Network {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl From<ipnet::IpNet> for Network {
+    fn from(network: ipnet::IpNet) -> Self {
+        let network = network.trunc();
+        Network {
+            addr: network.network(),
+            prefix_len: network.prefix_len(),
+        }
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
 /// Everything the datapath needs for one frontend.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct FrontendSpec {
@@ -125,4 +149,8 @@ pub struct DesiredState {
     /// The same for IPv6 flows: the Node's IPv6 InternalIP when known (else
     /// the agent uses the uplink's first global IPv6 address).
     pub node_addr_v6: Option<Ipv6Addr>,
+    /// The cluster's networks the Node objects name (their pod CIDRs and
+    /// addresses): a node-local backend's packets to them are never
+    /// taken for replies of lost flows.
+    pub cluster_networks: BTreeSet<Network>,
 }

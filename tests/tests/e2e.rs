@@ -564,8 +564,12 @@ fn non_service_traffic_passes_untouched() -> Result<()> {
         ],
     )?;
     // Direct TCP to a pod address (not a frontend) reaches that pod,
-    // untranslated: the pod sees the client.
-    let r = tcp_request(&t.client, SocketAddrV4::new(t.pod("pod-b").addr, 8080))?;
+    // untranslated: the pod sees the client. On a port that is no
+    // Service's: the answers from a backend's port to outside the
+    // cluster's networks are dropped as replies of lost flows unless
+    // `--allow-pod-source-egress` (pod networks routed without NAT).
+    t.start_servers(&[9090])?;
+    let r = tcp_request(&t.client, SocketAddrV4::new(t.pod("pod-b").addr, 9090))?;
     assert_eq!(
         (r.backend.as_str(), r.peer.ip()),
         ("pod-b", CLIENT_ADDR.into())
@@ -1514,5 +1518,169 @@ fn a_udp_answer_larger_than_the_mtu_reaches_the_client_whole() -> Result<()> {
         "both the local and the remote backend answered: {asked}"
     );
     assert!(t.stat("fragments_translated")? > 0, "counted");
+    Ok(())
+}
+
+/// A packet socket in `ns` counting, until `stop` is set, the IPv4 packets
+/// that arrive with source `from` and with source `control`: (from,
+/// control). The control count shows the socket saw the traffic at all.
+fn count_sources(
+    ns: &str,
+    from: Ipv4Addr,
+    control: Ipv4Addr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<Result<(u64, u64)>>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let socket = xlb_tests::in_netns(ns, || {
+        // SAFETY: plain socket(2); the fd is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_DGRAM,
+                (libc::ETH_P_IP as u16).to_be() as i32,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: a valid fd and a timeval of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(fd)
+    })??;
+    Ok(std::thread::spawn(move || {
+        let (mut seen, mut controls) = (0, 0);
+        let mut buf = [0u8; 2048];
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: a valid fd and a buffer of the length given.
+            let n =
+                unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 20 {
+                continue;
+            }
+            let source = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+            if source == from {
+                seen += 1;
+            } else if source == control {
+                controls += 1;
+            }
+        }
+        Ok((seen, controls))
+    }))
+}
+
+/// Audit A-10 part 3: a node-local backend keeps sending on a flow xlb
+/// ended (its Service removed, the removal grace over). Its packets must
+/// not reach the client with the pod's address: they are dropped at the
+/// uplink and counted.
+#[test]
+fn a_removed_services_local_backend_never_reaches_the_client_with_its_address() -> Result<()> {
+    use std::{
+        io::{Read, Write},
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+    };
+    require_root();
+    const STREAM: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 13);
+    let t = Topology::new()?;
+    let pod_a = t.pod("pod-a");
+    let (pod_addr, pod_ns) = (pod_a.addr, pod_a.ns.clone());
+    // pod-a writes a line every 20 ms to whoever connects, until it fails.
+    let listener = xlb_tests::in_netns(&pod_ns, move || {
+        std::net::TcpListener::bind(SocketAddrV4::new(pod_addr, 9090))
+    })??;
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                while stream.write_all(&[b'x'; 99]).is_ok() && stream.write_all(b"\n").is_ok() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+    });
+    t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
+    t.write_manifest(
+        "stream.yaml",
+        &to_yaml(&service("stream", STREAM, &[("s", "TCP", 80, "9090")])),
+    )?;
+    t.write_manifest(
+        "stream-endpoints.yaml",
+        &to_yaml(&endpoint_slice(
+            "stream",
+            &[(pod_addr, t.node_of(pod_a), true)],
+            &[("s", "TCP", 9090)],
+        )),
+    )?;
+    let _agent = t.start_agent_with(&["--removal-grace", "1"])?;
+    wait_backends(&t, 1)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counting = count_sources(&t.client, pod_addr, STREAM, stop.clone())?;
+    let mut client = xlb_tests::in_netns(&t.client, move || {
+        std::net::TcpStream::connect_timeout(
+            &SocketAddrV4::new(STREAM, 80).into(),
+            Duration::from_secs(2),
+        )
+    })??;
+    client.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut first = [0u8; 100];
+    client
+        .read_exact(&mut first)
+        .context("the stream through the frontend")?;
+    // The client keeps reading (an open window), so pod-a keeps sending.
+    let reader_stop = stop.clone();
+    let reading = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while !reader_stop.load(Ordering::SeqCst) {
+            match client.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+    });
+
+    t.remove_manifest("stream.yaml")?;
+    wait_backends(&t, 0)?;
+    wait_until("the flow ended", Duration::from_secs(10), || {
+        t.inspect("flows").map(|f| f.is_empty()).unwrap_or(false)
+    })?;
+    // pod-a's segments (new data, then retransmissions) keep coming.
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    let (leaked, through_frontend) = counting
+        .join()
+        .map_err(|_| anyhow::anyhow!("the counting thread panicked"))??;
+    let _ = reading.join();
+    assert!(
+        through_frontend > 0,
+        "the capture saw none of the stream through the frontend"
+    );
+    assert_eq!(
+        leaked, 0,
+        "{leaked} packets reached the client with pod-a's address"
+    );
+    let dropped = t.stat("reply_leaks_dropped")?;
+    assert!(dropped > 0, "no lost reply was counted");
     Ok(())
 }

@@ -15,13 +15,14 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use lb_common::{
-    Be16, CONFIG_F_REVERSE_PATH, Config, FAMILY_V4, FLOW_F_ACKED, FLOW_F_ANSWERED, FLOW_F_CLOSING,
-    FLOW_F_RESET, Flow, FlowKey, GlobalStats, ServiceStats,
+    Be16, CONFIG_F_POD_SOURCE_GUARD, CONFIG_F_REVERSE_PATH, Config, FAMILY_V4, FLOW_F_ACKED,
+    FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_RESET, Flow, FlowKey, GlobalStats, ServiceStats,
 };
 use xlb::{
     conntrack::Timeouts,
     dataplane::{self, Limits, Maps, PinDir},
-    model::{Backend, DesiredState, Frontend, FrontendSpec, Protocol, ServiceRef},
+    egress_guard::EgressGuard,
+    model::{Backend, DesiredState, Frontend, FrontendSpec, Network, Protocol, ServiceRef},
     reconcile::{Reconciler, frontend_key},
 };
 use xlb_tests::packet::{
@@ -1067,5 +1068,85 @@ fn a_later_fragment_without_a_record_is_untouched() -> Result<()> {
     let (verdict, out) = dp.run_egress(&later)?;
     assert_eq!((verdict, &out), (TCX_NEXT, &later), "egress");
     assert_eq!(dp.global()?.fragments_translated, 0);
+    Ok(())
+}
+
+/// What tcx egress returns for a dropped packet.
+const TC_ACT_SHOT: i32 = 2;
+
+impl Datapath {
+    /// Turns the reply-leak check on (or off) and programs its maps as the
+    /// agent does: the local backends of `desired`, and `networks`.
+    fn guard(&mut self, on: bool, networks: &[(Ipv4Addr, u8)]) -> Result<()> {
+        let mut config = self.maps.config.get(&lb_common::CONFIG_KEY, 0)?;
+        config.flags = if on { CONFIG_F_POD_SOURCE_GUARD } else { 0 };
+        self.maps.write_config(&config)?;
+        let mut guard = EgressGuard::new(networks.iter().map(|(addr, prefix_len)| Network {
+            addr: IpAddr::V4(*addr),
+            prefix_len: *prefix_len,
+        }));
+        guard.apply(
+            &self.desired,
+            None,
+            &mut self.maps,
+            std::time::Instant::now(),
+        )
+    }
+}
+
+/// Audit A-10 part 3: a node-local backend's packet that matches no flow
+/// (its flow swept, ended with its Service, or evicted) never leaves an
+/// uplink towards the outside with the pod's address; the same packet to
+/// the cluster's own networks, a packet from a port that is no backend's,
+/// and anything with the check turned off pass untouched.
+#[test]
+fn a_local_backends_reply_without_a_flow_never_leaves_for_the_outside() -> Result<()> {
+    let mut dp = Datapath::new()?;
+    // The pod network and the node network (NODE and its peer 10.0.2.2).
+    let networks = [
+        (Ipv4Addr::new(10, 244, 0, 0), 16),
+        (Ipv4Addr::new(10, 0, 0, 0), 16),
+    ];
+    dp.guard(true, &networks)?;
+    let lost = [
+        tcp((BACKEND, 8080), (CLIENT, 41020), TCP_ACK),
+        udp((BACKEND, 8080), (CLIENT, 41021), 20),
+    ];
+    for packet in &lost {
+        let before = dp.global()?.reply_leaks_dropped;
+        let (verdict, _) = dp.run_egress(packet)?;
+        assert_eq!(verdict, TC_ACT_SHOT, "a lost flow's reply must not leave");
+        assert_eq!(dp.global()?.reply_leaks_dropped, before + 1);
+    }
+    let untouched = [
+        // Cluster traffic from the same pod port: to a pod on another node
+        // (a ClusterIP reply) and to another node's host.
+        tcp((BACKEND, 8080), (REMOTE, 41022), TCP_ACK),
+        udp((BACKEND, 8080), (Ipv4Addr::new(10, 0, 2, 2), 41023), 20),
+        // Another port of the pod: no backend.
+        tcp((BACKEND, 9999), (CLIENT, 41024), TCP_ACK),
+        // Another pod's address with the backend's port.
+        tcp((REMOTE2, 8080), (CLIENT, 41025), TCP_ACK),
+    ];
+    for packet in &untouched {
+        let (verdict, out) = dp.run_egress(packet)?;
+        assert_eq!((verdict, &out), (TCX_NEXT, packet));
+    }
+    // A reply whose flow exists is still translated.
+    let client = (CLIENT, 41026);
+    let (_, delivered) = dp.run(&tcp(client, (FRONTEND, 80), TCP_SYN))?;
+    assert_eq!(dst_of(&delivered, 14), (BACKEND, 8080));
+    let (verdict, out) = dp.run_egress(&tcp((BACKEND, 8080), client, TCP_SYN | TCP_ACK))?;
+    assert_eq!(verdict, TCX_NEXT);
+    assert_eq!(src_of(&out, 14), (FRONTEND, 80));
+    let dropped = dp.global()?.reply_leaks_dropped;
+    assert_eq!(dropped, 2, "only the two lost replies were counted");
+    // `--allow-pod-source-egress`: the check is off.
+    dp.guard(false, &networks)?;
+    for packet in &lost {
+        let (verdict, out) = dp.run_egress(packet)?;
+        assert_eq!((verdict, &out), (TCX_NEXT, packet));
+    }
+    assert_eq!(dp.global()?.reply_leaks_dropped, dropped);
     Ok(())
 }

@@ -18,8 +18,8 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    Affinity, AffinityKey, Backend, Config, Flow, FlowKey, FrontendKey, GlobalStats, Service,
-    ServiceStats, SourceRange,
+    Affinity, AffinityKey, Backend, ClusterNetwork, Config, Flow, FlowKey, FrontendKey,
+    GlobalStats, LocalBackendKey, Service, ServiceStats, SourceRange,
 };
 
 use super::maps::names;
@@ -173,6 +173,17 @@ fn source_range() -> Layout {
         _pad
     })
 }
+fn local_backend_key() -> Layout {
+    layout!(LocalBackendKey {
+        addr,
+        port,
+        proto,
+        family
+    })
+}
+fn cluster_network() -> Layout {
+    layout!(ClusterNetwork { family, addr, _pad })
+}
 fn service_stats() -> Layout {
     layout!(ServiceStats {
         packets,
@@ -199,7 +210,8 @@ fn global_stats() -> Layout {
         flow_halves_restored,
         host_socket,
         stale_passed,
-        fragments_translated
+        fragments_translated,
+        reply_leaks_dropped
     })
 }
 fn config() -> Layout {
@@ -234,6 +246,16 @@ fn map_layouts() -> Vec<(&'static str, Layout, Layout)> {
             // The trie key is {prefix_len: u32, data}.
             Layout::scalar::<u32>("lpm_prefix_len"),
             source_range(),
+        ),
+        (
+            names::LOCAL_BACKENDS,
+            local_backend_key(),
+            Layout::scalar::<u32>("u32"),
+        ),
+        (
+            names::CLUSTER_NETWORKS,
+            Layout::scalar::<u32>("lpm_prefix_len"),
+            cluster_network(),
         ),
         (names::STATS, Layout::scalar::<u32>("u32"), service_stats()),
         (names::GLOBAL, Layout::scalar::<u32>("u32"), global_stats()),

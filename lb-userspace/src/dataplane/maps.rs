@@ -9,8 +9,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, Config, Flow, FlowKey, FrontendKey, GlobalStats, Service,
-    ServiceStats, SourceRange,
+    Affinity, AffinityKey, Backend, ClusterNetwork, Config, Flow, FlowKey, FrontendKey,
+    GlobalStats, LocalBackendKey, Service, ServiceStats, SourceRange,
 };
 
 pub struct Maps {
@@ -22,6 +22,10 @@ pub struct Maps {
     pub snat_owners: HashMap<MapData, FlowKey, FlowKey>,
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    /// Node-local backends, for the reply-leak check at egress.
+    pub local_backends: HashMap<MapData, LocalBackendKey, u32>,
+    /// The cluster's networks, which that check spares.
+    pub cluster_networks: LpmTrie<MapData, ClusterNetwork, u32>,
     pub stats: PerCpuArray<MapData, ServiceStats>,
     pub global: PerCpuArray<MapData, GlobalStats>,
     pub config: Array<MapData, Config>,
@@ -37,6 +41,8 @@ pub mod names {
     pub const SNAT_OWNERS: &str = "XLB_SNAT_OWNERS";
     pub const AFFINITY: &str = "XLB_AFFINITY";
     pub const SOURCE_RANGES: &str = "XLB_SRC_RANGES";
+    pub const LOCAL_BACKENDS: &str = "XLB_LOCAL_BACKS";
+    pub const CLUSTER_NETWORKS: &str = "XLB_CLUSTER_NET";
     pub const STATS: &str = "XLB_STATS";
     pub const GLOBAL: &str = "XLB_GLOBAL";
     pub const CONFIG: &str = "XLB_CONFIG";
@@ -66,7 +72,7 @@ impl Maps {
             Ok(match name {
                 names::MAGLEV | names::CONFIG => Map::Array(data),
                 names::FLOWS | names::AFFINITY => Map::LruHashMap(data),
-                names::SOURCE_RANGES => Map::LpmTrie(data),
+                names::SOURCE_RANGES | names::CLUSTER_NETWORKS => Map::LpmTrie(data),
                 names::STATS | names::GLOBAL => Map::PerCpuArray(data),
                 names::TX_PORTS => Map::DevMapHash(data),
                 _ => Map::HashMap(data),
@@ -91,6 +97,8 @@ impl Maps {
             snat_owners: typed!(names::SNAT_OWNERS),
             affinity: typed!(names::AFFINITY),
             source_ranges: typed!(names::SOURCE_RANGES),
+            local_backends: typed!(names::LOCAL_BACKENDS),
+            cluster_networks: typed!(names::CLUSTER_NETWORKS),
             stats: typed!(names::STATS),
             global: typed!(names::GLOBAL),
             config: typed!(names::CONFIG),
@@ -156,6 +164,49 @@ impl crate::reconcile::MapWriter for Maps {
         self.stats
             .set(service_id, zeros, 0)
             .with_context(|| format!("clearing counters of service {service_id}"))
+    }
+}
+
+impl crate::egress_guard::GuardMaps for Maps {
+    fn put_local_backend(&mut self, key: &LocalBackendKey) -> Result<()> {
+        self.local_backends
+            .insert(key, 1, 0)
+            .with_context(|| format!("writing {}", names::LOCAL_BACKENDS))
+    }
+    fn delete_local_backend(&mut self, key: &LocalBackendKey) -> Result<()> {
+        ignore_missing(self.local_backends.remove(key))
+            .with_context(|| format!("deleting from {}", names::LOCAL_BACKENDS))
+    }
+    fn local_backends(&self) -> Result<Vec<LocalBackendKey>> {
+        self.local_backends
+            .keys()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("listing {}", names::LOCAL_BACKENDS))
+    }
+    fn put_cluster_network(&mut self, network: &crate::model::Network) -> Result<()> {
+        let (key, prefix_len) = crate::encode::cluster_network_key(network);
+        self.cluster_networks
+            .insert(&aya::maps::lpm_trie::Key::new(prefix_len, key), 1, 0)
+            .with_context(|| format!("writing {network} to {}", names::CLUSTER_NETWORKS))
+    }
+    fn delete_cluster_network(&mut self, network: &crate::model::Network) -> Result<()> {
+        let (key, prefix_len) = crate::encode::cluster_network_key(network);
+        ignore_missing(
+            self.cluster_networks
+                .remove(&aya::maps::lpm_trie::Key::new(prefix_len, key)),
+        )
+        .with_context(|| format!("deleting {network} from {}", names::CLUSTER_NETWORKS))
+    }
+    fn cluster_networks(&self) -> Result<Vec<crate::model::Network>> {
+        self.cluster_networks
+            .keys()
+            .map(|key| {
+                key.map(|key| {
+                    crate::encode::cluster_network_from_key(&key.data(), key.prefix_len())
+                })
+            })
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("listing {}", names::CLUSTER_NETWORKS))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Copying the entries of a pinned map into its resized successor (same
 //! key, value and layout, another `max_entries`): the flow table with every
 //! established flow, the services, backends, Maglev rows, ranges, affinity
-//! pins and counters. A key beyond a smaller array, or entries beyond a
+//! pins, local backends and counters. A key beyond a smaller array, or entries beyond a
 //! smaller hash map, are what a shrink cannot keep; they are counted.
 
 use std::path::Path;
@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use lb_common::{
-    Affinity, AffinityKey, Backend, Flow, FlowKey, FrontendKey, MAGLEV_TABLE_SIZE, Service,
-    ServiceStats, SourceRange,
+    Affinity, AffinityKey, Backend, Flow, FlowKey, FrontendKey, LocalBackendKey, MAGLEV_TABLE_SIZE,
+    Service, ServiceStats, SourceRange,
 };
 
 use super::maps::names;
@@ -47,6 +47,7 @@ pub fn copyable(name: &str) -> bool {
             | names::SNAT_OWNERS
             | names::AFFINITY
             | names::SOURCE_RANGES
+            | names::LOCAL_BACKENDS
             | names::STATS
     )
 }
@@ -75,6 +76,8 @@ pub fn copy(name: &str, from: &Path, to: &Path, services: &Path, pass: Pass) -> 
         names::AFFINITY => copy_hash::<AffinityKey, Affinity>(from, to, flags),
         names::SERVICES => copy_hash::<FrontendKey, Service>(from, to, flags),
         names::BACKENDS => copy_hash::<u32, Backend>(from, to, flags),
+        // With the backends that left their Services and are still kept.
+        names::LOCAL_BACKENDS => copy_hash::<LocalBackendKey, u32>(from, to, flags),
         names::SOURCE_RANGES => copy_trie(from, to, flags),
         // Written by the agent only (the Maglev rows) or counters: the
         // bulk pass is all there is.

@@ -144,6 +144,8 @@ fn sizes(limits: Limits) -> Result<Vec<(&'static str, u32)>> {
         (names::MAGLEV, maglev_slots),
         (names::SOURCE_RANGES, limits.max_services.saturating_mul(4)),
         (names::BACKENDS, limits.max_backends),
+        // Every backend could be local, and some that left are kept a while.
+        (names::LOCAL_BACKENDS, limits.max_backends),
         (names::AFFINITY, limits.max_flows / 4 + 1),
         (names::FLOWS, limits.max_flows),
         // One owner per SNAT'd flow, whose two entries take two flow slots.

@@ -209,7 +209,10 @@ fn what_is_lost(name: &str) -> &'static str {
             "SNAT ports of flows that lost one entry to the flow table's LRU may be taken again"
         }
         names::STATS | names::GLOBAL => "its counters restart from zero",
-        names::CONFIG | names::TX_PORTS => "the agent writes it again",
+        names::CONFIG | names::TX_PORTS | names::CLUSTER_NETWORKS => "the agent writes it again",
+        names::LOCAL_BACKENDS => {
+            "the agent writes it again; backends that left their Services before this start are no longer kept from leaking replies"
+        }
         _ => {
             "the agent programs it again from the source; flows of services whose ids change are swept"
         }

@@ -25,10 +25,10 @@ use super::{
 };
 use crate::{
     change::{Change, Changes},
-    model::{DesiredState, Frontend, ServiceRef},
+    model::{DesiredState, Frontend, Network, ServiceRef},
     translate::{
-        AddressMode, EventReason, Problem, Scope, ServiceKey, Translator, handles_class,
-        node_address_of, node_address_v6_of, node_mode, problem::reference_to,
+        AddressMode, EventReason, Problem, Scope, ServiceKey, Translator, cluster_networks,
+        handles_class, node_address_of, node_address_v6_of, node_mode, problem::reference_to,
     },
 };
 
@@ -49,8 +49,14 @@ pub struct ClusterSource {
     node_context: Option<NodeContext>,
 }
 
-/// This node's SNAT addresses and, in node mode, the addresses it serves.
-type NodeContext = (Option<Ipv4Addr>, Option<Ipv6Addr>, Vec<IpAddr>);
+/// This node's SNAT addresses, in node mode the addresses it serves, and
+/// the cluster's networks.
+type NodeContext = (
+    Option<Ipv4Addr>,
+    Option<Ipv6Addr>,
+    Vec<IpAddr>,
+    BTreeSet<Network>,
+);
 
 fn node_context(nodes: &[Node], scope: &Scope) -> NodeContext {
     let serves = match scope.address_mode {
@@ -61,6 +67,7 @@ fn node_context(nodes: &[Node], scope: &Scope) -> NodeContext {
         node_address_of(nodes, &scope.node_name),
         node_address_v6_of(nodes, &scope.node_name),
         serves,
+        cluster_networks(nodes),
     )
 }
 
@@ -77,11 +84,12 @@ impl ClusterSource {
         changes: mpsc::UnboundedSender<Change>,
     ) -> Result<Option<Self>> {
         let node_mode = scope.address_mode == AddressMode::Node;
-        let stores = watches::watch(client.clone(), &scope.node_name, node_mode, changes);
+        // Every Node in both modes: their pod CIDRs and addresses are the
+        // cluster's networks, which the reply-leak check at egress spares.
+        let stores = watches::watch(client.clone(), changes);
         tracing::info!(
             address_mode = ?scope.address_mode,
-            "listing Services, EndpointSlices and {}",
-            if node_mode { "Nodes" } else { "this Node" }
+            "listing Services, EndpointSlices and Nodes"
         );
         // Until the first complete list the maps keep what a previous
         // agent left; an unreachable API server is retried with backoff

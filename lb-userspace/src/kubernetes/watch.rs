@@ -160,14 +160,9 @@ impl Stores {
 }
 
 /// Starts the reflectors; each change is sent on `changed`. Nodes: all of
-/// them with `all_nodes` (node mode needs every node's addresses and
-/// labels), else only this one.
-pub fn watch(
-    client: Client,
-    node_name: &str,
-    all_nodes: bool,
-    changed: mpsc::UnboundedSender<Change>,
-) -> Stores {
+/// them (node mode needs every node's addresses and labels, and every mode
+/// the cluster's networks: pod CIDRs and node addresses).
+pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>) -> Stores {
     let (services, services_writer) = reflector::store::<Service>();
     let (endpoint_slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
@@ -235,11 +230,7 @@ pub fn watch(
         "nodes",
         nodes_writer,
         Api::<Node>::all(client),
-        if all_nodes {
-            watcher::Config::default()
-        } else {
-            watcher::Config::default().fields(&format!("metadata.name={node_name}"))
-        },
+        watcher::Config::default(),
         changed,
         |event: &watcher::Event<Node>| match event {
             watcher::Event::Apply(_) | watcher::Event::Delete(_) => vec![Change::Nodes],
@@ -371,7 +362,14 @@ impl Slim for Node {
             status.features = None;
             status.runtime_handlers = None;
         }
-        self.spec = None;
+        // Only the pod CIDRs of the spec are read.
+        if let Some(spec) = self.spec.as_mut() {
+            *spec = k8s_openapi::api::core::v1::NodeSpec {
+                pod_cidr: spec.pod_cidr.take(),
+                pod_cidrs: spec.pod_cidrs.take(),
+                ..Default::default()
+            };
+        }
     }
 }
 

@@ -150,6 +150,7 @@ fn state(entries: &[(Frontend, FrontendSpec)]) -> DesiredState {
         frontends: entries.iter().cloned().collect(),
         node_addr: None,
         node_addr_v6: None,
+        cluster_networks: Default::default(),
     }
 }
 

@@ -171,6 +171,12 @@ pub const GLOBAL_COUNTERS: &[Field<GlobalStats>] = &[
         label: None,
         read: |g| g.fragments_translated,
     },
+    Field {
+        family: "xlb_reply_leaks_dropped_packets",
+        help: "Packets from a node-local backend's address and port, with no flow, to a destination outside the cluster's networks, dropped at uplink egress: replies of flows xlb no longer has, which would leave with the pod's address",
+        label: None,
+        read: |g| g.reply_leaks_dropped,
+    },
 ];
 
 /// What one scrape read from the datapath.

@@ -14,7 +14,8 @@ use super::{
     AddressMode,
     node_mode::{self, NodePlan},
     objects::{
-        Objects, Order, ServiceKey, claim_order, node_address_of, node_address_v6_of, slice_service,
+        Objects, Order, ServiceKey, claim_order, cluster_networks, node_address_of,
+        node_address_v6_of, slice_service,
     },
     problem::{EventReason, Problem, reference_to},
     service::ServiceContext,
@@ -86,6 +87,7 @@ impl Translator {
             desired: DesiredState {
                 node_addr: node_address_of(nodes, node_name),
                 node_addr_v6: node_address_v6_of(nodes, node_name),
+                cluster_networks: cluster_networks(nodes),
                 ..DesiredState::default()
             },
         };

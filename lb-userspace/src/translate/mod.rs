@@ -34,7 +34,7 @@ pub mod service;
 
 pub use claims::Translator;
 pub use objects::{
-    DEFAULT_LB_CLASS, Objects, Order, ServiceKey, handles_class, node_address_of,
+    DEFAULT_LB_CLASS, Objects, Order, ServiceKey, cluster_networks, handles_class, node_address_of,
     node_address_v6_of, slice_service,
 };
 pub use problem::{EventReason, Problem};
@@ -200,6 +200,36 @@ mod tests {
                 row("10.0.0.1:443/TCP", "v4", &[]),
                 row("[fd00::1]:53/UDP", "v6", &[]),
                 row("[fd00::1]:80/TCP", "dual", &["fd00:244::5"]),
+            ]
+        );
+    }
+
+    #[test]
+    fn cluster_networks_are_every_nodes_pod_cidrs_and_addresses() {
+        let yaml = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-2\nspec:\n  podCIDR: 10.42.1.0/24\n\
+                    \x20 podCIDRs: [10.42.1.0/24, 'fd00:42:1::/64']\nstatus:\n  addresses:\n\
+                    \x20 - type: InternalIP\n    address: 10.0.0.2\n\
+                    \x20 - type: Hostname\n    address: node-2\n---\n\
+                    apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\nspec:\n  podCIDR: 10.42.0.7/24\n\
+                    status:\n  addresses:\n\
+                    \x20 - type: ExternalIP\n    address: 203.0.113.1\n\
+                    \x20 - type: InternalIP\n    address: fd00::1\n";
+        let (state, _) = translate(&objects(yaml), NODE, AddressMode::Status);
+        let networks: Vec<String> = state
+            .cluster_networks
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        // Host bits cleared; a Hostname is no address.
+        assert_eq!(
+            networks,
+            [
+                "10.0.0.2/32",
+                "10.42.0.0/24",
+                "10.42.1.0/24",
+                "203.0.113.1/32",
+                "fd00::1/128",
+                "fd00:42:1::/64"
             ]
         );
     }

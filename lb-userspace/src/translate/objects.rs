@@ -4,6 +4,7 @@
 //! translation module builds on it, and it imports none of them.
 
 use std::{
+    collections::BTreeSet,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     str::FromStr,
@@ -18,7 +19,7 @@ use k8s_openapi::{
 };
 use kube::runtime::reflector::ObjectRef;
 
-use crate::model::Protocol;
+use crate::model::{Network, Protocol};
 
 /// Label by which an EndpointSlice names the Service it belongs to.
 /// The annotation K3s (and kube-proxy, for Services without the field)
@@ -196,6 +197,35 @@ fn first_internal_ip<A: FromStr>(nodes: &[Node], node_name: &str) -> Option<A> {
         .iter()
         .filter(|address| address.type_ == "InternalIP")
         .find_map(|address| address.address.parse::<A>().ok())
+}
+
+/// The networks the Nodes name: every Node's pod CIDRs and its addresses
+/// (one host each), both families. Unparsable entries are skipped: they
+/// name nothing a packet could be sent to.
+pub fn cluster_networks(nodes: &[Node]) -> BTreeSet<Network> {
+    let mut found = BTreeSet::new();
+    for node in nodes {
+        let pod_cidrs = node
+            .spec
+            .iter()
+            .flat_map(|spec| spec.pod_cidrs.iter().flatten().chain(spec.pod_cidr.iter()));
+        found.extend(
+            pod_cidrs
+                .filter_map(|cidr| cidr.trim().parse::<ipnet::IpNet>().ok())
+                .map(Network::from),
+        );
+        let addresses = node
+            .status
+            .iter()
+            .flat_map(|status| status.addresses.iter().flatten());
+        found.extend(
+            addresses
+                .filter(|address| matches!(address.type_.as_str(), "InternalIP" | "ExternalIP"))
+                .filter_map(|address| address.address.parse::<IpAddr>().ok())
+                .map(|addr| Network::from(ipnet::IpNet::from(addr))),
+        );
+    }
+    found
 }
 
 /// A node's `InternalIP` and `ExternalIP` addresses of both families, in
