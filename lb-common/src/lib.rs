@@ -360,6 +360,10 @@ pub struct GlobalStats {
     /// uplink egress: replies of flows xlb no longer has, which would leave
     /// with the pod's address (`CONFIG_F_POD_SOURCE_GUARD`).
     pub reply_leaks_dropped: u64,
+    /// ICMP "time exceeded" / ICMPv6 "time exceeded" sent to clients whose
+    /// packet reached a source-translated flow with TTL (hop limit) 1: the
+    /// kernel's own would go to the translated source, the node itself.
+    pub time_exceeded_sent: u64,
 }
 
 impl GlobalStats {
@@ -379,6 +383,7 @@ impl GlobalStats {
             sum.stale_passed += s.stale_passed;
             sum.fragments_translated += s.fragments_translated;
             sum.reply_leaks_dropped += s.reply_leaks_dropped;
+            sum.time_exceeded_sent += s.time_exceeded_sent;
         }
         sum
     }
@@ -485,7 +490,7 @@ mod tests {
         );
         assert_eq!(
             (size_of::<GlobalStats>(), align_of::<GlobalStats>()),
-            (96, 8)
+            (104, 8)
         );
         assert_eq!((size_of::<Config>(), align_of::<Config>()), (56, 8));
     }
@@ -538,6 +543,7 @@ mod tests {
             stale_passed: 10 * n,
             fragments_translated: 11 * n,
             reply_leaks_dropped: 12 * n,
+            time_exceeded_sent: 13 * n,
         };
         assert_eq!(GlobalStats::accumulate(&[node(2), node(5)]), node(7));
     }

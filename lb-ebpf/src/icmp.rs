@@ -275,17 +275,24 @@ pub struct FragNeeded {
     pub icmp: IcmpHdr,
 }
 
-/// Works out the headers of a "fragmentation needed" for the packet quoted
-/// at `quoted` (its IPv4 header, then `QUOTED_L4_LEN` bytes): from the
-/// quoted packet's destination (the frontend, or the node for a reply) back
-/// to its sender, with `mtu` as the next-hop MTU.
+/// Works out the headers of a "fragmentation needed" (or, with
+/// `exceeded`, a "time exceeded in transit") for the packet quoted at
+/// `quoted` (its IPv4 header, then `QUOTED_L4_LEN` bytes): from the quoted
+/// packet's destination (the frontend, or the node for a reply) back to
+/// its sender, with `mtu` as the next-hop MTU.
 #[inline(always)]
 pub fn frag_needed(
     data: usize,
     data_end: usize,
     quoted: usize,
     mtu: u16,
+    exceeded: bool,
 ) -> Result<FragNeeded, Skip> {
+    let (kind, code, mtu) = if exceeded {
+        (ICMP_TIME_EXCEEDED, 0, 0)
+    } else {
+        (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu)
+    };
     let header: *mut Ipv4Hdr = ptr_at(data, data_end, quoted)?;
     let quote: *mut [u8; QUOTABLE_LEN] = ptr_at(data, data_end, quoted)?;
     let mut headers = FragNeeded {
@@ -302,15 +309,14 @@ pub fn frag_needed(
             daddr: unsafe { (*header).saddr },
         },
         icmp: IcmpHdr {
-            kind: ICMP_DEST_UNREACH,
-            code: ICMP_FRAG_NEEDED,
+            kind,
+            code,
             check: 0,
             unused: 0,
             mtu: mtu.to_be(),
         },
     };
-    let icmp_words = (u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED]) as u32)
-        + headers.icmp.mtu as u32;
+    let icmp_words = (u16::from_ne_bytes([kind, code]) as u32) + headers.icmp.mtu as u32;
     headers.icmp.check = !fold(sum(quote as usize, QUOTABLE_LEN) as u64 + icmp_words as u64);
     let ip = &headers.ip;
     let ip_words = u16::from_ne_bytes([ip.version_ihl, ip.tos]) as u64

@@ -218,12 +218,24 @@ pub struct TooBig {
     pub icmp: Icmp6Hdr,
 }
 
-/// Works out the headers of a "packet too big" for the packet quoted at
-/// `quoted` (its IPv6 header, then `QUOTED_L4_LEN` bytes): from the quoted
-/// packet's destination (the frontend, or the node for a reply) back to
-/// its sender, with `mtu` as the MTU.
+/// Works out the headers of a "packet too big" (or, with `exceeded`, a
+/// "hop limit exceeded in transit") for the packet quoted at `quoted` (its
+/// IPv6 header, then `QUOTED_L4_LEN` bytes): from the quoted packet's
+/// destination (the frontend, or the node for a reply) back to its
+/// sender, with `mtu` as the MTU.
 #[inline(always)]
-pub fn too_big(data: usize, data_end: usize, quoted: usize, mtu: u16) -> Result<TooBig, Skip> {
+pub fn too_big(
+    data: usize,
+    data_end: usize,
+    quoted: usize,
+    mtu: u16,
+    exceeded: bool,
+) -> Result<TooBig, Skip> {
+    let (kind, mtu) = if exceeded {
+        (ICMPV6_TIME_EXCEEDED, 0)
+    } else {
+        (ICMPV6_PACKET_TOO_BIG, mtu)
+    };
     let header: *mut Ipv6Hdr = ptr_at(data, data_end, quoted)?;
     let quote: *mut [u8; QUOTABLE_LEN] = ptr_at(data, data_end, quoted)?;
     let (src, dst) = unsafe {
@@ -243,7 +255,7 @@ pub fn too_big(data: usize, data_end: usize, quoted: usize, mtu: u16) -> Result<
             daddr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(dst) },
         },
         icmp: Icmp6Hdr {
-            kind: ICMPV6_PACKET_TOO_BIG,
+            kind,
             code: 0,
             check: 0,
             mtu: (mtu as u32).to_be(),
@@ -256,7 +268,7 @@ pub fn too_big(data: usize, data_end: usize, quoted: usize, mtu: u16) -> Result<
         total += (dst[i] & 0xffff) as u64 + (dst[i] >> 16) as u64;
     }
     total += (length as u16).to_be() as u64 + (PROTO_ICMPV6 as u16).to_be() as u64;
-    total += u16::from_ne_bytes([ICMPV6_PACKET_TOO_BIG, 0]) as u64;
+    total += u16::from_ne_bytes([kind, 0]) as u64;
     let mtu_be = headers.icmp.mtu;
     total += (mtu_be & 0xffff) as u64 + (mtu_be >> 16) as u64;
     headers.icmp.check = !fold(total);

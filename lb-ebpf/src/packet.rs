@@ -139,6 +139,11 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 pub const TCP_RST: u8 = 0x04;
 
+/// What `too_big` answers with (`xdp_path`, `tc_path`), beside the MTU in
+/// the low 16 bits: the family, and "time exceeded" instead of "too big".
+pub const ANSWER_V6: u32 = 1 << 16;
+pub const ANSWER_TIME_EXCEEDED: u32 = 1 << 17;
+
 /// Why a packet is not translated.
 pub enum Skip {
     /// Not IPv4 or IPv6 TCP/UDP (or an IPv6 header chain the parser does not
@@ -177,6 +182,8 @@ pub struct Parsed {
     pub first_fragment: bool,
     /// The IP id as on the wire.
     pub ip_id: u16,
+    /// TTL (IPv4) or hop limit (IPv6) as it arrived.
+    pub ttl: u8,
 }
 
 impl Parsed {
@@ -270,7 +277,7 @@ pub fn parse_v4(data: usize, data_end: usize, l3: usize) -> Result<Parsed, Skip>
     if ihl != 5 {
         return Err(Skip::Unsupported(key));
     }
-    let (ip_len, ip_id) = unsafe { (u16::from_be((*ip).tot_len), (*ip).id) };
+    let (ip_len, ip_id, ttl) = unsafe { (u16::from_be((*ip).tot_len), (*ip).id, (*ip).ttl) };
     // A total length that does not even cover the headers read is a lie;
     // one longer than the frame is checked by the hook, which knows the
     // packet's full length.
@@ -291,6 +298,7 @@ pub fn parse_v4(data: usize, data_end: usize, l3: usize) -> Result<Parsed, Skip>
         ip_len,
         first_fragment: frag_off & IPV4_MF != 0,
         ip_id,
+        ttl,
     })
 }
 
@@ -300,11 +308,12 @@ pub fn parse_v4(data: usize, data_end: usize, l3: usize) -> Result<Parsed, Skip>
 #[inline(always)]
 pub fn parse_v6(data: usize, data_end: usize, l3: usize) -> Result<Parsed, Skip> {
     let ip: *mut Ipv6Hdr = ptr_at(data, data_end, l3)?;
-    let (version, payload_len, mut next) = unsafe {
+    let (version, payload_len, mut next, ttl) = unsafe {
         (
             *(ip as *const u8) >> 4,
             u16::from_be((*ip).payload_len),
             (*ip).nexthdr,
+            (*ip).hop_limit,
         )
     };
     if version != 6 {
@@ -391,6 +400,7 @@ pub fn parse_v6(data: usize, data_end: usize, l3: usize) -> Result<Parsed, Skip>
         ip_len: payload_len.saturating_add(IPV6_LEN as u16),
         first_fragment: false,
         ip_id: 0,
+        ttl,
     })
 }
 

@@ -24,7 +24,7 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{FAMILY_V6, FLOW_F_REPLY, Flow, FlowKey, PROTO_UDP};
+use lb_common::{FAMILY_V6, FLOW_F_REPLY, FLOW_F_SNAT, Flow, FlowKey, PROTO_UDP};
 
 use crate::{
     checksum::CsumDelta,
@@ -34,10 +34,10 @@ use crate::{
     maps::FLOWS,
     nat::{self, Arrival, Lookup, Verdict},
     packet::{
-        ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CHECK_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET,
-        IPV6_DADDR_OFFSET, IPV6_SADDR_OFFSET, Ipv6Hdr, MAX_HEADERS_LEN, PORTS_DEST_OFFSET,
-        PORTS_SOURCE_OFFSET, PROTO_ICMPV6, Parsed, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
-        network, parse_v4, parse_v6, v4_raw,
+        ANSWER_TIME_EXCEEDED, ANSWER_V6, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CHECK_OFFSET,
+        IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, IPV6_DADDR_OFFSET, IPV6_SADDR_OFFSET, Ipv6Hdr,
+        MAX_HEADERS_LEN, PORTS_DEST_OFFSET, PORTS_SOURCE_OFFSET, PROTO_ICMPV6, Parsed, Skip,
+        TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, network, parse_v4, parse_v6, ptr_at, v4_raw,
     },
     reverse_path,
     stats::global,
@@ -96,8 +96,12 @@ fn network_skb(ctx: &TcContext) -> Option<(usize, u16)> {
 /// 512-byte limit.
 #[inline(always)]
 fn icmp6_first(ctx: &TcContext, l3: usize) -> bool {
-    ctx.load::<u8>(l3 + core::mem::offset_of!(Ipv6Hdr, nexthdr))
-        .is_ok_and(|next| next == PROTO_ICMPV6)
+    // Read in place, not through `bpf_skb_load_bytes`: its buffer would
+    // give the hook a stack frame, which the new-flow chain cannot spare.
+    // A header outside the linear part is taken for not ICMPv6 (the parser
+    // then passes the packet).
+    ptr_at::<Ipv6Hdr>(ctx.data(), ctx.data_end(), l3)
+        .is_ok_and(|ip| unsafe { (*ip).nexthdr } == PROTO_ICMPV6)
 }
 
 /// One subprogram per hook and family (see `packet::network`).
@@ -237,12 +241,8 @@ fn ingress_parsed(ctx: &TcContext, parsed: Result<Parsed, Skip>) -> i32 {
             }
         }
     };
-    let v6 = parsed.key.family == FAMILY_V6;
-    if parsed.df
-        && ctx.len() as usize > parsed.l3 + if v6 { ALWAYS_FITS_V6 } else { ALWAYS_FITS }
-        && let Some(mtu) = too_big(ctx.skb.skb, flow, parsed.key.family)
-    {
-        return frag_needed(ctx.skb.skb, parsed.l3, mtu as u32 | (v6 as u32) << 16);
+    if let Some(action) = answered(ctx.skb.skb, &parsed, flow) {
+        return action;
     }
     fragments::remember_first(&parsed, flow, unsafe { (*ctx.skb.skb).ingress_ifindex });
     if rewrite(ctx, &parsed, flow).is_err() {
@@ -252,6 +252,27 @@ fn ingress_parsed(ctx: &TcContext, parsed: Result<Parsed, Skip>) -> i32 {
         g.translated_passed += 1;
     }
     TCX_NEXT
+}
+
+/// Does the packet get an ICMP answer instead of being translated: "time
+/// exceeded" for TTL or hop limit 1 on a source-translated flow (see
+/// `xdp_path::forward`), "fragmentation needed" / "packet too big" when it
+/// does not fit its route once translated? Then the action that sends it.
+// Not inlined: its values get a frame of their own, off the per-family
+// subprogram's (which the new-flow chain shares).
+#[inline(never)]
+fn answered(skb: *mut __sk_buff, parsed: &Parsed, flow: &Flow) -> Option<i32> {
+    let v6 = parsed.key.family == FAMILY_V6;
+    let family = if v6 { ANSWER_V6 } else { 0 };
+    if flow.flags & (FLOW_F_SNAT | FLOW_F_REPLY) == FLOW_F_SNAT && parsed.ttl <= 1 {
+        return Some(frag_needed(skb, parsed.l3, family | ANSWER_TIME_EXCEEDED));
+    }
+    let len = unsafe { (*skb).len } as usize;
+    if parsed.df && len > parsed.l3 + if v6 { ALWAYS_FITS_V6 } else { ALWAYS_FITS } {
+        let mtu = too_big(skb, flow, parsed.key.family)?;
+        return Some(frag_needed(skb, parsed.l3, mtu as u32 | family));
+    }
+    None
 }
 
 /// A later fragment seen on `ifindex`: given its first fragment's addresses
@@ -339,7 +360,8 @@ fn too_big(skb: *mut __sk_buff, flow: &Flow, family: u8) -> Option<u16> {
 #[inline(never)]
 fn frag_needed(skb: *mut __sk_buff, l3: usize, mtu_family: u32) -> i32 {
     let ctx = &TcContext::new(skb);
-    let (mtu, v6) = (mtu_family as u16, mtu_family >> 16 != 0);
+    let (mtu, v6) = (mtu_family as u16, mtu_family & ANSWER_V6 != 0);
+    let exceeded = mtu_family & ANSWER_TIME_EXCEEDED != 0;
     let (quotable, headers_len) = if v6 {
         (icmp6::QUOTABLE_LEN, icmp6::TOO_BIG_HEADERS_LEN)
     } else {
@@ -376,12 +398,13 @@ fn frag_needed(skb: *mut __sk_buff, l3: usize, mtu_family: u32) -> i32 {
         Err(_) => return TC_ACT_SHOT,
     }
     let stored = if v6 {
-        let Ok(headers) = icmp6::too_big(ctx.data(), ctx.data_end(), quoted, mtu) else {
+        let Ok(headers) = icmp6::too_big(ctx.data(), ctx.data_end(), quoted, mtu, exceeded) else {
             return TC_ACT_SHOT;
         };
         ctx.store(l3, &headers, BPF_F_RECOMPUTE_CSUM as u64)
     } else {
-        let Ok(headers) = icmp::frag_needed(ctx.data(), ctx.data_end(), quoted, mtu) else {
+        let Ok(headers) = icmp::frag_needed(ctx.data(), ctx.data_end(), quoted, mtu, exceeded)
+        else {
             return TC_ACT_SHOT;
         };
         ctx.store(l3, &headers, BPF_F_RECOMPUTE_CSUM as u64)
@@ -395,7 +418,11 @@ fn frag_needed(skb: *mut __sk_buff, l3: usize, mtu_family: u32) -> i32 {
         return TC_ACT_SHOT;
     }
     if let Some(g) = global() {
-        g.frag_needed_sent += 1;
+        if exceeded {
+            g.time_exceeded_sent += 1;
+        } else {
+            g.frag_needed_sent += 1;
+        }
     }
     unsafe { bpf_redirect((*skb).ifindex, 0) as i32 }
 }

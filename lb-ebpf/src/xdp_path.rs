@@ -10,7 +10,9 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{CONFIG_F_REDIRECT, CONFIG_KEY, FAMILY_V6, Flow, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    CONFIG_F_REDIRECT, CONFIG_KEY, FAMILY_V6, FLOW_F_REPLY, FLOW_F_SNAT, Flow, PROTO_TCP, PROTO_UDP,
+};
 
 use crate::{
     checksum::CsumDelta,
@@ -18,9 +20,9 @@ use crate::{
     maps::{CONFIG, FLOWS, ROUTE, TX_PORTS},
     nat::{self, Arrival, Lookup, Verdict},
     packet::{
-        ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_TTL_OFFSET, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, Parsed, Ports,
-        Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, VlanHdr, network, parse_v4, parse_v6, ptr_at,
-        v4_raw,
+        ANSWER_TIME_EXCEEDED, ANSWER_V6, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_TTL_OFFSET, IPV6_LEN,
+        Ipv4Hdr, Ipv6Hdr, Parsed, Ports, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, VlanHdr,
+        network, parse_v4, parse_v6, ptr_at, v4_raw,
     },
     reverse_path,
     stats::global,
@@ -103,10 +105,21 @@ fn handle(ctx: &XdpContext, parsed: Result<Parsed, Skip>) -> u32 {
 /// Routes, rewrites and sends a packet of a flow.
 #[inline(always)]
 fn forward(ctx: &XdpContext, parsed: &Parsed, flow: &Flow) -> u32 {
+    let family = if parsed.key.family == FAMILY_V6 {
+        ANSWER_V6
+    } else {
+        0
+    };
+    // A client's packet that may not be forwarded once more (TTL or hop
+    // limit 1) on a source-translated flow: answered here, from the
+    // frontend and quoting what the client sent, as a router would. The
+    // kernel's own answer would go to the translated source, the node.
+    if flow.flags & (FLOW_F_SNAT | FLOW_F_REPLY) == FLOW_F_SNAT && parsed.ttl <= 1 {
+        return too_big(ctx.ctx, parsed.l3, family | ANSWER_TIME_EXCEEDED);
+    }
     let route = route(ctx, parsed, flow);
     if let Route::TooBig { mtu } = route {
-        let v6 = (parsed.key.family == FAMILY_V6) as u32;
-        return too_big(ctx.ctx, parsed.l3, mtu as u32 | v6 << 16);
+        return too_big(ctx.ctx, parsed.l3, mtu as u32 | family);
     }
     fragments::remember_first(parsed, flow, ctx.ingress_ifindex() as u32);
     if rewrite(ctx.data(), ctx.data_end(), parsed, flow).is_err() {
@@ -584,18 +597,19 @@ fn too_big(xdp: *mut xdp_md, l3: usize, mtu_family: u32) -> u32 {
     let ctx = &XdpContext::new(xdp);
     let l3 = l3 & 0x1f;
     let mtu = mtu_family as u16;
+    let exceeded = mtu_family & ANSWER_TIME_EXCEEDED != 0;
     // One body per family, each with its sizes as constants (shared, the
     // compiler merges the two families' bounds checks into forms the
     // verifier cannot follow).
-    if mtu_family >> 16 != 0 {
-        answer_too_big::<true>(ctx, l3, mtu)
+    if mtu_family & ANSWER_V6 != 0 {
+        answer_too_big::<true>(ctx, l3, mtu, exceeded)
     } else {
-        answer_too_big::<false>(ctx, l3, mtu)
+        answer_too_big::<false>(ctx, l3, mtu, exceeded)
     }
 }
 
 #[inline(always)]
-fn answer_too_big<const V6: bool>(ctx: &XdpContext, l3: usize, mtu: u16) -> u32 {
+fn answer_too_big<const V6: bool>(ctx: &XdpContext, l3: usize, mtu: u16, exceeded: bool) -> u32 {
     let v6 = V6;
     let (quotable, headers_len) = if v6 {
         (icmp6::QUOTABLE_LEN, icmp6::TOO_BIG_HEADERS_LEN)
@@ -617,10 +631,10 @@ fn answer_too_big<const V6: bool>(ctx: &XdpContext, l3: usize, mtu: u16) -> u32 
     // `data_end - (keep + data)` it would subtract a packet pointer from a
     // number, which the verifier refuses.
     let frame_len = core::hint::black_box(data_end - data);
+    // Negative for a packet shorter than the quote (a SYN answered with
+    // "time exceeded"): the frame then grows, and the kernel zeroes what
+    // it adds; the quoted header's length still says what was sent.
     let cut = frame_len as i32 - keep as i32;
-    if cut < 0 {
-        return xdp_action::XDP_DROP;
-    }
     unsafe {
         if bpf_xdp_adjust_tail(ctx.ctx, -cut) != 0
             || bpf_xdp_adjust_head(ctx.ctx, -(headers_len as i32)) != 0
@@ -648,24 +662,30 @@ fn answer_too_big<const V6: bool>(ctx: &XdpContext, l3: usize, mtu: u16) -> u32 
     }
     let quoted = l3 + headers_len;
     if v6 {
-        let Ok(headers) = icmp6::too_big(data, data_end, quoted, mtu) else {
+        let Ok(headers) = icmp6::too_big(data, data_end, quoted, mtu, exceeded) else {
             return xdp_action::XDP_DROP;
         };
-        let Ok(room) = ptr_at::<icmp6::TooBig>(data, data_end, l3) else {
+        // Checked on its own (see `redirect_v6`): implied by the quote's
+        // check, which the verifier cannot tell with `l3` not a constant.
+        let Ok(room) = ptr_at::<icmp6::TooBig>(core::hint::black_box(data), data_end, l3) else {
             return xdp_action::XDP_DROP;
         };
         words::copy(unsafe { &mut *room }, &headers);
     } else {
-        let Ok(headers) = icmp::frag_needed(data, data_end, quoted, mtu) else {
+        let Ok(headers) = icmp::frag_needed(data, data_end, quoted, mtu, exceeded) else {
             return xdp_action::XDP_DROP;
         };
-        let Ok(room) = ptr_at::<icmp::FragNeeded>(data, data_end, l3) else {
+        let Ok(room) = ptr_at::<icmp::FragNeeded>(core::hint::black_box(data), data_end, l3) else {
             return xdp_action::XDP_DROP;
         };
         unsafe { *room = headers };
     }
     if let Some(g) = global() {
-        g.frag_needed_sent += 1;
+        if exceeded {
+            g.time_exceeded_sent += 1;
+        } else {
+            g.frag_needed_sent += 1;
+        }
     }
     // Back out of the device it came in on. Through `TX_PORTS` when the
     // device is there (every uplink is, with redirects on), XDP_TX

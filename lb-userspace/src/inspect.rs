@@ -161,6 +161,7 @@ pub fn rows(
                 "stale_passed": g.stale_passed,
                 "fragments_translated": g.fragments_translated,
                 "reply_leaks_dropped": g.reply_leaks_dropped,
+                "time_exceeded_sent": g.time_exceeded_sent,
             }));
         }
     }

@@ -1150,3 +1150,40 @@ fn a_local_backends_reply_without_a_flow_never_leaves_for_the_outside() -> Resul
     assert_eq!(dp.global()?.reply_leaks_dropped, dropped);
     Ok(())
 }
+
+#[test]
+fn a_source_translated_packet_with_ttl_1_is_answered_with_time_exceeded_from_the_frontend()
+-> Result<()> {
+    let dp = Datapath::new()?;
+    let mut syn = tcp((CLIENT, 40100), (FRONTEND, SNAT_PORT), TCP_SYN);
+    // TTL 1, header checksum redone.
+    syn[14 + 8] = 1;
+    syn[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = checksum(&syn[14..34]);
+    syn[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    let before = dp.global()?;
+    let (verdict, out) = dp.run(&syn)?;
+    assert_eq!(verdict, 3, "sent back (XDP_TX)");
+    // From the frontend to the client: ICMP type 11, code 0, quoting the
+    // client's own header (TTL 1, its addresses and ports).
+    assert_eq!(out[14 + 9], 1, "ICMP");
+    assert_eq!(&out[26..30], &FRONTEND.octets());
+    assert_eq!(&out[30..34], &CLIENT.octets());
+    assert_eq!((out[34], out[35]), (11, 0), "time exceeded in transit");
+    assert_eq!(checksum(&out[14..34]), 0, "IPv4 header checksum");
+    assert_eq!(checksum(&out[34..]), 0, "ICMP checksum");
+    assert_eq!(&out[42..62], &syn[14..34], "the client's header, quoted");
+    assert_eq!(&out[62..66], &syn[34..38], "its ports, quoted");
+    let after = dp.global()?;
+    assert_eq!(after.time_exceeded_sent, before.time_exceeded_sent + 1);
+    // A local backend's flow (no SNAT) is the kernel's to answer.
+    let mut local = tcp((CLIENT, 40101), (FRONTEND, 80), TCP_SYN);
+    local[14 + 8] = 1;
+    local[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = checksum(&local[14..34]);
+    local[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    let (verdict, _) = dp.run(&local)?;
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(dp.global()?.time_exceeded_sent, after.time_exceeded_sent);
+    Ok(())
+}

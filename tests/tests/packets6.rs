@@ -536,3 +536,37 @@ fn an_error_about_someone_elses_packet_is_left_alone() -> Result<()> {
     assert_eq!(out, error);
     Ok(())
 }
+
+#[test]
+fn a_source_translated_packet_with_hop_limit_1_is_answered_with_time_exceeded() -> Result<()> {
+    let dp = Datapath::new()?;
+    let syn = FrameSpec6 {
+        hop_limit: 1,
+        ..tcp6((CLIENT, 40020), (FRONTEND, SNAT_PORT), TCP_SYN)
+    };
+    let input = frame6(&syn);
+    let (verdict, out) = dp.xdp(&input)?;
+    assert_eq!(verdict, 3, "sent back (XDP_TX)");
+    assert_eq!(out[14 + 6], ICMPV6);
+    assert_eq!(tuple(&out, 14, 14).0.0, FRONTEND);
+    assert_eq!(tuple(&out, 14, 14).1.0, CLIENT);
+    assert_eq!((out[54], out[55]), (3, 0), "hop limit exceeded in transit");
+    assert_icmp6_checksum_valid(&out);
+    assert_eq!(
+        &out[62..62 + 72],
+        &input[14..14 + 72],
+        "the client's packet, quoted"
+    );
+    assert_eq!(dp.global()?.time_exceeded_sent, 1);
+    // The same at tcx ingress (uplinks without XDP).
+    let other = FrameSpec6 {
+        sport: 40021,
+        ..syn
+    };
+    let (rc, out) = dp.tc("xlb_tc_ingress", &frame6(&other))?;
+    assert_eq!(rc, 7, "redirected back out (TC_ACT_REDIRECT)");
+    assert_eq!((out[54], out[55]), (3, 0));
+    assert_icmp6_checksum_valid(&out);
+    assert_eq!(dp.global()?.time_exceeded_sent, 2);
+    Ok(())
+}

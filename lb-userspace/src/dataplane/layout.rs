@@ -211,7 +211,8 @@ fn global_stats() -> Layout {
         host_socket,
         stale_passed,
         fragments_translated,
-        reply_leaks_dropped
+        reply_leaks_dropped,
+        time_exceeded_sent
     })
 }
 fn config() -> Layout {

@@ -177,6 +177,12 @@ pub const GLOBAL_COUNTERS: &[Field<GlobalStats>] = &[
         label: None,
         read: |g| g.reply_leaks_dropped,
     },
+    Field {
+        family: "xlb_time_exceeded_sent_packets",
+        help: "ICMP time exceeded sent to clients whose packet reached a source-translated flow with TTL or hop limit 1",
+        label: None,
+        read: |g| g.time_exceeded_sent,
+    },
 ];
 
 /// What one scrape read from the datapath.
