@@ -35,6 +35,8 @@ pub const XDP_REDIRECT: u32 = 4;
 /// tcx: `TCX_NEXT` (-1) and `TC_ACT_SHOT`.
 pub const TC_NEXT: u32 = u32::MAX;
 pub const TC_SHOT: u32 = 2;
+/// `TC_ACT_REDIRECT`: an answer sent back out of the ingress device.
+pub const TC_REDIRECT: u32 = 7;
 
 /// `XLB_FRAGMENTS` as bytes: key {src, dst, IP id, protocol, pad}, value
 /// {translated src, translated dst, ifindex (host order)}.
@@ -522,6 +524,33 @@ impl Model {
         verdict: u32,
         out: &[u8],
     ) -> Result<bool, Mismatch> {
+        // TTL 1 on a source-translated flow's forward packet: answered with
+        // "time exceeded" from the frontend, back out of the ingress device
+        // (XDP_TX or a redirect from XDP, a redirect from tcx).
+        if program != Program::TcEgress
+            && entry.flags & (FLOW_F_SNAT | FLOW_F_REPLY) == FLOW_F_SNAT
+            && input[parsed.l3 + 8] <= 1
+        {
+            // A router drops such a packet; the answer is best effort (a
+            // frame the helpers cannot reshape is dropped unanswered).
+            let (sent, dropped) = match program {
+                Program::Xdp => (
+                    verdict == XDP_TX || verdict == XDP_REDIRECT,
+                    verdict == XDP_DROP,
+                ),
+                _ => (verdict == TC_REDIRECT, verdict == TC_SHOT),
+            };
+            if dropped {
+                return Ok(false);
+            }
+            if !sent {
+                return Err(mismatch(
+                    "TTL 1 on a source-translated flow not answered",
+                    "ICMP time exceeded sent back, or a drop",
+                ));
+            }
+            return time_exceeded(program, input, parsed, out).map(|()| false);
+        }
         let rewritten = match program {
             Program::Xdp => rewrite_xdp(input, parsed, entry),
             _ => rewrite_tc(input, parsed, entry),
@@ -970,6 +999,60 @@ fn frag_needed(input: &[u8], p: &Parsed, mtu: u16, out: &[u8]) -> Result<(), Mis
     let quoted = &out[icmp + 8..end];
     if quoted.len() > input.len() - l3 || quoted != &input[l3..l3 + quoted.len()] {
         return wrong("quote");
+    }
+    Ok(())
+}
+
+/// An ICMP "time exceeded in transit" answer to `input`: from the original
+/// destination to the client, quoting the client's header and what
+/// follows unmodified (zeros past the end of a short packet).
+/// At tcx the quoted L4 checksum is set to the value a later checksum
+/// completion would leave alone (`icmp::partial_checksum_fixed_point`), so
+/// those two bytes are not compared there.
+fn time_exceeded(program: Program, input: &[u8], p: &Parsed, out: &[u8]) -> Result<(), Mismatch> {
+    let wrong = |what: &str| {
+        Err(mismatch(
+            "bad time-exceeded answer",
+            format!("ICMP 11/0 quoting the input ({what})"),
+        ))
+    };
+    let l3 = p.l3;
+    if out.len() < l3 + 20 + 8 + 28 {
+        return wrong("too short");
+    }
+    if out[..6] != input[6..12] || out[6..12] != input[..6] || out[12..l3] != input[12..l3] {
+        return wrong("Ethernet addresses swapped, tag and type kept");
+    }
+    let ihl = (out[l3] & 0x0f) as usize * 4;
+    let icmp = l3 + ihl;
+    if out[l3] >> 4 != 4 || ihl < 20 || out[l3 + 9] != 1 || !valid_ipv4(out, l3) {
+        return wrong("outer IPv4 header");
+    }
+    if headers::addr_at(out, l3 + IP_SRC) != p.tuple.dst
+        || headers::addr_at(out, l3 + IP_DST) != p.tuple.src
+    {
+        return wrong("addresses: from the frontend to the client");
+    }
+    let end = (l3 + be16(out, l3 + IP_TOT_LEN) as usize).min(out.len());
+    if out[icmp] != 11 || out[icmp + 1] != 0 || out[icmp + 4..icmp + 8] != [0, 0, 0, 0] {
+        return wrong("type, code, unused");
+    }
+    if end < icmp + 8 + 28 || checksum(&out[icmp..end]) != 0 {
+        return wrong("ICMP checksum");
+    }
+    let sent = &input[l3..];
+    let in_ihl = (input[l3] & 0x0f) as usize * 4;
+    let check = in_ihl
+        + if p.tuple.proto == PROTO_TCP {
+            TCP_CHECK
+        } else {
+            UDP_CHECK
+        };
+    for (i, byte) in out[icmp + 8..end].iter().enumerate() {
+        let skipped = program != Program::Xdp && (i == check || i == check + 1);
+        if !skipped && *byte != sent.get(i).copied().unwrap_or(0) {
+            return wrong("quote");
+        }
     }
     Ok(())
 }
