@@ -348,9 +348,24 @@ pub fn partial_checksum_fixed_point(
     quoted: usize,
 ) -> Result<Option<(usize, u16)>, Skip> {
     let header: *mut Ipv4Hdr = ptr_at(data, data_end, quoted)?;
-    let l4 = quoted + IPV4_LEN;
+    let proto = unsafe { (*header).protocol };
+    fixed_point_after(data, data_end, quoted, IPV4_LEN, proto)
+}
+
+/// The fixed point of the quoted L4 checksum for a quoted packet whose L4
+/// header (`proto`) starts `header_len` bytes after `quoted` (shared with
+/// `icmp6`); the field's offset from `quoted` and its value.
+#[inline(always)]
+pub fn fixed_point_after(
+    data: usize,
+    data_end: usize,
+    quoted: usize,
+    header_len: usize,
+    proto: u8,
+) -> Result<Option<(usize, u16)>, Skip> {
+    let l4 = quoted + header_len;
     let quoted_l4: *mut [u8; QUOTED_L4_LEN] = ptr_at(data, data_end, l4)?;
-    let offset = match unsafe { (*header).protocol } {
+    let offset = match proto {
         PROTO_TCP => TCP_CHECK_OFFSET,
         PROTO_UDP => UDP_CHECK_OFFSET,
         _ => return Ok(None),
@@ -359,7 +374,7 @@ pub fn partial_checksum_fixed_point(
     // The sum without the field: adding its complement takes it out.
     let all = sum(quoted_l4 as usize, QUOTED_L4_LEN) as u64;
     let others = fold(all + (!unsafe { *check }) as u64);
-    Ok(Some((IPV4_LEN + offset, (!others).rotate_right(1))))
+    Ok(Some((header_len + offset, (!others).rotate_right(1))))
 }
 
 /// The one's complement sum (unfolded) of `len` bytes at `at`, a multiple

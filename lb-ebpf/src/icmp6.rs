@@ -13,7 +13,7 @@ use lb_common::{Be16, FAMILY_V6, Flow, FlowKey, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     checksum::CsumDelta,
-    icmp::{fold, sum},
+    icmp::{self, fold, sum},
     packet::{
         IPV6_LEN, Ipv6Hdr, PROTO_ICMPV6, Ports, Skip, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, ptr_at,
     },
@@ -204,7 +204,7 @@ impl ErrorChecks {
 /// header and this much of what follows (RFC 4443 asks for as much as fits
 /// in 1280 bytes; the ports and TCP's checksum are what the sender's stack
 /// needs to find the connection, and a fixed size keeps the sum simple).
-pub const QUOTED_L4_LEN: usize = 32;
+pub const QUOTED_L4_LEN: usize = icmp::QUOTED_L4_LEN;
 /// What a "packet too big" adds in front of the quoted packet.
 pub const TOO_BIG_HEADERS_LEN: usize = IPV6_LEN + ICMP6_LEN;
 /// The quoted part: the shortest packet a "packet too big" is made for.
@@ -285,15 +285,6 @@ pub fn partial_checksum_fixed_point(
     quoted: usize,
 ) -> Result<Option<(usize, u16)>, Skip> {
     let header: *mut Ipv6Hdr = ptr_at(data, data_end, quoted)?;
-    let l4 = quoted + IPV6_LEN;
-    let quoted_l4: *mut [u8; QUOTED_L4_LEN] = ptr_at(data, data_end, l4)?;
-    let offset = match unsafe { (*header).nexthdr } {
-        PROTO_TCP => TCP_CHECK_OFFSET,
-        PROTO_UDP => UDP_CHECK_OFFSET,
-        _ => return Ok(None),
-    };
-    let check: *mut u16 = ptr_at(data, data_end, l4 + offset)?;
-    let all = sum(quoted_l4 as usize, QUOTED_L4_LEN) as u64;
-    let others = fold(all + (!unsafe { *check }) as u64);
-    Ok(Some((IPV6_LEN + offset, (!others).rotate_right(1))))
+    let proto = unsafe { (*header).nexthdr };
+    icmp::fixed_point_after(data, data_end, quoted, IPV6_LEN, proto)
 }

@@ -396,10 +396,7 @@ const ALWAYS_FITS_V6: u16 = 1280;
 /// redirects are on, and otherwise only for those that might not fit.
 #[inline(always)]
 fn route(ctx: &XdpContext, p: &Parsed, flow: &Flow) -> Route {
-    let redirect_on = CONFIG
-        .get(CONFIG_KEY)
-        .map(|c| c.flags & CONFIG_F_REDIRECT != 0)
-        .unwrap_or(false);
+    let redirect_on = redirects_on();
     let v6 = p.key.family == FAMILY_V6;
     let check_size = if v6 {
         p.ip_len > ALWAYS_FITS_V6
@@ -436,14 +433,29 @@ fn route(ctx: &XdpContext, p: &Parsed, flow: &Flow) -> Route {
     }
 }
 
+/// Are redirects on (`--no-redirect` not given)?
+#[inline(always)]
+fn redirects_on() -> bool {
+    CONFIG
+        .get(CONFIG_KEY)
+        .is_some_and(|c| c.flags & CONFIG_F_REDIRECT != 0)
+}
+
+/// The route of a packet translated in place, once `fib` holds its
+/// addresses: an error too big for its route is left to the kernel.
+#[inline(always)]
+fn lookup_filled(ctx: &XdpContext, fib: &'static mut bpf_fib_lookup) -> Route {
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    match fib_result(ctx, fib, true) {
+        Route::TooBig { .. } => Route::Pass,
+        other => other,
+    }
+}
+
 /// Looks up the route of the (already translated) packet at `l3`.
 #[inline(always)]
 fn lookup(ctx: &XdpContext, l3: usize, fib: &'static mut bpf_fib_lookup) -> Route {
-    let redirect_on = CONFIG
-        .get(CONFIG_KEY)
-        .map(|c| c.flags & CONFIG_F_REDIRECT != 0)
-        .unwrap_or(false);
-    if !redirect_on {
+    if !redirects_on() {
         return Route::Pass;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
@@ -459,22 +471,13 @@ fn lookup(ctx: &XdpContext, l3: usize, fib: &'static mut bpf_fib_lookup) -> Rout
         fib.__bindgen_anon_3.ipv4_src = (*ip).saddr;
         fib.__bindgen_anon_4.ipv4_dst = (*ip).daddr;
     }
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    // An error too big for its route is left to the kernel.
-    match fib_result(ctx, fib, true) {
-        Route::TooBig { .. } => Route::Pass,
-        other => other,
-    }
+    lookup_filled(ctx, fib)
 }
 
 /// [`lookup`] for the IPv6 packet at `l3`.
 #[inline(always)]
 fn lookup_v6(ctx: &XdpContext, l3: usize, fib: &'static mut bpf_fib_lookup) -> Route {
-    let redirect_on = CONFIG
-        .get(CONFIG_KEY)
-        .map(|c| c.flags & CONFIG_F_REDIRECT != 0)
-        .unwrap_or(false);
-    if !redirect_on {
+    if !redirects_on() {
         return Route::Pass;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
@@ -487,11 +490,7 @@ fn lookup_v6(ctx: &XdpContext, l3: usize, fib: &'static mut bpf_fib_lookup) -> R
         fib.__bindgen_anon_1.tot_len = u16::from_be((*ip).payload_len) + IPV6_LEN as u16;
         reverse_path::set_addresses(fib, FAMILY_V6, &(*ip).saddr, &(*ip).daddr);
     }
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    match fib_result(ctx, fib, true) {
-        Route::TooBig { .. } => Route::Pass,
-        other => other,
-    }
+    lookup_filled(ctx, fib)
 }
 
 #[inline(always)]

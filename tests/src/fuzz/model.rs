@@ -966,54 +966,51 @@ fn same_but_zero_sums(a: &[u8], b: &[u8], sums: &[usize]) -> bool {
 /// original destination to the client, quoting the client's header and at
 /// least 8 bytes after it unmodified, the next-hop MTU given.
 fn frag_needed(input: &[u8], p: &Parsed, mtu: u16, out: &[u8]) -> Result<(), Mismatch> {
-    let wrong = |what: &str| {
-        Err(mismatch(
-            "bad fragmentation-needed answer",
-            format!("ICMP 3/4 with MTU {mtu} quoting the input ({what})"),
-        ))
-    };
-    let l3 = p.l3;
-    if out.len() < l3 + 20 + 8 + 28 {
-        return wrong("too short");
-    }
-    if out[..6] != input[6..12] || out[6..12] != input[..6] || out[12..l3] != input[12..l3] {
-        return wrong("Ethernet addresses swapped, tag and type kept");
-    }
-    let ihl = (out[l3] & 0x0f) as usize * 4;
-    let icmp = l3 + ihl;
-    if out[l3] >> 4 != 4 || ihl < 20 || out[l3 + 9] != 1 || !valid_ipv4(out, l3) {
-        return wrong("outer IPv4 header");
-    }
-    if headers::addr_at(out, l3 + IP_SRC) != p.tuple.dst
-        || headers::addr_at(out, l3 + IP_DST) != p.tuple.src
-    {
-        return wrong("addresses: from the frontend to the client");
-    }
-    let end = (l3 + be16(out, l3 + IP_TOT_LEN) as usize).min(out.len());
-    if out[icmp] != 3 || out[icmp + 1] != 4 || be16(out, icmp + 6) != mtu {
-        return wrong("type, code, MTU");
-    }
-    if end < icmp + 8 + 28 || checksum(&out[icmp..end]) != 0 {
-        return wrong("ICMP checksum");
-    }
-    let quoted = &out[icmp + 8..end];
-    if quoted.len() > input.len() - l3 || quoted != &input[l3..l3 + quoted.len()] {
-        return wrong("quote");
-    }
-    Ok(())
+    let mut rest = [0u8; 4];
+    rest[2..].copy_from_slice(&mtu.to_be_bytes());
+    icmp_answer(
+        Program::Xdp,
+        input,
+        p,
+        out,
+        (3, 4),
+        rest,
+        "bad fragmentation-needed answer",
+    )
 }
 
-/// An ICMP "time exceeded in transit" answer to `input`: from the original
-/// destination to the client, quoting the client's header and what
-/// follows unmodified (zeros past the end of a short packet).
-/// At tcx the quoted L4 checksum is set to the value a later checksum
-/// completion would leave alone (`icmp::partial_checksum_fixed_point`), so
-/// those two bytes are not compared there.
+/// An ICMP "time exceeded in transit" answer to `input`, likewise, quoting
+/// zeros past the end of a short packet. At tcx the quoted L4 checksum is
+/// set to the value a later checksum completion would leave alone
+/// (`icmp::partial_checksum_fixed_point`), so those two bytes are not
+/// compared there.
 fn time_exceeded(program: Program, input: &[u8], p: &Parsed, out: &[u8]) -> Result<(), Mismatch> {
+    icmp_answer(
+        program,
+        input,
+        p,
+        out,
+        (11, 0),
+        [0; 4],
+        "bad time-exceeded answer",
+    )
+}
+
+/// An ICMP answer (`kind`, `code`, the 4 bytes after the checksum as
+/// `rest`) to `input`, sent back out of the device it came in on.
+fn icmp_answer(
+    program: Program,
+    input: &[u8],
+    p: &Parsed,
+    out: &[u8],
+    (kind, code): (u8, u8),
+    rest: [u8; 4],
+    class: &'static str,
+) -> Result<(), Mismatch> {
     let wrong = |what: &str| {
         Err(mismatch(
-            "bad time-exceeded answer",
-            format!("ICMP 11/0 quoting the input ({what})"),
+            class,
+            format!("ICMP {kind}/{code} ({rest:?}) quoting the input ({what})"),
         ))
     };
     let l3 = p.l3;
@@ -1034,8 +1031,8 @@ fn time_exceeded(program: Program, input: &[u8], p: &Parsed, out: &[u8]) -> Resu
         return wrong("addresses: from the frontend to the client");
     }
     let end = (l3 + be16(out, l3 + IP_TOT_LEN) as usize).min(out.len());
-    if out[icmp] != 11 || out[icmp + 1] != 0 || out[icmp + 4..icmp + 8] != [0, 0, 0, 0] {
-        return wrong("type, code, unused");
+    if out[icmp] != kind || out[icmp + 1] != code || out[icmp + 4..icmp + 8] != rest {
+        return wrong("type, code, rest");
     }
     if end < icmp + 8 + 28 || checksum(&out[icmp..end]) != 0 {
         return wrong("ICMP checksum");
