@@ -107,6 +107,9 @@ impl Conn {
     fn connect(client_ns: &str, to: SocketAddr, from: Option<IpAddr>) -> Result<Conn> {
         let stream = in_netns(client_ns, move || connect_from(to, from))??;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        // A transfer stuck behind a black hole (a lost "packet too big")
+        // fails instead of blocking the test forever.
+        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
         Ok(Conn {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
