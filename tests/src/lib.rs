@@ -28,10 +28,14 @@ use anyhow::{Result, bail};
 pub use agent::{Agent, spawn_agent, xlb_bin};
 pub use netns::{in_netns, ns_cmd, ns_sh, scoped_in_netns, sh};
 pub use topology::{
-    CLIENT_ADDR, CLIENT_ADDR_2, FRONTEND_NET, Links, NODE_ADDR, NODE_LINK_ADDR, NODE2_ADDR, POD_A,
-    POD_B, POD_C, Pod, Topology,
+    CLIENT_ADDR, CLIENT_ADDR_2, CLIENT_ADDR_V6, CLIENT_ADDR_V6_2, FRONTEND_NET, FRONTEND_NET_V6,
+    Links, NODE_ADDR, NODE_ADDR_V6, NODE_LINK_ADDR, NODE_LINK_ADDR_V6, NODE2_ADDR, NODE2_ADDR_V6,
+    POD_A, POD_A_V6, POD_B, POD_B_V6, POD_C, POD_C_V6, Pod, Topology,
 };
-pub use traffic::{Conn, Reply, parse_reply, snmp_counter, tcp_request, udp_request};
+pub use traffic::{
+    Conn, Reply, parse_reply, snmp_counter, tcp_request, tcp_request_v6, udp_request,
+    udp_request_v6,
+};
 
 /// Polls `f` every 50 ms until it holds, failing after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {

@@ -3,7 +3,10 @@
 //! or to JSON for the fake API server. One builder per kind, so every test
 //! writes the same shapes.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use k8s_openapi::{
     api::{
@@ -22,16 +25,32 @@ pub const NAMESPACE: &str = "default";
 
 /// A Node whose InternalIP is `addr`.
 pub fn node(name: &str, addr: Ipv4Addr) -> Node {
+    node_with_addresses(name, &[addr.into()])
+}
+
+/// A dual-stack Node: InternalIPs `ipv4` then `ipv6`, as a dual-stack
+/// kubelet reports them.
+pub fn dual_stack_node(name: &str, ipv4: Ipv4Addr, ipv6: Ipv6Addr) -> Node {
+    node_with_addresses(name, &[ipv4.into(), ipv6.into()])
+}
+
+/// A Node with these InternalIPs, in this order.
+fn node_with_addresses(name: &str, addresses: &[IpAddr]) -> Node {
     Node {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             ..ObjectMeta::default()
         },
         status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "InternalIP".into(),
-                address: addr.to_string(),
-            }]),
+            addresses: Some(
+                addresses
+                    .iter()
+                    .map(|addr| NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: addr.to_string(),
+                    })
+                    .collect(),
+            ),
             ..NodeStatus::default()
         }),
         ..Node::default()
@@ -92,6 +111,27 @@ pub fn service_in(
     }
 }
 
+/// A `RequireDualStack` LoadBalancer Service (`ipFamilies: [IPv4, IPv6]`)
+/// in the test namespace, its status holding one frontend per family.
+pub fn dual_stack_service(name: &str, ipv4: Ipv4Addr, ipv6: Ipv6Addr, ports: &[Port]) -> Service {
+    let mut service = service(name, ipv4, ports);
+    let spec = spec_mut(&mut service);
+    spec.ip_family_policy = Some("RequireDualStack".into());
+    spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+    if let Some(ingress) = service
+        .status
+        .as_mut()
+        .and_then(|status| status.load_balancer.as_mut())
+        .and_then(|load_balancer| load_balancer.ingress.as_mut())
+    {
+        ingress.push(LoadBalancerIngress {
+            ip: Some(ipv6.to_string()),
+            ..LoadBalancerIngress::default()
+        });
+    }
+    service
+}
+
 /// [`service_in`] the test namespace, with its frontend in the status.
 pub fn service(name: &str, frontend: Ipv4Addr, ports: &[Port]) -> Service {
     service_in(NAMESPACE, name, Some(frontend), ports)
@@ -115,6 +155,42 @@ pub fn endpoint_slice_in(
     endpoints: &[EndpointOf],
     ports: &[(&str, &str, i32)],
 ) -> EndpointSlice {
+    let endpoints: Vec<(IpAddr, &str, bool)> = endpoints
+        .iter()
+        .map(|&(addr, node, ready)| (addr.into(), node, ready))
+        .collect();
+    slice_of_family(namespace, slice, service, "IPv4", &endpoints, ports)
+}
+
+/// An `addressType: IPv6` EndpointSlice `<service>-v6` of `service` in the
+/// test namespace: the IPv6 half of a dual-stack Service's endpoints.
+pub fn endpoint_slice_v6(
+    service: &str,
+    endpoints: &[(Ipv6Addr, &str, bool)],
+    ports: &[(&str, &str, i32)],
+) -> EndpointSlice {
+    let endpoints: Vec<(IpAddr, &str, bool)> = endpoints
+        .iter()
+        .map(|&(addr, node, ready)| (addr.into(), node, ready))
+        .collect();
+    slice_of_family(
+        NAMESPACE,
+        &format!("{service}-v6"),
+        service,
+        "IPv6",
+        &endpoints,
+        ports,
+    )
+}
+
+fn slice_of_family(
+    namespace: &str,
+    slice: &str,
+    service: &str,
+    address_type: &str,
+    endpoints: &[(IpAddr, &str, bool)],
+    ports: &[(&str, &str, i32)],
+) -> EndpointSlice {
     EndpointSlice {
         metadata: ObjectMeta {
             name: Some(slice.to_string()),
@@ -125,7 +201,7 @@ pub fn endpoint_slice_in(
             )])),
             ..ObjectMeta::default()
         },
-        address_type: "IPv4".into(),
+        address_type: address_type.into(),
         endpoints: Some(
             endpoints
                 .iter()

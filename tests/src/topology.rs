@@ -13,7 +13,7 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -41,6 +41,19 @@ pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
 pub const POD_C: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 2);
 /// Frontend addresses live here; the client routes them to the node.
 pub const FRONTEND_NET: &str = "10.200.0.0/24";
+
+// Every link also carries a ULA IPv6 address, mirroring the IPv4 plan.
+pub const CLIENT_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
+/// A second IPv6 client address, outside the source ranges the tests allow.
+pub const CLIENT_ADDR_V6_2: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 3);
+pub const NODE_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+pub const NODE_LINK_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 1);
+pub const NODE2_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2);
+pub const POD_A_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 2);
+pub const POD_B_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 2);
+pub const POD_C_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 3, 0, 0, 0, 0, 2);
+/// IPv6 frontend addresses live here; the client routes them to the node.
+pub const FRONTEND_NET_V6: &str = "fd00:200::/64";
 
 /// Topologies made by this process, for unique prefixes.
 static TOPOLOGIES: AtomicU32 = AtomicU32::new(0);
@@ -78,6 +91,7 @@ pub struct Pod {
     pub name: &'static str,
     pub ns: String,
     pub addr: Ipv4Addr,
+    pub addr_v6: Ipv6Addr,
     pub node: &'static str,
 }
 
@@ -113,18 +127,21 @@ impl Topology {
                     name: "pod-a",
                     ns: format!("{prefix}-pa"),
                     addr: POD_A,
+                    addr_v6: POD_A_V6,
                     node: "a",
                 },
                 Pod {
                     name: "pod-b",
                     ns: format!("{prefix}-pb"),
                     addr: POD_B,
+                    addr_v6: POD_B_V6,
                     node: "a",
                 },
                 Pod {
                     name: "pod-c",
                     ns: format!("{prefix}-pc"),
                     addr: POD_C,
+                    addr_v6: POD_C_V6,
                     node: "b",
                 },
             ],
@@ -142,6 +159,10 @@ impl Topology {
 
     fn add_ns(&mut self, ns: &str) -> Result<()> {
         self.namespaces.push(Namespace::new(ns)?);
+        // Links moved in later take this namespace's defaults: no duplicate
+        // address detection, which would keep even the link-local
+        // addresses tentative (unusable for neighbour discovery) for ~2 s.
+        ns_sh(ns, &["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"])?;
         Ok(())
     }
 
@@ -210,12 +231,12 @@ impl Topology {
         for ns in [&client, &node, &node2] {
             self.add_ns(ns)?;
         }
-        let pods: Vec<(String, Ipv4Addr, &'static str)> = self
+        let pods: Vec<(String, Ipv4Addr, Ipv6Addr, &'static str)> = self
             .pods
             .iter()
-            .map(|p| (p.ns.clone(), p.addr, p.node))
+            .map(|p| (p.ns.clone(), p.addr, p.addr_v6, p.node))
             .collect();
-        for (ns, _, _) in &pods {
+        for (ns, _, _, _) in &pods {
             self.add_ns(ns)?;
         }
         // client <-> node uplink
@@ -224,6 +245,27 @@ impl Topology {
             VethEnd::new(&node, "uplink", "10.0.1.1/24"),
         )?;
         ns_sh(&client, &["ip", "addr", "add", "10.0.1.3/24", "dev", "c0"])?;
+        add_v6(&client, "c0", "fd00:1::2/64")?;
+        // Deprecated (preferred_lft 0): never the default source, still
+        // usable by a socket bound to it, like 10.0.1.3 beside 10.0.1.2.
+        ns_sh(
+            &client,
+            &[
+                "ip",
+                "addr",
+                "add",
+                "fd00:1::3/64",
+                "dev",
+                "c0",
+                "nodad",
+                "preferred_lft",
+                "0",
+            ],
+        )?;
+        add_v6(&node, "uplink", "fd00:1::1/64")?;
+        for net in [FRONTEND_NET_V6, "fd00:244::/32"] {
+            ns_sh(&client, &["ip", "route", "add", net, "via", "fd00:1::1"])?;
+        }
         ns_sh(
             &client,
             &["ip", "route", "add", FRONTEND_NET, "via", "10.0.1.1"],
@@ -239,6 +281,16 @@ impl Topology {
             VethEnd::new(&node2, "n1", "10.0.2.2/24"),
         )?;
         self.host_like(&node2, "n1")?;
+        add_v6(&node, "n2", "fd00:2::1/64")?;
+        add_v6(&node2, "n1", "fd00:2::2/64")?;
+        ns_sh(
+            &node,
+            &["ip", "route", "add", "fd00:244:3::/64", "via", "fd00:2::2"],
+        )?;
+        ns_sh(
+            &node2,
+            &["ip", "route", "add", "default", "via", "fd00:2::1"],
+        )?;
         ns_sh(
             &node,
             &["ip", "route", "add", "10.244.3.0/24", "via", "10.0.2.2"],
@@ -248,10 +300,18 @@ impl Topology {
             &["ip", "route", "add", "default", "via", "10.0.2.1"],
         )?;
         for ns in [&node, &node2] {
-            ns_sh(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            ns_sh(
+                ns,
+                &[
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                ],
+            )?;
         }
         // pods
-        for (i, (ns, addr, on)) in pods.iter().enumerate() {
+        for (i, (ns, addr, addr_v6, on)) in pods.iter().enumerate() {
             let host_ns = if *on == "a" { &node } else { &node2 };
             let octets = addr.octets();
             let host_addr = format!("{}.{}.{}.1/24", octets[0], octets[1], octets[2]);
@@ -271,6 +331,15 @@ impl Topology {
                     "via",
                     &host_addr[..host_addr.len() - 3],
                 ],
+            )?;
+            // fd00:244:N::2 in the pod, fd00:244:N::1 on the host side.
+            let segments = addr_v6.segments();
+            let host_v6 = Ipv6Addr::new(segments[0], segments[1], segments[2], 0, 0, 0, 0, 1);
+            add_v6(host_ns, &host_dev, &format!("{host_v6}/64"))?;
+            add_v6(ns, "eth0", &format!("{addr_v6}/64"))?;
+            ns_sh(
+                ns,
+                &["ip", "route", "add", "default", "via", &host_v6.to_string()],
             )?;
             self.host_like(ns, "eth0")?;
         }
@@ -301,23 +370,26 @@ impl Topology {
         Ok(())
     }
 
-    /// Starts TCP and UDP servers on `ports` in every pod.
+    /// Starts TCP and UDP servers on `ports` in every pod, on its IPv4 and
+    /// its IPv6 address.
     pub fn start_servers(&self, ports: &[u16]) -> Result<()> {
         for pod in &self.pods {
             for &port in ports {
-                serve_tcp(&pod.ns, pod.name, SocketAddrV4::new(pod.addr, port))?;
-                serve_udp(&pod.ns, pod.name, SocketAddrV4::new(pod.addr, port))?;
+                for addr in [IpAddr::V4(pod.addr), IpAddr::V6(pod.addr_v6)] {
+                    serve_tcp(&pod.ns, pod.name, SocketAddr::new(addr, port))?;
+                    serve_udp(&pod.ns, pod.name, SocketAddr::new(addr, port))?;
+                }
             }
         }
         Ok(())
     }
 
-    /// A Node object for the agent's node (InternalIP = uplink address) and
-    /// the second node.
+    /// A Node object for the agent's node (InternalIPs = uplink addresses,
+    /// IPv4 then IPv6) and the second node.
     pub fn nodes_manifest(&self) -> String {
         objects::to_yaml_documents(&[
-            objects::node(&self.node_name, NODE_ADDR),
-            objects::node(&self.node2_name, NODE2_ADDR),
+            objects::dual_stack_node(&self.node_name, NODE_ADDR, NODE_ADDR_V6),
+            objects::dual_stack_node(&self.node2_name, NODE2_ADDR, NODE2_ADDR_V6),
         ])
     }
 
@@ -451,6 +523,13 @@ impl Topology {
             .filter_map(|r| r.get(field).and_then(|v| v.as_u64()))
             .sum())
     }
+}
+
+/// Adds an IPv6 address without duplicate address detection, which would
+/// keep it unusable for about two seconds.
+fn add_v6(ns: &str, dev: &str, addr: &str) -> Result<()> {
+    ns_sh(ns, &["ip", "addr", "add", addr, "dev", dev, "nodad"])?;
+    Ok(())
 }
 
 impl Drop for Topology {

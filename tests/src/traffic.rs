@@ -5,17 +5,21 @@
 use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+        UdpSocket,
+    },
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
+use socket2::{Domain, Socket, Type};
 
 use crate::netns::in_netns;
 
 /// Starts a TCP server on `addr` in `ns` answering each line with
 /// `backend=<name> port=<port> peer=<ip:port> echo=<line>`.
-pub(crate) fn serve_tcp(ns: &str, name: &'static str, addr: SocketAddrV4) -> Result<()> {
+pub(crate) fn serve_tcp(ns: &str, name: &'static str, addr: SocketAddr) -> Result<()> {
     let listener = in_netns(ns, move || TcpListener::bind(addr))??;
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
@@ -46,7 +50,7 @@ pub(crate) fn serve_tcp(ns: &str, name: &'static str, addr: SocketAddrV4) -> Res
 
 /// Starts a UDP server on `addr` in `ns` answering each datagram like
 /// [`serve_tcp`].
-pub(crate) fn serve_udp(ns: &str, name: &'static str, addr: SocketAddrV4) -> Result<()> {
+pub(crate) fn serve_udp(ns: &str, name: &'static str, addr: SocketAddr) -> Result<()> {
     let socket = in_netns(ns, move || UdpSocket::bind(addr))??;
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
@@ -92,11 +96,20 @@ pub struct Conn {
 
 impl Conn {
     pub fn open(client_ns: &str, to: SocketAddrV4, from: Option<Ipv4Addr>) -> Result<Conn> {
-        let stream = in_netns(client_ns, move || -> Result<TcpStream> {
-            let socket = connect_from(to, from)?;
-            Ok(socket)
-        })??;
+        Conn::connect(client_ns, to.into(), from.map(IpAddr::V4))
+    }
+
+    /// [`Conn::open`] over IPv6.
+    pub fn open_v6(client_ns: &str, to: SocketAddrV6, from: Option<Ipv6Addr>) -> Result<Conn> {
+        Conn::connect(client_ns, to.into(), from.map(IpAddr::V6))
+    }
+
+    fn connect(client_ns: &str, to: SocketAddr, from: Option<IpAddr>) -> Result<Conn> {
+        let stream = in_netns(client_ns, move || connect_from(to, from))??;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        // A transfer stuck behind a black hole (a lost "packet too big")
+        // fails instead of blocking the test forever.
+        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
         Ok(Conn {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
@@ -181,57 +194,20 @@ pub fn read_from(ns: &str, to: SocketAddrV4, from: Option<SocketAddrV4>) -> Resu
 }
 
 /// connect() with a timeout and an optional source address.
-fn connect_from(to: SocketAddrV4, from: Option<Ipv4Addr>) -> Result<TcpStream> {
-    match from {
-        None => Ok(TcpStream::connect_timeout(
-            &to.into(),
-            Duration::from_secs(1),
-        )?),
-        Some(src) => {
-            // SAFETY: plain socket syscalls on a fresh fd we own.
-            unsafe {
-                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-                if fd < 0 {
-                    bail!("socket: {}", std::io::Error::last_os_error());
-                }
-                let stream = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
-                let sa = sockaddr(SocketAddrV4::new(src, 0));
-                if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, 16) != 0 {
-                    bail!("bind {src}: {}", std::io::Error::last_os_error());
-                }
-                let tv = libc::timeval {
-                    tv_sec: 1,
-                    tv_usec: 0,
-                };
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDTIMEO,
-                    &tv as *const _ as *const libc::c_void,
-                    std::mem::size_of::<libc::timeval>() as u32,
-                );
-                let da = sockaddr(to);
-                if libc::connect(fd, &da as *const _ as *const libc::sockaddr, 16) != 0 {
-                    bail!(
-                        "connect {to} from {src}: {}",
-                        std::io::Error::last_os_error()
-                    );
-                }
-                Ok(stream)
-            }
-        }
+fn connect_from(to: SocketAddr, from: Option<IpAddr>) -> Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+    if let Some(src) = from {
+        socket
+            .bind(&SocketAddr::new(src, 0).into())
+            .with_context(|| format!("bind {src}"))?;
     }
-}
-
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
+    socket
+        .connect_timeout(&to.into(), Duration::from_secs(1))
+        .with_context(|| match from {
+            Some(src) => format!("connect {to} from {src}"),
+            None => format!("connect {to}"),
+        })?;
+    Ok(socket.into())
 }
 
 /// One TCP request on a fresh connection.
@@ -239,9 +215,27 @@ pub fn tcp_request(client_ns: &str, to: SocketAddrV4) -> Result<Reply> {
     Conn::open(client_ns, to, None)?.ask("hello")
 }
 
+/// [`tcp_request`] over IPv6.
+pub fn tcp_request_v6(client_ns: &str, to: SocketAddrV6) -> Result<Reply> {
+    Conn::open_v6(client_ns, to, None)?.ask("hello")
+}
+
 /// One UDP datagram from a fresh socket (fresh source port), one answer.
 pub fn udp_request(client_ns: &str, to: SocketAddrV4) -> Result<Reply> {
-    let socket = in_netns(client_ns, || UdpSocket::bind("0.0.0.0:0"))??;
+    udp_ask(client_ns, to.into())
+}
+
+/// [`udp_request`] over IPv6.
+pub fn udp_request_v6(client_ns: &str, to: SocketAddrV6) -> Result<Reply> {
+    udp_ask(client_ns, to.into())
+}
+
+fn udp_ask(client_ns: &str, to: SocketAddr) -> Result<Reply> {
+    let any: SocketAddr = match to {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = in_netns(client_ns, move || UdpSocket::bind(any))??;
     socket.set_read_timeout(Some(Duration::from_secs(1)))?;
     socket.send_to(b"hello", to)?;
     let mut buf = [0u8; 2048];

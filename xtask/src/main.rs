@@ -305,7 +305,9 @@ fn test(filter: &[String]) -> Result<()> {
         ("wires", &[][..]),
         (
             "container-nodes",
-            &["--test", "e2e", "--test", "kube", "--test", "upgrade"][..],
+            &[
+                "--test", "e2e", "--test", "e2e6", "--test", "kube", "--test", "upgrade",
+            ][..],
         ),
     ] {
         println!("end-to-end suites on {links}");
