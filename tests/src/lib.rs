@@ -33,7 +33,7 @@ pub use topology::{
     POD_A, POD_A_V6, POD_B, POD_B_V6, POD_C, POD_C_V6, Pod, Topology,
 };
 pub use traffic::{
-    Conn, Reply, parse_reply, snmp_counter, tcp_request, tcp_request_v6, udp_request,
+    Conn, PythonServer, Reply, parse_reply, snmp_counter, tcp_request, tcp_request_v6, udp_request,
     udp_request_v6,
 };
 

@@ -158,24 +158,72 @@ impl Conn {
     }
 }
 
+/// A Python program in a namespace, standing in for a host daemon or a
+/// pod's server outside the test process. [`PythonServer::start`] returns
+/// only once the script has printed `ready` (after it bound its socket), so
+/// a client never races the bind; a fixed sleep did, on a loaded machine.
+/// Killed when dropped.
+pub struct PythonServer {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl PythonServer {
+    /// Runs `script` in `ns`; the script prints `ready` (flushed) once it
+    /// is bound. Fails if that takes over 10 s or the script ends first.
+    pub fn start(ns: &str, script: &str) -> Result<PythonServer> {
+        let mut child = crate::netns::ns_cmd(ns, &["python3", "-u", "-c", script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting python3")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = PythonServer { child, lines };
+        match server.lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.trim() == "ready" => Ok(server),
+            Ok(line) => bail!("the server printed {line:?} before it was ready"),
+            Err(_) => {
+                let status = server.child.try_wait()?;
+                bail!("the server was not ready within 10 s (exit status {status:?})")
+            }
+        }
+    }
+
+    /// Waits for the script to end and returns what it printed after
+    /// `ready`.
+    pub fn output(mut self) -> Result<String> {
+        self.child.wait()?;
+        Ok(self.lines.try_iter().map(|l| l + "\n").collect())
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A TCP server on `addr` in `ns` that sends `text` to its first client and
-/// exits (after 10 s without one). Python, so that a test can stand in for
-/// a host daemon outside the test process.
-pub fn answer_once(ns: &str, addr: SocketAddrV4, text: &str) -> Result<std::process::Child> {
+/// exits (after 10 s without one), listening when this returns.
+pub fn answer_once(ns: &str, addr: SocketAddrV4, text: &str) -> Result<PythonServer> {
     let script = format!(
         "import socket\n\
          s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
          s.bind(('{}', {})); s.listen(1); s.settimeout(10)\n\
+         print('ready', flush=True)\n\
          c, _ = s.accept(); c.sendall({text:?}.encode())\n",
         addr.ip(),
         addr.port()
     );
-    let child = crate::netns::ns_cmd(ns, &["python3", "-c", &script])
-        .spawn()
-        .context("starting a one-shot server")?;
-    // Listening before the caller connects.
-    std::thread::sleep(Duration::from_millis(300));
-    Ok(child)
+    PythonServer::start(ns, &script).context("starting a one-shot server")
 }
 
 /// Connects from `ns` to `to`, from the local address and port `from` if

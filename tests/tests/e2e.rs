@@ -15,7 +15,7 @@ use xlb_tests::{
     objects::{self, endpoint_slice, endpoint_slice_in, service, spec_mut, to_yaml},
     scrape::{http_get, sample},
     sh, snmp_counter, tcp_request,
-    traffic::{answer_once, read_from},
+    traffic::{PythonServer, answer_once, read_from},
     udp_request, wait_until, xlb_bin,
 };
 
@@ -815,7 +815,7 @@ fn node_mode_leaves_replies_to_the_nodes_own_connections_alone() -> Result<()> {
     )?;
     let new_flows = t.stat("new_flows")?;
     // A server on the client; the node connects to it from local port 45000.
-    let mut server = answer_once(
+    let server = answer_once(
         &t.client,
         SocketAddrV4::new(CLIENT_ADDR, 8000),
         "hello from the client",
@@ -825,7 +825,7 @@ fn node_mode_leaves_replies_to_the_nodes_own_connections_alone() -> Result<()> {
         SocketAddrV4::new(CLIENT_ADDR, 8000),
         Some(SocketAddrV4::new(NODE_ADDR, 45000)),
     );
-    let _ = server.kill();
+    drop(server);
     let answer = answer.context("the node's own connection from the Service port")?;
     assert!(answer.contains("hello from the client"), "{answer}");
     assert_eq!(
@@ -864,34 +864,29 @@ fn node_mode_leaves_the_nodes_own_sockets_alone() -> Result<()> {
     let new_flows = t.stat("new_flows")?;
 
     // A host daemon on the node's address and the Service's port.
-    let mut daemon = answer_once(
+    let daemon = answer_once(
         &t.node,
         SocketAddrV4::new(NODE_ADDR, 2222),
         "the node's daemon",
     )?;
     let answer = read_from(&t.client, SocketAddrV4::new(NODE_ADDR, 2222), None);
-    let _ = daemon.kill();
+    drop(daemon);
     let answer = answer.context("the node's daemon on a Service port")?;
     assert!(answer.contains("the node's daemon"), "{answer}");
 
     // The node's own UDP socket on local port 45001 asks a server on the
     // client, whose answer comes back to that port.
-    let server = ns_cmd(
+    let server = PythonServer::start(
         &t.client,
-        &[
-            "python3",
-            "-c",
-            &format!(
-                "import socket\n\
-                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-                 s.bind(('{CLIENT_ADDR}', 5300)); s.settimeout(10)\n\
-                 d, a = s.recvfrom(100); s.sendto(b'answer to ' + d, a)\n"
-            ),
-        ],
+        &format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('{CLIENT_ADDR}', 5300)); s.settimeout(10)\n\
+             print('ready', flush=True)\n\
+             d, a = s.recvfrom(100); s.sendto(b'answer to ' + d, a)\n"
+        ),
     )
-    .spawn()
     .context("starting the UDP server")?;
-    std::thread::sleep(Duration::from_millis(300));
     let asked = ns_sh(
         &t.node,
         &[
@@ -906,8 +901,7 @@ fn node_mode_leaves_the_nodes_own_sockets_alone() -> Result<()> {
             ),
         ],
     );
-    let mut server = server;
-    let _ = server.kill();
+    drop(server);
     let asked = asked.context("the node's own UDP socket on a Service port")?;
     assert!(asked.contains("answer to the node"), "{asked}");
 
@@ -948,7 +942,7 @@ fn spec_load_balancer_ip_cannot_take_a_nodes_port() -> Result<()> {
         )),
     )?;
     // The node's daemon on its own address and port.
-    let mut daemon = answer_once(
+    let daemon = answer_once(
         &t.node,
         SocketAddrV4::new(NODE_ADDR, 10250),
         "the node daemon",
@@ -962,7 +956,7 @@ fn spec_load_balancer_ip_cannot_take_a_nodes_port() -> Result<()> {
         agent.log_text()
     );
     let answer = read_from(&t.client, SocketAddrV4::new(NODE_ADDR, 10250), None);
-    let _ = daemon.kill();
+    drop(daemon);
     let answer = answer.context("connecting to the node's port")?;
     assert!(answer.contains("the node daemon"), "{answer}");
     Ok(())
@@ -1371,12 +1365,10 @@ fn node_hears_its_own_address_from_the_wire(t: &Topology) -> Result<bool> {
     let listen = format!(
         "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          s.bind(('{NODE_ADDR}', 7777)); s.settimeout(2)\n\
+         print('ready', flush=True)\n\
          try:\n    print(s.recv(100).decode())\nexcept socket.timeout:\n    print('nothing')\n"
     );
-    let listener = ns_cmd(&t.node, &["python3", "-c", &listen])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
+    let listener = PythonServer::start(&t.node, &listen)?;
     // A raw IPv4 header: the client's kernel sends any source as it is.
     let send = format!(
         "import socket, struct, time\n\
@@ -1387,8 +1379,7 @@ fn node_hears_its_own_address_from_the_wire(t: &Topology) -> Result<bool> {
          for _ in range(5):\n    s.sendto(ip + udp, ('{NODE_ADDR}', 0)); time.sleep(0.1)\n"
     );
     ns_sh(&t.client, &["python3", "-c", &send])?;
-    let out = listener.wait_with_output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).contains("spoofed"))
+    Ok(listener.output()?.contains("spoofed"))
 }
 
 /// Audit A-17 (4): the agent sets `accept_local=1` on its uplinks, because
@@ -1446,14 +1437,11 @@ fn a_udp_answer_larger_than_the_mtu_reaches_the_client_whole() -> Result<()> {
             "import socket\n\
              s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
              s.bind(('{}', 9000))\n\
+             print('ready', flush=True)\n\
              while True:\n    d, a = s.recvfrom(100)\n    s.sendto(b'{name}'.ljust(3000, b'.'), a)\n",
             pod.addr
         );
-        servers.push(
-            ns_cmd(&pod.ns, &["python3", "-c", &script])
-                .spawn()
-                .context("starting the UDP server")?,
-        );
+        servers.push(PythonServer::start(&pod.ns, &script).context("starting the UDP server")?);
     }
     t.write_manifest(
         "big.yaml",
@@ -1491,10 +1479,7 @@ fn a_udp_answer_larger_than_the_mtu_reaches_the_client_whole() -> Result<()> {
             ),
         ],
     );
-    for mut server in servers {
-        let _ = server.kill();
-        let _ = server.wait();
-    }
+    drop(servers);
     let asked = asked.context("asking the big service")?;
     let mut answered = BTreeMap::new();
     for line in asked.lines() {
