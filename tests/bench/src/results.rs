@@ -36,6 +36,45 @@ impl System {
     }
 }
 
+/// The IP family of the traffic (and of the Services, rules and routes
+/// that carry it).
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default, Serialize, Deserialize,
+)]
+pub enum Family {
+    /// Runs made before IPv6 was measured are all IPv4.
+    #[default]
+    #[serde(rename = "IPv4")]
+    V4,
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    /// What the system is called in this family (ip6tables for iptables).
+    pub fn system_name(self, system: System) -> &'static str {
+        match (self, system) {
+            (Family::V6, System::Iptables) => "ip6tables",
+            _ => system.name(),
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// Flows of the "many flows" traffic: below the 3 x 28 232 SNAT ports one
 /// service with three remote backends has, so no system runs out of ports.
 pub const MANY_FLOWS: u32 = 60_000;
@@ -109,6 +148,8 @@ pub enum Load {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     pub system: System,
+    #[serde(default)]
+    pub family: Family,
     pub services: u32,
     pub traffic: Traffic,
     pub load: Load,
@@ -123,6 +164,8 @@ pub struct Row {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Apply {
     pub system: System,
+    #[serde(default)]
+    pub family: Family,
     pub services: u32,
     pub apply_one_more_us: f64,
     pub initial_setup_s: f64,
