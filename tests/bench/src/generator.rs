@@ -58,7 +58,13 @@ pub fn template(
     let (mut f, ip_check, l4_check, src, dst) = match dst {
         IpAddr::V4(dst) => {
             let (f, ip_check, l4_check) = frame_v4(proto, dst, sport, dport, udp_payload);
-            (f, ip_check, l4_check, u32::from(client_v4()), u32::from(dst))
+            (
+                f,
+                ip_check,
+                l4_check,
+                u32::from(client_v4()),
+                u32::from(dst),
+            )
         }
         IpAddr::V6(dst) => {
             let src = client_v6();
@@ -124,7 +130,13 @@ fn low32(a: Ipv6Addr) -> u32 {
 
 /// The IPv4 template: 64 bytes, UDP without checksum or a TCP SYN; with its
 /// IPv4 header checksum and TCP checksum.
-fn frame_v4(proto: u8, dst: Ipv4Addr, sport: u16, dport: u16, udp_payload: usize) -> (Vec<u8>, u16, u16) {
+fn frame_v4(
+    proto: u8,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    udp_payload: usize,
+) -> (Vec<u8>, u16, u16) {
     let src = client_v4();
     let l4_len = if proto == 6 { 20 } else { 8 + udp_payload };
     let mut f = vec![0u8; 12];
@@ -228,7 +240,10 @@ fn check_frame(f: &[u8], cfg: &GenConfig, n: u64) -> Result<()> {
             anyhow::ensure!(checksum(&f[l3..l4]) == 0, "IPv4 header checksum");
             let len = usize::from(u16::from_be_bytes([f[l3 + 2], f[l3 + 3]])) - 20;
             if cfg.proto == 6 {
-                anyhow::ensure!(pseudo_checksum(&s, &d, 6, &f[l4..l4 + len]) == 0, "TCP checksum");
+                anyhow::ensure!(
+                    pseudo_checksum(&s, &d, 6, &f[l4..l4 + len]) == 0,
+                    "TCP checksum"
+                );
             } else {
                 anyhow::ensure!(f[l4 + 6..l4 + 8] == [0, 0], "UDP over IPv4 goes without");
             }
@@ -333,14 +348,8 @@ impl Bench {
                 for (repeat, services, flows) in
                     [(1u32, 1, 1), (7, 3, 60_000), (170_003, 7, u32::MAX)]
                 {
-                    let (frame, cfg) = template(
-                        proto,
-                        [2; 6],
-                        [4; 6],
-                        dut_addr(family),
-                        services,
-                        flows,
-                    );
+                    let (frame, cfg) =
+                        template(proto, [2; 6], [4; 6], dut_addr(family), services, flows);
                     self.set_template(&frame)?;
                     self.set_config(cfg)?;
                     let generator: &Xdp = self.ebpf.program("bench_gen").unwrap().try_into()?;

@@ -206,7 +206,11 @@ fn measure(
             r.delivered_pps / 1e6,
             r.dut_ns_per_packet,
             r.sample
-                .map(|d| format!(", e.g. {} -> {}:{}", d.src, d.dst, d.dst_port))
+                .map(|d| format!(
+                    ", e.g. {} -> {}",
+                    d.src,
+                    std::net::SocketAddr::new(d.dst, d.dst_port)
+                ))
                 .unwrap_or_default()
         );
         check_translated(system, family, t, &r)?;
@@ -576,8 +580,7 @@ fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<BTreeMap<
                            src: Option<std::net::Ipv4Addr>,
                            reps: u32|
          -> Result<f64> {
-            let (frame, mut cfg) =
-                template(17, [2; 6], [4; 6], DUT_ADDR.into(), services, flows);
+            let (frame, mut cfg) = template(17, [2; 6], [4; 6], DUT_ADDR.into(), services, flows);
             cfg.dst_port_base = port_base;
             if let Some(src) = src {
                 cfg.src_addr_base = u32::from(src);

@@ -180,7 +180,10 @@ impl BenchNet {
             ns_sh(&d, &["ip", "route", "add", net, "via", via])?;
         }
         ns_sh(&s, &["ip", "route", "add", "default", "via", "10.0.9.1"])?;
-        ns_sh(&s, &["ip", "-6", "route", "add", "default", "via", "fd00:9::1"])?;
+        ns_sh(
+            &s,
+            &["ip", "-6", "route", "add", "default", "via", "fd00:9::1"],
+        )?;
         // dut0 must take redirected frames also when no XDP program is on it
         // (iptables, nftables): GRO gives the veth its NAPI.
         ns_sh(&d, &["ethtool", "-K", "dut0", "gro", "on"])?;
