@@ -26,7 +26,9 @@ use xlb_tests::{
 };
 
 use crate::{
-    network::{BenchNet, PORT_BASE, client_base, dut_addr, ifindex_in, pin_thread_to_cpu},
+    network::{
+        BenchNet, CLIENT_BASE, CLIENT_BASE6, PORT_BASE, dut_addr, ifindex_in, pin_thread_to_cpu,
+    },
     results::Family,
 };
 
@@ -62,12 +64,12 @@ pub fn template(
                 f,
                 ip_check,
                 l4_check,
-                u32::from(client_v4()),
+                u32::from(CLIENT_BASE),
                 u32::from(dst),
             )
         }
         IpAddr::V6(dst) => {
-            let src = client_v6();
+            let src = CLIENT_BASE6;
             let mut f = frame6(&FrameSpec6 {
                 proto,
                 sport,
@@ -109,20 +111,6 @@ pub fn template(
     (f, cfg)
 }
 
-fn client_v4() -> Ipv4Addr {
-    match client_base(Family::V4) {
-        IpAddr::V4(a) => a,
-        IpAddr::V6(_) => unreachable!(),
-    }
-}
-
-fn client_v6() -> Ipv6Addr {
-    match client_base(Family::V6) {
-        IpAddr::V6(a) => a,
-        IpAddr::V4(_) => unreachable!(),
-    }
-}
-
 /// The last 32 bits of an IPv6 address: the part the generator varies.
 fn low32(a: Ipv6Addr) -> u32 {
     u128::from(a) as u32
@@ -137,7 +125,7 @@ fn frame_v4(
     dport: u16,
     udp_payload: usize,
 ) -> (Vec<u8>, u16, u16) {
-    let src = client_v4();
+    let src = CLIENT_BASE;
     let l4_len = if proto == 6 { 20 } else { 8 + udp_payload };
     let mut f = vec![0u8; 12];
     f.extend_from_slice(&[0x08, 0x00]);

@@ -52,14 +52,6 @@ pub fn dut_sink_side(family: Family) -> IpAddr {
     }
 }
 
-/// The first client address in `family`.
-pub fn client_base(family: Family) -> IpAddr {
-    match family {
-        Family::V4 => CLIENT_BASE.into(),
-        Family::V6 => CLIENT_BASE6.into(),
-    }
-}
-
 /// `base` + `k`, in its family.
 pub fn nth(base: IpAddr, k: u32) -> IpAddr {
     match base {
