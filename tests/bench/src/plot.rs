@@ -117,18 +117,61 @@ pub fn plot(results: &Results) -> String {
                 if family == Family::V6 { "white" } else { color }
             );
         }
-        let label = match family {
-            Family::V4 => system.name().to_string(),
-            Family::V6 => format!("{} (IPv6)", family.system_name(system)),
+        let label = match (family, system) {
+            (Family::V4, _) => system.name().to_string(),
+            (Family::V6, System::Iptables) => family.system_name(system).to_string(),
+            (Family::V6, _) => format!("{} IPv6", system.name()),
         };
+        // The legend shows each line's stroke, then its name.
+        let y = t + 20.0 + legend as f64 * 18.0;
         let _ = writeln!(
             s,
-            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{label}</text>",
-            w - r + 10.0,
-            t + 20.0 + legend as f64 * 18.0,
+            "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/><text x=\"{}\" y=\"{y}\" fill=\"{color}\">{label}</text>",
+            w - r + 6.0,
+            y - 4.0,
+            w - r + 26.0,
+            y - 4.0,
+            w - r + 30.0,
         );
         legend += 1;
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::Row;
+
+    /// IPv6 lines are dotted and named in the legend; the ceiling is drawn
+    /// once.
+    #[test]
+    fn ipv6_lines_are_dotted_and_named() {
+        let text = include_str!("../../../docs/benchmarks.json");
+        let mut results: Results = serde_json::from_str(text).unwrap();
+        let v6: Vec<Row> = results
+            .throughput
+            .iter()
+            .filter(|r| r.services == 1 || r.services == 10_000)
+            .map(|r| Row {
+                family: Family::V6,
+                ..r.clone()
+            })
+            .collect();
+        results.throughput.extend(v6);
+        let svg = plot(&results);
+        for label in [
+            ">xlb<",
+            ">xlb IPv6<",
+            ">ip6tables<",
+            ">nftables IPv6<",
+            ">ceiling<",
+        ] {
+            assert!(svg.contains(label), "{label} missing: {svg}");
+        }
+        assert!(!svg.contains("ceiling IPv6"));
+        // Lines and legend strokes: three IPv6 systems, each twice.
+        assert_eq!(svg.matches("stroke-dasharray=\"2,3\"").count(), 6, "{svg}");
+    }
 }
