@@ -341,15 +341,20 @@ impl Bench {
                     self.set_template(&frame)?;
                     self.set_config(cfg)?;
                     let generator: &Xdp = self.ebpf.program("bench_gen").unwrap().try_into()?;
-                    let out = test_run(
-                        generator,
-                        &frame,
-                        TestRunSpec {
-                            repeat,
-                            ..TestRunSpec::ONCE
-                        },
-                    )?
-                    .frame;
+                    // On one CPU throughout: the frame count is per CPU.
+                    let out = std::thread::scope(|scope| {
+                        scope
+                            .spawn(|| -> Result<Vec<u8>> {
+                                pin_thread_to_cpu(0, 0)?;
+                                let spec = TestRunSpec {
+                                    repeat,
+                                    ..TestRunSpec::ONCE
+                                };
+                                Ok(test_run(generator, &frame, spec)?.frame)
+                            })
+                            .join()
+                            .map_err(|_| anyhow::anyhow!("the generator check panicked"))?
+                    })?;
                     check_frame(&out, &cfg, u64::from(repeat - 1)).with_context(|| {
                         format!("bench_gen wrote a bad {family} frame (proto {proto}, frame {}): {out:02x?}", repeat - 1)
                     })?;
