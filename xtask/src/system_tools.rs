@@ -147,6 +147,12 @@ pub const TABLE: &[Requirement] = &[
         needed_by: TESTS_AND_BENCH,
     },
     Requirement {
+        name: "ip6tables-restore",
+        probe: Probe::Program("ip6tables-restore"),
+        packages: &["iptables"],
+        needed_by: TESTS_AND_BENCH,
+    },
+    Requirement {
         name: "nft",
         probe: Probe::Program("nft"),
         packages: &["nftables"],
@@ -482,6 +488,7 @@ mod tests {
             "ping",
             "python3",
             "iptables-restore",
+            "ip6tables-restore",
             "nft",
             "conntrack",
             "taskset",

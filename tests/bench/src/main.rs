@@ -24,32 +24,35 @@ mod results;
 mod systems;
 
 use generator::{Bench, RunResult, template};
-use network::{DUT_ADDR, PORT_BASE};
+use network::{DUT_ADDR, PORT_BASE, dut_addr, dut_sink_side};
 use systems::{
-    AgentRun, backend, feed, iptables_ruleset, iptables_service, nft_ruleset, nft_service,
-    process_cpu_ns, rss_bytes, service_manifest,
+    AgentRun, backend, feed, iptables_restore, iptables_ruleset, iptables_service, is_backend,
+    nft_family, nft_ruleset, nft_service, process_cpu_ns, rss_bytes, service_manifest,
 };
 use xlb_tests::{fake_api::FakeApi, scoped_in_netns};
 
 use crate::results::{
-    AgentFootprint, Apply, KubeSource, Load, MANY_FLOWS, Machine, Results, Row, System, Traffic,
-    XdpAlone,
+    AgentFootprint, Apply, Family, KubeSource, Load, MANY_FLOWS, Machine, Results, Row, System,
+    Traffic, XdpAlone,
 };
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     fs::create_dir_all(&out_dir)?;
-    // XLB_BENCH_SCALES=1,100 and XLB_BENCH_ONLY=xlb,iptables narrow a run
-    // down while investigating; the report covers whatever ran.
+    // XLB_BENCH_SCALES=1,100, XLB_BENCH_ONLY=xlb,iptables and
+    // XLB_BENCH_FAMILIES=ipv6 narrow a run down while investigating; the
+    // report covers whatever ran.
     let scales: Vec<u32> = match std::env::var("XLB_BENCH_SCALES") {
         Ok(v) if !v.is_empty() => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
         _ if quick => vec![1, 100],
         _ => vec![1, 100, 1000, 10_000],
     };
     let only = std::env::var("XLB_BENCH_ONLY").unwrap_or_default();
+    let families = std::env::var("XLB_BENCH_FAMILIES").unwrap_or_default();
     let seconds = if quick { 0.4 } else { 1.5 };
     let started = Instant::now();
+    let largest = *scales.last().context("XLB_BENCH_SCALES names no scale")?;
 
     let mut bench = Bench::new()?;
     let mut rows = Vec::new();
@@ -60,62 +63,38 @@ fn main() -> Result<()> {
         if !only.is_empty() && !only.split(',').any(|o| o == system.name()) {
             continue;
         }
-        let sizes: Vec<u32> = if system == System::Ceiling {
-            vec![1]
-        } else {
-            scales.clone()
-        };
-        for &n in &sizes {
-            eprintln!(
-                "[{:>5.0}s] {} with {n} services",
-                started.elapsed().as_secs_f64(),
-                system.name()
-            );
-            let setup_started = Instant::now();
-            let guard = setup(&mut bench, system, n)?;
-            let setup_time = setup_started.elapsed();
-            bench.net.pin_dut_napi()?;
-            // Warm-up: neighbours, conntrack, flow tables.
-            bench.run(17, n, MANY_FLOWS, 0, seconds / 2.0)?;
-            for t in Traffic::ALL {
-                if t.flows() == 1 && n != 1 {
-                    continue;
-                }
-                let r = bench.run(t.proto(), n, t.flows(), 0, seconds)?;
-                eprintln!(
-                    "    {:<18} offered {:>6.3} Mpps delivered {:>6.3} Mpps, {:>6.0} ns/pkt on the DUT CPU",
-                    t.name(),
-                    r.offered_pps / 1e6,
-                    r.delivered_pps / 1e6,
-                    r.dut_ns_per_packet
-                );
-                rows.push(row(system, n, t, Load::Overload, &r));
-                if !quick && n == 1 && t == Traffic::UdpManyFlows {
-                    let nl = bench.no_loss_rate(t.proto(), n, t.flows(), r.offered_pps, seconds)?;
-                    eprintln!(
-                        "    {:<18} no-loss {:>6.3} Mpps",
-                        t.name(),
-                        nl.offered_pps / 1e6
-                    );
-                    rows.push(row(system, n, t, Load::NoLoss, &nl));
-                }
-            }
-            if system != System::Ceiling {
-                let one_more = apply_one_more(&bench, system, n, &guard)?;
-                apply.push(Apply {
-                    system,
-                    services: n,
-                    apply_one_more_us: one_more.as_secs_f64() * 1e6,
-                    initial_setup_s: setup_time.as_secs_f64(),
-                });
-            }
-            if system == System::Xlb
-                && n == *scales.last().unwrap()
-                && let Guard::Agent(a) = &guard
+        for family in Family::ALL {
+            if !families.is_empty()
+                && !families
+                    .split(',')
+                    .any(|f| f.eq_ignore_ascii_case(family.name()))
             {
-                footprint = Some(agent_footprint(&bench, a, if quick { 1.0 } else { 5.0 })?);
+                continue;
             }
-            teardown(&mut bench, guard)?;
+            // IPv6 at the ends of the range: one service and the largest
+            // scale, enough for the ratio per family.
+            let sizes: Vec<u32> = match (system, family) {
+                (System::Ceiling, _) => vec![1],
+                (_, Family::V4) => scales.clone(),
+                (_, Family::V6) => scales
+                    .iter()
+                    .copied()
+                    .filter(|&n| n == 1 || n == largest)
+                    .collect(),
+            };
+            for &n in &sizes {
+                let measured = measure(&mut bench, system, family, n, seconds, quick, started)?;
+                rows.extend(measured.rows);
+                apply.extend(measured.apply);
+                if system == System::Xlb
+                    && family == Family::V4
+                    && n == largest
+                    && let Guard::Agent(a) = &measured.guard
+                {
+                    footprint = Some(agent_footprint(&bench, a, if quick { 1.0 } else { 5.0 })?);
+                }
+                teardown(&mut bench, measured.guard, family)?;
+            }
         }
     }
 
@@ -125,13 +104,14 @@ fn main() -> Result<()> {
         if r.traffic == Traffic::UdpManyFlows && r.load == Load::Overload && r.delivered_pps <= 0.0
         {
             anyhow::bail!(
-                "harness broken: {} delivered nothing: {r:?}",
-                r.system.name()
+                "harness broken: {} ({}) delivered nothing: {r:?}",
+                r.family.system_name(r.system),
+                r.family
             );
         }
     }
     let kube = if only.is_empty() || only.split(',').any(|o| o == "xlb") {
-        let n = *scales.last().unwrap();
+        let n = largest;
         eprintln!(
             "[{:>5.0}s] xlb on the Kubernetes API with {n} services",
             started.elapsed().as_secs_f64()
@@ -180,9 +160,124 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn row(system: System, services: u32, traffic: Traffic, load: Load, r: &RunResult) -> Row {
+/// What one system at one size and family measured; `guard` keeps it set
+/// up (the agent footprint is measured on it) until `teardown`.
+struct Measured {
+    rows: Vec<Row>,
+    apply: Option<Apply>,
+    guard: Guard,
+}
+
+/// Sets `system` up with `n` services of `family` and runs every traffic
+/// kind through it.
+fn measure(
+    bench: &mut Bench,
+    system: System,
+    family: Family,
+    n: u32,
+    seconds: f64,
+    quick: bool,
+    started: Instant,
+) -> Result<Measured> {
+    eprintln!(
+        "[{:>5.0}s] {} ({family}) with {n} services",
+        started.elapsed().as_secs_f64(),
+        family.system_name(system),
+    );
+    let setup_started = Instant::now();
+    let guard = setup(bench, system, family, n)?;
+    let setup_time = setup_started.elapsed();
+    bench.net.pin_dut_napi()?;
+    let mut rows = Vec::new();
+    // Warm-up: neighbours, conntrack, flow tables.
+    bench.run(family, 17, n, MANY_FLOWS, 0, seconds / 2.0)?;
+    for t in Traffic::ALL {
+        if t.flows() == 1 && n != 1 {
+            continue;
+        }
+        let r = bench.run(family, t.proto(), n, t.flows(), 0, seconds)?;
+        eprintln!(
+            "    {:<18} offered {:>6.3} Mpps delivered {:>6.3} Mpps, {:>6.0} ns/pkt on the DUT CPU{}",
+            t.name(),
+            r.offered_pps / 1e6,
+            r.delivered_pps / 1e6,
+            r.dut_ns_per_packet,
+            r.sample
+                .map(|d| format!(
+                    ", e.g. {} -> {}",
+                    d.src,
+                    std::net::SocketAddr::new(d.dst, d.dst_port)
+                ))
+                .unwrap_or_default()
+        );
+        check_translated(system, family, t, &r)?;
+        rows.push(row(system, family, n, t, Load::Overload, &r));
+        // The no-loss rate is the rig's, not the system's (docs/benchmarks.md):
+        // searched for once, in IPv4.
+        if !quick && n == 1 && t == Traffic::UdpManyFlows && family == Family::V4 {
+            let nl = bench.no_loss_rate(family, t.proto(), n, t.flows(), r.offered_pps, seconds)?;
+            eprintln!(
+                "    {:<18} no-loss {:>6.3} Mpps",
+                t.name(),
+                nl.offered_pps / 1e6
+            );
+            rows.push(row(system, family, n, t, Load::NoLoss, &nl));
+        }
+    }
+    let apply = if system != System::Ceiling {
+        let one_more = apply_one_more(bench, system, family, n, &guard)?;
+        Some(Apply {
+            system,
+            family,
+            services: n,
+            apply_one_more_us: one_more.as_secs_f64() * 1e6,
+            initial_setup_s: setup_time.as_secs_f64(),
+        })
+    } else {
+        None
+    };
+    Ok(Measured { rows, apply, guard })
+}
+
+/// A system that translates must deliver DNATed frames (to a backend's
+/// port 8080) with the node's address as their source (SNAT, masquerade);
+/// the ceiling forwards them untouched. Checked on the sink's sample,
+/// which any run delivering more than two sampling periods has.
+fn check_translated(system: System, family: Family, t: Traffic, r: &RunResult) -> Result<()> {
+    let Some(d) = r.sample else {
+        anyhow::ensure!(
+            r.delivered < 2 * 4096,
+            "{} ({family}, {t}): {} frames delivered but none sampled",
+            family.system_name(system),
+            r.delivered
+        );
+        return Ok(());
+    };
+    let translated = d.dst_port == 8080 && is_backend(d.dst) && d.src == dut_sink_side(family);
+    let untouched = d.dst == dut_addr(family);
+    anyhow::ensure!(
+        if system == System::Ceiling {
+            untouched
+        } else {
+            translated
+        },
+        "{} ({family}, {t}) delivered {d:?}",
+        family.system_name(system)
+    );
+    Ok(())
+}
+
+fn row(
+    system: System,
+    family: Family,
+    services: u32,
+    traffic: Traffic,
+    load: Load,
+    r: &RunResult,
+) -> Row {
     Row {
         system,
+        family,
         services,
         traffic,
         load,
@@ -200,39 +295,56 @@ enum Guard {
     Ceiling(aya::programs::xdp::XdpLinkId),
 }
 
-fn setup(bench: &mut Bench, system: System, n: u32) -> Result<Guard> {
+fn setup(bench: &mut Bench, system: System, family: Family, n: u32) -> Result<Guard> {
     let dut = bench.net.dut.clone();
     Ok(match system {
-        System::Xlb => Guard::Agent(AgentRun::start(&bench.net, n)?),
+        System::Xlb => Guard::Agent(AgentRun::start(&bench.net, n, family)?),
         System::Iptables => {
-            feed(&dut, &["iptables-restore"], &iptables_ruleset(n))?;
+            feed(
+                &dut,
+                &[iptables_restore(family)],
+                &iptables_ruleset(family, n),
+            )?;
             Guard::Rules(bench.attach_pass()?)
         }
         System::Nftables => {
-            feed(&dut, &["nft", "-f", "-"], &nft_ruleset(n))?;
+            feed(&dut, &["nft", "-f", "-"], &nft_ruleset(family, n))?;
             Guard::Rules(bench.attach_pass()?)
         }
         System::Ceiling => Guard::Ceiling(bench.attach_ceiling()?),
     })
 }
 
-fn teardown(bench: &mut Bench, guard: Guard) -> Result<()> {
+fn teardown(bench: &mut Bench, guard: Guard, family: Family) -> Result<()> {
     let dut = bench.net.dut.clone();
     match guard {
         Guard::Agent(a) => a.stop()?,
         Guard::Rules(pass) => {
             bench.detach_pass(pass)?;
-            feed(&dut, &["iptables-restore"], "*nat\nCOMMIT\n")?;
-            let _ = xlb_tests::ns_sh(&dut, &["nft", "delete", "table", "ip", "xlb-bench"]);
-            let _ = xlb_tests::ns_sh(&dut, &["conntrack", "-F"]);
+            feed(&dut, &[iptables_restore(family)], "*nat\nCOMMIT\n")?;
+            let _ = xlb_tests::ns_sh(
+                &dut,
+                &["nft", "delete", "table", nft_family(family), "xlb-bench"],
+            );
+            let conntrack_family = match family {
+                Family::V4 => "ipv4",
+                Family::V6 => "ipv6",
+            };
+            let _ = xlb_tests::ns_sh(&dut, &["conntrack", "-F", "-f", conntrack_family]);
         }
         Guard::Ceiling(id) => bench.detach_ceiling(id)?,
     }
     Ok(())
 }
 
-/// Time until one more service is in effect.
-fn apply_one_more(bench: &Bench, system: System, n: u32, guard: &Guard) -> Result<Duration> {
+/// Time until one more service (of `family`) is in effect.
+fn apply_one_more(
+    bench: &Bench,
+    system: System,
+    family: Family,
+    n: u32,
+    guard: &Guard,
+) -> Result<Duration> {
     let dut = &bench.net.dut;
     match (system, guard) {
         (System::Xlb, Guard::Agent(a)) => {
@@ -242,14 +354,14 @@ fn apply_one_more(bench: &Bench, system: System, n: u32, guard: &Guard) -> Resul
                 &PinDir::new(std::path::Path::new("/sys/fs/bpf"), &a.node_name).maps(),
             )?;
             let key = frontend_key(&Frontend {
-                addr: IpAddr::V4(DUT_ADDR),
+                addr: dut_addr(family),
                 port: PORT_BASE + n as u16,
                 protocol: Protocol::Udp,
             })?;
             let started = Instant::now();
             fs::write(
                 bench.net.dir.join("manifests/extra.yaml"),
-                service_manifest(n),
+                service_manifest(n, family),
             )?;
             while maps.services.get(&key, 0).is_err() {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -260,19 +372,22 @@ fn apply_one_more(bench: &Bench, system: System, n: u32, guard: &Guard) -> Resul
             Ok(started.elapsed())
         }
         (System::Iptables, _) => {
-            let (decl, rules) = iptables_service(n, false);
+            let (decl, rules) = iptables_service(family, n, false);
             feed(
                 dut,
-                &["iptables-restore", "--noflush"],
+                &[iptables_restore(family), "--noflush"],
                 &format!("*nat\n{decl}{rules}COMMIT\n"),
             )
         }
         (System::Nftables, _) => {
-            let (chains, elements) = nft_service(n);
+            let (chains, elements) = nft_service(family, n);
             feed(
                 dut,
                 &["nft", "-f", "-"],
-                &format!("{chains}add element ip xlb-bench service-ips {{ {elements} }}\n"),
+                &format!(
+                    "{chains}add element {} xlb-bench service-ips {{ {elements} }}\n",
+                    nft_family(family)
+                ),
             )
         }
         _ => Ok(Duration::ZERO),
@@ -292,7 +407,7 @@ fn agent_footprint(bench: &Bench, a: &AgentRun, seconds: f64) -> Result<AgentFoo
     let mut writes = 0u64;
     let mut max_rss = idle_rss;
     while started.elapsed().as_secs_f64() < seconds {
-        let mut text = service_manifest(50_000);
+        let mut text = service_manifest(50_000, Family::V4);
         if writes % 2 == 1 {
             text = text.replacen("nodeName: remote", "nodeName: elsewhere", 1);
         }
@@ -321,7 +436,7 @@ fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<KubeSource> {
     let api = FakeApi::start_in_netns(dut, "127.0.0.1:0".parse()?)?;
     let kubeconfig = bench.net.dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
-    let text = systems::manifests(n, &node_name);
+    let text = systems::manifests(n, &node_name, Family::V4);
     let mut slices = Vec::new();
     for document in serde_yaml::Deserializer::from_str(&text) {
         let object: serde_json::Value = serde::Deserialize::deserialize(document)?;
@@ -460,7 +575,7 @@ fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<BTreeMap<
                            src: Option<std::net::Ipv4Addr>,
                            reps: u32|
          -> Result<f64> {
-            let (frame, mut cfg) = template(17, [2; 6], [4; 6], DUT_ADDR, services, flows);
+            let (frame, mut cfg) = template(17, [2; 6], [4; 6], DUT_ADDR.into(), services, flows);
             cfg.dst_port_base = port_base;
             if let Some(src) = src {
                 cfg.src_addr_base = u32::from(src);
@@ -524,7 +639,7 @@ fn desired_local(n: u32) -> DesiredState {
                 },
                 backends: (0..3)
                     .map(|j| Backend {
-                        addr: IpAddr::V4(backend(i, j)),
+                        addr: backend(Family::V4, i, j),
                         port: 8080,
                         local: true,
                         terminating: false,

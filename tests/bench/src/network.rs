@@ -7,11 +7,23 @@
 //!  (bench_gen redirects out of gen0)          everything the DUT does, and the
 //!                                              sink's XDP counter (bench_sink)
 //! ```
+//!
+//! Both links carry both families: 10.0.8.0/24 and fd00:8::/64 on the
+//! generator's side, 10.0.9.0/24 and fd00:9::/64 on the sink's. The DUT
+//! routes the clients (10.101.0.0/16, fd00:101::/64) back to the generator
+//! and the backends (10.128.0.0/9, fd00:128::/64) to the sink.
 
-use std::{fs, net::Ipv4Addr, path::PathBuf, process::Command};
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    process::Command,
+};
 
 use anyhow::{Context, Result, bail};
 use xlb_tests::netns::{Namespace, VethEnd, ns_sh, veth};
+
+use crate::results::Family;
 
 pub const DUT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 8, 2);
 pub const DUT_SINK_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 1);
@@ -19,6 +31,39 @@ pub const DUT_SINK_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 1);
 /// (every LoadBalancer port is a port on the node address).
 pub const PORT_BASE: u16 = 10_000;
 pub const CLIENT_BASE: Ipv4Addr = Ipv4Addr::new(10, 101, 0, 0);
+pub const DUT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, 0, 2);
+pub const DUT_SINK_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 0, 0, 0, 0, 0, 1);
+pub const CLIENT_BASE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 0);
+
+/// The node address the Services listen on (dut0's), in `family`.
+pub fn dut_addr(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => DUT_ADDR.into(),
+        Family::V6 => DUT_ADDR6.into(),
+    }
+}
+
+/// dut1's address: the node's InternalIP, and the source of SNAT and
+/// masquerade towards the backends, in `family`.
+pub fn dut_sink_side(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => DUT_SINK_SIDE.into(),
+        Family::V6 => DUT_SINK_SIDE6.into(),
+    }
+}
+
+/// `base` + `k`, in its family.
+pub fn nth(base: IpAddr, k: u32) -> IpAddr {
+    match base {
+        IpAddr::V4(a) => Ipv4Addr::from(u32::from(a) + k).into(),
+        IpAddr::V6(a) => Ipv6Addr::from(u128::from(a) + u128::from(k)).into(),
+    }
+}
+
+/// The host prefix of `addr` (`/32` or `/128`).
+pub fn host_prefix(addr: IpAddr) -> String {
+    format!("{addr}/{}", if addr.is_ipv4() { 32 } else { 128 })
+}
 
 pub fn pin_thread_to_cpu(pid: i32, cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
@@ -106,16 +151,31 @@ impl BenchNet {
             VethEnd::new(&d, "dut1", "10.0.9.1/24"),
             VethEnd::new(&s, "sink1", "10.0.9.2/24"),
         )?;
+        // IPv6 on the same links; no duplicate address detection, so the
+        // addresses are usable at once.
+        for (ns, dev, addr) in [
+            (&g, "gen0", "fd00:8::1/64"),
+            (&d, "dut0", "fd00:8::2/64"),
+            (&d, "dut1", "fd00:9::1/64"),
+            (&s, "sink1", "fd00:9::2/64"),
+        ] {
+            ns_sh(ns, &["ip", "addr", "add", addr, "dev", dev, "nodad"])?;
+        }
         ns_sh(&d, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        ns_sh(
-            &d,
-            &["ip", "route", "add", "10.128.0.0/9", "via", "10.0.9.2"],
-        )?;
-        ns_sh(
-            &d,
-            &["ip", "route", "add", "10.101.0.0/16", "via", "10.0.8.1"],
-        )?;
+        ns_sh(&d, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        for (net, via) in [
+            ("10.128.0.0/9", "10.0.9.2"),
+            ("10.101.0.0/16", "10.0.8.1"),
+            ("fd00:128::/64", "fd00:9::2"),
+            ("fd00:101::/64", "fd00:8::1"),
+        ] {
+            ns_sh(&d, &["ip", "route", "add", net, "via", via])?;
+        }
         ns_sh(&s, &["ip", "route", "add", "default", "via", "10.0.9.1"])?;
+        ns_sh(
+            &s,
+            &["ip", "-6", "route", "add", "default", "via", "fd00:9::1"],
+        )?;
         // dut0 must take redirected frames also when no XDP program is on it
         // (iptables, nftables): GRO gives the veth its NAPI.
         ns_sh(&d, &["ethtool", "-K", "dut0", "gro", "on"])?;
@@ -127,9 +187,11 @@ impl BenchNet {
         self.gen_mac = mac_of(&g, "gen0")?;
         self.dut0_mac = mac_of(&d, "dut0")?;
         self.gen0_index = ifindex_in(&g, "gen0")?;
-        // Resolve neighbours both ways before any measurement.
-        ns_sh(&d, &["ping", "-c", "1", "-W", "1", "10.0.9.2"])?;
-        ns_sh(&d, &["ping", "-c", "1", "-W", "1", "10.0.8.1"])?;
+        // Resolve neighbours both ways, in both families, before any
+        // measurement.
+        for peer in ["10.0.9.2", "10.0.8.1", "fd00:9::2", "fd00:8::1"] {
+            ns_sh(&d, &["ping", "-c", "1", "-W", "1", peer])?;
+        }
         Ok(())
     }
 

@@ -1,19 +1,24 @@
 //! The throughput plot: delivered Mpps against the number of services,
-//! one line per system, as SVG.
+//! one line per system and family (IPv6 dotted), as SVG.
 
 use std::fmt::Write as _;
 
-use crate::results::{Load, Results, System, Traffic};
+use crate::results::{Family, Load, Results, System, Traffic};
 
-/// Delivered Mpps vs number of services, one line per system (SVG).
+/// Delivered Mpps vs number of services, one line per system and family
+/// (SVG). IPv6 lines are dotted, in their system's colour; the ceiling is
+/// drawn for IPv4 only (IPv6's is the same redirect).
 pub fn plot(results: &Results) -> String {
-    let (w, h, l, r, t, b) = (640.0, 400.0, 60.0, 120.0, 30.0, 50.0);
+    let (w, h, l, r, t, b) = (640.0, 400.0, 60.0, 130.0, 30.0, 50.0);
     let rows = &results.throughput;
-    let pts = |system: System| -> Vec<(f64, f64)> {
+    let pts = |system: System, family: Family| -> Vec<(f64, f64)> {
         let mut v: Vec<(f64, f64)> = rows
             .iter()
             .filter(|x| {
-                x.system == system && x.traffic == Traffic::UdpManyFlows && x.load == Load::Overload
+                x.system == system
+                    && x.family == family
+                    && x.traffic == Traffic::UdpManyFlows
+                    && x.load == Load::Overload
             })
             .map(|x| (f64::from(x.services), x.delivered_pps / 1e6))
             .collect();
@@ -33,7 +38,7 @@ pub fn plot(results: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "<text x=\"{}\" y=\"18\" text-anchor=\"middle\">Delivered Mpps vs services (UDP, 60k flows, overload)</text>",
+        "<text x=\"{}\" y=\"18\" text-anchor=\"middle\">Delivered Mpps vs services (UDP, 60k flows, overload; dotted: IPv6)</text>",
         w / 2.0
     );
     let _ = writeln!(
@@ -69,17 +74,19 @@ pub fn plot(results: &Results) -> String {
         (l + w - r) / 2.0,
         h - 12.0
     );
-    for (i, (system, color)) in [
+    let lines = [
         (System::Xlb, "#d62728"),
         (System::Iptables, "#1f77b4"),
         (System::Nftables, "#2ca02c"),
         (System::Ceiling, "#7f7f7f"),
     ]
-    .iter()
-    .enumerate()
-    {
-        let mut p = pts(*system);
-        if *system == System::Ceiling
+    .into_iter()
+    .flat_map(|(system, color)| Family::ALL.map(|family| (system, family, color)))
+    .filter(|&(system, family, _)| !(system == System::Ceiling && family == Family::V6));
+    let mut legend = 0;
+    for (system, family, color) in lines {
+        let mut p = pts(system, family);
+        if system == System::Ceiling
             && let Some(c) = p.first().copied()
         {
             p = vec![(1.0, c.1), (max_x, c.1)];
@@ -91,10 +98,10 @@ pub fn plot(results: &Results) -> String {
             .iter()
             .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
             .collect();
-        let dash = if *system == System::Ceiling {
-            " stroke-dasharray=\"6,4\""
-        } else {
-            ""
+        let dash = match (system, family) {
+            (System::Ceiling, _) => " stroke-dasharray=\"6,4\"",
+            (_, Family::V6) => " stroke-dasharray=\"2,3\"",
+            _ => "",
         };
         let _ = writeln!(
             s,
@@ -104,19 +111,67 @@ pub fn plot(results: &Results) -> String {
         for (x, y) in &p {
             let _ = writeln!(
                 s,
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>",
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\" stroke=\"{color}\"/>",
                 sx(*x),
-                sy(*y)
+                sy(*y),
+                if family == Family::V6 { "white" } else { color }
             );
         }
+        let label = match (family, system) {
+            (Family::V4, _) => system.name().to_string(),
+            (Family::V6, System::Iptables) => family.system_name(system).to_string(),
+            (Family::V6, _) => format!("{} IPv6", system.name()),
+        };
+        // The legend shows each line's stroke, then its name.
+        let y = t + 20.0 + legend as f64 * 18.0;
         let _ = writeln!(
             s,
-            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{}</text>",
-            w - r + 10.0,
-            t + 20.0 + i as f64 * 18.0,
-            system.name()
+            "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/><text x=\"{}\" y=\"{y}\" fill=\"{color}\">{label}</text>",
+            w - r + 6.0,
+            y - 4.0,
+            w - r + 26.0,
+            y - 4.0,
+            w - r + 30.0,
         );
+        legend += 1;
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::Row;
+
+    /// IPv6 lines are dotted and named in the legend; the ceiling is drawn
+    /// once.
+    #[test]
+    fn ipv6_lines_are_dotted_and_named() {
+        let text = include_str!("../../../docs/benchmarks.json");
+        let mut results: Results = serde_json::from_str(text).unwrap();
+        let v6: Vec<Row> = results
+            .throughput
+            .iter()
+            .filter(|r| r.services == 1 || r.services == 10_000)
+            .map(|r| Row {
+                family: Family::V6,
+                ..r.clone()
+            })
+            .collect();
+        results.throughput.extend(v6);
+        let svg = plot(&results);
+        for label in [
+            ">xlb<",
+            ">xlb IPv6<",
+            ">ip6tables<",
+            ">nftables IPv6<",
+            ">ceiling<",
+        ] {
+            assert!(svg.contains(label), "{label} missing: {svg}");
+        }
+        assert!(!svg.contains("ceiling IPv6"));
+        // Lines and legend strokes: three IPv6 systems, each twice.
+        assert_eq!(svg.matches("stroke-dasharray=\"2,3\"").count(), 6, "{svg}");
+    }
 }

@@ -36,6 +36,43 @@ impl System {
     }
 }
 
+/// The IP family of the traffic (and of the Services, rules and routes
+/// that carry it).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default, Serialize, Deserialize)]
+pub enum Family {
+    /// Runs made before IPv6 was measured are all IPv4.
+    #[default]
+    #[serde(rename = "IPv4")]
+    V4,
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    /// What the system is called in this family (ip6tables for iptables).
+    pub fn system_name(self, system: System) -> &'static str {
+        match (self, system) {
+            (Family::V6, System::Iptables) => "ip6tables",
+            _ => system.name(),
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// Flows of the "many flows" traffic: below the 3 x 28 232 SNAT ports one
 /// service with three remote backends has, so no system runs out of ports.
 pub const MANY_FLOWS: u32 = 60_000;
@@ -109,6 +146,8 @@ pub enum Load {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     pub system: System,
+    #[serde(default)]
+    pub family: Family,
     pub services: u32,
     pub traffic: Traffic,
     pub load: Load,
@@ -123,6 +162,8 @@ pub struct Row {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Apply {
     pub system: System,
+    #[serde(default)]
+    pub family: Family,
     pub services: u32,
     pub apply_one_more_us: f64,
     pub initial_setup_s: f64,
@@ -199,25 +240,63 @@ fn mpps(pps: Option<f64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// `a / b` as a ratio, or `-`.
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.1}x", a / b),
+        _ => "-".into(),
+    }
+}
+
 impl Results {
-    pub fn row(&self, system: System, services: u32, traffic: Traffic, load: Load) -> Option<&Row> {
+    pub fn row(
+        &self,
+        system: System,
+        family: Family,
+        services: u32,
+        traffic: Traffic,
+        load: Load,
+    ) -> Option<&Row> {
         self.throughput.iter().find(|r| {
-            r.system == system && r.services == services && r.traffic == traffic && r.load == load
+            r.system == system
+                && r.family == family
+                && r.services == services
+                && r.traffic == traffic
+                && r.load == load
         })
     }
 
     /// Delivered packets per second under overload.
-    fn delivered(&self, system: System, services: u32, traffic: Traffic) -> Option<f64> {
-        self.row(system, services, traffic, Load::Overload)
+    fn delivered(
+        &self,
+        system: System,
+        family: Family,
+        services: u32,
+        traffic: Traffic,
+    ) -> Option<f64> {
+        self.row(system, family, services, traffic, Load::Overload)
             .map(|r| r.delivered_pps)
     }
 
-    /// Every number of services measured, ascending.
-    fn sizes(&self) -> Vec<u32> {
-        let mut sizes: Vec<u32> = self.throughput.iter().map(|r| r.services).collect();
+    /// Every number of services measured in `family`, ascending.
+    fn sizes(&self, family: Family) -> Vec<u32> {
+        let mut sizes: Vec<u32> = self
+            .throughput
+            .iter()
+            .filter(|r| r.family == family)
+            .map(|r| r.services)
+            .collect();
         sizes.sort();
         sizes.dedup();
         sizes
+    }
+
+    /// The families measured, IPv4 first.
+    fn families(&self) -> Vec<Family> {
+        Family::ALL
+            .into_iter()
+            .filter(|f| self.throughput.iter().any(|r| r.family == *f))
+            .collect()
     }
 
     /// The Markdown report.
@@ -235,6 +314,7 @@ impl Results {
             if m.quick { " (--quick)" } else { "" }
         );
         self.delivered_tables(&mut s);
+        self.family_ratios(&mut s);
         self.cpu_table(&mut s);
         self.ceiling_section(&mut s);
         self.apply_table(&mut s);
@@ -244,36 +324,83 @@ impl Results {
     }
 
     fn delivered_tables(&self, s: &mut String) {
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) if b > 0.0 => format!("{:.1}x", a / b),
-            _ => "-".into(),
-        };
-        for traffic in [
-            Traffic::UdpManyFlows,
-            Traffic::TcpSynManyFlows,
-            Traffic::UdpNewFlows,
-        ] {
-            let _ = writeln!(s, "## Delivered Mpps under overload, {traffic}\n");
-            let _ = writeln!(
-                s,
-                "| services | xlb | iptables | nftables | xlb/iptables | xlb/nftables |\n|---|---|---|---|---|---|"
-            );
-            for n in self.sizes() {
-                let x = self.delivered(System::Xlb, n, traffic);
-                let i = self.delivered(System::Iptables, n, traffic);
-                let f = self.delivered(System::Nftables, n, traffic);
+        for family in self.families() {
+            let ipt = family.system_name(System::Iptables);
+            for traffic in [
+                Traffic::UdpManyFlows,
+                Traffic::TcpSynManyFlows,
+                Traffic::UdpNewFlows,
+            ] {
                 let _ = writeln!(
                     s,
-                    "| {n} | {} | {} | {} | {} | {} |",
-                    mpps(x),
-                    mpps(i),
-                    mpps(f),
-                    ratio(x, i),
-                    ratio(x, f)
+                    "## Delivered Mpps under overload, {traffic} ({family})\n"
                 );
+                let _ = writeln!(
+                    s,
+                    "| services | xlb | {ipt} | nftables | xlb/{ipt} | xlb/nftables |\n|---|---|---|---|---|---|"
+                );
+                for n in self.sizes(family) {
+                    let x = self.delivered(System::Xlb, family, n, traffic);
+                    let i = self.delivered(System::Iptables, family, n, traffic);
+                    let f = self.delivered(System::Nftables, family, n, traffic);
+                    let _ = writeln!(
+                        s,
+                        "| {n} | {} | {} | {} | {} | {} |",
+                        mpps(x),
+                        mpps(i),
+                        mpps(f),
+                        ratio(x, i),
+                        ratio(x, f)
+                    );
+                }
+                let _ = writeln!(s);
             }
-            let _ = writeln!(s);
         }
+    }
+
+    /// xlb's delivered ratios over iptables / ip6tables and nftables, side
+    /// by side per family, at the sizes both families ran.
+    fn family_ratios(&self, s: &mut String) {
+        let families = self.families();
+        if families.len() < 2 {
+            return;
+        }
+        let sizes: Vec<u32> = self
+            .sizes(Family::V6)
+            .into_iter()
+            .filter(|n| self.sizes(Family::V4).contains(n))
+            .collect();
+        let _ = writeln!(s, "## xlb's ratio per family (delivered, overload)\n");
+        let mut header = String::from("| traffic | services |");
+        for family in &families {
+            let _ = write!(
+                header,
+                " {family} xlb/{} | {family} xlb/nftables |",
+                family.system_name(System::Iptables)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{header}\n|---|---|{}",
+            "---|---|".repeat(families.len())
+        );
+        for traffic in Traffic::ALL {
+            for &n in &sizes {
+                let mut line = format!("| {traffic} | {n} |");
+                let mut any = false;
+                for &family in &families {
+                    let x = self.delivered(System::Xlb, family, n, traffic);
+                    any |= x.is_some();
+                    let i = self.delivered(System::Iptables, family, n, traffic);
+                    let f = self.delivered(System::Nftables, family, n, traffic);
+                    let _ = write!(line, " {} | {} |", ratio(x, i), ratio(x, f));
+                }
+                if any {
+                    let _ = writeln!(s, "{line}");
+                }
+            }
+        }
+        let _ = writeln!(s);
     }
 
     fn cpu_table(&self, s: &mut String) {
@@ -283,59 +410,65 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            "| services | xlb | iptables | nftables |\n|---|---|---|---|"
+            "| family | services | xlb | iptables / ip6tables | nftables |\n|---|---|---|---|---|"
         );
-        for n in self.sizes() {
-            let ns = |system: System| {
-                self.row(system, n, Traffic::UdpManyFlows, Load::Overload)
-                    .and_then(|r| r.dut_ns_per_packet)
-                    .map(|v| format!("{v:.0}"))
-                    .unwrap_or("-".into())
-            };
-            let _ = writeln!(
-                s,
-                "| {n} | {} | {} | {} |",
-                ns(System::Xlb),
-                ns(System::Iptables),
-                ns(System::Nftables)
-            );
+        for family in self.families() {
+            for n in self.sizes(family) {
+                let ns = |system: System| {
+                    self.row(system, family, n, Traffic::UdpManyFlows, Load::Overload)
+                        .and_then(|r| r.dut_ns_per_packet)
+                        .map(|v| format!("{v:.0}"))
+                        .unwrap_or("-".into())
+                };
+                let _ = writeln!(
+                    s,
+                    "| {family} | {n} | {} | {} | {} |",
+                    ns(System::Xlb),
+                    ns(System::Iptables),
+                    ns(System::Nftables)
+                );
+            }
         }
     }
 
     fn ceiling_section(&self, s: &mut String) {
-        let ceiling = self.delivered(System::Ceiling, 1, Traffic::UdpManyFlows);
-        let xlb = self.delivered(System::Xlb, 1, Traffic::UdpManyFlows);
         let _ = writeln!(s, "\n## Ceiling and single flow\n");
-        let _ = writeln!(
-            s,
-            "Bare XDP redirect (ceiling): {} Mpps; xlb at 1 service: {} Mpps = {} of the ceiling.\n",
-            mpps(ceiling),
-            mpps(xlb),
-            match (xlb, ceiling) {
-                (Some(x), Some(c)) => format!("{:.0} %", 100.0 * x / c),
-                _ => "-".into(),
-            }
-        );
-        let _ = writeln!(
-            s,
-            "| system | udp-1-flow Mpps | no-loss Mpps (udp-60k-flows, 1 service) |\n|---|---|---|"
-        );
-        for system in [
-            System::Xlb,
-            System::Iptables,
-            System::Nftables,
-            System::Ceiling,
-        ] {
+        for family in self.families() {
+            let ceiling = self.delivered(System::Ceiling, family, 1, Traffic::UdpManyFlows);
+            let xlb = self.delivered(System::Xlb, family, 1, Traffic::UdpManyFlows);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} |",
-                system.name(),
-                mpps(self.delivered(system, 1, Traffic::UdpOneFlow)),
-                mpps(
-                    self.row(system, 1, Traffic::UdpManyFlows, Load::NoLoss)
-                        .map(|r| r.offered_pps)
-                )
+                "{family}: bare XDP redirect (ceiling): {} Mpps; xlb at 1 service: {} Mpps = {} of the ceiling.\n",
+                mpps(ceiling),
+                mpps(xlb),
+                match (xlb, ceiling) {
+                    (Some(x), Some(c)) => format!("{:.0} %", 100.0 * x / c),
+                    _ => "-".into(),
+                }
             );
+        }
+        let _ = writeln!(
+            s,
+            "| system | family | udp-1-flow Mpps | no-loss Mpps (udp-60k-flows, 1 service) |\n|---|---|---|---|"
+        );
+        for family in self.families() {
+            for system in [
+                System::Xlb,
+                System::Iptables,
+                System::Nftables,
+                System::Ceiling,
+            ] {
+                let _ = writeln!(
+                    s,
+                    "| {} | {family} | {} | {} |",
+                    family.system_name(system),
+                    mpps(self.delivered(system, family, 1, Traffic::UdpOneFlow)),
+                    mpps(
+                        self.row(system, family, 1, Traffic::UdpManyFlows, Load::NoLoss)
+                            .map(|r| r.offered_pps)
+                    )
+                );
+            }
         }
     }
 
@@ -343,13 +476,14 @@ impl Results {
         let _ = writeln!(s, "\n## Applying one more service\n");
         let _ = writeln!(
             s,
-            "| system | services | one more (µs) | initial set-up (s) |\n|---|---|---|---|"
+            "| system | family | services | one more (µs) | initial set-up (s) |\n|---|---|---|---|---|"
         );
         for a in &self.apply {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.2} |",
-                a.system.name(),
+                "| {} | {} | {} | {:.0} | {:.2} |",
+                a.family.system_name(a.system),
+                a.family,
                 a.services,
                 a.apply_one_more_us,
                 a.initial_setup_s
@@ -429,10 +563,42 @@ mod tests {
         let results: Results = serde_json::from_str(text).expect("docs/benchmarks.json parses");
         assert!(!results.throughput.is_empty());
         let report = results.report();
-        assert!(report.contains("## Delivered Mpps under overload, udp-60k-flows"));
+        assert!(report.contains("## Delivered Mpps under overload, udp-60k-flows (IPv4)"));
         assert!(report.contains("| 10000 |"), "{report}");
+        assert!(
+            results.throughput.iter().all(|r| r.family == Family::V4),
+            "rows without a family are IPv4"
+        );
         let again: Results =
             serde_json::from_str(&serde_json::to_string(&results).unwrap()).unwrap();
         assert_eq!(again.report(), report, "a round trip changes nothing");
+    }
+
+    /// IPv6 rows get their own tables and a ratio per family, with
+    /// ip6tables named as such.
+    #[test]
+    fn ipv6_rows_are_reported_per_family() {
+        let text = include_str!("../../../docs/benchmarks.json");
+        let mut results: Results = serde_json::from_str(text).unwrap();
+        let v6: Vec<Row> = results
+            .throughput
+            .iter()
+            .filter(|r| r.services == 1 || r.services == 10_000)
+            .map(|r| Row {
+                family: Family::V6,
+                delivered_pps: r.delivered_pps / 2.0,
+                ..r.clone()
+            })
+            .collect();
+        results.throughput.extend(v6);
+        let json = serde_json::to_string(&results).unwrap();
+        assert!(json.contains("\"family\":\"IPv6\""), "{json}");
+        let report: Results = serde_json::from_str(&json).unwrap();
+        let report = report.report();
+        assert!(report.contains("## Delivered Mpps under overload, udp-60k-flows (IPv6)"));
+        assert!(report.contains("| services | xlb | ip6tables | nftables | xlb/ip6tables |"));
+        assert!(report.contains("## xlb's ratio per family"), "{report}");
+        assert!(report.contains("| udp-60k-flows | 10000 |"), "{report}");
+        assert!(!report.contains("| udp-60k-flows | 100 |"), "{report}");
     }
 }

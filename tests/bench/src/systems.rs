@@ -1,29 +1,50 @@
-//! The systems under test, set up at a number of services: xlb's manifests
-//! (typed objects), iptables and nftables rule sets in kube-proxy's shapes,
-//! and the xlb agent with its resource use.
+//! The systems under test, set up at a number of services in one IP
+//! family: xlb's manifests (typed objects), iptables / ip6tables and
+//! nftables rule sets in kube-proxy's shapes, and the xlb agent with its
+//! resource use.
 
 use std::{
     fs,
     io::Write,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
 use xlb_tests::{netns::ns_cmd, objects, spawn_agent, xlb_bin};
 
-use crate::network::{BenchNet, DUT_ADDR, DUT_SINK_SIDE, PORT_BASE};
+use crate::{
+    network::{BenchNet, DUT_SINK_SIDE, DUT_SINK_SIDE6, PORT_BASE, dut_addr, host_prefix, nth},
+    results::Family,
+};
 
 /// Backend j of service i (3 per service), behind the sink.
-pub fn backend(i: u32, j: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * 3 + j)
+pub fn backend(family: Family, i: u32, j: u32) -> IpAddr {
+    let base: IpAddr = match family {
+        Family::V4 => Ipv4Addr::new(10, 128, 0, 0).into(),
+        Family::V6 => Ipv6Addr::new(0xfd00, 0x128, 0, 0, 0, 0, 0, 0).into(),
+    };
+    nth(base, i * 3 + j)
+}
+
+/// Whether `addr` is one of the backends (in either family).
+pub fn is_backend(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => a.octets()[0] == 10 && a.octets()[1] >= 128,
+        IpAddr::V6(a) => a.segments()[..4] == [0xfd00, 0x128, 0, 0],
+    }
 }
 
 /// The ClusterIP K3s would give service i (klipper DNATs to it).
-pub fn cluster_ip(i: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
+pub fn cluster_ip(family: Family, i: u32) -> IpAddr {
+    let base: IpAddr = match family {
+        Family::V4 => Ipv4Addr::new(10, 96, 0, 0).into(),
+        Family::V6 => Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0).into(),
+    };
+    nth(base, i)
 }
 
 fn proto_name(proto: u8) -> &'static str {
@@ -33,35 +54,66 @@ fn proto_name(proto: u8) -> &'static str {
 /// Namespace of the benchmark's Services.
 const NAMESPACE: &str = "bench";
 
-/// Manifests for `services` UDP+TCP services: each port p = PORT_BASE + i on
-/// the node address, three remote endpoints.
-pub fn manifests(services: u32, node_name: &str) -> String {
-    let mut s = objects::to_yaml(&objects::node(node_name, DUT_SINK_SIDE));
+/// Manifests for `services` UDP+TCP services of `family`: each port p =
+/// PORT_BASE + i on the node address, three remote endpoints. The node is
+/// dual-stack (dut1's addresses), whatever the services' family.
+pub fn manifests(services: u32, node_name: &str, family: Family) -> String {
+    let mut s = objects::to_yaml(&objects::dual_stack_node(
+        node_name,
+        DUT_SINK_SIDE,
+        DUT_SINK_SIDE6,
+    ));
     for i in 0..services {
-        s.push_str(&service_manifest(i));
+        s.push_str(&service_manifest(i, family));
     }
     s
 }
 
-/// Service `bench/s<i>` and its EndpointSlice, each document led by `---`.
-pub fn service_manifest(i: u32) -> String {
+/// Service `bench/s<i>` (single-stack, `family`) and its EndpointSlice of
+/// that family, each document led by `---`.
+pub fn service_manifest(i: u32, family: Family) -> String {
     let port = i32::from(PORT_BASE) + i as i32;
     let name = format!("s{i}");
-    let service = objects::service_in(
+    let ports = [("u", "UDP", 8080), ("t", "TCP", 8080)];
+    let mut service = objects::service_in(
         NAMESPACE,
         &name,
-        Some(DUT_ADDR),
+        None,
         &[("u", "UDP", port, "8080"), ("t", "TCP", port, "8080")],
     );
-    let endpoints: Vec<objects::EndpointOf> =
-        (0..3).map(|j| (backend(i, j), "remote", true)).collect();
-    let slice = objects::endpoint_slice_in(
-        NAMESPACE,
-        &format!("{name}-x"),
-        &name,
-        &endpoints,
-        &[("u", "UDP", 8080), ("t", "TCP", 8080)],
-    );
+    objects::spec_mut(&mut service).ip_families = Some(vec![family.name().into()]);
+    service.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some(dut_addr(family).to_string()),
+                ..LoadBalancerIngress::default()
+            }]),
+        }),
+        ..ServiceStatus::default()
+    });
+    let mut slice = match family {
+        Family::V4 => {
+            let endpoints: Vec<objects::EndpointOf> = (0..3)
+                .map(|j| match backend(family, i, j) {
+                    IpAddr::V4(a) => (a, "remote", true),
+                    IpAddr::V6(_) => unreachable!("IPv4 backends"),
+                })
+                .collect();
+            objects::endpoint_slice_in(NAMESPACE, &name, &name, &endpoints, &ports)
+        }
+        Family::V6 => {
+            let endpoints: Vec<(Ipv6Addr, &str, bool)> = (0..3)
+                .map(|j| match backend(family, i, j) {
+                    IpAddr::V6(a) => (a, "remote", true),
+                    IpAddr::V4(_) => unreachable!("IPv6 backends"),
+                })
+                .collect();
+            objects::endpoint_slice_v6(&name, &endpoints, &ports)
+        }
+    };
+    // One slice per Service, named after it whatever its family.
+    slice.metadata.namespace = Some(NAMESPACE.into());
+    slice.metadata.name = Some(format!("{name}-x"));
     format!(
         "---\n{}---\n{}",
         objects::to_yaml(&service),
@@ -69,15 +121,32 @@ pub fn service_manifest(i: u32) -> String {
     )
 }
 
-/// iptables-restore input for one service: klipper-lb's rule shapes
-/// (`PREROUTING ! -s CLUSTER_IP/32 -p PROTO --dport PORT`, `POSTROUTING -d
-/// CLUSTER_IP/32 -p PROTO -j MASQUERADE`) leading into kube-proxy's
-/// iptables-mode chains (KUBE-SVC with `statistic --mode random` →
-/// KUBE-SEP DNAT). K3s runs the klipper rules in a svclb pod's namespace and
-/// DNATs to the ClusterIP first; in one namespace the klipper match jumps
-/// straight into the service chain instead, so the rule scan per new
-/// connection is the same and the packet is NATed once.
-pub fn iptables_service(i: u32, chains_only: bool) -> (String, String) {
+/// The iptables-restore of `family` (`ip6tables-restore` for IPv6).
+pub fn iptables_restore(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables-restore",
+        Family::V6 => "ip6tables-restore",
+    }
+}
+
+/// The address family of the bench's nftables table (`ip` or `ip6`).
+pub fn nft_family(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+/// iptables-restore (or ip6tables-restore) input for one service of
+/// `family`: klipper-lb's rule shapes (`PREROUTING ! -s CLUSTER_IP/32 -p
+/// PROTO --dport PORT`, `POSTROUTING -d CLUSTER_IP/32 -p PROTO -j
+/// MASQUERADE`; /128 for IPv6) leading into kube-proxy's iptables-mode
+/// chains (KUBE-SVC with `statistic --mode random` → KUBE-SEP DNAT). K3s
+/// runs the klipper rules in a svclb pod's namespace and DNATs to the
+/// ClusterIP first; in one namespace the klipper match jumps straight into
+/// the service chain instead, so the rule scan per new connection is the
+/// same and the packet is NATed once.
+pub fn iptables_service(family: Family, i: u32, chains_only: bool) -> (String, String) {
     let mut decl = String::new();
     let mut rules = String::new();
     for proto in [6u8, 17] {
@@ -85,14 +154,13 @@ pub fn iptables_service(i: u32, chains_only: bool) -> (String, String) {
         let svc = format!("KUBE-SVC-{i}{}", p.to_uppercase());
         decl.push_str(&format!(":{svc} - [0:0]\n"));
         let port = PORT_BASE as u32 + i;
+        let cluster = host_prefix(cluster_ip(family, i));
         if !chains_only {
             rules.push_str(&format!(
-                "-A PREROUTING ! -s {}/32 -p {p} --dport {port} -j {svc}\n",
-                cluster_ip(i)
+                "-A PREROUTING ! -s {cluster} -p {p} --dport {port} -j {svc}\n"
             ));
             rules.push_str(&format!(
-                "-A POSTROUTING -d {}/32 -p {p} -j MASQUERADE\n",
-                cluster_ip(i)
+                "-A POSTROUTING -d {cluster} -p {p} -j MASQUERADE\n"
             ));
         }
         rules.push_str(&format!("-A {svc} -j KUBE-MARK-MASQ\n"));
@@ -109,70 +177,81 @@ pub fn iptables_service(i: u32, chains_only: bool) -> (String, String) {
                 _ => format!("-A {svc} -j {sep}\n"),
             };
             rules.push_str(&jump);
+            let endpoint = backend(family, i, j);
             rules.push_str(&format!(
-                "-A {sep} -s {}/32 -j KUBE-MARK-MASQ\n",
-                backend(i, j)
+                "-A {sep} -s {} -j KUBE-MARK-MASQ\n",
+                host_prefix(endpoint)
             ));
             rules.push_str(&format!(
-                "-A {sep} -p {p} -j DNAT --to-destination {}:8080\n",
-                backend(i, j)
+                "-A {sep} -p {p} -j DNAT --to-destination {}\n",
+                SocketAddr::new(endpoint, 8080)
             ));
         }
     }
     (decl, rules)
 }
 
-pub fn iptables_ruleset(services: u32) -> String {
+pub fn iptables_ruleset(family: Family, services: u32) -> String {
     let mut decl = String::from("*nat\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
     let mut rules = String::from(
         "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n-A POSTROUTING -j KUBE-POSTROUTING\n-A KUBE-POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE\n",
     );
     for i in 0..services {
-        let (d, r) = iptables_service(i, false);
+        let (d, r) = iptables_service(family, i, false);
         decl.push_str(&d);
         rules.push_str(&r);
     }
     format!("{decl}{rules}COMMIT\n")
 }
 
-/// nftables in kube-proxy's nftables-mode style: one verdict map from
-/// address . protocol . port to a per-service chain that picks an endpoint
-/// with `numgen random`.
-pub fn nft_service(i: u32) -> (String, String) {
+/// nftables in kube-proxy's nftables-mode style, in an `ip` or `ip6` table:
+/// one verdict map from address . protocol . port to a per-service chain
+/// that picks an endpoint with `numgen random`.
+pub fn nft_service(family: Family, i: u32) -> (String, String) {
+    // The table's family is also the keyword of its address matches.
+    let t = nft_family(family);
     let mut chains = String::new();
     let mut elements = String::new();
     for proto in [6u8, 17] {
         let p = proto_name(proto);
         let port = PORT_BASE as u32 + i;
         let svc = format!("svc-{i}-{p}");
-        elements.push_str(&format!("{DUT_ADDR} . {p} . {port} : goto {svc}, "));
+        elements.push_str(&format!(
+            "{} . {p} . {port} : goto {svc}, ",
+            dut_addr(family)
+        ));
         let mut seps = String::new();
         for j in 0..3 {
             let sep = format!("sep-{i}-{p}-{j}");
+            let endpoint = backend(family, i, j);
             chains.push_str(&format!(
-                "add chain ip xlb-bench {sep}\nadd rule ip xlb-bench {sep} ip saddr {} meta mark set meta mark | 0x4000\nadd rule ip xlb-bench {sep} meta l4proto {p} dnat to {}:8080\n",
-                backend(i, j),
-                backend(i, j)
+                "add chain {t} xlb-bench {sep}\nadd rule {t} xlb-bench {sep} {t} saddr {endpoint} meta mark set meta mark | 0x4000\nadd rule {t} xlb-bench {sep} meta l4proto {p} dnat to {}\n",
+                SocketAddr::new(endpoint, 8080)
             ));
             seps.push_str(&format!("{j} : goto {sep}, "));
         }
         chains.push_str(&format!(
-            "add chain ip xlb-bench {svc}\nadd rule ip xlb-bench {svc} meta mark set meta mark | 0x4000\nadd rule ip xlb-bench {svc} numgen random mod 3 vmap {{ {} }}\n",
+            "add chain {t} xlb-bench {svc}\nadd rule {t} xlb-bench {svc} meta mark set meta mark | 0x4000\nadd rule {t} xlb-bench {svc} numgen random mod 3 vmap {{ {} }}\n",
             seps.trim_end_matches(", ")
         ));
     }
     (chains, elements.trim_end_matches(", ").to_string())
 }
 
-pub fn nft_ruleset(services: u32) -> String {
-    let mut s = String::from(
-        "add table ip xlb-bench\nadd map ip xlb-bench service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\nadd chain ip xlb-bench prerouting { type nat hook prerouting priority dstnat ; }\nadd chain ip xlb-bench postrouting { type nat hook postrouting priority srcnat ; }\nadd rule ip xlb-bench prerouting ip daddr . meta l4proto . th dport vmap @service-ips\nadd rule ip xlb-bench postrouting meta mark & 0x4000 == 0x4000 masquerade\n",
+pub fn nft_ruleset(family: Family, services: u32) -> String {
+    let t = nft_family(family);
+    let addr_type = match family {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    };
+    let mut s = format!(
+        "add table {t} xlb-bench\nadd map {t} xlb-bench service-ips {{ type {addr_type} . inet_proto . inet_service : verdict ; }}\nadd chain {t} xlb-bench prerouting {{ type nat hook prerouting priority dstnat ; }}\nadd chain {t} xlb-bench postrouting {{ type nat hook postrouting priority srcnat ; }}\nadd rule {t} xlb-bench prerouting {t} daddr . meta l4proto . th dport vmap @service-ips\nadd rule {t} xlb-bench postrouting meta mark & 0x4000 == 0x4000 masquerade\n",
     );
     for i in 0..services {
-        let (chains, elements) = nft_service(i);
+        let (chains, elements) = nft_service(family, i);
         s.push_str(&chains);
         s.push_str(&format!(
-            "add element ip xlb-bench service-ips {{ {elements} }}\n"
+            "add element {t} xlb-bench service-ips {{ {elements} }}\n"
         ));
     }
     s
@@ -204,15 +283,16 @@ pub struct AgentRun {
 }
 
 impl AgentRun {
-    /// The agent on a manifest directory holding `services` services.
-    pub fn start(net: &BenchNet, services: u32) -> Result<AgentRun> {
+    /// The agent on a manifest directory holding `services` services of
+    /// `family`.
+    pub fn start(net: &BenchNet, services: u32, family: Family) -> Result<AgentRun> {
         let node_name = format!("{}-node", net.dut);
         let manifests = net.dir.join("manifests");
         let _ = fs::remove_dir_all(&manifests);
         fs::create_dir_all(&manifests)?;
         fs::write(
             manifests.join("services.yaml"),
-            self::manifests(services, &node_name),
+            self::manifests(services, &node_name, family),
         )?;
         let manifests = manifests.to_string_lossy().into_owned();
         Self::spawn(net, node_name, &["--manifests", &manifests], "agent.log")

@@ -5,7 +5,9 @@
 
 /// What `bench_gen` writes into each frame. Addresses and ports are in
 /// network byte order; `*_base` values are the template's, from which the
-/// checksums are derived.
+/// checksums are derived. For IPv6 frames the "addresses" are the last 32
+/// bits of the source and destination addresses: the generator varies only
+/// those, the rest stays as in the template.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GenConfig {
@@ -19,10 +21,13 @@ pub struct GenConfig {
     pub dst_port_base: u16,
     /// 6 = TCP SYN, 17 = UDP.
     pub proto: u8,
-    pub _pad: u8,
+    /// 0: Ethernet + IPv4 frames (64 bytes); 1: Ethernet + IPv6 frames
+    /// (80 bytes, no IP checksum, the UDP checksum always set).
+    pub ipv6: u8,
     /// Source addresses start here (host order), 50 000 ports each.
     pub src_addr_base: u32,
-    /// The template's IPv4 header checksum and TCP checksum (as stored).
+    /// The template's IPv4 header checksum (unused for IPv6) and L4
+    /// checksum (TCP, or UDP over IPv6), as stored.
     pub ip_check_base: u16,
     pub l4_check_base: u16,
     /// Template values those checksums were computed with (network order).
@@ -49,8 +54,8 @@ pub struct GenState {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: both types are #[repr(C)], made of integers, with an explicit
-    // padding field: any bit pattern is valid and no byte is uninitialised.
+    // SAFETY: both types are #[repr(C)], made of integers, without implicit
+    // padding: any bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for GenConfig {}
     unsafe impl aya::Pod for GenState {}
 }

@@ -3,12 +3,13 @@
 //! `target/ebpf/bpfel-unknown-none/release/xlb-bench-ebpf`.
 //!
 //! - `bench_gen`: run with `BPF_PROG_TEST_RUN` (live frames or not). Writes a
-//!   flow's tuple into the template frame (absolutely, because live-frame
+//!   flow's tuple (IPv4 or IPv6) into the template frame (absolutely, because live-frame
 //!   pages are recycled with whatever the last run left in them), fixes the
 //!   checksums, then either redirects the frame out of `ifindex` (traffic
 //!   generator) or tail-calls `TARGET[0]` (to time another XDP program on a
 //!   fresh tuple every repetition).
-//! - `bench_sink`: counts and drops IPv4 frames on the sink's veth.
+//! - `bench_sink`: counts and drops IPv4 and IPv6 frames (not ARP or
+//!   ICMPv6) on the sink's veth, and keeps a sample of what arrived.
 //! - `bench_ceiling`: redirects every frame to `CEILING_PORT[0]`: the
 //!   machine's limit for an XDP forwarder.
 #![no_std]
@@ -30,17 +31,45 @@ static GEN_STATE: PerCpuArray<GenState> = PerCpuArray::with_max_entries(1, 0);
 /// The template frame's first 64 bytes: restored into every frame, because
 /// a recycled live-frame page holds whatever the last receiver wrote into it
 /// (a forwarding stack rewrites MACs and TTL in place).
+/// The template frame's first 80 bytes (IPv4 frames use 64 of them):
+/// restored into every frame, because a recycled live-frame page holds
+/// whatever the last receiver wrote into it (a forwarding stack rewrites
+/// MACs, TTL, addresses and checksums in place).
 #[map]
-static TEMPLATE: Array<[u64; 8]> = Array::with_max_entries(1, 0);
+static TEMPLATE: Array<[u64; 10]> = Array::with_max_entries(1, 0);
 #[map]
 static TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+/// Every 4096th frame the sink counts, as it arrived (its first 64 bytes,
+/// as many whole words of them as the frame has): the harness checks that
+/// the system under test translated it.
+#[map]
+static SINK_SAMPLE: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CEILING_PORT: DevMap = DevMap::with_max_entries(1, 0);
 
 const L3: usize = 14;
-const L4: usize = 34;
+
+/// Where a family's flow tuple sits in the frame: the 32 bits of each
+/// address the generator varies, and the L4 header.
+struct Layout {
+    src: usize,
+    dst: usize,
+    l4: usize,
+}
+
+const V4: Layout = Layout {
+    src: L3 + 12,
+    dst: L3 + 16,
+    l4: L3 + 20,
+};
+/// The last 32 bits of the IPv6 source and destination addresses.
+const V6: Layout = Layout {
+    src: L3 + 8 + 12,
+    dst: L3 + 24 + 12,
+    l4: L3 + 40,
+};
 
 #[inline(always)]
 fn add(sum: u32, old: u16, new: u16) -> u32 {
@@ -58,7 +87,7 @@ fn fold(check: u16, delta: u32) -> u16 {
 #[xdp]
 pub fn bench_gen(ctx: XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
-    if data + L4 + 20 > end {
+    if data + 64 > end {
         return xdp_action::XDP_ABORTED;
     }
     let Some(cfg) = GEN_CONFIG.get(0) else {
@@ -93,12 +122,13 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
     let Some(template) = TEMPLATE.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
-    if data + 64 > end {
+    let ipv6 = cfg.ipv6 != 0;
+    if data + if ipv6 { 80 } else { 64 } > end {
         return xdp_action::XDP_ABORTED;
     }
     unsafe {
         let words = data as *mut u64;
-        for (i, w) in template.iter().enumerate() {
+        for (i, w) in template.iter().enumerate().take(if ipv6 { 10 } else { 8 }) {
             words.add(i).write_unaligned(*w);
         }
     }
@@ -117,21 +147,26 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         (cfg.dst_addr_tmpl >> 16) as u16,
         (dst_addr >> 16) as u16,
     );
+    // The pseudo-header covers the addresses in both families.
     let mut l4_delta = ip_delta;
     l4_delta = add(l4_delta, cfg.src_port_tmpl, src_port);
     l4_delta = add(l4_delta, cfg.dst_port_tmpl, dst_port);
+    let l4_check = fold(cfg.l4_check_base, l4_delta);
+    let p = data as *mut u8;
     unsafe {
-        let p = data as *mut u8;
-        *(p.add(L3 + 12) as *mut u32) = src_addr;
-        *(p.add(L3 + 16) as *mut u32) = dst_addr;
-        *(p.add(L3 + 10) as *mut u16) = fold(cfg.ip_check_base, ip_delta);
-        *(p.add(L4) as *mut u16) = src_port;
-        *(p.add(L4 + 2) as *mut u16) = dst_port;
-        if cfg.proto == 6 {
-            *(p.add(L4 + 16) as *mut u16) = fold(cfg.l4_check_base, l4_delta);
+        if ipv6 {
+            // No IP header checksum; UDP's is mandatory and never 0 (a
+            // computed 0 is sent as 0xffff).
+            let udp_check = if l4_check == 0 { 0xffff } else { l4_check };
+            write_tuple(
+                p, &V6, cfg.proto, src_addr, dst_addr, src_port, dst_port, l4_check, udp_check,
+            );
         } else {
+            *(p.add(L3 + 10) as *mut u16) = fold(cfg.ip_check_base, ip_delta);
             // UDP over IPv4: no checksum.
-            *(p.add(L4 + 6) as *mut u16) = 0;
+            write_tuple(
+                p, &V4, cfg.proto, src_addr, dst_addr, src_port, dst_port, l4_check, 0,
+            );
         }
     }
     if cfg.ifindex != 0 {
@@ -141,6 +176,34 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         TARGET.tail_call(&ctx, 0);
     }
     xdp_action::XDP_ABORTED
+}
+
+/// Writes a flow's tuple and its L4 checksum (TCP: `tcp_check`, UDP:
+/// `udp_check`) at `at`. The caller checked that the frame holds `at`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_tuple(
+    p: *mut u8,
+    at: &Layout,
+    proto: u8,
+    src_addr: u32,
+    dst_addr: u32,
+    src_port: u16,
+    dst_port: u16,
+    tcp_check: u16,
+    udp_check: u16,
+) {
+    unsafe {
+        (p.add(at.src) as *mut u32).write_unaligned(src_addr);
+        (p.add(at.dst) as *mut u32).write_unaligned(dst_addr);
+        (p.add(at.l4) as *mut u16).write_unaligned(src_port);
+        (p.add(at.l4 + 2) as *mut u16).write_unaligned(dst_port);
+        if proto == 6 {
+            (p.add(at.l4 + 16) as *mut u16).write_unaligned(tcp_check);
+        } else {
+            (p.add(at.l4 + 6) as *mut u16).write_unaligned(udp_check);
+        }
+    }
 }
 
 /// Tail-call target that does nothing: `bench_gen`'s own cost.
@@ -162,14 +225,35 @@ pub fn bench_sink(ctx: XdpContext) -> u32 {
     if data + 14 > end {
         return xdp_action::XDP_PASS;
     }
-    // Only IPv4 is counted; ARP must reach the stack so the device under
-    // test can resolve the sink.
+    // IPv4 and IPv6 are counted, except ICMPv6; ARP and neighbour
+    // discovery must reach the stack so the device under test can resolve
+    // the sink.
     let ether_type = unsafe { *((data + 12) as *const u16) };
-    if ether_type != 0x0800u16.to_be() {
+    if ether_type == 0x86ddu16.to_be() {
+        if data + L3 + 40 > end {
+            return xdp_action::XDP_PASS;
+        }
+        let next_header = unsafe { *((data + L3 + 6) as *const u8) };
+        if next_header == 58 {
+            return xdp_action::XDP_PASS;
+        }
+    } else if ether_type != 0x0800u16.to_be() {
         return xdp_action::XDP_PASS;
     }
     if let Some(c) = SINK_COUNT.get_ptr_mut(0) {
-        unsafe { *c += 1 };
+        let seen = unsafe { *c };
+        unsafe { *c = seen + 1 };
+        if seen & 0xfff == 0
+            && let Some(sample) = SINK_SAMPLE.get_ptr_mut(0)
+        {
+            let words = data as *const u64;
+            for i in 0..8 {
+                if data + (i + 1) * 8 > end {
+                    break;
+                }
+                unsafe { (*sample)[i] = words.add(i).read_unaligned() };
+            }
+        }
     }
     if let Some(c) = SINK_COUNT.get_ptr_mut(1) {
         unsafe { *c += (end - data) as u64 };
