@@ -309,9 +309,14 @@ impl AgentRun {
         let log = net.dir.join(log);
         let state_dir = net.dir.join("state");
         let state = state_dir.to_string_lossy().into_owned();
+        // Native XDP, as on physical NICs: the generator's frames carry
+        // complete checksums, as a wire's do (`auto` would pick tcx ingress
+        // on these veths, the container-node path).
         let mut args = vec![
             "--sweep-interval",
             "3600",
+            "--xdp-mode",
+            "native",
             "--iface",
             "dut0,dut1",
             "--node-name",
