@@ -66,8 +66,8 @@ impl MapWriter for FakeMaps {
         self.check();
         Ok(())
     }
-    fn put_maglev_slot(&mut self, index: u32, backend_id: u32) -> Result<()> {
-        self.maglev.insert(index, backend_id);
+    fn put_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
+        self.maglev.extend(slots.iter().copied());
         Ok(())
     }
     fn put_service(&mut self, key: &FrontendKey, s: &lb_common::Service) -> Result<()> {
@@ -635,8 +635,8 @@ impl MapWriter for Nowhere {
     fn delete_backend(&mut self, _: u32) -> Result<()> {
         Ok(())
     }
-    fn put_maglev_slot(&mut self, _: u32, _: u32) -> Result<()> {
-        self.slots += 1;
+    fn put_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
+        self.slots += slots.len();
         Ok(())
     }
     fn put_service(&mut self, _: &FrontendKey, _: &lb_common::Service) -> Result<()> {
@@ -673,7 +673,10 @@ fn reconcile_phases_at_10000() {
             .collect();
         std::hint::black_box(maglev_table(&b, &ids));
     }
-    eprintln!("one Maglev table: {:.1} us", t.elapsed().as_secs_f64() * 1e6 / 2000.0);
+    eprintln!(
+        "one Maglev table: {:.1} us",
+        t.elapsed().as_secs_f64() * 1e6 / 2000.0
+    );
     let mut r = Reconciler::new(32_768, 131_072);
     let mut w = Nowhere::default();
     let t = Instant::now();
