@@ -280,15 +280,13 @@ fn ten_thousand_services_then_one_more() -> Result<()> {
     assert_eq!(record.slots.len(), 20_000 * MAGLEV_TABLE_SIZE as usize);
     let services = services_in_maps(&l.maps)?;
     assert_eq!(services, record.services);
-    let slots = l.maps.maglev_slots.as_ref().context("not mapped")?;
     // Every slot through the mapping; every 50th table through syscalls
     // too (the mapping's stride is the kernel's, not assumed).
+    let slots = l.maps.maglev_slots.as_mut().context("not mapped")?;
     for (index, backend) in &record.slots {
-        if slots.load(*index) != Some(*backend) {
-            bail!(
-                "slot {index}: {:?} in the array, {backend} written",
-                slots.load(*index)
-            );
+        let found = slots.load(*index)?;
+        if found != *backend {
+            bail!("slot {index}: {found} in the array, {backend} written");
         }
     }
     for s in services.values().step_by(50) {
@@ -304,7 +302,10 @@ fn ten_thousand_services_then_one_more() -> Result<()> {
     }
 
     // One more Service, as a watch event delivers it.
-    let before: Vec<u32> = (0..slots.len()).map(|i| slots.load(i).unwrap()).collect();
+    let slots = l.maps.maglev_slots.as_mut().context("not mapped")?;
+    let before: Vec<u32> = (0..slots.len())
+        .map(|i| slots.load(i))
+        .collect::<std::io::Result<_>>()?;
     let more = many(10_001);
     let extra: BTreeSet<Frontend> = more
         .frontends
@@ -333,10 +334,10 @@ fn ten_thousand_services_then_one_more() -> Result<()> {
         2 * MAGLEV_TABLE_SIZE as usize,
         "only the two new rows"
     );
-    let slots = l.maps.maglev_slots.as_ref().context("not mapped")?;
+    let slots = l.maps.maglev_slots.as_mut().context("not mapped")?;
     for (i, old) in before.iter().enumerate() {
         let i = i as u32;
-        let now = slots.load(i).unwrap();
+        let now = slots.load(i)?;
         if rows.contains(&(i / MAGLEV_TABLE_SIZE)) {
             assert_eq!(Some(&now), record.slots.get(&i), "slot {i}");
         } else {

@@ -141,7 +141,7 @@ impl crate::reconcile::MapWriter for Maps {
             .with_context(|| format!("deleting backend {id} from {}", names::BACKENDS))
     }
     fn put_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
-        let Some(mapped) = &self.maglev_slots else {
+        let Some(mapped) = &mut self.maglev_slots else {
             for &(index, backend_id) in slots {
                 self.maglev
                     .set(index, backend_id, 0)
@@ -150,12 +150,9 @@ impl crate::reconcile::MapWriter for Maps {
             return Ok(());
         };
         for &(index, backend_id) in slots {
-            anyhow::ensure!(
-                mapped.store(index, backend_id),
-                "slot {index} is beyond {} ({} slots)",
-                names::MAGLEV,
-                mapped.len()
-            );
+            mapped
+                .store(index, backend_id)
+                .with_context(|| format!("writing slot {index} of {}", names::MAGLEV))?;
         }
         // Before the service entry that the reconciler writes next.
         mapped.publish();

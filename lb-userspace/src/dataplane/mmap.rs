@@ -9,6 +9,15 @@
 //! element stride), so a `u32` slot is the first half of an 8-byte cell.
 //! aya 0.14 has no mmap of maps, hence this small unsafe module.
 //!
+//! Only a window of [`WINDOW_BYTES`] is mapped at a time, moved (unmapped
+//! and mapped again at another offset) when an index falls outside it. The
+//! kernel maps every page of an array mapping at `mmap` time
+//! (`remap_vmalloc_range`), so a mapping of the whole array would count all
+//! of it (268 MB at `--max-services 32768`) in the agent's resident size,
+//! though that memory is the kernel's and was there before. Writes come a
+//! table at a time and tables are contiguous, so the window moves about
+//! once per 32 tables during a full programming.
+//!
 //! Each slot is read and written as one aligned `AtomicU32`: the datapath
 //! reads a slot with one 32-bit load, so it sees the old or the new backend
 //! id, never a mix. Whoever publishes slots through another map (the
@@ -17,31 +26,43 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
     ptr::NonNull,
     sync::atomic::{AtomicU32, Ordering, fence},
 };
 
-/// A `u32`-valued BPF array, mapped shared and writable.
+/// Bytes mapped at once: 64 pages of 4 KiB, 32 Maglev tables (a multiple
+/// of every page size Linux uses up to 256 KiB, as an mmap offset must be).
+const WINDOW_BYTES: usize = 256 * 1024;
+
+/// A `u32`-valued BPF array, mapped shared and writable a window at a time.
 pub struct MappedU32Array {
-    base: NonNull<u8>,
-    /// Bytes mapped: entries × stride.
-    bytes: usize,
+    fd: OwnedFd,
     entries: u32,
     /// Bytes from one element to the next.
     stride: usize,
+    /// What the kernel lets us map: the value area, page-aligned.
+    area_bytes: usize,
+    window: Option<Window>,
 }
 
-// SAFETY: the mapping is owned by this value (unmapped on drop) and only
-// accessed through atomics, which any thread may do.
+/// One mapping of `bytes` bytes at byte `offset` of the value area.
+struct Window {
+    base: NonNull<u8>,
+    offset: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this value (unmapped on drop or when the
+// window moves, which takes `&mut self`) and accessed only through atomics.
 unsafe impl Send for MappedU32Array {}
-// SAFETY: as above; every access is an atomic load or store.
+// SAFETY: shared access only loads; every access is atomic.
 unsafe impl Sync for MappedU32Array {}
 
 impl MappedU32Array {
-    /// Maps the array map `fd` of `entries` elements of `value_size` bytes
-    /// (4: one `u32`). Fails when the map was created without
-    /// `BPF_F_MMAPABLE` (`EINVAL` from the kernel) or is not writable.
+    /// The array map `fd` of `entries` elements of `value_size` bytes (4:
+    /// one `u32`). Maps a first window to find out whether the kernel lets
+    /// us: it refuses (`EINVAL`) a map created without `BPF_F_MMAPABLE`.
     pub fn map(fd: BorrowedFd<'_>, entries: u32, value_size: u32) -> io::Result<Self> {
         if value_size != 4 || entries == 0 {
             return Err(io::Error::new(
@@ -50,32 +71,26 @@ impl MappedU32Array {
             ));
         }
         let stride = (value_size as usize).next_multiple_of(8);
-        let bytes = (entries as usize)
-            .checked_mul(stride)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "array too large"))?;
-        // SAFETY: a fresh shared mapping of the map's value area; the kernel
-        // checks the length against the array's size and the map's flags.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        if WINDOW_BYTES % page != 0 {
+            return Err(io::Error::other(format!(
+                "page size {page} does not divide the mapping window"
+            )));
         }
-        let base = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
-        Ok(Self {
-            base,
-            bytes,
+        let area_bytes = (entries as usize)
+            .checked_mul(stride)
+            .map(|b| b.next_multiple_of(page))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "array too large"))?;
+        let mut array = Self {
+            fd: fd.try_clone_to_owned()?,
             entries,
             stride,
-        })
+            area_bytes,
+            window: None,
+        };
+        array.move_window(0)?;
+        Ok(array)
     }
 
     pub fn len(&self) -> u32 {
@@ -86,38 +101,71 @@ impl MappedU32Array {
         self.entries == 0
     }
 
-    fn cell(&self, index: u32) -> Option<&AtomicU32> {
+    /// Maps the window that holds byte `at` of the value area.
+    fn move_window(&mut self, at: usize) -> io::Result<()> {
+        if let Some(old) = self.window.take() {
+            // SAFETY: a mapping made below, unmapped once.
+            unsafe { libc::munmap(old.base.as_ptr().cast(), old.bytes) };
+        }
+        let offset = at / WINDOW_BYTES * WINDOW_BYTES;
+        let bytes = WINDOW_BYTES.min(self.area_bytes - offset);
+        // SAFETY: a fresh shared mapping of part of the map's value area;
+        // the kernel checks offset and length against the array's size.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
+        self.window = Some(Window {
+            base,
+            offset,
+            bytes,
+        });
+        Ok(())
+    }
+
+    /// The cell of element `index`, moving the window to it if need be.
+    fn cell(&mut self, index: u32) -> io::Result<&AtomicU32> {
         if index >= self.entries {
-            return None;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("index {index} beyond the array's {} elements", self.entries),
+            ));
         }
-        // SAFETY: index < entries, so the 4 bytes at index * stride lie in
-        // the mapping; the mapping is page-aligned and the stride a multiple
-        // of 8, so they are aligned for an AtomicU32; the mapping lives as
-        // long as `self`.
-        Some(unsafe {
-            &*self
-                .base
-                .as_ptr()
-                .add(index as usize * self.stride)
-                .cast::<AtomicU32>()
-        })
+        let at = index as usize * self.stride;
+        let inside = |w: &Window| at >= w.offset && at + 4 <= w.offset + w.bytes;
+        if !self.window.as_ref().is_some_and(inside) {
+            self.move_window(at)?;
+        }
+        let w = self.window.as_ref().expect("a window is mapped");
+        // SAFETY: `at` lies in the window (checked or just mapped: the
+        // window starts at `at` rounded down to WINDOW_BYTES and a cell
+        // never straddles a window, the stride dividing WINDOW_BYTES); the
+        // mapping is page-aligned and the stride a multiple of 8, so the
+        // cell is aligned for an AtomicU32; it lives until the window
+        // moves, which needs `&mut self` again.
+        Ok(unsafe { &*w.base.as_ptr().add(at - w.offset).cast::<AtomicU32>() })
     }
 
-    /// Element `index`; `None` beyond the array.
-    pub fn load(&self, index: u32) -> Option<u32> {
-        self.cell(index).map(|c| c.load(Ordering::Relaxed))
+    /// Element `index`.
+    pub fn load(&mut self, index: u32) -> io::Result<u32> {
+        Ok(self.cell(index)?.load(Ordering::Relaxed))
     }
 
-    /// Writes element `index`; `false` (and nothing written) beyond the
-    /// array.
-    pub fn store(&self, index: u32, value: u32) -> bool {
-        match self.cell(index) {
-            Some(c) => {
-                c.store(value, Ordering::Relaxed);
-                true
-            }
-            None => false,
-        }
+    /// Writes element `index`.
+    pub fn store(&mut self, index: u32, value: u32) -> io::Result<()> {
+        self.cell(index)?.store(value, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Orders every store before whatever this thread writes next, such
@@ -131,9 +179,9 @@ impl MappedU32Array {
 
 impl Drop for MappedU32Array {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), self.bytes);
+        if let Some(w) = self.window.take() {
+            // SAFETY: the mapping made in `move_window`, unmapped once.
+            unsafe { libc::munmap(w.base.as_ptr().cast(), w.bytes) };
         }
     }
 }

@@ -6,7 +6,8 @@
 //! Maglev tables are updated in place, slot by slot, rather than
 //! double-buffered: a new flow reads exactly one slot, each slot write is an
 //! atomic u32 store (through the agent's mmap of the array, all of a
-//! frontend's changed slots in one [`MapWriter::put_maglev_slots`]), and a backend leaves `BACKENDS` only after no slot
+//! frontend's changed slots in one [`MapWriter::put_maglev_slots`], before
+//! its service entry), and a backend leaves `BACKENDS` only after no slot
 //! points at it, so every read sees either the old or the new backend, both
 //! valid. That keeps one table per service (`table_id == service_id`) and
 //! writes only the ~M/N slots a change moves.
