@@ -73,7 +73,7 @@ impl MappedU32Array {
         let stride = (value_size as usize).next_multiple_of(8);
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        if WINDOW_BYTES % page != 0 {
+        if !WINDOW_BYTES.is_multiple_of(page) {
             return Err(io::Error::other(format!(
                 "page size {page} does not divide the mapping window"
             )));
