@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, ClusterNetwork, Config, Flow, FlowKey, FrontendKey,
-    GlobalStats, LocalBackendKey, MAGLEV_TABLE_SIZE, Service, ServiceStats, SourceRange,
+    GlobalStats, LocalBackendKey, MAGLEV_MAP_FLAGS, MAGLEV_TABLE_SIZE, Service, ServiceStats, SourceRange,
 };
 
 /// Frontend → service. Written by the agent (reconciler); read by XDP for
@@ -25,10 +25,10 @@ pub static SERVICES: HashMap<FrontendKey, Service> = HashMap::pinned(4096, 0);
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(65536, 0);
 
 /// `table_id * MAGLEV_TABLE_SIZE + slot` → backend id. Written by the agent
-/// (a fresh table per change, then `Service::table_id` is switched); read by
-/// XDP for new flows.
+/// (slot by slot in place, through an mmap of the array: hence
+/// `MAGLEV_MAP_FLAGS`, `BPF_F_MMAPABLE`); read by XDP for new flows.
 #[map(name = "XLB_MAGLEV")]
-pub static MAGLEV: Array<u32> = Array::pinned((4096 + 256) * MAGLEV_TABLE_SIZE, 0);
+pub static MAGLEV: Array<u32> = Array::pinned((4096 + 256) * MAGLEV_TABLE_SIZE, MAGLEV_MAP_FLAGS);
 
 /// Connection tracking, both directions of every flow. Written by XDP (new
 /// flows, last-seen, closing flag); read by XDP and TC egress; expired entries

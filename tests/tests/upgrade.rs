@@ -338,6 +338,83 @@ fn upgrade_across_a_layout_change_keeps_established_flows() -> Result<()> {
     Ok(())
 }
 
+/// Issue 11: agents before the Maglev array was mapped into memory pinned
+/// it without `BPF_F_MMAPABLE`. The new agent copies the rows in use into a
+/// mapped array, rather than starting from an empty one (whose slots would
+/// send new flows nowhere until the first apply), and established
+/// connections keep their backends.
+#[test]
+fn maglev_array_pinned_without_mmapable_is_copied() -> Result<()> {
+    const ARRAY: u32 = 2;
+    let t = web()?;
+    let mut agent = start(&t, &[])?;
+    let mut conns = local_and_remote_connections(&t)?;
+    agent.stop()?;
+    // The older build's array: the same slots, without the flag.
+    let path = map_pin(&t, "XLB_MAGLEV");
+    let (_, _, entries) = shape(&path)?;
+    let services: aya::maps::HashMap<MapData, lb_common::FrontendKey, lb_common::Service> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(MapData::from_pin(map_pin(
+            &t,
+            "XLB_SERVICES",
+        ))?))?;
+    let rows: BTreeSet<u32> = services.iter().flatten().map(|(_, s)| s.table_id).collect();
+    assert_eq!(rows.len(), 2, "the TCP and the UDP frontend");
+    let current: aya::maps::Array<MapData, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(MapData::from_pin(&path)?))?;
+    let mut slots = Vec::new();
+    for row in &rows {
+        for index in row * lb_common::MAGLEV_TABLE_SIZE..(row + 1) * lb_common::MAGLEV_TABLE_SIZE {
+            slots.push((index, current.get(&index, 0)?));
+        }
+    }
+    drop(current);
+    pin_by_hand(&path, "XLB_MAGLEV", ARRAY, 4, 4, entries)?;
+    let mut old: aya::maps::Array<MapData, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(MapData::from_pin(&path)?))?;
+    for (index, backend) in &slots {
+        old.set(*index, backend, 0)?;
+    }
+    drop(old);
+    assert_unmoved(&mut conns, "with the older pin, agent down")?;
+
+    let agent = start(&t, &[])?;
+    let log = agent.log_text();
+    assert!(
+        log.contains("pinned map XLB_MAGLEV has flags 0x0, this agent wants 0x400"),
+        "no message about the flag in:\n{log}"
+    );
+    assert!(
+        !log.contains("incompatible pinned map XLB_MAGLEV"),
+        "the Maglev array was replaced, not copied:\n{log}"
+    );
+    let copied: usize = log
+        .split("resized successor map=XLB_MAGLEV copied=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no copy of XLB_MAGLEV in:\n{log}"))?;
+    assert_eq!(copied, slots.len());
+    let flags = MapData::from_pin(&path)?.info()?.map_flags();
+    assert_eq!(
+        flags & lb_common::MAGLEV_MAP_FLAGS,
+        lb_common::MAGLEV_MAP_FLAGS
+    );
+    // The rows as they were (the agent's first apply writes the same).
+    let new: aya::maps::Array<MapData, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(MapData::from_pin(&path)?))?;
+    for (index, backend) in &slots {
+        assert_eq!(new.get(index, 0)?, *backend, "slot {index}");
+    }
+    assert_unmoved(&mut conns, "after the upgrade")?;
+    let mut backends = BTreeSet::new();
+    for _ in 0..60 {
+        backends.insert(tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?.backend);
+    }
+    assert_eq!(backends.len(), 3);
+    Ok(())
+}
+
 /// A layout change the sizes cannot show (a stamp that differs, as a swap
 /// of two same-size fields would make) replaces the map all the same:
 /// never misread.

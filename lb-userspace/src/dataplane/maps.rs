@@ -17,6 +17,10 @@ pub struct Maps {
     pub services: HashMap<MapData, FrontendKey, Service>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub maglev: Array<MapData, u32>,
+    /// `maglev`'s slots mapped into memory (`BPF_F_MMAPABLE`), which the
+    /// reconciler writes through; `None` for a pin without the flag (an
+    /// older agent's, opened by `inspect`): then slots go through syscalls.
+    pub maglev_slots: Option<super::mmap::MappedU32Array>,
     pub flows: HashMap<MapData, FlowKey, Flow>,
     /// SNAT reply key → the forward key that holds the port.
     pub snat_owners: HashMap<MapData, FlowKey, FlowKey>,
@@ -89,10 +93,18 @@ impl Maps {
                     .with_context(|| format!("map {} has an unexpected type", $name))?
             };
         }
+        let maglev = get(names::MAGLEV)?;
+        let maglev_slots = match &maglev {
+            Map::Array(data) => map_slots(data),
+            _ => None,
+        };
         Ok(Self {
             services: typed!(names::SERVICES),
             backends: typed!(names::BACKENDS),
-            maglev: typed!(names::MAGLEV),
+            maglev: maglev
+                .try_into()
+                .with_context(|| format!("map {} has an unexpected type", names::MAGLEV))?,
+            maglev_slots,
             flows: typed!(names::FLOWS),
             snat_owners: typed!(names::SNAT_OWNERS),
             affinity: typed!(names::AFFINITY),
@@ -128,10 +140,23 @@ impl crate::reconcile::MapWriter for Maps {
         ignore_missing(self.backends.remove(&id))
             .with_context(|| format!("deleting backend {id} from {}", names::BACKENDS))
     }
-    fn put_maglev_slot(&mut self, index: u32, backend_id: u32) -> Result<()> {
-        self.maglev
-            .set(index, backend_id, 0)
-            .with_context(|| format!("writing slot {index} of {}", names::MAGLEV))
+    fn put_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
+        let Some(mapped) = &mut self.maglev_slots else {
+            for &(index, backend_id) in slots {
+                self.maglev
+                    .set(index, backend_id, 0)
+                    .with_context(|| format!("writing slot {index} of {}", names::MAGLEV))?;
+            }
+            return Ok(());
+        };
+        for &(index, backend_id) in slots {
+            mapped
+                .store(index, backend_id)
+                .with_context(|| format!("writing slot {index} of {}", names::MAGLEV))?;
+        }
+        // Before the service entry that the reconciler writes next.
+        mapped.publish();
+        Ok(())
     }
     fn put_service(&mut self, key: &FrontendKey, service: &Service) -> Result<()> {
         self.services.insert(key, service, 0).with_context(|| {
@@ -224,6 +249,23 @@ impl crate::reconcile::MapReader for Maps {
     fn backend(&self, id: u32) -> Result<Option<Backend>> {
         absent_is_none(self.backends.get(&id, 0))
             .with_context(|| format!("reading backend {id} from {}", names::BACKENDS))
+    }
+}
+
+/// Maps the Maglev array into memory when it has `BPF_F_MMAPABLE`.
+fn map_slots(data: &MapData) -> Option<super::mmap::MappedU32Array> {
+    use std::os::fd::AsFd;
+    let info = data.info().ok()?;
+    if info.map_flags() & lb_common::MAGLEV_MAP_FLAGS == 0 {
+        return None;
+    }
+    match super::mmap::MappedU32Array::map(data.fd().as_fd(), info.max_entries(), info.value_size())
+    {
+        Ok(mapped) => Some(mapped),
+        Err(e) => {
+            tracing::warn!(error = %e, "mapping {} into memory failed; its slots are written one syscall each", names::MAGLEV);
+            None
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod attach;
 pub mod layout;
 pub mod maps;
 mod migrate;
+pub mod mmap;
 pub mod pinned;
 mod start;
 

@@ -16,6 +16,12 @@ use aya::maps::MapData;
 /// itself, so the pinned flags differ from the object's there.
 const ACCESS_FLAGS: u32 = (1 << 7) | (1 << 8);
 
+/// `BPF_F_MMAPABLE`: whether user space may map the array, not what its
+/// entries mean. A map that differs from the wanted one only in it (the
+/// Maglev array pinned by an agent from before it was mapped) is migrated
+/// like a resized one: a new map, the entries copied.
+const COPYABLE_FLAGS: u32 = lb_common::MAGLEV_MAP_FLAGS;
+
 /// What a map must look like, from the object plus the size flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shape {
@@ -43,8 +49,9 @@ pub enum Verdict {
     Absent,
     /// Same shape and layout: adopted as it is.
     Adopt,
-    /// Same type, key, value and layout, another size: a new map of the
-    /// wanted size is created and the entries are copied into it.
+    /// Same type, key, value and layout, another size (or another
+    /// [`COPYABLE_FLAGS`]): a new map of the wanted shape is created and
+    /// the entries are copied into it.
     Resize { pinned: Shape },
     /// Another type, key, value, flags or layout: it cannot be read by this
     /// build. A new empty map replaces it; its entries are lost.
@@ -95,7 +102,8 @@ fn compare(
             pinned.value_size, wanted.value_size
         ));
     }
-    if pinned.flags & !ACCESS_FLAGS != wanted.flags & !ACCESS_FLAGS {
+    let ignored = ACCESS_FLAGS | COPYABLE_FLAGS;
+    if pinned.flags & !ignored != wanted.flags & !ignored {
         differences.push(format!(
             "flags {:#x} want {:#x}",
             pinned.flags, wanted.flags
@@ -112,7 +120,9 @@ fn compare(
             why: differences.join(", "),
         };
     }
-    if pinned.max_entries != wanted.max_entries {
+    if pinned.max_entries != wanted.max_entries
+        || pinned.flags & COPYABLE_FLAGS != wanted.flags & COPYABLE_FLAGS
+    {
         return Verdict::Resize { pinned };
     }
     Verdict::Adopt
@@ -154,6 +164,29 @@ mod tests {
     fn another_stamp_is_replaced_even_with_equal_sizes() {
         assert!(matches!(
             compare(FLOWS, FLOWS, Some(1), Some(2)),
+            Verdict::Replace { .. }
+        ));
+    }
+
+    /// The Maglev array as agents before `BPF_F_MMAPABLE` pinned it.
+    #[test]
+    fn the_maglev_array_without_mmapable_is_copied_not_replaced() {
+        let wanted = Shape {
+            map_type: 2,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 4096 * 1021,
+            flags: lb_common::MAGLEV_MAP_FLAGS,
+        };
+        let old = Shape { flags: 0, ..wanted };
+        assert_eq!(
+            compare(old, wanted, Some(7), Some(7)),
+            Verdict::Resize { pinned: old }
+        );
+        // Any other flag still replaces.
+        let other = Shape { flags: 1, ..wanted };
+        assert!(matches!(
+            compare(other, wanted, Some(7), Some(7)),
             Verdict::Replace { .. }
         ));
     }

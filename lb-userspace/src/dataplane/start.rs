@@ -162,6 +162,18 @@ fn judge_pins(pins: &PinDir, wanted: &[(String, Shape)]) -> Result<Vec<Aside>> {
         pinned_any |= verdict != Verdict::Absent;
         match &verdict {
             Verdict::Absent | Verdict::Adopt => continue,
+            Verdict::Resize { pinned }
+                if migrate::copyable(name) && pinned.max_entries == shape.max_entries =>
+            {
+                tracing::warn!(
+                    map = %name,
+                    pinned_flags = pinned.flags,
+                    wanted_flags = shape.flags,
+                    "pinned map {name} has flags {:#x}, this agent wants {:#x}: its entries are copied into a new map with them",
+                    pinned.flags,
+                    shape.flags,
+                )
+            }
             Verdict::Resize { pinned } if migrate::copyable(name) => tracing::warn!(
                 map = %name,
                 pinned_entries = pinned.max_entries,

@@ -5,7 +5,9 @@
 //!
 //! Maglev tables are updated in place, slot by slot, rather than
 //! double-buffered: a new flow reads exactly one slot, each slot write is an
-//! atomic u32 store, and a backend leaves `BACKENDS` only after no slot
+//! atomic u32 store (through the agent's mmap of the array, all of a
+//! frontend's changed slots in one [`MapWriter::put_maglev_slots`], before
+//! its service entry), and a backend leaves `BACKENDS` only after no slot
 //! points at it, so every read sees either the old or the new backend, both
 //! valid. That keeps one table per service (`table_id == service_id`) and
 //! writes only the ~M/N slots a change moves.
@@ -113,9 +115,11 @@ pub struct Reconciler {
 fn maglev_table(backends: &[Backend], ids: &BTreeMap<(IpAddr, u16), u32>) -> Vec<u32> {
     let identities: Vec<Vec<u8>> = backends.iter().map(maglev_identity).collect();
     let refs: Vec<&[u8]> = identities.iter().map(|v| v.as_slice()).collect();
+    // The id of each backend once, not one map lookup per slot.
+    let id_of: Vec<u32> = backends.iter().map(|b| ids[&(b.addr, b.port)]).collect();
     maglev::populate(&refs, MAGLEV_TABLE_SIZE)
-        .iter()
-        .map(|i| ids[&(backends[*i as usize].addr, backends[*i as usize].port)])
+        .into_iter()
+        .map(|i| id_of[i as usize])
         .collect()
 }
 
@@ -508,10 +512,16 @@ impl Programmed {
     ) -> Result<()> {
         let new_table = maglev_table(&spec.backends, &self.backend_ids);
         let base = self.service_id * MAGLEV_TABLE_SIZE;
-        for (slot, backend_id) in new_table.iter().enumerate() {
-            if old_table.get(slot) != Some(backend_id) {
-                w.put_maglev_slot(base + slot as u32, *backend_id)?;
-            }
+        let changed: Vec<(u32, u32)> = new_table
+            .iter()
+            .enumerate()
+            .filter(|(slot, backend_id)| old_table.get(*slot) != Some(*backend_id))
+            .map(|(slot, backend_id)| (base + slot as u32, *backend_id))
+            .collect();
+        // One call per table: the dataplane writes the slots through its
+        // mmap of the array (see `dataplane::mmap`), not a syscall each.
+        if !changed.is_empty() {
+            w.put_maglev_slots(&changed)?;
         }
         // With no backend the service entry says so (count 0) and new flows
         // are dropped; the slots are left as they are.

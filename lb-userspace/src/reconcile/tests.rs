@@ -66,8 +66,8 @@ impl MapWriter for FakeMaps {
         self.check();
         Ok(())
     }
-    fn put_maglev_slot(&mut self, index: u32, backend_id: u32) -> Result<()> {
-        self.maglev.insert(index, backend_id);
+    fn put_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
+        self.maglev.extend(slots.iter().copied());
         Ok(())
     }
     fn put_service(&mut self, key: &FrontendKey, s: &lb_common::Service) -> Result<()> {
@@ -583,4 +583,108 @@ fn a_tombstone_yields_its_id_when_the_table_is_full() {
     assert!(s.errors.is_empty(), "{s:?}");
     assert_eq!(r.service_id(&frontend(2, 80)), Some(0));
     assert_eq!(r.service_id(&frontend(1, 80)), None);
+}
+
+/// The benchmark's shape at `n` Services: a TCP and a UDP frontend each,
+/// 3 backends per Service (distinct per Service).
+fn many(n: u32) -> DesiredState {
+    let mut entries = Vec::new();
+    for i in 0..n {
+        let backends: Vec<Backend> = (0..3u32)
+            .map(|j| Backend {
+                addr: IpAddr::V4(Ipv4Addr::from(0x0a40_0000 + i * 4 + j)),
+                port: 8080,
+                local: true,
+                terminating: false,
+            })
+            .collect();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            entries.push((
+                Frontend {
+                    addr: IpAddr::V4(Ipv4Addr::from(0x0ac8_0000 + i / 1000)),
+                    port: 1000 + (i % 1000) as u16,
+                    protocol,
+                },
+                FrontendSpec {
+                    service: ServiceRef {
+                        namespace: "bench".into(),
+                        name: format!("s{i}"),
+                        port_name: String::new(),
+                    },
+                    backends: backends.clone(),
+                    local_only: false,
+                    affinity_timeout: None,
+                    source_ranges: vec![],
+                },
+            ));
+        }
+    }
+    state(&entries)
+}
+
+/// A writer that only counts, to time the reconciler's own work.
+#[derive(Default)]
+struct Nowhere {
+    slots: usize,
+}
+
+impl MapWriter for Nowhere {
+    fn put_backend(&mut self, _: u32, _: &lb_common::Backend) -> Result<()> {
+        Ok(())
+    }
+    fn delete_backend(&mut self, _: u32) -> Result<()> {
+        Ok(())
+    }
+    fn put_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
+        self.slots += slots.len();
+        Ok(())
+    }
+    fn put_service(&mut self, _: &FrontendKey, _: &lb_common::Service) -> Result<()> {
+        Ok(())
+    }
+    fn delete_service(&mut self, _: &FrontendKey) -> Result<()> {
+        Ok(())
+    }
+    fn put_source_range(&mut self, _: &lb_common::SourceRange, _: u32) -> Result<()> {
+        Ok(())
+    }
+    fn delete_source_range(&mut self, _: &lb_common::SourceRange, _: u32) -> Result<()> {
+        Ok(())
+    }
+    fn reset_stats(&mut self, _: u32) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Where the time of programming 10 000 Services goes, without the
+/// kernel: `cargo test --release -p lb-userspace -- --ignored --nocapture
+/// reconcile_phases`. Not a timed assertion (the benchmark reports times).
+#[test]
+#[ignore]
+fn reconcile_phases_at_10000() {
+    let d = many(10_000);
+    let t = Instant::now();
+    for _ in 0..2000 {
+        let b: Vec<Backend> = d.frontends.values().next().unwrap().backends.clone();
+        let ids: BTreeMap<(IpAddr, u16), u32> = b
+            .iter()
+            .enumerate()
+            .map(|(i, b)| ((b.addr, b.port), i as u32))
+            .collect();
+        std::hint::black_box(maglev_table(&b, &ids));
+    }
+    eprintln!(
+        "one Maglev table: {:.1} us",
+        t.elapsed().as_secs_f64() * 1e6 / 2000.0
+    );
+    let mut r = Reconciler::new(32_768, 131_072);
+    let mut w = Nowhere::default();
+    let t = Instant::now();
+    let s = r.apply(&d, &mut w);
+    eprintln!(
+        "apply of {} frontends, writes counted only: {:.0} ms, {} slot writes",
+        s.added,
+        t.elapsed().as_secs_f64() * 1e3,
+        w.slots
+    );
 }

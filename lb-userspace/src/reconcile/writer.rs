@@ -8,7 +8,10 @@ use lb_common::FrontendKey;
 pub trait MapWriter {
     fn put_backend(&mut self, id: u32, backend: &lb_common::Backend) -> Result<()>;
     fn delete_backend(&mut self, id: u32) -> Result<()>;
-    fn put_maglev_slot(&mut self, index: u32, backend_id: u32) -> Result<()>;
+    /// `(index, backend id)` pairs: slots of one frontend's table. The
+    /// slots must be written (and visible to the datapath) when this
+    /// returns, since the service entry that reaches them comes next.
+    fn put_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()>;
     fn put_service(&mut self, key: &FrontendKey, service: &lb_common::Service) -> Result<()>;
     fn delete_service(&mut self, key: &FrontendKey) -> Result<()>;
     fn put_source_range(&mut self, key: &lb_common::SourceRange, prefix_len: u32) -> Result<()>;
@@ -37,9 +40,10 @@ impl MapWriter for Counting<'_> {
         self.writes += 1;
         self.inner.delete_backend(id)
     }
-    fn put_maglev_slot(&mut self, index: u32, backend_id: u32) -> Result<()> {
-        self.writes += 1;
-        self.inner.put_maglev_slot(index, backend_id)
+    fn put_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
+        // One write per slot, as the datapath sees them.
+        self.writes += slots.len();
+        self.inner.put_maglev_slots(slots)
     }
     fn put_service(&mut self, key: &FrontendKey, s: &lb_common::Service) -> Result<()> {
         self.writes += 1;
