@@ -7,7 +7,9 @@
 //! (Linux 5.5). The mapping shows the array's value area as the datapath
 //! sees it: element `i` at byte `i * round_up(value_size, 8)` (the array's
 //! element stride), so a `u32` slot is the first half of an 8-byte cell.
-//! aya 0.14 has no mmap of maps, hence this small unsafe module.
+//! aya 0.14 has no mmap of maps; `memmap2` makes and unmaps the mapping,
+//! and this module adds what is the map's own: the element stride, the
+//! window and atomic cells.
 //!
 //! Only a window of [`WINDOW_BYTES`] is mapped at a time, moved (unmapped
 //! and mapped again at another offset) when an index falls outside it. The
@@ -26,10 +28,11 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
-    ptr::NonNull,
+    os::fd::{BorrowedFd, OwnedFd},
     sync::atomic::{AtomicU32, Ordering, fence},
 };
+
+use memmap2::{MmapOptions, MmapRaw};
 
 /// Bytes mapped at once: 64 pages of 4 KiB, 32 Maglev tables (a multiple
 /// of every page size Linux uses up to 256 KiB, as an mmap offset must be).
@@ -46,18 +49,12 @@ pub struct MappedU32Array {
     window: Option<Window>,
 }
 
-/// One mapping of `bytes` bytes at byte `offset` of the value area.
+/// One shared, writable mapping of part of the value area, starting at
+/// byte `offset` of it.
 struct Window {
-    base: NonNull<u8>,
+    map: MmapRaw,
     offset: usize,
-    bytes: usize,
 }
-
-// SAFETY: the mapping is owned by this value (unmapped on drop or when the
-// window moves, which takes `&mut self`) and accessed only through atomics.
-unsafe impl Send for MappedU32Array {}
-// SAFETY: shared access only loads; every access is atomic.
-unsafe impl Sync for MappedU32Array {}
 
 impl MappedU32Array {
     /// The array map `fd` of `entries` elements of `value_size` bytes (4:
@@ -103,34 +100,16 @@ impl MappedU32Array {
 
     /// Maps the window that holds byte `at` of the value area.
     fn move_window(&mut self, at: usize) -> io::Result<()> {
-        if let Some(old) = self.window.take() {
-            // SAFETY: a mapping made below, unmapped once.
-            unsafe { libc::munmap(old.base.as_ptr().cast(), old.bytes) };
-        }
+        // The old mapping goes first (dropping it unmaps it).
+        self.window = None;
         let offset = at / WINDOW_BYTES * WINDOW_BYTES;
         let bytes = WINDOW_BYTES.min(self.area_bytes - offset);
-        // SAFETY: a fresh shared mapping of part of the map's value area;
-        // the kernel checks offset and length against the array's size.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                self.fd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
-        self.window = Some(Window {
-            base,
-            offset,
-            bytes,
-        });
+        // The kernel checks offset and length against the array's size.
+        let map = MmapOptions::new()
+            .offset(offset as u64)
+            .len(bytes)
+            .map_raw(&self.fd)?;
+        self.window = Some(Window { map, offset });
         Ok(())
     }
 
@@ -143,7 +122,7 @@ impl MappedU32Array {
             ));
         }
         let at = index as usize * self.stride;
-        let inside = |w: &Window| at >= w.offset && at + 4 <= w.offset + w.bytes;
+        let inside = |w: &Window| at >= w.offset && at + 4 <= w.offset + w.map.len();
         if !self.window.as_ref().is_some_and(inside) {
             self.move_window(at)?;
         }
@@ -154,7 +133,7 @@ impl MappedU32Array {
         // mapping is page-aligned and the stride a multiple of 8, so the
         // cell is aligned for an AtomicU32; it lives until the window
         // moves, which needs `&mut self` again.
-        Ok(unsafe { &*w.base.as_ptr().add(at - w.offset).cast::<AtomicU32>() })
+        Ok(unsafe { &*w.map.as_mut_ptr().add(at - w.offset).cast::<AtomicU32>() })
     }
 
     /// Element `index`.
@@ -174,14 +153,5 @@ impl MappedU32Array {
     /// that finds it also finds the slots.
     pub fn publish(&self) {
         fence(Ordering::Release);
-    }
-}
-
-impl Drop for MappedU32Array {
-    fn drop(&mut self) {
-        if let Some(w) = self.window.take() {
-            // SAFETY: the mapping made in `move_window`, unmapped once.
-            unsafe { libc::munmap(w.base.as_ptr().cast(), w.bytes) };
-        }
     }
 }
