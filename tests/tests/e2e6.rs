@@ -17,6 +17,7 @@ use xlb_tests::{
     Agent, CLIENT_ADDR, CLIENT_ADDR_2, CLIENT_ADDR_V6, CLIENT_ADDR_V6_2, Conn, NODE_ADDR,
     NODE_ADDR_V6, Topology, ns_sh,
     objects::{self, dual_stack_service, endpoint_slice, endpoint_slice_v6, spec_mut, to_yaml},
+    scrape::{http_get, sample},
     snmp_counter, tcp_request, tcp_request_v6, udp_request, udp_request_v6, wait_until,
 };
 
@@ -169,6 +170,49 @@ fn a_dual_stack_service_answers_both_families_from_local_and_remote_backends() -
     for ns in [&t.client, &t.pod("pod-a").ns, &t.pod("pod-c").ns] {
         assert_eq!(snmp_counter(ns, "Tcp", "InCsumErrors")?, 0, "{ns}");
     }
+    Ok(())
+}
+
+/// `/metrics` counts an IPv6 frontend's flows under its usual notation
+/// (`[addr]:port/proto`), apart from the IPv4 half of the same Service.
+#[test]
+fn metrics_name_ipv6_frontends_in_their_usual_notation() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    dual_stack_web(&t, |_| ())?;
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9479);
+    let agent = t.start_agent_with(&["--metrics-addr", &metrics.to_string()])?;
+    wait_backends(&t, 12)?;
+    let scrape = || -> Result<String> {
+        let (status, body) = http_get(&t.node, metrics, "/metrics")?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}: {body}");
+        Ok(body)
+    };
+    let v6 = format!("[{WEB_V6}]:80/TCP");
+    let v4 = format!("{WEB}:80/TCP");
+    let flows = |text: &str, frontend: &str| {
+        sample(
+            text,
+            "xlb_service_new_flows_total",
+            &[("service", "web"), ("frontend", frontend)],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = scrape()?;
+    const CONNECTIONS: usize = 7;
+    for _ in 0..CONNECTIONS {
+        tcp_request_v6(&t.client, web_v6(80))?;
+    }
+    tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?;
+    let after = scrape()?;
+    assert_eq!(
+        flows(&after, &v6) - flows(&before, &v6),
+        CONNECTIONS as f64,
+        "{after}\n{}",
+        agent.log_text()
+    );
+    assert_eq!(flows(&after, &v4) - flows(&before, &v4), 1.0, "{after}");
     Ok(())
 }
 
