@@ -5,5 +5,5 @@
 pub mod parse;
 pub mod source;
 
-pub use parse::{DirectoryUnreadable, Format, ManifestError, load_dir, load_file, parse};
+pub use parse::{DirectoryUnreadable, Format, ManifestError, list_dir, load_dir, load_file, parse};
 pub use source::ManifestSource;
