@@ -690,3 +690,45 @@ fn node_config_value(
         node_addr_v6: node_addr_v6.map(|a| a.octets()).unwrap_or_default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    #[test]
+    fn a_burst_waits_for_a_file_being_written_to_be_closed_and_no_longer_than_the_cap() {
+        block_on(async {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let changes = settle(Change::File("/m/a.yaml".into()), &mut rx).await;
+            assert_eq!(changes.files.len(), 1);
+            assert!(changes.writing.is_empty());
+
+            // Written: waits for the close, and takes it in.
+            let sender = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                sender.send(Change::File("/m/b.yaml".into())).unwrap();
+            });
+            let started = Instant::now();
+            let changes = settle(Change::Writing("/m/b.yaml".into()), &mut rx).await;
+            assert!(started.elapsed() >= Duration::from_millis(20));
+            assert!(changes.writing.is_empty(), "{changes:?}");
+            assert_eq!(changes.files.len(), 1);
+
+            // Never closed: read after the cap all the same.
+            let started = Instant::now();
+            let changes = settle(Change::Writing("/m/c.yaml".into()), &mut rx).await;
+            assert!(started.elapsed() >= SETTLE_MAX);
+            assert_eq!(changes.files.len(), 1);
+            drop(tx);
+        });
+    }
+}
