@@ -547,3 +547,60 @@ fn inotify_events_name_the_files_to_read() {
         [Change::All]
     );
 }
+
+/// Resident size of the source at 10 000 Services with a slice each (run
+/// with `--ignored --nocapture`; glibc).
+#[test]
+#[ignore]
+fn footprint_at_ten_thousand_services() {
+    fn rss_kib() -> u64 {
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe {
+            libc::malloc_trim(0)
+        };
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+    let mut h = Harness::new(AddressMode::Status);
+    let mut text = String::new();
+    for i in 0..10_000u32 {
+        text += &service(&format!("s{i}"), 1, 0).replace(
+            "port: 0\n",
+            &format!("port: {}\n", 10_000 + i),
+        );
+        text += &slice(
+            &format!("s{i}"),
+            "x",
+            &[
+                &format!("10.{}.{}.1", i / 256, i % 256),
+                &format!("10.{}.{}.2", i / 256, i % 256),
+                &format!("10.{}.{}.3", i / 256, i % 256),
+            ],
+        );
+    }
+    h.write("all.yaml", &text);
+    // The translator alone, from objects dropped before it is measured.
+    let before = rss_kib();
+    let (objects, _) = parse(Path::new("all.yaml"), Format::Yaml, &text);
+    let (translator, _) = Translator::build(&objects, "node-1", AddressMode::Status);
+    drop(objects);
+    drop(text);
+    eprintln!("translator alone {} KiB", rss_kib().saturating_sub(before));
+    drop(translator);
+    let before = rss_kib();
+    let mut kept = None;
+    h.source
+        .sync(Changes::everything(), |desired, _| {
+            kept = Some(desired.frontends.len());
+            Ok(())
+        })
+        .unwrap();
+    let after = rss_kib();
+    eprintln!(
+        "{} frontends; source (cache + translator) {} KiB",
+        kept.unwrap(),
+        after - before
+    );
+}
