@@ -45,7 +45,9 @@ use crate::{
     change::{Change, Changes},
     model::{DesiredState, Frontend},
     telemetry::telemetry,
-    translate::{AddressMode, Objects, Scope, ServiceKey, Translator, handles_class, slice_service},
+    translate::{
+        AddressMode, Objects, Scope, ServiceKey, Translator, handles_class, slice_service,
+    },
 };
 
 /// A watched directory of manifests.
@@ -153,11 +155,7 @@ impl ManifestSource {
 
     /// A source that does not watch: it reads what [`ManifestSource::sync`]
     /// is told changed (tests).
-    fn unwatched(
-        dir: &Path,
-        scope: Scope,
-        changes: mpsc::UnboundedSender<Change>,
-    ) -> Result<Self> {
+    fn unwatched(dir: &Path, scope: Scope, changes: mpsc::UnboundedSender<Change>) -> Result<Self> {
         let watched = identity(dir)
             .with_context(|| format!("reading the manifest directory {}", dir.display()))?;
         Ok(ManifestSource {
@@ -184,9 +182,7 @@ impl ManifestSource {
         apply: impl FnOnce(&DesiredState, Option<&BTreeSet<Frontend>>) -> Result<()>,
     ) -> Result<()> {
         let complete = changes.all || self.translator.is_none();
-        let rescan = complete
-            || self.unreadable
-            || identity(&self.dir).map_or(true, |now| now != self.watched);
+        let rescan = complete || self.unreadable || identity(&self.dir).ok() != Some(self.watched);
         let mut work = Work::default();
         if rescan {
             let listed = match list_dir(&self.dir) {

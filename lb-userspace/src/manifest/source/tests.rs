@@ -530,7 +530,10 @@ fn inotify_events_name_the_files_to_read() {
     assert!(
         changes_of(
             dir,
-            &event(EventKind::Access(AccessKind::Open(AccessMode::Any)), &["/m/a.yaml"])
+            &event(
+                EventKind::Access(AccessKind::Open(AccessMode::Any)),
+                &["/m/a.yaml"]
+            )
         )
         .is_empty()
     );
@@ -538,7 +541,10 @@ fn inotify_events_name_the_files_to_read() {
     assert_eq!(
         changes_of(
             dir,
-            &event(EventKind::Modify(ModifyKind::Name(RenameMode::To)), &["/m/..data"])
+            &event(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                &["/m/..data"]
+            )
         ),
         [Change::All]
     );
@@ -566,10 +572,8 @@ fn footprint_at_ten_thousand_services() {
     let mut h = Harness::new(AddressMode::Status);
     let mut text = String::new();
     for i in 0..10_000u32 {
-        text += &service(&format!("s{i}"), 1, 0).replace(
-            "port: 0\n",
-            &format!("port: {}\n", 10_000 + i),
-        );
+        text += &service(&format!("s{i}"), 1, 0)
+            .replace("port: 0\n", &format!("port: {}\n", 10_000 + i));
         text += &slice(
             &format!("s{i}"),
             "x",
