@@ -224,10 +224,9 @@ impl ManifestSource {
             tracing::info!(dir = %self.dir.display(), "the manifest directory reads again");
         }
 
-        let rebuild = self.translator.is_none()
-            || work.nodes_changed
-            || (work.services_touched && self.scope.address_mode == AddressMode::Node);
-        if rebuild {
+        let node_mode = self.scope.address_mode == AddressMode::Node;
+        let rebuild = |work: &Work| work.nodes_changed || (work.services_touched && node_mode);
+        if self.translator.is_none() || rebuild(&work) {
             self.rebuild(work, apply)
         } else {
             // Every file that holds objects of a touched Service, parsed;
@@ -248,7 +247,9 @@ impl ManifestSource {
                     self.refresh(&name, true, &mut work);
                 }
             }
-            if work.nodes_changed {
+            // A file read for a Service's other objects may have changed
+            // too.
+            if rebuild(&work) {
                 self.rebuild(work, apply)
             } else {
                 self.update(work, complete, apply)
