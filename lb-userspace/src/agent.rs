@@ -218,8 +218,7 @@ impl Source {
         apply: impl FnOnce(&DesiredState, Option<&BTreeSet<Frontend>>) -> Result<()>,
     ) -> Result<()> {
         match self {
-            // A manifest change re-reads the directory: everything.
-            Source::Manifests(manifests) => manifests.sync(|desired| apply(desired, None)),
+            Source::Manifests(manifests) => manifests.sync(changes, apply),
             Source::Cluster(cluster) => cluster.sync(changes, apply),
         }
     }
@@ -346,6 +345,42 @@ fn after_sync(
     })
 }
 
+/// Changes come in bursts (editors, `kubectl apply`, rollouts, one file
+/// written in several steps): a burst is gathered until the source has been
+/// quiet for [`SETTLE_QUIET`], and while a manifest file is still being
+/// written, until it is closed; never for longer than [`SETTLE_MAX`].
+const SETTLE_QUIET: Duration = Duration::from_millis(2);
+const SETTLE_MAX: Duration = Duration::from_millis(100);
+
+/// The burst that starts with `first`.
+async fn settle(first: Change, rx: &mut mpsc::UnboundedReceiver<Change>) -> Changes {
+    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+    let mut changes = Changes::default();
+    changes.add(first);
+    loop {
+        while let Ok(change) = rx.try_recv() {
+            changes.add(change);
+        }
+        let until = if changes.writing.is_empty() {
+            (tokio::time::Instant::now() + SETTLE_QUIET).min(deadline)
+        } else {
+            deadline
+        };
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(change)) => changes.add(change),
+            // Quiet (and nothing being written), or the deadline.
+            Ok(None) | Err(_) => break,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    while let Ok(change) = rx.try_recv() {
+        changes.add(change);
+    }
+    changes
+}
+
 async fn retry_due(retry: Option<Retry>) {
     match retry {
         Some(r) => tokio::time::sleep_until(r.at).await,
@@ -393,17 +428,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     loop {
         telemetry().health.beat("agent", LOOP_STALE);
         let changes = tokio::select! {
-            Some(change) = rx.recv() => {
-                // Editors, `kubectl apply` and rollouts change in bursts:
-                // settle, then apply the whole burst at once.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let mut changes = Changes::default();
-                changes.add(change);
-                while let Ok(change) = rx.try_recv() {
-                    changes.add(change);
-                }
-                changes
-            }
+            Some(change) = rx.recv() => settle(change, &mut rx).await,
             // A new leader posts the Events of problems that already exist:
             // rebuilding reports every current problem again, and only the
             // leader posts them.
@@ -663,5 +688,47 @@ fn node_config_value(
         heartbeat_ns: 0,
         _pad: 0,
         node_addr_v6: node_addr_v6.map(|a| a.octets()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    #[test]
+    fn a_burst_waits_for_a_file_being_written_to_be_closed_and_no_longer_than_the_cap() {
+        block_on(async {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let changes = settle(Change::File("/m/a.yaml".into()), &mut rx).await;
+            assert_eq!(changes.files.len(), 1);
+            assert!(changes.writing.is_empty());
+
+            // Written: waits for the close, and takes it in.
+            let sender = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                sender.send(Change::File("/m/b.yaml".into())).unwrap();
+            });
+            let started = Instant::now();
+            let changes = settle(Change::Writing("/m/b.yaml".into()), &mut rx).await;
+            assert!(started.elapsed() >= Duration::from_millis(20));
+            assert!(changes.writing.is_empty(), "{changes:?}");
+            assert_eq!(changes.files.len(), 1);
+
+            // Never closed: read after the cap all the same.
+            let started = Instant::now();
+            let changes = settle(Change::Writing("/m/c.yaml".into()), &mut rx).await;
+            assert!(started.elapsed() >= SETTLE_MAX);
+            assert_eq!(changes.files.len(), 1);
+            drop(tx);
+        });
     }
 }

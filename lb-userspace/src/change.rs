@@ -1,7 +1,7 @@
 //! What a source's watchers saw change, gathered between two syncs so that
 //! a sync re-reads only that.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, path::PathBuf};
 
 use crate::translate::ServiceKey;
 
@@ -14,7 +14,15 @@ pub enum Change {
     Slices(ServiceKey),
     /// A Node.
     Nodes,
-    /// Anything (a complete re-list, a manifest file): read everything.
+    /// A manifest file was written (closed after writing), created by a
+    /// rename, renamed away, removed, or its attributes changed: read it
+    /// again.
+    File(PathBuf),
+    /// A manifest file is being written (modified, not closed yet): read it
+    /// once it is closed, or after the settle time at the latest.
+    Writing(PathBuf),
+    /// Anything (a complete re-list, a manifest directory event that names
+    /// no manifest file): read everything.
     All,
 }
 
@@ -27,6 +35,10 @@ pub struct Changes {
     pub services: BTreeSet<ServiceKey>,
     /// Services whose EndpointSlices changed.
     pub slices: BTreeSet<ServiceKey>,
+    /// Manifest files to read again.
+    pub files: BTreeSet<PathBuf>,
+    /// Manifest files modified and not closed yet (a subset of `files`).
+    pub writing: BTreeSet<PathBuf>,
 }
 
 impl Changes {
@@ -46,6 +58,14 @@ impl Changes {
             }
             Change::Slices(key) => {
                 self.slices.insert(key);
+            }
+            Change::File(path) => {
+                self.writing.remove(&path);
+                self.files.insert(path);
+            }
+            Change::Writing(path) => {
+                self.writing.insert(path.clone());
+                self.files.insert(path);
             }
         }
     }

@@ -88,22 +88,9 @@ impl Format {
 /// file system lists them in. A file that cannot be read is reported and
 /// skipped; a directory that cannot be listed completely is an error.
 pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<ManifestError>), DirectoryUnreadable> {
-    let unreadable = |source| DirectoryUnreadable {
-        dir: dir.to_owned(),
-        source,
-    };
     let mut objects = Objects::default();
     let mut errors = Vec::new();
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir).map_err(unreadable)? {
-        // A listing cut short would drop the files after the cut.
-        let path = entry.map_err(unreadable)?.path();
-        if let Some(format) = Format::of_file(&path) {
-            files.push((path, format));
-        }
-    }
-    files.sort_by(|(left, _), (right, _)| left.file_name().cmp(&right.file_name()));
-    for (path, format) in files {
+    for (path, format) in list_dir(dir)? {
         // fs::metadata follows symbolic links: the files of a mounted
         // ConfigMap are links into its `..data` directory.
         match fs::metadata(&path) {
@@ -125,6 +112,25 @@ pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<ManifestError>), DirectoryUn
         errors.extend(file_errors);
     }
     Ok((objects, errors))
+}
+
+/// The manifest files directly in `dir`, in the order of their names. A
+/// directory that cannot be listed completely is an error.
+pub fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, Format)>, DirectoryUnreadable> {
+    let unreadable = |source| DirectoryUnreadable {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(unreadable)? {
+        // A listing cut short would drop the files after the cut.
+        let path = entry.map_err(unreadable)?.path();
+        if let Some(format) = Format::of_file(&path) {
+            files.push((path, format));
+        }
+    }
+    files.sort_by(|(left, _), (right, _)| left.file_name().cmp(&right.file_name()));
+    Ok(files)
 }
 
 /// Reads one manifest file.
@@ -189,7 +195,7 @@ pub fn parse(file: &Path, format: Format, text: &str) -> (Objects, Vec<ManifestE
     (objects, errors)
 }
 
-fn whole_file_error(file: &Path, reason: String) -> ManifestError {
+pub(crate) fn whole_file_error(file: &Path, reason: String) -> ManifestError {
     ManifestError {
         file: file.to_path_buf(),
         document: 0,

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::{
-    core::v1::{Node, ObjectReference, Service},
+    core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 
@@ -26,8 +26,10 @@ use crate::model::{DesiredState, Frontend, FrontendSpec};
 /// [`Claims`] or, for the holder, in the desired state).
 struct Translated {
     order: Order,
-    /// Where its Events go.
-    object: ObjectReference,
+    /// Where its Events go: with the key, all of the reference (an
+    /// `ObjectReference` per Service would cost a few MiB at 10 000).
+    uid: Option<String>,
+    resource_version: Option<String>,
     frontends: Vec<Frontend>,
 }
 
@@ -231,12 +233,12 @@ impl Translator {
                 claimed.push(frontend);
                 self.claim(frontend, order.clone(), spec);
             }
-            let object = service.map_or_else(|| key.object_reference(), reference_to);
             self.services.insert(
                 key.clone(),
                 Translated {
                     order,
-                    object,
+                    uid: service.and_then(|s| s.metadata.uid.clone()),
+                    resource_version: service.and_then(|s| s.metadata.resource_version.clone()),
                     frontends: claimed,
                 },
             );
@@ -318,10 +320,11 @@ impl Translator {
         };
         for waiting in claims.waiting.keys() {
             if waiting.key == *updated || holder_before == Some(waiting) {
-                let object = self.services.get(&waiting.key).map_or_else(
-                    || waiting.key.object_reference(),
-                    |translated| translated.object.clone(),
-                );
+                let mut object = waiting.key.object_reference();
+                if let Some(translated) = self.services.get(&waiting.key) {
+                    object.uid = translated.uid.clone();
+                    object.resource_version = translated.resource_version.clone();
+                }
                 problems.push(Problem::new(
                     object,
                     EventReason::AddressConflict,
