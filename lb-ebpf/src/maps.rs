@@ -11,7 +11,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, ClusterNetwork, Config, Flow, FlowKey, FrontendKey,
-    GlobalStats, LocalBackendKey, MAGLEV_MAP_FLAGS, MAGLEV_TABLE_SIZE, Service, ServiceStats, SourceRange,
+    GlobalStats, LocalBackendKey, MAGLEV_MAP_FLAGS, MAGLEV_TABLE_SIZE, Service, ServiceStats,
+    SourceRange,
 };
 
 /// Frontend → service. Written by the agent (reconciler); read by XDP for
