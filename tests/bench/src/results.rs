@@ -545,6 +545,9 @@ impl Results {
                         self.dut_ns(system, family, n),
                         self.system_ns(system, family, n),
                     ) {
+                        (Some(total), Some(own)) if own < 0.0 => {
+                            format!("{total:.0} = rig - {:.0}", -own)
+                        }
                         (Some(total), Some(own)) => format!("{total:.0} = rig + {own:.0}"),
                         _ => "-".into(),
                     };
@@ -873,6 +876,23 @@ mod tests {
         assert!(report.contains("| klipper | IPv4 |"), "{report}");
         assert!(!report.contains("| klipper | IPv6 |"), "{report}");
         assert!(report.contains("| forwarder | IPv4 |"), "{report}");
+    }
+
+    /// A limit measured below the ceiling (noise) shows a negative own
+    /// cost as such, and no ratio over it.
+    #[test]
+    fn own_cost_below_the_rig_is_shown_negative() {
+        let results = synthetic(vec![
+            synthetic_row(System::Ceiling, Family::V4, 1, 5.0, 180.0),
+            synthetic_row(System::Forwarder, Family::V4, 1, 5.5, 170.0),
+            synthetic_row(System::Xlb, Family::V4, 1, 1.0, 800.0),
+        ]);
+        let report = results.report();
+        assert!(
+            report.contains("| IPv4 | 1 | 180 | 170 = rig - 10 | 800 = rig + 620 |"),
+            "{report}"
+        );
+        assert!(report.contains("| - | - | 0.2x |"), "{report}");
     }
 
     /// klipper's two-hop path gets its columns in the delivered tables of
