@@ -361,6 +361,21 @@ fn teardown(bench: &mut Bench, guard: Guard, family: Family) -> Result<()> {
             };
             let (in_pod, on_node) = (count(pod.name()), count(&dut));
             eprintln!("    conntrack entries: {in_pod} in the svclb pod, {on_node} on the node");
+            // Failed NAT (no free masquerade port) shows as drops here.
+            for (place, ns) in [("pod", pod.name()), ("node", dut.as_str())] {
+                let stats = xlb_tests::ns_sh(ns, &["conntrack", "-S"]).unwrap_or_default();
+                let mut sums: BTreeMap<String, u64> = BTreeMap::new();
+                for field in stats.split_whitespace() {
+                    if let Some((k, v)) = field.split_once('=')
+                        && let Ok(v) = v.parse::<u64>()
+                        && v > 0
+                        && k != "cpu"
+                    {
+                        *sums.entry(k.to_string()).or_default() += v;
+                    }
+                }
+                eprintln!("    conntrack -S ({place}): {sums:?}");
+            }
             anyhow::ensure!(
                 in_pod > 0 && on_node > in_pod,
                 "klipper's two hops: {in_pod} conntrack entries in the pod, {on_node} on the node"

@@ -8,8 +8,8 @@
 //!   checksums, then either redirects the frame out of `ifindex` (traffic
 //!   generator) or tail-calls `TARGET[0]` (to time another XDP program on a
 //!   fresh tuple every repetition).
-//! - `bench_sink`: counts and drops IPv4 and IPv6 frames (not ARP or
-//!   ICMPv6) on the sink's veth, and keeps a sample of what arrived.
+//! - `bench_sink`: counts and drops IPv4 and IPv6 frames (not ARP,
+//!   ICMPv6 or MLD) on the sink's veth, and keeps a sample of what arrived.
 //! - `bench_ceiling`: redirects every frame to `CEILING_PORT[0]`: the
 //!   machine's limit for an XDP forwarder.
 //! - `bench_forward`: the shape of the kernel's `xdp_redirect_map` sample
@@ -244,7 +244,9 @@ pub fn bench_sink(ctx: XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
         let next_header = unsafe { *((data + L3 + 6) as *const u8) };
-        if next_header == 58 {
+        // ICMPv6, and hop-by-hop options (MLD reports, ICMPv6 behind a
+        // router alert): the generator sends neither.
+        if next_header == 58 || next_header == 0 {
             return xdp_action::XDP_PASS;
         }
     } else if ether_type != 0x0800u16.to_be() {
