@@ -16,7 +16,7 @@ use aya::{
     maps::{Array, DevMap, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{Xdp, XdpMode},
 };
-pub use xlb_bench_common::{GenConfig, GenState};
+pub use xlb_bench_common::{ForwardConfig, GenConfig, GenState};
 use xlb_tests::{
     netns::{ns_sh, scoped_in_netns},
     packet::{
@@ -301,6 +301,7 @@ impl Bench {
             "bench_ceiling",
             "bench_noop",
             "bench_pass",
+            "bench_forward",
         ] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
@@ -596,6 +597,73 @@ impl Bench {
         let p: &mut Xdp = self.ebpf.program_mut("bench_ceiling").unwrap().try_into()?;
         let id = scoped_in_netns(&dut, || p.attach("dut0", XdpMode::Driver))??;
         Ok(id)
+    }
+
+    /// `bench_forward` on dut0, rewriting frames for sink1 behind dut1;
+    /// checked first on one frame of each family and protocol.
+    pub fn attach_forwarder(&mut self) -> Result<aya::programs::xdp::XdpLinkId> {
+        let dut = self.net.dut.clone();
+        let dut1 = ifindex_in(&dut, "dut1")?;
+        let mut port: DevMap<_> = DevMap::try_from(self.ebpf.map_mut("FORWARD_PORT").unwrap())?;
+        scoped_in_netns(&dut, || port.set(0, dut1, None, 0))??;
+        let cfg = ForwardConfig {
+            dst_mac: self.net.sink1_mac,
+            src_mac: self.net.dut1_mac,
+        };
+        let mut m: Array<_, ForwardConfig> =
+            Array::try_from(self.ebpf.map_mut("FORWARD_CONFIG").unwrap())?;
+        m.set(0, cfg, 0)?;
+        self.check_forwarder(cfg)?;
+        let p: &mut Xdp = self.ebpf.program_mut("bench_forward").unwrap().try_into()?;
+        let id = scoped_in_netns(&dut, || p.attach("dut0", XdpMode::Driver))??;
+        Ok(id)
+    }
+
+    /// `bench_forward` on a template frame of each family and protocol:
+    /// redirected, with the new MACs, the TTL / hop limit one lower, the
+    /// IPv4 header checksum still valid, and nothing else changed.
+    fn check_forwarder(&self, cfg: ForwardConfig) -> Result<()> {
+        let p: &Xdp = self.ebpf.program("bench_forward").unwrap().try_into()?;
+        for family in Family::ALL {
+            for proto in [6u8, 17] {
+                let (frame, _) = template(proto, [2; 6], [4; 6], dut_addr(family), 1, 1);
+                let out = test_run(p, &frame, TestRunSpec::ONCE)?;
+                let f = &out.frame;
+                anyhow::ensure!(
+                    out.verdict == 4,
+                    "bench_forward ({family}, {proto}): verdict {}",
+                    out.verdict
+                );
+                anyhow::ensure!(f.len() == frame.len(), "bench_forward changed the length");
+                anyhow::ensure!(
+                    f[0..6] == cfg.dst_mac && f[6..12] == cfg.src_mac,
+                    "bench_forward's MACs: {:02x?}",
+                    &f[0..12]
+                );
+                let hop = if family == Family::V4 { 14 + 8 } else { 14 + 7 };
+                anyhow::ensure!(f[hop] == frame[hop] - 1, "TTL / hop limit not decremented");
+                if family == Family::V4 {
+                    anyhow::ensure!(checksum(&f[14..34]) == 0, "IPv4 header checksum");
+                }
+                let rest = |x: &[u8]| {
+                    let mut v = x[12..].to_vec();
+                    v[hop - 12] = 0;
+                    if family == Family::V4 {
+                        v[14 + 10 - 12] = 0;
+                        v[14 + 11 - 12] = 0;
+                    }
+                    v
+                };
+                anyhow::ensure!(rest(f) == rest(&frame), "bench_forward changed more");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn detach_forwarder(&mut self, id: aya::programs::xdp::XdpLinkId) -> Result<()> {
+        let p: &mut Xdp = self.ebpf.program_mut("bench_forward").unwrap().try_into()?;
+        p.detach(id)?;
+        Ok(())
     }
 
     pub fn detach_ceiling(&mut self, id: aya::programs::xdp::XdpLinkId) -> Result<()> {

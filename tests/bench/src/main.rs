@@ -1,5 +1,6 @@
 //! `cargo xtask bench [--quick]`: xlb against the iptables and nftables
-//! paths and a bare XDP forwarder, on one topology (`network`), with one
+//! paths (and klipper-lb's two-hop path as K3s deploys it), a bare XDP
+//! redirect (the ceiling) and a header-touching XDP forwarder, on one topology (`network`), with one
 //! generator and one sink (`generator`); the systems are set up by
 //! `systems`, the results typed in `results`. See docs/benchmarks.md. Writes target/bench/{results.json,report.md,plot.svg}.
 
@@ -27,6 +28,7 @@ use generator::{Bench, RunResult, template};
 use network::{DUT_ADDR, PORT_BASE, dut_addr, dut_sink_side};
 use systems::{
     AgentRun, backend, feed, iptables_restore, iptables_ruleset, iptables_service, is_backend,
+    klipper_node_ruleset, klipper_node_service, klipper_pod_ruleset, klipper_pod_service,
     nft_family, nft_ruleset, nft_service, process_cpu_ns, rss_bytes, service_manifest,
 };
 use xlb_tests::{fake_api::FakeApi, scoped_in_netns};
@@ -40,7 +42,8 @@ fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     fs::create_dir_all(&out_dir)?;
-    // XLB_BENCH_SCALES=1,100, XLB_BENCH_ONLY=xlb,iptables and
+    // XLB_BENCH_SCALES=1,100, XLB_BENCH_ONLY=xlb,iptables (names:
+    // ceiling, forwarder, xlb, iptables, klipper, nftables) and
     // XLB_BENCH_FAMILIES=ipv6 narrow a run down while investigating; the
     // report covers whatever ran.
     let scales: Vec<u32> = match std::env::var("XLB_BENCH_SCALES") {
@@ -68,13 +71,14 @@ fn main() -> Result<()> {
                 && !families
                     .split(',')
                     .any(|f| f.eq_ignore_ascii_case(family.name()))
+                || !system.runs_in(family)
             {
                 continue;
             }
             // IPv6 at the ends of the range: one service and the largest
             // scale, enough for the ratio per family.
             let sizes: Vec<u32> = match (system, family) {
-                (System::Ceiling, _) => vec![1],
+                (s, _) if s.is_limit() => vec![1],
                 (_, Family::V4) => scales.clone(),
                 (_, Family::V6) => scales
                     .iter()
@@ -224,7 +228,7 @@ fn measure(
             rows.push(row(system, family, n, t, Load::NoLoss, &nl));
         }
     }
-    let apply = if system != System::Ceiling {
+    let apply = if !system.is_limit() {
         let one_more = apply_one_more(bench, system, family, n, &guard)?;
         Some(Apply {
             system,
@@ -241,7 +245,7 @@ fn measure(
 
 /// A system that translates must deliver DNATed frames (to a backend's
 /// port 8080) with the node's address as their source (SNAT, masquerade);
-/// the ceiling forwards them untouched. Checked on the sink's sample,
+/// the ceiling and the forwarder deliver them untranslated. Checked on the sink's sample,
 /// which any run delivering more than two sampling periods has.
 fn check_translated(system: System, family: Family, t: Traffic, r: &RunResult) -> Result<()> {
     let Some(d) = r.sample else {
@@ -256,7 +260,7 @@ fn check_translated(system: System, family: Family, t: Traffic, r: &RunResult) -
     let translated = d.dst_port == 8080 && is_backend(d.dst) && d.src == dut_sink_side(family);
     let untouched = d.dst == dut_addr(family);
     anyhow::ensure!(
-        if system == System::Ceiling {
+        if system.is_limit() {
             untouched
         } else {
             translated
@@ -293,6 +297,10 @@ enum Guard {
     Agent(AgentRun),
     Rules(aya::programs::xdp::XdpLinkId),
     Ceiling(aya::programs::xdp::XdpLinkId),
+    Forwarder(aya::programs::xdp::XdpLinkId),
+    /// klipper-lb's two-hop path: the node's rules as `Rules`, and the
+    /// svclb pod's namespace (deleted on drop).
+    TwoHop(aya::programs::xdp::XdpLinkId, xlb_tests::netns::Namespace),
 }
 
 fn setup(bench: &mut Bench, system: System, family: Family, n: u32) -> Result<Guard> {
@@ -312,6 +320,13 @@ fn setup(bench: &mut Bench, system: System, family: Family, n: u32) -> Result<Gu
             Guard::Rules(bench.attach_pass()?)
         }
         System::Ceiling => Guard::Ceiling(bench.attach_ceiling()?),
+        System::Forwarder => Guard::Forwarder(bench.attach_forwarder()?),
+        System::KlipperTwoHop => {
+            let pod = bench.net.add_pod()?;
+            feed(pod.name(), &["iptables-restore"], &klipper_pod_ruleset(n))?;
+            feed(&dut, &["iptables-restore"], &klipper_node_ruleset(n))?;
+            Guard::TwoHop(bench.attach_pass()?, pod)
+        }
     })
 }
 
@@ -333,6 +348,43 @@ fn teardown(bench: &mut Bench, guard: Guard, family: Family) -> Result<()> {
             let _ = xlb_tests::ns_sh(&dut, &["conntrack", "-F", "-f", conntrack_family]);
         }
         Guard::Ceiling(id) => bench.detach_ceiling(id)?,
+        Guard::Forwarder(id) => bench.detach_forwarder(id)?,
+        Guard::TwoHop(pass, pod) => {
+            bench.detach_pass(pass)?;
+            // Both hops NATed: conntrack entries in the pod and on the node
+            // (the node's twice as many: client → pod, pod → ClusterIP).
+            let count = |ns: &str| -> u64 {
+                xlb_tests::ns_sh(ns, &["conntrack", "-C"])
+                    .ok()
+                    .and_then(|c| c.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            let (in_pod, on_node) = (count(pod.name()), count(&dut));
+            eprintln!("    conntrack entries: {in_pod} in the svclb pod, {on_node} on the node");
+            // Failed NAT (no free masquerade port) shows as drops here.
+            for (place, ns) in [("pod", pod.name()), ("node", dut.as_str())] {
+                let stats = xlb_tests::ns_sh(ns, &["conntrack", "-S"]).unwrap_or_default();
+                let mut sums: BTreeMap<String, u64> = BTreeMap::new();
+                for field in stats.split_whitespace() {
+                    if let Some((k, v)) = field.split_once('=')
+                        && let Ok(v) = v.parse::<u64>()
+                        && v > 0
+                        && k != "cpu"
+                    {
+                        *sums.entry(k.to_string()).or_default() += v;
+                    }
+                }
+                eprintln!("    conntrack -S ({place}): {sums:?}");
+            }
+            anyhow::ensure!(
+                in_pod > 0 && on_node > in_pod,
+                "klipper's two hops: {in_pod} conntrack entries in the pod, {on_node} on the node"
+            );
+            feed(&dut, &["iptables-restore"], "*nat\nCOMMIT\n")?;
+            let _ = xlb_tests::ns_sh(&dut, &["conntrack", "-F", "-f", "ipv4"]);
+            // The pod's namespace goes with its rules, conntrack and veth.
+            drop(pod);
+        }
     }
     Ok(())
 }
@@ -378,6 +430,23 @@ fn apply_one_more(
                 &[iptables_restore(family), "--noflush"],
                 &format!("*nat\n{decl}{rules}COMMIT\n"),
             )
+        }
+        (System::KlipperTwoHop, Guard::TwoHop(_, pod)) => {
+            // A new Service in K3s: its svclb pod's rules, the node's
+            // hostPort and kube-proxy rules.
+            let started = Instant::now();
+            feed(
+                pod.name(),
+                &["iptables-restore", "--noflush"],
+                &format!("*nat\n{}COMMIT\n", klipper_pod_service(n)),
+            )?;
+            let (decl, rules) = klipper_node_service(n);
+            feed(
+                dut,
+                &["iptables-restore", "--noflush"],
+                &format!("*nat\n{decl}{rules}COMMIT\n"),
+            )?;
+            Ok(started.elapsed())
         }
         (System::Nftables, _) => {
             let (chains, elements) = nft_service(family, n);

@@ -12,6 +12,19 @@
 //! generator's side, 10.0.9.0/24 and fd00:9::/64 on the sink's. The DUT
 //! routes the clients (10.101.0.0/16, fd00:101::/64) back to the generator
 //! and the backends (10.128.0.0/9, fd00:128::/64) to the sink.
+//!
+//! For klipper-lb's two-hop path (`System::KlipperTwoHop`), a fourth
+//! namespace stands for K3s's svclb pod, hanging off the DUT by its own
+//! veth pair (the pod network, 10.42.0.0/24): frames go dut0 → svc0 → the
+//! pod → svc0 → dut1. The pod's veth is processed in the same softirq on
+//! CPU 1 as dut0's NAPI (a veth transmit queues to the backlog of the CPU
+//! that sends), so its work is on the DUT CPU too.
+//!
+//! ```text
+//!                         [svclb pod] eth0 10.42.0.2
+//!                                       │
+//!  [gen] gen0 ─── dut0 [dut]  svc0 10.42.0.1  dut1 ─── sink1 [sink]
+//! ```
 
 use std::{
     fs,
@@ -34,6 +47,11 @@ pub const CLIENT_BASE: Ipv4Addr = Ipv4Addr::new(10, 101, 0, 0);
 pub const DUT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, 0, 2);
 pub const DUT_SINK_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 0, 0, 0, 0, 0, 1);
 pub const CLIENT_BASE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 0);
+/// The svclb pod's address (klipper-lb's two-hop path), its node-side
+/// gateway and the pod network.
+pub const POD_ADDR: Ipv4Addr = Ipv4Addr::new(10, 42, 0, 2);
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 42, 0, 1);
+pub const POD_CIDR: &str = "10.42.0.0/24";
 
 /// The node address the Services listen on (dut0's), in `family`.
 pub fn dut_addr(family: Family) -> IpAddr {
@@ -86,6 +104,9 @@ pub struct BenchNet {
     pub sink: String,
     pub gen_mac: [u8; 6],
     pub dut0_mac: [u8; 6],
+    /// The forwarder's rewrite: from dut1 to sink1.
+    pub dut1_mac: [u8; 6],
+    pub sink1_mac: [u8; 6],
     pub gen0_index: u32,
     pub dir: PathBuf,
     /// Deleted on drop.
@@ -133,6 +154,8 @@ impl BenchNet {
             sink,
             gen_mac: [0; 6],
             dut0_mac: [0; 6],
+            dut1_mac: [0; 6],
+            sink1_mac: [0; 6],
             gen0_index: 0,
             dir,
             namespaces,
@@ -186,6 +209,8 @@ impl BenchNet {
         );
         self.gen_mac = mac_of(&g, "gen0")?;
         self.dut0_mac = mac_of(&d, "dut0")?;
+        self.dut1_mac = mac_of(&d, "dut1")?;
+        self.sink1_mac = mac_of(&s, "sink1")?;
         self.gen0_index = ifindex_in(&g, "gen0")?;
         // Resolve neighbours both ways, in both families, before any
         // measurement.
@@ -193,6 +218,39 @@ impl BenchNet {
             ns_sh(&d, &["ping", "-c", "1", "-W", "1", peer])?;
         }
         Ok(())
+    }
+
+    /// The svclb pod of klipper-lb's two-hop path: a namespace joined to
+    /// the DUT by a veth pair (svc0 on the node, eth0 in the pod), with
+    /// forwarding on and its default route via the node, as a K3s pod has.
+    /// Deleted (with its veth pair) when the returned value drops.
+    pub fn add_pod(&self) -> Result<Namespace> {
+        let name = format!("{}-svclb", self.dut.trim_end_matches("-dut"));
+        let pod = Namespace::new(&name)?;
+        let gateway = format!("{POD_GATEWAY}/24");
+        let addr = format!("{POD_ADDR}/24");
+        veth(
+            VethEnd::new(&self.dut, "svc0", &gateway),
+            VethEnd::new(&name, "eth0", &addr),
+        )?;
+        // klipper's entry script turns forwarding on in the pod.
+        ns_sh(&name, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        ns_sh(
+            &name,
+            &[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &POD_GATEWAY.to_string(),
+            ],
+        )?;
+        ns_sh(
+            &self.dut,
+            &["ping", "-c", "1", "-W", "1", &POD_ADDR.to_string()],
+        )?;
+        Ok(pod)
     }
 
     /// Moves dut0's receive processing to its own kernel thread on CPU 1.

@@ -78,15 +78,17 @@ pub fn plot(results: &Results) -> String {
         (System::Xlb, "#d62728"),
         (System::Iptables, "#1f77b4"),
         (System::Nftables, "#2ca02c"),
+        (System::KlipperTwoHop, "#9467bd"),
         (System::Ceiling, "#7f7f7f"),
+        (System::Forwarder, "#ff7f0e"),
     ]
     .into_iter()
     .flat_map(|(system, color)| Family::ALL.map(|family| (system, family, color)))
-    .filter(|&(system, family, _)| !(system == System::Ceiling && family == Family::V6));
+    .filter(|&(system, family, _)| !(system.is_limit() && family == Family::V6));
     let mut legend = 0;
     for (system, family, color) in lines {
         let mut p = pts(system, family);
-        if system == System::Ceiling
+        if system.is_limit()
             && let Some(c) = p.first().copied()
         {
             p = vec![(1.0, c.1), (max_x, c.1)];
@@ -99,7 +101,7 @@ pub fn plot(results: &Results) -> String {
             .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
             .collect();
         let dash = match (system, family) {
-            (System::Ceiling, _) => " stroke-dasharray=\"6,4\"",
+            (System::Ceiling | System::Forwarder, _) => " stroke-dasharray=\"6,4\"",
             (_, Family::V6) => " stroke-dasharray=\"2,3\"",
             _ => "",
         };

@@ -15,24 +15,52 @@ pub enum System {
     Nftables,
     /// A bare XDP redirect: the machine's limit for an XDP forwarder.
     Ceiling,
+    /// An XDP forwarder that parses the headers, rewrites the MACs and
+    /// decrements the TTL before its redirect: the limit for an XDP
+    /// forwarder that touches the packet.
+    Forwarder,
+    /// klipper-lb as K3s deploys it: the node's hostPort DNAT into the
+    /// svclb pod's namespace, klipper's DNAT to the ClusterIP there, then
+    /// kube-proxy's iptables chains on the node.
+    #[serde(rename = "klipper")]
+    KlipperTwoHop,
 }
 
 impl System {
     /// In the order the benchmark runs them.
-    pub const ALL: [System; 4] = [
+    pub const ALL: [System; 6] = [
         System::Ceiling,
+        System::Forwarder,
         System::Xlb,
         System::Iptables,
+        System::KlipperTwoHop,
         System::Nftables,
     ];
 
+    /// The baselines xlb is compared with, in the report's order.
+    pub const BASELINES: [System; 3] = [System::Iptables, System::Nftables, System::KlipperTwoHop];
+
+    /// Its name in `XLB_BENCH_ONLY` and in the report.
     pub fn name(self) -> &'static str {
         match self {
             System::Xlb => "xlb",
             System::Iptables => "iptables",
             System::Nftables => "nftables",
             System::Ceiling => "ceiling",
+            System::Forwarder => "forwarder",
+            System::KlipperTwoHop => "klipper",
         }
+    }
+
+    /// A limit of the rig rather than a load balancer: run at one service,
+    /// forwards frames untranslated, nothing to apply.
+    pub fn is_limit(self) -> bool {
+        matches!(self, System::Ceiling | System::Forwarder)
+    }
+
+    /// The families it runs in (klipper's two-hop path: IPv4 only).
+    pub fn runs_in(self, family: Family) -> bool {
+        self != System::KlipperTwoHop || family == Family::V4
     }
 }
 
@@ -240,6 +268,11 @@ fn mpps(pps: Option<f64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// A whole number, or `-`.
+fn whole(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into())
+}
+
 /// `a / b` as a ratio, or `-`.
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
@@ -276,6 +309,39 @@ impl Results {
     ) -> Option<f64> {
         self.row(system, family, services, traffic, Load::Overload)
             .map(|r| r.delivered_pps)
+    }
+
+    /// Whether `system` has rows in `family`.
+    fn ran(&self, system: System, family: Family) -> bool {
+        self.throughput
+            .iter()
+            .any(|r| r.system == system && r.family == family)
+    }
+
+    /// DUT CPU ns per delivered packet, udp-60k-flows under overload.
+    fn dut_ns(&self, system: System, family: Family, services: u32) -> Option<f64> {
+        self.row(
+            system,
+            family,
+            services,
+            Traffic::UdpManyFlows,
+            Load::Overload,
+        )
+        .and_then(|r| r.dut_ns_per_packet)
+    }
+
+    /// The rig's cost per packet in `family`: what the bare ceiling spends
+    /// on the DUT CPU (veth receive, redirect, the sink), which every
+    /// system pays on top of its own work. The ceiling runs at 1 service.
+    pub fn rig_ns(&self, family: Family) -> Option<f64> {
+        self.dut_ns(System::Ceiling, family, 1)
+    }
+
+    /// A system's own cost per packet: its DUT ns/packet minus the rig's.
+    /// The limits run at one service only, and stand for every size.
+    pub fn system_ns(&self, system: System, family: Family, services: u32) -> Option<f64> {
+        let n = if system.is_limit() { 1 } else { services };
+        Some(self.dut_ns(system, family, n)? - self.rig_ns(family)?)
     }
 
     /// Every number of services measured in `family`, ascending.
@@ -335,16 +401,22 @@ impl Results {
                     s,
                     "## Delivered Mpps under overload, {traffic} ({family})\n"
                 );
+                let klipper = self.ran(System::KlipperTwoHop, family);
                 let _ = writeln!(
                     s,
-                    "| services | xlb | {ipt} | nftables | xlb/{ipt} | xlb/nftables |\n|---|---|---|---|---|---|"
+                    "| services | xlb | {ipt} | nftables | xlb/{ipt} | xlb/nftables |{}\n|---|---|---|---|---|---|{}",
+                    if klipper {
+                        " klipper two-hop | xlb/klipper two-hop |"
+                    } else {
+                        ""
+                    },
+                    if klipper { "---|---|" } else { "" }
                 );
                 for n in self.sizes(family) {
                     let x = self.delivered(System::Xlb, family, n, traffic);
                     let i = self.delivered(System::Iptables, family, n, traffic);
                     let f = self.delivered(System::Nftables, family, n, traffic);
-                    let _ = writeln!(
-                        s,
+                    let mut line = format!(
                         "| {n} | {} | {} | {} | {} | {} |",
                         mpps(x),
                         mpps(i),
@@ -352,6 +424,11 @@ impl Results {
                         ratio(x, i),
                         ratio(x, f)
                     );
+                    if klipper {
+                        let k = self.delivered(System::KlipperTwoHop, family, n, traffic);
+                        let _ = write!(line, " {} | {} |", mpps(k), ratio(x, k));
+                    }
+                    let _ = writeln!(s, "{line}");
                 }
                 let _ = writeln!(s);
             }
@@ -410,23 +487,116 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            "| family | services | xlb | iptables / ip6tables | nftables |\n|---|---|---|---|---|"
+            "| family | services | xlb | iptables / ip6tables | nftables | klipper two-hop |\n|---|---|---|---|---|---|"
         );
         for family in self.families() {
             for n in self.sizes(family) {
-                let ns = |system: System| {
-                    self.row(system, family, n, Traffic::UdpManyFlows, Load::Overload)
-                        .and_then(|r| r.dut_ns_per_packet)
-                        .map(|v| format!("{v:.0}"))
-                        .unwrap_or("-".into())
-                };
+                let ns = |system: System| whole(self.dut_ns(system, family, n));
                 let _ = writeln!(
                     s,
-                    "| {family} | {n} | {} | {} | {} |",
+                    "| {family} | {n} | {} | {} | {} | {} |",
                     ns(System::Xlb),
                     ns(System::Iptables),
-                    ns(System::Nftables)
+                    ns(System::Nftables),
+                    ns(System::KlipperTwoHop)
                 );
+            }
+        }
+        self.cost_split_tables(s);
+    }
+
+    /// DUT CPU per packet split into the rig's cost (the bare ceiling's, of
+    /// the same family) and the system's own (the rest), and xlb's ratios
+    /// of own cost beside its delivered ratios.
+    fn cost_split_tables(&self, s: &mut String) {
+        let families: Vec<Family> = self
+            .families()
+            .into_iter()
+            .filter(|&f| self.rig_ns(f).is_some())
+            .collect();
+        if families.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "\n## DUT CPU ns per packet: rig cost + system cost (udp-60k-flows, overload)\n"
+        );
+        let _ = writeln!(
+            s,
+            "Rig cost: the bare ceiling's DUT ns/packet in the same family (veth receive, redirect, the sink), paid by every system. System cost: a system's DUT ns/packet minus the rig cost. The ceiling and the forwarder ran at 1 service; their figures stand for every size.\n"
+        );
+        let systems = [
+            System::Forwarder,
+            System::Xlb,
+            System::Iptables,
+            System::Nftables,
+            System::KlipperTwoHop,
+        ];
+        let _ = writeln!(
+            s,
+            "| family | services | rig (ceiling) | forwarder | xlb | iptables / ip6tables | nftables | klipper two-hop |\n|---|---|---|---|---|---|---|---|"
+        );
+        for &family in &families {
+            for n in self.sizes(family) {
+                let mut line = format!("| {family} | {n} | {} |", whole(self.rig_ns(family)));
+                for system in systems {
+                    let n = if system.is_limit() { 1 } else { n };
+                    let cell = match (
+                        self.dut_ns(system, family, n),
+                        self.system_ns(system, family, n),
+                    ) {
+                        (Some(total), Some(own)) if own < 0.0 => {
+                            format!("{total:.0} = rig - {:.0}", -own)
+                        }
+                        (Some(total), Some(own)) => format!("{total:.0} = rig + {own:.0}"),
+                        _ => "-".into(),
+                    };
+                    let _ = write!(line, " {cell} |");
+                }
+                let _ = writeln!(s, "{line}");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\n## xlb against each system: system cost and delivered (udp-60k-flows, overload)\n"
+        );
+        let _ = writeln!(
+            s,
+            "Against a baseline: its system cost over xlb's, and xlb's delivered Mpps over its (higher is better for xlb in both). Against the forwarder: xlb's system cost over the forwarder's, and xlb's delivered Mpps over the forwarder's (at 1 service).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| family | services | cost iptables/xlb | delivered xlb/iptables | cost nftables/xlb | delivered xlb/nftables | cost klipper two-hop/xlb | delivered xlb/klipper two-hop | cost xlb/forwarder | delivered xlb/forwarder |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for &family in &families {
+            for n in self.sizes(family) {
+                let xlb_cost = self.system_ns(System::Xlb, family, n);
+                if xlb_cost.is_none() {
+                    continue;
+                }
+                let xlb = self.delivered(System::Xlb, family, n, Traffic::UdpManyFlows);
+                let mut line = format!("| {family} | {n} |");
+                for system in System::BASELINES {
+                    let _ = write!(
+                        line,
+                        " {} | {} |",
+                        ratio(self.system_ns(system, family, n), xlb_cost),
+                        ratio(
+                            xlb,
+                            self.delivered(system, family, n, Traffic::UdpManyFlows)
+                        )
+                    );
+                }
+                let _ = write!(
+                    line,
+                    " {} | {} |",
+                    ratio(xlb_cost, self.system_ns(System::Forwarder, family, n)),
+                    ratio(
+                        xlb,
+                        self.delivered(System::Forwarder, family, 1, Traffic::UdpManyFlows)
+                    )
+                );
+                let _ = writeln!(s, "{line}");
             }
         }
     }
@@ -436,16 +606,27 @@ impl Results {
         for family in self.families() {
             let ceiling = self.delivered(System::Ceiling, family, 1, Traffic::UdpManyFlows);
             let xlb = self.delivered(System::Xlb, family, 1, Traffic::UdpManyFlows);
-            let _ = writeln!(
+            let share = |x: Option<f64>, c: Option<f64>| match (x, c) {
+                (Some(x), Some(c)) if c > 0.0 => format!("{:.0} %", 100.0 * x / c),
+                _ => "-".into(),
+            };
+            let _ = write!(
                 s,
-                "{family}: bare XDP redirect (ceiling): {} Mpps; xlb at 1 service: {} Mpps = {} of the ceiling.\n",
+                "{family}: bare XDP redirect (ceiling): {} Mpps; xlb at 1 service: {} Mpps = {} of the ceiling.",
                 mpps(ceiling),
                 mpps(xlb),
-                match (xlb, ceiling) {
-                    (Some(x), Some(c)) => format!("{:.0} %", 100.0 * x / c),
-                    _ => "-".into(),
-                }
+                share(xlb, ceiling)
             );
+            let forwarder = self.delivered(System::Forwarder, family, 1, Traffic::UdpManyFlows);
+            if forwarder.is_some() {
+                let _ = write!(
+                    s,
+                    " Header-touching XDP forwarder: {} Mpps; xlb = {} of it.",
+                    mpps(forwarder),
+                    share(xlb, forwarder)
+                );
+            }
+            let _ = writeln!(s, "\n");
         }
         let _ = writeln!(
             s,
@@ -456,8 +637,15 @@ impl Results {
                 System::Xlb,
                 System::Iptables,
                 System::Nftables,
+                System::KlipperTwoHop,
                 System::Ceiling,
+                System::Forwarder,
             ] {
+                if !self.ran(system, family)
+                    && matches!(system, System::KlipperTwoHop | System::Forwarder)
+                {
+                    continue;
+                }
                 let _ = writeln!(
                     s,
                     "| {} | {family} | {} | {} |",
@@ -565,10 +753,12 @@ mod tests {
         let report = results.report();
         assert!(report.contains("## Delivered Mpps under overload, udp-60k-flows (IPv4)"));
         assert!(report.contains("| 10000 |"), "{report}");
-        assert!(
-            results.throughput.iter().all(|r| r.family == Family::V4),
-            "rows without a family are IPv4"
-        );
+        // The committed run (2026-12-04) measured both families.
+        assert_eq!(results.families(), vec![Family::V4, Family::V6]);
+        // Rows written before the family field read as IPv4.
+        let old_row = r#"{"system":"xlb","services":1,"traffic":"udp-60k-flows","load":"overload","offered_pps":1.0,"delivered_pps":1.0,"loss":0.0,"dut_ns_per_packet":null}"#;
+        let row: Row = serde_json::from_str(old_row).unwrap();
+        assert_eq!(row.family, Family::V4);
         let again: Results =
             serde_json::from_str(&serde_json::to_string(&results).unwrap()).unwrap();
         assert_eq!(again.report(), report, "a round trip changes nothing");
@@ -600,5 +790,151 @@ mod tests {
         assert!(report.contains("## xlb's ratio per family"), "{report}");
         assert!(report.contains("| udp-60k-flows | 10000 |"), "{report}");
         assert!(!report.contains("| udp-60k-flows | 100 |"), "{report}");
+    }
+
+    fn synthetic_row(system: System, family: Family, services: u32, mpps: f64, ns: f64) -> Row {
+        Row {
+            system,
+            family,
+            services,
+            traffic: Traffic::UdpManyFlows,
+            load: Load::Overload,
+            offered_pps: 6e6,
+            delivered_pps: mpps * 1e6,
+            loss: 0.0,
+            dut_ns_per_packet: Some(ns),
+        }
+    }
+
+    fn synthetic(rows: Vec<Row>) -> Results {
+        let text = include_str!("../../../docs/benchmarks.json");
+        let mut results: Results = serde_json::from_str(text).unwrap();
+        results.throughput = rows;
+        results.apply.clear();
+        results
+    }
+
+    /// Rig cost is the ceiling's ns/packet of the same family; a system's
+    /// own cost is the rest; the limits (1 service) stand for every size.
+    #[test]
+    fn cost_splits_into_rig_and_system() {
+        let results = synthetic(vec![
+            synthetic_row(System::Ceiling, Family::V4, 1, 5.0, 200.0),
+            synthetic_row(System::Forwarder, Family::V4, 1, 4.0, 250.0),
+            synthetic_row(System::Xlb, Family::V4, 1, 1.0, 800.0),
+            synthetic_row(System::Xlb, Family::V4, 100, 1.0, 700.0),
+            synthetic_row(System::Iptables, Family::V4, 1, 0.5, 1400.0),
+            synthetic_row(System::KlipperTwoHop, Family::V4, 1, 0.25, 2600.0),
+            synthetic_row(System::Ceiling, Family::V6, 1, 5.0, 100.0),
+            synthetic_row(System::Xlb, Family::V6, 1, 1.0, 900.0),
+        ]);
+        assert_eq!(results.rig_ns(Family::V4), Some(200.0));
+        assert_eq!(results.rig_ns(Family::V6), Some(100.0));
+        assert_eq!(results.system_ns(System::Xlb, Family::V4, 1), Some(600.0));
+        assert_eq!(results.system_ns(System::Xlb, Family::V6, 1), Some(800.0));
+        assert_eq!(
+            results.system_ns(System::Forwarder, Family::V4, 100),
+            Some(50.0)
+        );
+        assert_eq!(results.system_ns(System::Forwarder, Family::V6, 1), None);
+        assert_eq!(results.system_ns(System::Nftables, Family::V4, 1), None);
+        let report = results.report();
+        assert!(
+            report.contains("## DUT CPU ns per packet: rig cost + system cost"),
+            "{report}"
+        );
+        assert!(
+            report.contains(
+                "| IPv4 | 1 | 200 | 250 = rig + 50 | 800 = rig + 600 | 1400 = rig + 1200 | - | 2600 = rig + 2400 |"
+            ),
+            "{report}"
+        );
+        assert!(
+            report.contains("| IPv4 | 100 | 200 | 250 = rig + 50 | 700 = rig + 500 | - | - | - |"),
+            "{report}"
+        );
+        assert!(
+            report.contains("| IPv6 | 1 | 100 | - | 900 = rig + 800 | - | - | - |"),
+            "{report}"
+        );
+        // Cost ratios beside delivered ratios: iptables 1200/600, delivered
+        // 1.0/0.5; nftables absent; klipper 2400/600 and 4x; the forwarder
+        // 600/50 and 1.0/4.0.
+        assert!(
+            report.contains("| IPv4 | 1 | 2.0x | 2.0x | - | - | 4.0x | 4.0x | 12.0x | 0.2x |"),
+            "{report}"
+        );
+        assert!(
+            report.contains("| IPv4 | 100 | - | - | - | - | - | - | 10.0x | 0.2x |"),
+            "{report}"
+        );
+        assert!(
+            report.contains("| IPv6 | 1 | - | - | - | - | - | - | - | - |"),
+            "{report}"
+        );
+        assert!(report.contains("Header-touching XDP forwarder: 4.00 Mpps; xlb = 25 % of it."));
+        assert!(report.contains("| klipper | IPv4 |"), "{report}");
+        assert!(!report.contains("| klipper | IPv6 |"), "{report}");
+        assert!(report.contains("| forwarder | IPv4 |"), "{report}");
+    }
+
+    /// A limit measured below the ceiling (noise) shows a negative own
+    /// cost as such, and no ratio over it.
+    #[test]
+    fn own_cost_below_the_rig_is_shown_negative() {
+        let results = synthetic(vec![
+            synthetic_row(System::Ceiling, Family::V4, 1, 5.0, 180.0),
+            synthetic_row(System::Forwarder, Family::V4, 1, 5.5, 170.0),
+            synthetic_row(System::Xlb, Family::V4, 1, 1.0, 800.0),
+        ]);
+        let report = results.report();
+        assert!(
+            report.contains("| IPv4 | 1 | 180 | 170 = rig - 10 | 800 = rig + 620 |"),
+            "{report}"
+        );
+        assert!(report.contains("| - | - | 0.2x |"), "{report}");
+    }
+
+    /// klipper's two-hop path gets its columns in the delivered tables of
+    /// the family it ran in, and the new systems keep their names through
+    /// JSON.
+    #[test]
+    fn klipper_columns_and_names() {
+        let results = synthetic(vec![
+            synthetic_row(System::Xlb, Family::V4, 1, 1.0, 800.0),
+            synthetic_row(System::Iptables, Family::V4, 1, 0.5, 1400.0),
+            synthetic_row(System::KlipperTwoHop, Family::V4, 1, 0.25, 2600.0),
+            synthetic_row(System::Xlb, Family::V6, 1, 1.0, 900.0),
+        ]);
+        let json = serde_json::to_string(&results).unwrap();
+        assert!(json.contains("\"system\":\"klipper\""), "{json}");
+        let report = serde_json::from_str::<Results>(&json).unwrap().report();
+        assert!(
+            report.contains(
+                "| services | xlb | iptables | nftables | xlb/iptables | xlb/nftables | klipper two-hop | xlb/klipper two-hop |"
+            ),
+            "{report}"
+        );
+        assert!(
+            report.contains("| 1 | 1.00 | 0.50 | - | 2.0x | - | 0.25 | 4.0x |"),
+            "{report}"
+        );
+        assert!(
+            report.contains(
+                "| services | xlb | ip6tables | nftables | xlb/ip6tables | xlb/nftables |\n"
+            ),
+            "{report}"
+        );
+        // No ceiling: no split.
+        assert!(!report.contains("rig cost + system cost"), "{report}");
+        for system in System::ALL {
+            let back: System =
+                serde_json::from_str(&serde_json::to_string(&system).unwrap()).unwrap();
+            assert_eq!(back, system);
+            assert_eq!(
+                serde_json::to_string(&system).unwrap(),
+                format!("\"{}\"", system.name())
+            );
+        }
     }
 }

@@ -17,7 +17,10 @@ use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Servic
 use xlb_tests::{netns::ns_cmd, objects, spawn_agent, xlb_bin};
 
 use crate::{
-    network::{BenchNet, DUT_SINK_SIDE, DUT_SINK_SIDE6, PORT_BASE, dut_addr, host_prefix, nth},
+    network::{
+        BenchNet, DUT_SINK_SIDE, DUT_SINK_SIDE6, POD_ADDR, POD_CIDR, PORT_BASE, dut_addr,
+        host_prefix, nth,
+    },
     results::Family,
 };
 
@@ -202,6 +205,102 @@ pub fn iptables_ruleset(family: Family, services: u32) -> String {
         rules.push_str(&r);
     }
     format!("{decl}{rules}COMMIT\n")
+}
+
+/// klipper-lb as K3s runs it, on the node (the DUT namespace), for service
+/// `i` (IPv4): the CNI portmap plugin's hostPort DNAT of node:PORT into
+/// the svclb pod (`CNI-HOSTPORT-DNAT` → `CNI-DN-*`, K3s's svclb pods
+/// declare every port as a hostPort) and kube-proxy's `KUBE-SERVICES`
+/// match of the ClusterIP leading into the same `KUBE-SVC-*` / `KUBE-SEP-*`
+/// chains as `iptables_service`. One svclb pod per Service in K3s; here
+/// one pod namespace carries every Service (see `klipper_pod_service`).
+pub fn klipper_node_service(i: u32) -> (String, String) {
+    let family = Family::V4;
+    let port = PORT_BASE as u32 + i;
+    let cluster = cluster_ip(family, i);
+    let dn = format!("CNI-DN-{i}");
+    let mut decl = format!(":{dn} - [0:0]\n");
+    let mut rules = String::new();
+    for proto in [6u8, 17] {
+        let p = proto_name(proto);
+        let svc = format!("KUBE-SVC-{i}{}", p.to_uppercase());
+        rules.push_str(&format!(
+            "-A KUBE-SERVICES -d {cluster}/32 -p {p} -m {p} --dport {port} -j {svc}\n"
+        ));
+        rules.push_str(&format!(
+            "-A CNI-HOSTPORT-DNAT -p {p} -m multiport --dports {port} -j {dn}\n"
+        ));
+        for src in [POD_CIDR, "127.0.0.1/32"] {
+            rules.push_str(&format!(
+                "-A {dn} -s {src} -p {p} -m {p} --dport {port} -j CNI-HOSTPORT-SETMARK\n"
+            ));
+        }
+        rules.push_str(&format!(
+            "-A {dn} -p {p} -m {p} --dport {port} -j DNAT --to-destination {POD_ADDR}:{port}\n"
+        ));
+    }
+    let (d, r) = iptables_service(family, i, true);
+    decl.push_str(&d);
+    rules.push_str(&r);
+    (decl, rules)
+}
+
+/// The node's iptables-restore input for klipper-lb's two-hop path: the
+/// portmap plugin's and kube-proxy's entry chains, then every service's
+/// `klipper_node_service`. kube-proxy puts its `KUBE-SERVICES` jump first
+/// in PREROUTING.
+pub fn klipper_node_ruleset(services: u32) -> String {
+    let mut decl = String::from(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:CNI-HOSTPORT-DNAT - [0:0]\n:CNI-HOSTPORT-SETMARK - [0:0]\n:CNI-HOSTPORT-MASQ - [0:0]\n",
+    );
+    let mut rules = String::from(
+        "-A PREROUTING -j KUBE-SERVICES\n\
+         -A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT\n\
+         -A POSTROUTING -j CNI-HOSTPORT-MASQ\n\
+         -A POSTROUTING -j KUBE-POSTROUTING\n\
+         -A CNI-HOSTPORT-SETMARK -j MARK --set-xmark 0x2000/0x2000\n\
+         -A CNI-HOSTPORT-MASQ -m mark --mark 0x2000/0x2000 -j MASQUERADE\n\
+         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
+         -A KUBE-POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE\n",
+    );
+    for i in 0..services {
+        let (d, r) = klipper_node_service(i);
+        decl.push_str(&d);
+        rules.push_str(&r);
+    }
+    format!("{decl}{rules}COMMIT\n")
+}
+
+/// klipper-lb's own rules for service `i`, in the svclb pod's namespace
+/// (its entry script, per port): `PREROUTING ! -s DEST/32 -p PROTO --dport
+/// PORT -j DNAT --to DEST:PORT` and `POSTROUTING -d DEST/32 -p PROTO -j
+/// MASQUERADE`, DEST being the Service's ClusterIP. K3s runs one pod per
+/// Service, each with its own two rules; one pod namespace for all N
+/// Services makes its rule walk linear in N, which overstates the path's
+/// cost for new connections at large N (exact at 1 service).
+pub fn klipper_pod_service(i: u32) -> String {
+    let port = PORT_BASE as u32 + i;
+    let cluster = cluster_ip(Family::V4, i);
+    let mut rules = String::new();
+    for proto in [6u8, 17] {
+        let p = proto_name(proto);
+        rules.push_str(&format!(
+            "-A PREROUTING ! -s {cluster}/32 -p {p} -m {p} --dport {port} -j DNAT --to-destination {cluster}:{port}\n"
+        ));
+        rules.push_str(&format!(
+            "-A POSTROUTING -d {cluster}/32 -p {p} -j MASQUERADE\n"
+        ));
+    }
+    rules
+}
+
+pub fn klipper_pod_ruleset(services: u32) -> String {
+    let mut s = String::from("*nat\n");
+    for i in 0..services {
+        s.push_str(&klipper_pod_service(i));
+    }
+    s.push_str("COMMIT\n");
+    s
 }
 
 /// nftables in kube-proxy's nftables-mode style, in an `ip` or `ip6` table:

@@ -51,6 +51,15 @@ pub struct GenState {
     pub sent: u64,
 }
 
+/// The MACs `bench_forward` writes into every frame it forwards from dut0
+/// to dut1: the next hop's (sink1) and the egress device's (dut1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardConfig {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -58,6 +67,7 @@ mod pod {
     // padding: any bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for GenConfig {}
     unsafe impl aya::Pod for GenState {}
+    unsafe impl aya::Pod for ForwardConfig {}
 }
 
 #[cfg(test)]
@@ -69,5 +79,9 @@ mod tests {
     fn layouts_are_pinned() {
         assert_eq!((size_of::<GenConfig>(), align_of::<GenConfig>()), (48, 8));
         assert_eq!((size_of::<GenState>(), align_of::<GenState>()), (16, 8));
+        assert_eq!(
+            (size_of::<ForwardConfig>(), align_of::<ForwardConfig>()),
+            (12, 1)
+        );
     }
 }

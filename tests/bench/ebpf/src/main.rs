@@ -8,10 +8,16 @@
 //!   checksums, then either redirects the frame out of `ifindex` (traffic
 //!   generator) or tail-calls `TARGET[0]` (to time another XDP program on a
 //!   fresh tuple every repetition).
-//! - `bench_sink`: counts and drops IPv4 and IPv6 frames (not ARP or
-//!   ICMPv6) on the sink's veth, and keeps a sample of what arrived.
+//! - `bench_sink`: counts and drops IPv4 and IPv6 frames (not ARP,
+//!   ICMPv6 or MLD) on the sink's veth, and keeps a sample of what arrived.
 //! - `bench_ceiling`: redirects every frame to `CEILING_PORT[0]`: the
 //!   machine's limit for an XDP forwarder.
+//! - `bench_forward`: the shape of the kernel's `xdp_redirect_map` sample
+//!   with header access, as a minimal L3 forwarder would do it: parses
+//!   Ethernet, IPv4 (or IPv6) and the TCP/UDP ports as xlb does, rewrites
+//!   both MACs, decrements the TTL (with the IPv4 checksum update) or hop
+//!   limit, and redirects to `FORWARD_PORT[0]`: the limit for an XDP
+//!   forwarder that touches the packet.
 #![no_std]
 #![no_main]
 
@@ -22,7 +28,7 @@ use aya_ebpf::{
     maps::{Array, DevMap, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
-use xlb_bench_common::{GenConfig, GenState};
+use xlb_bench_common::{ForwardConfig, GenConfig, GenState};
 
 #[map]
 static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
@@ -48,6 +54,10 @@ static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 static SINK_SAMPLE: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CEILING_PORT: DevMap = DevMap::with_max_entries(1, 0);
+#[map]
+static FORWARD_PORT: DevMap = DevMap::with_max_entries(1, 0);
+#[map]
+static FORWARD_CONFIG: Array<ForwardConfig> = Array::with_max_entries(1, 0);
 
 const L3: usize = 14;
 
@@ -234,7 +244,9 @@ pub fn bench_sink(ctx: XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
         let next_header = unsafe { *((data + L3 + 6) as *const u8) };
-        if next_header == 58 {
+        // ICMPv6, and hop-by-hop options (MLD reports, ICMPv6 behind a
+        // router alert): the generator sends neither.
+        if next_header == 58 || next_header == 0 {
             return xdp_action::XDP_PASS;
         }
     } else if ether_type != 0x0800u16.to_be() {
@@ -264,6 +276,74 @@ pub fn bench_sink(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_ceiling(_ctx: XdpContext) -> u32 {
     CEILING_PORT
+        .redirect(0, 0)
+        .unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+#[xdp]
+pub fn bench_forward(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + L3 > end {
+        return xdp_action::XDP_PASS;
+    }
+    let ether_type = unsafe { *((data + 12) as *const u16) };
+    let l4 = if ether_type == 0x0800u16.to_be() {
+        if data + L3 + 20 > end {
+            return xdp_action::XDP_PASS;
+        }
+        let ip = (data + L3) as *mut u8;
+        let ihl = (unsafe { *ip } & 0x0f) as usize * 4;
+        let ttl = unsafe { *ip.add(8) };
+        let proto = unsafe { *ip.add(9) };
+        // Fragments and options go to the stack, as in xlb.
+        let frag = unsafe { *(ip.add(6) as *const u16) } & 0x3fffu16.to_be();
+        if ihl != 20 || frag != 0 || ttl <= 1 || (proto != 6 && proto != 17) {
+            return xdp_action::XDP_PASS;
+        }
+        // TTL - 1 and the checksum with it, as the kernel's
+        // ip_decrease_ttl: the TTL is the high byte of its 16-bit word.
+        unsafe {
+            *ip.add(8) = ttl - 1;
+            let check = ip.add(10) as *mut u16;
+            let mut c = u16::from_be(*check) as u32 + 0x0100;
+            c = (c & 0xffff) + (c >> 16);
+            *check = (c as u16).to_be();
+        }
+        L3 + 20
+    } else if ether_type == 0x86ddu16.to_be() {
+        if data + L3 + 40 > end {
+            return xdp_action::XDP_PASS;
+        }
+        let ip = (data + L3) as *mut u8;
+        let next_header = unsafe { *ip.add(6) };
+        let hop_limit = unsafe { *ip.add(7) };
+        if hop_limit <= 1 || (next_header != 6 && next_header != 17) {
+            return xdp_action::XDP_PASS;
+        }
+        unsafe { *ip.add(7) = hop_limit - 1 };
+        L3 + 40
+    } else {
+        return xdp_action::XDP_PASS;
+    };
+    // The ports, as a flow lookup would read them; port 0 is no flow.
+    if data + l4 + 4 > end {
+        return xdp_action::XDP_PASS;
+    }
+    let dst_port = unsafe { ((data + l4 + 2) as *const u16).read_unaligned() };
+    if dst_port == 0 {
+        return xdp_action::XDP_DROP;
+    }
+    let Some(cfg) = FORWARD_CONFIG.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    unsafe {
+        let eth = data as *mut u8;
+        for i in 0..6 {
+            *eth.add(i) = cfg.dst_mac[i];
+            *eth.add(6 + i) = cfg.src_mac[i];
+        }
+    }
+    FORWARD_PORT
         .redirect(0, 0)
         .unwrap_or(xdp_action::XDP_ABORTED)
 }
