@@ -346,37 +346,3 @@ fn ten_thousand_services_then_one_more() -> Result<()> {
     }
     Ok(())
 }
-
-/// Prints (does not assert) how long programming 10 000 Services with a
-/// TCP and a UDP frontend each takes straight into the maps, and one more
-/// Service: the shape of issue 11's target, which the benchmark's
-/// `xdp_alone` section (UDP frontends only) does not have.
-/// `cargo test --release -p xlb-tests --test maglev_slots -- --ignored --nocapture`
-#[test]
-#[ignore]
-fn time_twenty_thousand_frontends() -> Result<()> {
-    let d = many(10_000);
-    let mut l = Loaded::new(32_768)?;
-    let mut reconciler = Reconciler::new(32_768, 131_072);
-    let t = std::time::Instant::now();
-    let s = reconciler.apply(&d, &mut l.maps);
-    let all = t.elapsed();
-    assert!(s.errors.is_empty(), "{:?}", s.errors);
-    let more = many(10_001);
-    let extra: BTreeSet<Frontend> = more
-        .frontends
-        .keys()
-        .filter(|f| !d.frontends.contains_key(*f))
-        .copied()
-        .collect();
-    let t = std::time::Instant::now();
-    let s = reconciler.apply_changed(&more, &extra, &mut l.maps);
-    let one = t.elapsed();
-    assert_eq!(s.added, 2);
-    eprintln!(
-        "20 000 frontends: {:.0} ms; one more Service (2 frontends): {:.0} us",
-        all.as_secs_f64() * 1e3,
-        one.as_secs_f64() * 1e6
-    );
-    Ok(())
-}
