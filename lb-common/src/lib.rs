@@ -193,7 +193,8 @@ pub const FLOW_F_RESET: u8 = 1 << 5;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    /// `bpf_ktime_get_ns` of the last packet, refreshed at most once a second.
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_coarse_ns`) of the last packet,
+    /// refreshed at most once a second.
     pub last_seen_ns: u64,
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
@@ -430,7 +431,7 @@ pub struct Config {
     /// given to other pods since.
     pub stale_after_s: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the agent last said it was
+    /// CLOCK_MONOTONIC when the agent last said it was
     /// alive; rewritten every few seconds by its main loop.
     pub heartbeat_ns: u64,
     /// Address IPv6 remote-backend flows are source-translated to. All

@@ -159,7 +159,8 @@ pub fn warn_if_ephemeral(snat_min: u16, snat_max: u16) {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+/// CLOCK_MONOTONIC in nanoseconds: the clock the datapath reads (its coarse
+/// variant, `bpf_ktime_get_coarse_ns`, at most a tick behind).
 pub fn monotonic_ns() -> u64 {
     // Reading CLOCK_MONOTONIC cannot fail on Linux.
     clock_gettime(ClockId::CLOCK_MONOTONIC)

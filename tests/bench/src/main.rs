@@ -592,6 +592,13 @@ fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<KubeSource> {
 }
 
 /// ns/packet of `xlb_xdp` alone (BPF_PROG_TEST_RUN, 10^6 repetitions).
+/// `XLB_BENCH_PROFILE=hit|new|miss:SECONDS`: see `xdp_alone`.
+fn profile_case() -> Option<(String, f64)> {
+    let v = std::env::var("XLB_BENCH_PROFILE").ok()?;
+    let (case, secs) = v.split_once(':')?;
+    Some((case.to_string(), secs.parse().ok()?))
+}
+
 fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<BTreeMap<u32, XdpAlone>> {
     let repeat = if quick { 200_000 } else { 1_000_000 };
     let node = format!("{}-alone", bench.net.dut);
@@ -651,6 +658,21 @@ fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<BTreeMap<
             }
             scoped_in_netns(&dut, || bench.xdp_alone_ns(&target_fd, cfg, &frame, reps))?
         };
+        // XLB_BENCH_PROFILE=hit|new|miss:SECONDS repeats one case for that
+        // long (for `perf record -a` alongside), prints its figure, and
+        // stops the run there.
+        if let Some((case, secs)) = profile_case() {
+            let until = Instant::now() + Duration::from_secs_f64(secs);
+            while Instant::now() < until {
+                let ns = match case.as_str() {
+                    "hit" => measure(1, 1, PORT_BASE, None, repeat)?,
+                    "new" => measure(u32::MAX, n, PORT_BASE, None, repeat)?,
+                    _ => measure(1, 1, 9_000, None, repeat)?,
+                };
+                eprintln!("profile {case}, {n} services: {ns} ns");
+            }
+            anyhow::bail!("XLB_BENCH_PROFILE: profiling run, no report");
+        }
         let ct_hit = measure(1, 1, PORT_BASE, None, repeat)?;
         let new_flow = measure(u32::MAX, n, PORT_BASE, None, repeat)?;
         let not_service = measure(1, 1, 9_000, None, repeat)?;
