@@ -674,10 +674,21 @@ fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<BTreeMap<
             anyhow::bail!("XLB_BENCH_PROFILE: profiling run, no report");
         }
         let ct_hit = measure(1, 1, PORT_BASE, None, repeat)?;
+        // The same hit with forwarding on (the agent's default): the route
+        // and neighbour lookup (`bpf_fib_lookup`) and the egress check come
+        // on top. Nothing is in the egress devmap here, so the frame is
+        // passed after the lookup instead of redirected.
+        maps.write_config(&lb_common::Config {
+            flags: lb_common::CONFIG_F_REDIRECT,
+            ..Default::default()
+        })?;
+        let ct_hit_routed = measure(1, 1, PORT_BASE, None, repeat)?;
+        maps.write_config(&lb_common::Config::default())?;
         let new_flow = measure(u32::MAX, n, PORT_BASE, None, repeat)?;
         let not_service = measure(1, 1, 9_000, None, repeat)?;
         let mut entry = XdpAlone {
             ct_hit,
+            ct_hit_routed: Some(ct_hit_routed),
             new_flow,
             not_service,
             program_all_ms: program_time.as_secs_f64() * 1e3,
