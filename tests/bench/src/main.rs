@@ -43,9 +43,9 @@ fn main() -> Result<()> {
     let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     fs::create_dir_all(&out_dir)?;
     // XLB_BENCH_SCALES=1,100, XLB_BENCH_ONLY=xlb,iptables (names:
-    // ceiling, forwarder, xlb, iptables, klipper, nftables) and
-    // XLB_BENCH_FAMILIES=ipv6 narrow a run down while investigating; the
-    // report covers whatever ran.
+    // ceiling, forwarder, xlb, iptables, klipper, nftables),
+    // XLB_BENCH_FAMILIES=ipv6 and XLB_BENCH_TRAFFIC (below) narrow a run
+    // down while investigating; the report covers whatever ran.
     let scales: Vec<u32> = match std::env::var("XLB_BENCH_SCALES") {
         Ok(v) if !v.is_empty() => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
         _ if quick => vec![1, 100],
@@ -53,7 +53,15 @@ fn main() -> Result<()> {
     };
     let only = std::env::var("XLB_BENCH_ONLY").unwrap_or_default();
     let families = std::env::var("XLB_BENCH_FAMILIES").unwrap_or_default();
-    let seconds = if quick { 0.4 } else { 1.5 };
+    // XLB_BENCH_SECONDS: seconds per measurement (longer for profiling).
+    let seconds = match std::env::var("XLB_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(s) => s,
+        None if quick => 0.4,
+        None => 1.5,
+    };
     let started = Instant::now();
     let largest = *scales.last().context("XLB_BENCH_SCALES names no scale")?;
 
@@ -195,8 +203,13 @@ fn measure(
     let mut rows = Vec::new();
     // Warm-up: neighbours, conntrack, flow tables.
     bench.run(family, 17, n, MANY_FLOWS, 0, seconds / 2.0)?;
+    // XLB_BENCH_TRAFFIC=udp-1-flow,... narrows the traffic kinds.
+    let traffic = std::env::var("XLB_BENCH_TRAFFIC").unwrap_or_default();
     for t in Traffic::ALL {
         if t.flows() == 1 && n != 1 {
+            continue;
+        }
+        if !traffic.is_empty() && !traffic.split(',').any(|x| x == t.name()) {
             continue;
         }
         let r = bench.run(family, t.proto(), n, t.flows(), 0, seconds)?;
