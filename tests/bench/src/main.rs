@@ -684,6 +684,9 @@ fn xdp_alone(bench: &mut Bench, scales: &[u32], quick: bool) -> Result<BTreeMap<
                 };
                 eprintln!("profile {case}, {n} services: {ns} ns");
             }
+            drop(maps);
+            drop(ebpf);
+            dataplane::attach::reset(&pins)?;
             anyhow::bail!("XLB_BENCH_PROFILE: profiling run, no report");
         }
         let ct_hit = measure(1, 1, PORT_BASE, None, repeat)?;
