@@ -68,7 +68,8 @@ pub enum Lookup {
     /// No entry (or one that must start afresh).
     Miss,
     /// It matches a reply entry but came in where the backend's replies do
-    /// not: it is left alone, and the entry untouched.
+    /// not, or a forward entry at an egress hook (where only replies are
+    /// translated): it is left alone, and the entry untouched.
     Refused,
 }
 
@@ -80,6 +81,12 @@ pub fn existing_flow(key: &FlowKey, tcp_flags: u8, bytes: u64, arrival: Arrival)
         return Lookup::Miss;
     };
     let flow = unsafe { &mut *flow };
+    // A packet leaving the node on a client's tuple (the node's own or a
+    // hairpinned one) is not the client's: it must not refresh, count or
+    // close the client's flow (audit A-20h).
+    if flow.flags & FLOW_F_REPLY == 0 && matches!(arrival, Arrival::Egress) {
+        return Lookup::Refused;
+    }
     if flow.flags & FLOW_F_REPLY != 0
         && let Arrival::Ingress { ctx, ifindex } = arrival
         && !reverse_path::holds(ctx, ifindex, key)

@@ -425,6 +425,33 @@ fn only_a_syn_starts_a_tcp_flow() -> Result<()> {
     Ok(())
 }
 
+/// Audit A-20h: a packet leaving through tcx egress on a client's forward
+/// tuple (the node's own, or hairpinned) is not the client's: it is left
+/// alone, and the client's flow is neither counted nor closed.
+#[test]
+fn a_packet_leaving_on_a_clients_tuple_leaves_the_clients_flow_alone() -> Result<()> {
+    let dp = Datapath::new()?;
+    let (client, to) = ((CLIENT, 40005), (FRONTEND, 80));
+    dp.run(&tcp(client, to, TCP_SYN))?;
+    dp.run(&tcp(client, to, TCP_ACK))?;
+    let before = dp.flow(client, to).context("flow")?;
+    let stats_before = dp.stats_of(&frontend(to.0, to.1, Protocol::Tcp))?;
+    for flags in [TCP_ACK, TCP_RST, TCP_FIN | TCP_ACK] {
+        let input = tcp(client, to, flags);
+        let (verdict, out) = dp.run_egress(&input)?;
+        assert_eq!(verdict, TCX_NEXT, "flags {flags:#x}");
+        assert_eq!(out, input, "flags {flags:#x}: left untouched");
+    }
+    let after = dp.flow(client, to).context("flow")?;
+    let stats_after = dp.stats_of(&frontend(to.0, to.1, Protocol::Tcp))?;
+    assert_eq!(after.flags, before.flags, "not closed: {:#x}", after.flags);
+    assert_eq!(stats_after.packets, stats_before.packets, "not counted");
+    // The client's own packets still follow the flow.
+    let (_, out) = dp.run(&tcp(client, to, TCP_ACK))?;
+    assert_ne!(dst_of(&out, 14), to);
+    Ok(())
+}
+
 /// Audit A-3: a forged RST and a SYN on a guessed tuple neither move an
 /// established flow to another SNAT port or backend, nor leave it closing
 /// once its own packets keep coming.
