@@ -21,6 +21,10 @@ use lb_common::{CONFIG_F_POD_SOURCE_GUARD, CONFIG_F_REDIRECT, CONFIG_F_REVERSE_P
 use tokio::sync::mpsc;
 
 use crate::{
+    announce::{
+        election::L2Settings,
+        l2::{self, Responder},
+    },
     change::{Change, Changes},
     conntrack::Timeouts,
     dataplane::{self, Limits, Maps, Uplinks, attach},
@@ -167,6 +171,14 @@ pub struct AgentConfig {
     /// to pod addresses Kubernetes may have given to other pods. 0: never.
     #[arg(long, env = "XLB_STALE_AFTER", default_value_t = 600)]
     pub stale_after: u32,
+    /// Announce Service addresses on L2: answer ARP requests and IPv6
+    /// neighbour solicitations for them in XDP, with gratuitous ARP /
+    /// unsolicited NA on taking one over. With manifests this node
+    /// announces every address it programs (there is no one to agree
+    /// with: give it to one node of a segment only); with the Kubernetes
+    /// API one elected node announces each address.
+    #[arg(long, env = "XLB_L2_ANNOUNCE")]
+    pub l2_announce: bool,
 }
 
 impl AgentConfig {
@@ -286,6 +298,8 @@ struct Datapath {
     failed: Vec<(ServiceRef, String)>,
     /// Some write (a frontend's or a removal's) failed since the last look.
     incomplete: bool,
+    /// The L2 responder's state (`--l2-announce`).
+    l2: Option<Responder>,
 }
 
 /// What the agent last wrote outside the maps' entries: the node config map
@@ -425,6 +439,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         cfg.resync_interval,
     );
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut l2_refresh = tokio::time::interval(l2::REFRESH);
+    datapath.refresh_l2();
     loop {
         telemetry().health.beat("agent", LOOP_STALE);
         let changes = tokio::select! {
@@ -439,6 +455,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             _ = heartbeat.tick() => {
                 datapath.beat();
+                continue;
+            }
+            _ = l2_refresh.tick() => {
+                datapath.refresh_l2();
                 continue;
             }
             // Repairs what changed in the maps behind the agent's back, and
@@ -456,6 +476,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let result = datapath.sync(&cfg, &mut source, changes);
         retry = after_sync(result, full, &mut datapath, &mut source, retry);
     }
+    datapath.silence_l2();
     telemetry().health.retire("agent");
     tracing::info!("stopping; programs, links and maps stay pinned and keep forwarding");
     source.stop().await;
@@ -471,7 +492,7 @@ impl Datapath {
             xdp_mode: cfg.xdp_mode,
             redirect: !cfg.no_redirect,
         };
-        let (ebpf, maps) =
+        let (ebpf, mut maps) =
             dataplane::start(&cfg.node.bpffs, &cfg.node.node_name, cfg.limits, uplinks)?;
         let mut reconciler = Reconciler::new(cfg.limits.max_services, cfg.limits.max_backends);
         let found = maps.snapshot_for_adoption();
@@ -483,6 +504,11 @@ impl Datapath {
             );
         }
         reconciler.adopt(found);
+        let l2 = if cfg.l2_announce {
+            Some(Responder::start(&cfg.ifaces, &mut maps)?)
+        } else {
+            None
+        };
         let mut guard = EgressGuard::new(cfg.cluster_cidrs.iter().copied().map(Network::from));
         guard
             .adopt(&maps, Instant::now())
@@ -495,7 +521,49 @@ impl Datapath {
             published: Published::default(),
             failed: Vec::new(),
             incomplete: false,
+            l2,
         })
+    }
+
+    /// Keeps the L2 responder answering (see `announce::l2`).
+    fn refresh_l2(&mut self) {
+        if let Some(l2) = &mut self.l2 {
+            l2.refresh(&mut self.maps);
+        }
+    }
+
+    /// Stops the L2 responder's answers (the agent is leaving).
+    fn silence_l2(&mut self) {
+        if let Some(l2) = &mut self.l2 {
+            l2.silence(&mut self.maps);
+        }
+    }
+
+    /// Announces the addresses this node should, after a sync.
+    fn announce(&mut self, cfg: &AgentConfig, desired: &DesiredState) {
+        let Some(l2) = &mut self.l2 else {
+            return;
+        };
+        let settings = L2Settings::default();
+        let mut wanted = std::collections::BTreeMap::new();
+        for (frontend, spec) in &desired.frontends {
+            // `Local` without a serving endpoint here: nothing to announce.
+            if spec.local_only && !spec.backends.iter().any(|b| b.local && !b.terminating) {
+                continue;
+            }
+            wanted.insert(
+                frontend.addr,
+                settings
+                    .interfaces_among(&cfg.ifaces)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if let Err(e) = l2.apply(&mut self.maps, &wanted) {
+            tracing::error!(error = %format!("{e:#}"), "programming the L2 responder failed");
+            self.incomplete = true;
+        }
     }
 
     /// Has `source` translate `changes`, and programs the result.
@@ -654,6 +722,7 @@ impl Datapath {
                 }
             }
         }
+        self.announce(cfg, desired);
         Ok(())
     }
 }
