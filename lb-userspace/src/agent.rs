@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     announce::{
-        election::L2Settings,
+        election::{self, L2Settings},
         l2::{self, Responder},
     },
     change::{Change, Changes},
@@ -30,7 +30,7 @@ use crate::{
     dataplane::{self, Limits, Maps, Uplinks, attach},
     egress_guard::{self, EgressGuard},
     flags::{self, PortRange},
-    kubernetes::{self, ClusterSource, LeaseConfig},
+    kubernetes::{self, ClusterSource, LeaseConfig, node_lease::NodeLeases},
     manifest::ManifestSource,
     model::{DesiredState, Frontend, Network, ServiceRef},
     netdev,
@@ -179,6 +179,13 @@ pub struct AgentConfig {
     /// API one elected node announces each address.
     #[arg(long, env = "XLB_L2_ANNOUNCE")]
     pub l2_announce: bool,
+    /// Seconds a node's L2 Lease (`xlb-node-<node>`, renewed every quarter
+    /// of it) lasts: when a node or its agent dies, its addresses move to
+    /// another node after this. Shorter is faster failover and more API
+    /// writes (nodes × 4 per duration).
+    #[arg(long, env = "XLB_L2_LEASE_DURATION", default_value = "2",
+          value_parser = flags::seconds_at_least_one)]
+    pub l2_lease_duration: Duration,
 }
 
 impl AgentConfig {
@@ -300,6 +307,18 @@ struct Datapath {
     incomplete: bool,
     /// The L2 responder's state (`--l2-announce`).
     l2: Option<Responder>,
+    /// The addresses of the last sync, for the L2 election.
+    l2_claims: Vec<L2Claim>,
+}
+
+/// An address this node programs, as the L2 election sees it.
+#[derive(Clone, Debug)]
+struct L2Claim {
+    addr: std::net::IpAddr,
+    service: ServiceRef,
+    local_only: bool,
+    /// A ready, non-terminating endpoint of it runs on this node.
+    serving_here: bool,
 }
 
 /// What the agent last wrote outside the maps' entries: the node config map
@@ -416,10 +435,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .snat_ports_capacity
         .set(i64::from(cfg.snat_ports.max - cfg.snat_ports.min) + 1);
     let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
+    // The node Lease that says this agent is alive to the others' L2
+    // elections (Kubernetes source only).
+    let node_leases = match &checked {
+        CheckedSource::Cluster(client) if cfg.l2_announce => Some(NodeLeases::spawn(
+            client.clone(),
+            &cfg.lease.namespace,
+            &cfg.node.node_name,
+            cfg.l2_lease_duration,
+        )),
+        _ => None,
+    };
     let Some(mut source) = Source::start(&cfg, checked, tx).await? else {
         return Ok(());
     };
     datapath.sync(&cfg, &mut source, Changes::everything())?;
+    datapath.elect_l2(&cfg, &source, node_leases.as_ref());
     let mut retry = after_sync(Ok(()), true, &mut datapath, &mut source, None);
     telemetry().health.set_synced();
     tracing::info!(node = %cfg.node.node_name, interfaces = ?cfg.ifaces, "agent ready");
@@ -459,6 +490,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             _ = l2_refresh.tick() => {
                 datapath.refresh_l2();
+                // Lease expiries are seen here: no watch event says a
+                // node went silent.
+                datapath.elect_l2(&cfg, &source, node_leases.as_ref());
                 continue;
             }
             // Repairs what changed in the maps behind the agent's back, and
@@ -475,8 +509,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let full = changes.all;
         let result = datapath.sync(&cfg, &mut source, changes);
         retry = after_sync(result, full, &mut datapath, &mut source, retry);
+        datapath.elect_l2(&cfg, &source, node_leases.as_ref());
     }
     datapath.silence_l2();
+    if let Some(leases) = node_leases {
+        leases.stop().await;
+    }
     telemetry().health.retire("agent");
     tracing::info!("stopping; programs, links and maps stay pinned and keep forwarding");
     source.stop().await;
@@ -522,6 +560,7 @@ impl Datapath {
             failed: Vec::new(),
             incomplete: false,
             l2,
+            l2_claims: Vec::new(),
         })
     }
 
@@ -539,27 +578,63 @@ impl Datapath {
         }
     }
 
-    /// Announces the addresses this node should, after a sync.
-    fn announce(&mut self, cfg: &AgentConfig, desired: &DesiredState) {
+    /// Notes the addresses of `desired` for the L2 election.
+    fn collect_l2_claims(&mut self, desired: &DesiredState) {
+        if self.l2.is_none() {
+            return;
+        }
+        let mut claims: Vec<L2Claim> = Vec::new();
+        for (frontend, spec) in &desired.frontends {
+            let serving_here = spec.backends.iter().any(|b| b.local && !b.terminating);
+            match claims.iter_mut().find(|c| c.addr == frontend.addr) {
+                Some(c) => c.serving_here |= serving_here,
+                None => claims.push(L2Claim {
+                    addr: frontend.addr,
+                    service: spec.service.clone(),
+                    local_only: spec.local_only,
+                    serving_here,
+                }),
+            }
+        }
+        self.l2_claims = claims;
+    }
+
+    /// Announces the addresses this node should: with manifests every
+    /// address it programs (for `Local`, those it has an endpoint for);
+    /// with the Kubernetes API those it wins the election for among the
+    /// nodes whose Lease is fresh.
+    fn elect_l2(&mut self, cfg: &AgentConfig, source: &Source, leases: Option<&NodeLeases>) {
         let Some(l2) = &mut self.l2 else {
             return;
         };
         let settings = L2Settings::default();
-        let mut wanted = std::collections::BTreeMap::new();
-        for (frontend, spec) in &desired.frontends {
-            // `Local` without a serving endpoint here: nothing to announce.
-            if spec.local_only && !spec.backends.iter().any(|b| b.local && !b.terminating) {
-                continue;
-            }
-            wanted.insert(
-                frontend.addr,
-                settings
-                    .interfaces_among(&cfg.ifaces)
+        let ifaces: Vec<String> = settings
+            .interfaces_among(&cfg.ifaces)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let mine: Vec<std::net::IpAddr> = match (source, leases) {
+            (Source::Cluster(cluster), Some(leases)) => {
+                let claims: Vec<_> = self
+                    .l2_claims
+                    .iter()
+                    .map(|c| (c.addr, c.service.clone(), c.local_only))
+                    .collect();
+                let (claims, nodes) = cluster.l2_inputs(&leases.alive(), &claims);
+                election::elect(&claims, &nodes)
                     .into_iter()
-                    .map(str::to_string)
-                    .collect::<Vec<_>>(),
-            );
-        }
+                    .filter(|(_, node)| *node == cfg.node.node_name)
+                    .map(|(addr, _)| addr)
+                    .collect()
+            }
+            _ => self
+                .l2_claims
+                .iter()
+                .filter(|c| !c.local_only || c.serving_here)
+                .map(|c| c.addr)
+                .collect(),
+        };
+        let wanted = mine.into_iter().map(|a| (a, ifaces.clone())).collect();
         if let Err(e) = l2.apply(&mut self.maps, &wanted) {
             tracing::error!(error = %format!("{e:#}"), "programming the L2 responder failed");
             self.incomplete = true;
@@ -722,7 +797,7 @@ impl Datapath {
                 }
             }
         }
-        self.announce(cfg, desired);
+        self.collect_l2_claims(desired);
         Ok(())
     }
 }

@@ -48,6 +48,8 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 5, 100);
 pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 5, 0, 0, 0, 0, 0, 0x100);
 /// In the subnet, assigned to nothing.
 pub const UNASSIGNED: Ipv4Addr = Ipv4Addr::new(10, 0, 5, 200);
+/// The bridge's own address (the fake API server listens there).
+pub const API_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 5, 250);
 /// The port the pods serve on.
 pub const POD_PORT: u16 = 8080;
 
@@ -136,6 +138,11 @@ impl Segment {
         let lan = self.lan.clone();
         ns_sh(&lan, &["ip", "link", "add", "br0", "type", "bridge"])?;
         ns_sh(&lan, &["ip", "link", "set", "br0", "up"])?;
+        // Where the fake API server listens, reachable from both nodes.
+        ns_sh(
+            &lan,
+            &["ip", "addr", "add", &format!("{API_ADDR}/24"), "dev", "br0"],
+        )?;
         let hosts = [
             (self.client.clone(), "eth0", "p-c", CLIENT, CLIENT_V6),
             (
