@@ -615,12 +615,17 @@ impl Datapath {
             .collect();
         let mine: Vec<std::net::IpAddr> = match (source, leases) {
             (Source::Cluster(cluster), Some(leases)) => {
+                // Until this node knows the others (and they it), it keeps
+                // what it announces.
+                let Some(alive) = leases.alive(&cfg.node.node_name) else {
+                    return;
+                };
                 let claims: Vec<_> = self
                     .l2_claims
                     .iter()
                     .map(|c| (c.addr, c.service.clone(), c.local_only))
                     .collect();
-                let (claims, nodes) = cluster.l2_inputs(&leases.alive(), &claims);
+                let (claims, nodes) = cluster.l2_inputs(&alive, &claims);
                 election::elect(&claims, &nodes)
                     .into_iter()
                     .filter(|(_, node)| *node == cfg.node.node_name)

@@ -253,19 +253,9 @@ fn the_address_moves_to_the_other_node_within_3s_when_its_announcer_dies() -> Re
     let args = ["--kubeconfig", kubeconfig.as_str(), "--l2-announce"];
     let mut agents = [s.start_agent(0, &args)?, s.start_agent(1, &args)?];
     let macs = [s.node_mac(0)?, s.node_mac(1)?];
-    let mut announcer = None;
-    wait_until(
-        "one node to announce the address",
-        Duration::from_secs(10),
-        || {
-            announcer = answering(&s, &macs);
-            announcer.is_some()
-        },
-    )?;
-    let dead = announcer.unwrap();
-    let survivor = 1 - dead;
     // Each address is held by exactly one node (each is elected on its
-    // own: the IPv6 one may be on either).
+    // own: the IPv6 one may be on either), once both agents know each
+    // other (the first to start holds everything until then).
     let held = |i: usize| -> Result<Vec<String>> {
         let rows: Vec<serde_json::Value> =
             serde_json::from_str(&s.xlb(i, &["inspect", "l2", "--json"])?)?;
@@ -274,17 +264,27 @@ fn the_address_moves_to_the_other_node_within_3s_when_its_announcer_dies() -> Re
             .filter_map(|r| r["address"].as_str().map(str::to_string))
             .collect())
     };
-    let (on_dead, on_survivor) = (held(dead)?, held(survivor)?);
-    assert!(on_dead.contains(&VIP.to_string()), "{on_dead:?}");
-    assert!(!on_survivor.contains(&VIP.to_string()), "{on_survivor:?}");
-    assert_eq!(
-        [&on_dead, &on_survivor]
-            .iter()
-            .filter(|held| held.contains(&VIP_V6.to_string()))
-            .count(),
-        1,
-        "{on_dead:?} {on_survivor:?}"
-    );
+    let mut holder = None;
+    wait_until(
+        "each address on exactly one node",
+        Duration::from_secs(10),
+        || {
+            let (Ok(first), Ok(second)) = (held(0), held(1)) else {
+                return false;
+            };
+            let once =
+                |a: String| (first.contains(&a) as usize) + (second.contains(&a) as usize) == 1;
+            holder = Some(if first.contains(&VIP.to_string()) {
+                0
+            } else {
+                1
+            });
+            once(VIP.to_string()) && once(VIP_V6.to_string())
+        },
+    )?;
+    let dead = holder.unwrap();
+    let survivor = 1 - dead;
+    assert_eq!(answering(&s, &macs), Some(dead), "arping names the holder");
     // Only the survivor's pod serves from here on, so that every new
     // connection after the failover has a live backend.
     apply_endpoints(&s, &api, &[survivor]);

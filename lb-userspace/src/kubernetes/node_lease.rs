@@ -36,6 +36,9 @@ type Seen = BTreeMap<String, (String, Instant)>;
 /// This node's Lease kept fresh, and the others' watched.
 pub struct NodeLeases {
     seen: Arc<Mutex<Seen>>,
+    /// The watch's first complete list arrived: before it, the agent
+    /// knows of no other node and would claim every address.
+    listed: Arc<std::sync::atomic::AtomicBool>,
     duration: Duration,
     stop: Option<oneshot::Sender<()>>,
     renewer: tokio::task::JoinHandle<()>,
@@ -52,9 +55,11 @@ impl NodeLeases {
         let seen = Arc::new(Mutex::new(Seen::new()));
         let (stop, stopped) = oneshot::channel();
         let renewer = tokio::spawn(renew(api.clone(), node.to_string(), duration, stopped));
-        let watcher = tokio::spawn(watch(api, seen.clone()));
+        let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = tokio::spawn(watch(api, seen.clone(), listed.clone()));
         NodeLeases {
             seen,
+            listed,
             duration,
             stop: Some(stop),
             renewer,
@@ -62,8 +67,18 @@ impl NodeLeases {
         }
     }
 
-    /// The nodes whose Lease changed less than the duration ago.
-    pub fn alive(&self) -> BTreeSet<String> {
+    /// The nodes whose Lease changed less than the duration ago; `None`
+    /// until the Leases have been listed once and this node's own is
+    /// among them (it is then known to the others too).
+    pub fn alive(&self, node: &str) -> Option<BTreeSet<String>> {
+        if !self.listed.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let alive = self.alive_now();
+        alive.contains(node).then_some(alive)
+    }
+
+    fn alive_now(&self) -> BTreeSet<String> {
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.iter()
             .filter(|(_, (_, at))| at.elapsed() < self.duration)
@@ -145,7 +160,11 @@ async fn renew_once(
 }
 
 /// Records, per node, when its Lease last changed.
-async fn watch(api: Api<Lease>, seen: Arc<Mutex<Seen>>) {
+async fn watch(
+    api: Api<Lease>,
+    seen: Arc<Mutex<Seen>>,
+    listed: Arc<std::sync::atomic::AtomicBool>,
+) {
     let stream = watcher(api, watcher::Config::default().labels(LABEL)).default_backoff();
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
@@ -162,7 +181,8 @@ async fn watch(api: Api<Lease>, seen: Arc<Mutex<Seen>>) {
                     seen.remove(&node);
                 }
             }
-            watcher::Event::Init | watcher::Event::InitDone => {}
+            watcher::Event::InitDone => listed.store(true, std::sync::atomic::Ordering::Release),
+            watcher::Event::Init => {}
         }
     }
 }
