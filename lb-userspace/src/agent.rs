@@ -640,9 +640,20 @@ impl Datapath {
                 .collect(),
         };
         let wanted = mine.into_iter().map(|a| (a, ifaces.clone())).collect();
-        if let Err(e) = l2.apply(&mut self.maps, &wanted) {
-            tracing::error!(error = %format!("{e:#}"), "programming the L2 responder failed");
-            self.incomplete = true;
+        match l2.apply(&mut self.maps, &wanted) {
+            Ok(new) => {
+                if let Source::Cluster(cluster) = source {
+                    for addr in new {
+                        if let Some(claim) = self.l2_claims.iter().find(|c| c.addr == addr) {
+                            cluster.report_announcing(&claim.service, addr);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "programming the L2 responder failed");
+                self.incomplete = true;
+            }
         }
     }
 

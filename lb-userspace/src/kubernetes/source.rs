@@ -197,6 +197,16 @@ impl ClusterSource {
         (out, nodes)
     }
 
+    /// Tells `service`'s watchers (an Event on it) that this node now
+    /// announces `address` on L2.
+    pub fn report_announcing(&self, service: &ServiceRef, address: IpAddr) {
+        let key = ServiceKey::new(&service.namespace, &service.name);
+        if let Some(object) = self.stores.service(&key) {
+            self.events
+                .announcing(reference_to(&*object), address, &self.scope.node_name);
+        }
+    }
+
     /// Resolves when this agent wins or loses the Lease.
     pub async fn leadership_changed(&mut self) {
         if self.leading.changed().await.is_err() {
