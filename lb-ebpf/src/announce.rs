@@ -286,6 +286,15 @@ fn icmp6_sum_pseudo(len: usize, src: [u32; 4], dst: [u32; 4]) -> u64 {
     total + (len as u16).to_be() as u64 + (PROTO_ICMPV6 as u16).to_be() as u64
 }
 
+/// An ARP frame not answered counts as passed, like every other frame
+/// that is neither for a frontend nor a flow's reply.
+#[inline(always)]
+fn passed() {
+    if let Some(g) = crate::stats::global() {
+        g.passed += 1;
+    }
+}
+
 /// Sends an answer built in place back out of the device it came in on:
 /// through `TX_PORTS` when the device is there, `XDP_TX` otherwise (see
 /// `xdp_path::too_big` for why a redirect: a veth peer without XDP is not
@@ -307,6 +316,7 @@ pub fn xdp_arp(xdp: *mut xdp_md, l3: usize) -> u32 {
     if arp(ctx.data(), ctx.data_end(), l3, ifindex) {
         xdp_send_back(ifindex)
     } else {
+        passed();
         xdp_action::XDP_PASS
     }
 }
@@ -347,6 +357,7 @@ pub fn tc_arp(skb: *mut __sk_buff, l3: usize) -> i32 {
     if tc_linear(&ctx) && arp(ctx.data(), ctx.data_end(), l3, ifindex) {
         unsafe { bpf_redirect(ifindex, 0) as i32 }
     } else {
+        passed();
         TCX_NEXT
     }
 }
