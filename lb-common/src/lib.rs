@@ -439,6 +439,74 @@ pub struct Config {
     pub node_addr_v6: [u8; 16],
 }
 
+/// `L2_ADDRESSES` key: an address this node answers ARP (IPv4) or
+/// neighbour solicitations (IPv6) for, on one interface. Only the node the
+/// agents elected announces an address, so at most one node of a segment
+/// holds an entry for it; never `_pad`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct L2Key {
+    /// The interface the request arrives on (and the answer leaves by).
+    pub ifindex: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+}
+
+/// `L2_ADDRESSES` value: the link-layer address the answer names (the
+/// interface's own MAC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Answer {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Index of the single entry in `L2_LIVENESS`.
+pub const L2_LIVENESS_KEY: u32 = 0;
+
+/// `L2_LIVENESS` value: the datapath answers for `L2_ADDRESSES` only while
+/// `bpf_ktime_get_ns() - refreshed_ns <= stale_after_ns`. The agent
+/// refreshes it several times per window; a dead agent's pinned entries
+/// then stop claiming their addresses within one window, before any other
+/// node takes them over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Liveness {
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_ns`) of the agent's last refresh;
+    /// 0: never answer.
+    pub refreshed_ns: u64,
+    pub stale_after_ns: u64,
+}
+
+/// `L2_STATS` value (per-CPU hash keyed by ifindex; the agent creates one
+/// entry per uplink): what the ARP/NDP responder saw and did.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Stats {
+    /// ARP requests and neighbour solicitations for an address in
+    /// `L2_ADDRESSES` on this interface.
+    pub requests: u64,
+    /// Replies and neighbour advertisements sent.
+    pub replies: u64,
+    /// Requests not answered because `L2_LIVENESS` was stale.
+    pub stale: u64,
+}
+
+impl L2Stats {
+    /// The sum of the per-CPU copies.
+    pub fn accumulate<'a>(per_cpu: impl IntoIterator<Item = &'a Self>) -> Self {
+        let mut sum = Self::default();
+        for s in per_cpu {
+            sum.requests += s.requests;
+            sum.replies += s.replies;
+            sum.stale += s.stale;
+        }
+        sum
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -460,6 +528,10 @@ mod pod {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for GlobalStats {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for L2Key {}
+    unsafe impl aya::Pod for L2Answer {}
+    unsafe impl aya::Pod for L2Liveness {}
+    unsafe impl aya::Pod for L2Stats {}
 }
 
 #[cfg(test)]
@@ -503,6 +575,11 @@ mod tests {
             (104, 8)
         );
         assert_eq!((size_of::<Config>(), align_of::<Config>()), (56, 8));
+        assert_eq!((size_of::<L2Key>(), align_of::<L2Key>()), (24, 4));
+        assert_eq!((size_of::<L2Answer>(), align_of::<L2Answer>()), (8, 1));
+        assert_eq!((size_of::<L2Liveness>(), align_of::<L2Liveness>()), (16, 8));
+        assert_eq!((size_of::<L2Stats>(), align_of::<L2Stats>()), (24, 8));
+        assert_eq!(offset_of!(L2Key, addr), 8);
     }
 
     #[test]

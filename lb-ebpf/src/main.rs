@@ -10,12 +10,17 @@
 //!   uplinks where XDP would see packets without their checksum state
 //!   (virtual devices, drivers without native XDP).
 //!
+//! `xlb_xdp` and `xlb_tc_ingress` also answer ARP requests and neighbour
+//! solicitations for the Service addresses this node announces
+//! (`announce.rs`).
+//!
 //! Both parse with `packet.rs` and decide with the NAT core in `nat.rs`
 //! (SNAT ports from `snat.rs`, the flow hash from `hash.rs`);
 //! maps are declared in `maps.rs`, counters reached through `stats.rs`.
 #![no_std]
 #![no_main]
 
+mod announce;
 mod checksum;
 mod fragments;
 mod hash;

@@ -7,12 +7,14 @@ use crate::fragments::{Fragment, FragmentKey};
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, bpf_sock_tuple},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+    },
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, ClusterNetwork, Config, Flow, FlowKey, FrontendKey,
-    GlobalStats, LocalBackendKey, MAGLEV_MAP_FLAGS, MAGLEV_TABLE_SIZE, Service, ServiceStats,
-    SourceRange,
+    GlobalStats, L2Answer, L2Key, L2Liveness, L2Stats, LocalBackendKey, MAGLEV_MAP_FLAGS,
+    MAGLEV_TABLE_SIZE, Service, ServiceStats, SourceRange,
 };
 
 /// Frontend → service. Written by the agent (reconciler); read by XDP for
@@ -129,3 +131,21 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, Fragment> = LruHashMap::with_max_e
 /// only devices known to accept XDP frames. Written by the agent.
 #[map(name = "XLB_TX_PORTS")]
 pub static TX_PORTS: DevMapHash = DevMapHash::pinned(64, 0);
+
+/// Addresses this node announces (`announce.rs`): (ifindex, address) →
+/// the MAC to answer with. Written by the agent for the addresses it won
+/// the election for; read by XDP for ARP requests and neighbour
+/// solicitations.
+#[map(name = "XLB_L2_ADDRS")]
+pub static L2_ADDRESSES: HashMap<L2Key, L2Answer> = HashMap::pinned(8192, 0);
+
+/// The agent's liveness for the responder: `L2_ADDRESSES` is answered only
+/// while it is fresh. Written by the agent every fraction of its window;
+/// read by XDP.
+#[map(name = "XLB_L2_LIVE")]
+pub static L2_LIVENESS: Array<L2Liveness> = Array::pinned(1, 0);
+
+/// ARP/NDP responder counters per ifindex. Entries created by the agent
+/// (one per uplink), incremented by XDP.
+#[map(name = "XLB_L2_STATS")]
+pub static L2_STATS: PerCpuHashMap<u32, L2Stats> = PerCpuHashMap::pinned(64, 0);

@@ -27,6 +27,7 @@ use aya_ebpf::{
 use lb_common::{FAMILY_V6, FLOW_F_REPLY, FLOW_F_SNAT, Flow, FlowKey, PROTO_UDP};
 
 use crate::{
+    announce,
     checksum::CsumDelta,
     fragments,
     icmp::{self, ErrorRewrite},
@@ -179,6 +180,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         Some((l3, ETH_P_IP)) => ingress_v4(ctx.skb.skb, l3),
         Some((l3, ETH_P_IPV6)) if icmp6_first(ctx, l3) => icmp6_error(ctx.skb.skb, l3, false),
         Some((l3, ETH_P_IPV6)) => ingress_v6(ctx.skb.skb, l3),
+        Some((l3, announce::ETH_P_ARP)) => announce::tc_arp(ctx.skb.skb, l3),
         Some(_) => Verdict::Pass.tc_action(),
         None => {
             if let Some(g) = global() {
@@ -474,8 +476,11 @@ fn icmp_error(skb: *mut __sk_buff, l3: usize, replies_only: bool) -> i32 {
 #[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
 fn icmp6_error(skb: *mut __sk_buff, l3: usize, replies_only: bool) -> i32 {
-    let ctx = &TcContext::new(skb);
     let l3 = l3 & 0x1f;
+    if !replies_only && let Some(action) = announce::tc_solicitation(skb, l3) {
+        return action;
+    }
+    let ctx = &TcContext::new(skb);
     // The quoted headers may lie in the skb's non-linear part: one parser
     // body for the look before and the look after pulling them in.
     let mut pulled = false;

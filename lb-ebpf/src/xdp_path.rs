@@ -15,6 +15,7 @@ use lb_common::{
 };
 
 use crate::{
+    announce,
     checksum::CsumDelta,
     fragments, icmp, icmp6,
     maps::{CONFIG, FLOWS, ROUTE, TX_PORTS},
@@ -36,6 +37,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     match network(ctx.data(), ctx.data_end()) {
         Ok((l3, ETH_P_IP)) => run_v4(ctx.ctx, l3),
         Ok((l3, ETH_P_IPV6)) => run_v6(ctx.ctx, l3),
+        Ok((l3, announce::ETH_P_ARP)) => announce::xdp_arp(ctx.ctx, l3),
         Ok(_) => pass(),
         Err(_) => malformed(),
     }
@@ -183,6 +185,9 @@ fn icmp6_error(xdp: *mut xdp_md, l3: usize) -> u32 {
     let ctx = &XdpContext::new(xdp);
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let l3 = l3 & 0x1f;
+    if let Some(action) = announce::xdp_solicitation(xdp, l3) {
+        return action;
+    }
     let Ok(key) = icmp6::parse_error(data, data_end, l3) else {
         return pass();
     };

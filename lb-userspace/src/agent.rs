@@ -21,12 +21,16 @@ use lb_common::{CONFIG_F_POD_SOURCE_GUARD, CONFIG_F_REDIRECT, CONFIG_F_REVERSE_P
 use tokio::sync::mpsc;
 
 use crate::{
+    announce::{
+        election::{self, L2Settings},
+        l2::{self, Responder},
+    },
     change::{Change, Changes},
     conntrack::Timeouts,
     dataplane::{self, Limits, Maps, Uplinks, attach},
     egress_guard::{self, EgressGuard},
     flags::{self, PortRange},
-    kubernetes::{self, ClusterSource, LeaseConfig},
+    kubernetes::{self, ClusterSource, LeaseConfig, node_lease::NodeLeases},
     manifest::ManifestSource,
     model::{DesiredState, Frontend, Network, ServiceRef},
     netdev,
@@ -167,6 +171,21 @@ pub struct AgentConfig {
     /// to pod addresses Kubernetes may have given to other pods. 0: never.
     #[arg(long, env = "XLB_STALE_AFTER", default_value_t = 600)]
     pub stale_after: u32,
+    /// Announce Service addresses on L2: answer ARP requests and IPv6
+    /// neighbour solicitations for them in XDP, with gratuitous ARP /
+    /// unsolicited NA on taking one over. With manifests this node
+    /// announces every address it programs (there is no one to agree
+    /// with: give it to one node of a segment only); with the Kubernetes
+    /// API one elected node announces each address.
+    #[arg(long, env = "XLB_L2_ANNOUNCE")]
+    pub l2_announce: bool,
+    /// Seconds a node's L2 Lease (`xlb-node-<node>`, renewed every quarter
+    /// of it) lasts: when a node or its agent dies, its addresses move to
+    /// another node after this. Shorter is faster failover and more API
+    /// writes (nodes × 4 per duration).
+    #[arg(long, env = "XLB_L2_LEASE_DURATION", default_value = "2",
+          value_parser = flags::seconds_at_least_one)]
+    pub l2_lease_duration: Duration,
 }
 
 impl AgentConfig {
@@ -286,6 +305,20 @@ struct Datapath {
     failed: Vec<(ServiceRef, String)>,
     /// Some write (a frontend's or a removal's) failed since the last look.
     incomplete: bool,
+    /// The L2 responder's state (`--l2-announce`).
+    l2: Option<Responder>,
+    /// The addresses of the last sync, for the L2 election.
+    l2_claims: Vec<L2Claim>,
+}
+
+/// An address this node programs, as the L2 election sees it.
+#[derive(Clone, Debug)]
+struct L2Claim {
+    addr: std::net::IpAddr,
+    service: ServiceRef,
+    local_only: bool,
+    /// A ready, non-terminating endpoint of it runs on this node.
+    serving_here: bool,
 }
 
 /// What the agent last wrote outside the maps' entries: the node config map
@@ -402,10 +435,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .snat_ports_capacity
         .set(i64::from(cfg.snat_ports.max - cfg.snat_ports.min) + 1);
     let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
+    // The node Lease that says this agent is alive to the others' L2
+    // elections (Kubernetes source only).
+    let node_leases = match &checked {
+        CheckedSource::Cluster(client) if cfg.l2_announce => Some(NodeLeases::spawn(
+            client.clone(),
+            &cfg.lease.namespace,
+            &cfg.node.node_name,
+            cfg.l2_lease_duration,
+        )),
+        _ => None,
+    };
     let Some(mut source) = Source::start(&cfg, checked, tx).await? else {
         return Ok(());
     };
     datapath.sync(&cfg, &mut source, Changes::everything())?;
+    datapath.elect_l2(&cfg, &source, node_leases.as_ref());
     let mut retry = after_sync(Ok(()), true, &mut datapath, &mut source, None);
     telemetry().health.set_synced();
     tracing::info!(node = %cfg.node.node_name, interfaces = ?cfg.ifaces, "agent ready");
@@ -425,6 +470,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         cfg.resync_interval,
     );
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut l2_refresh = tokio::time::interval(l2::REFRESH);
+    datapath.refresh_l2();
     loop {
         telemetry().health.beat("agent", LOOP_STALE);
         let changes = tokio::select! {
@@ -441,6 +488,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 datapath.beat();
                 continue;
             }
+            _ = l2_refresh.tick() => {
+                datapath.refresh_l2();
+                // Lease expiries are seen here: no watch event says a
+                // node went silent.
+                datapath.elect_l2(&cfg, &source, node_leases.as_ref());
+                continue;
+            }
             // Repairs what changed in the maps behind the agent's back, and
             // applies everything, which also retries what failed.
             _ = resync.tick() => {
@@ -455,6 +509,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let full = changes.all;
         let result = datapath.sync(&cfg, &mut source, changes);
         retry = after_sync(result, full, &mut datapath, &mut source, retry);
+        datapath.elect_l2(&cfg, &source, node_leases.as_ref());
+    }
+    datapath.silence_l2();
+    if let Some(leases) = node_leases {
+        leases.stop().await;
     }
     telemetry().health.retire("agent");
     tracing::info!("stopping; programs, links and maps stay pinned and keep forwarding");
@@ -471,7 +530,7 @@ impl Datapath {
             xdp_mode: cfg.xdp_mode,
             redirect: !cfg.no_redirect,
         };
-        let (ebpf, maps) =
+        let (ebpf, mut maps) =
             dataplane::start(&cfg.node.bpffs, &cfg.node.node_name, cfg.limits, uplinks)?;
         let mut reconciler = Reconciler::new(cfg.limits.max_services, cfg.limits.max_backends);
         let found = maps.snapshot_for_adoption();
@@ -483,6 +542,11 @@ impl Datapath {
             );
         }
         reconciler.adopt(found);
+        let l2 = if cfg.l2_announce {
+            Some(Responder::start(&cfg.ifaces, &mut maps)?)
+        } else {
+            None
+        };
         let mut guard = EgressGuard::new(cfg.cluster_cidrs.iter().copied().map(Network::from));
         guard
             .adopt(&maps, Instant::now())
@@ -495,7 +559,102 @@ impl Datapath {
             published: Published::default(),
             failed: Vec::new(),
             incomplete: false,
+            l2,
+            l2_claims: Vec::new(),
         })
+    }
+
+    /// Keeps the L2 responder answering (see `announce::l2`).
+    fn refresh_l2(&mut self) {
+        if let Some(l2) = &mut self.l2 {
+            l2.refresh(&mut self.maps);
+        }
+    }
+
+    /// Stops the L2 responder's answers (the agent is leaving).
+    fn silence_l2(&mut self) {
+        if let Some(l2) = &mut self.l2 {
+            l2.silence(&mut self.maps);
+        }
+    }
+
+    /// Notes the addresses of `desired` for the L2 election.
+    fn collect_l2_claims(&mut self, desired: &DesiredState) {
+        if self.l2.is_none() {
+            return;
+        }
+        let mut claims: Vec<L2Claim> = Vec::new();
+        for (frontend, spec) in &desired.frontends {
+            let serving_here = spec.backends.iter().any(|b| b.local && !b.terminating);
+            match claims.iter_mut().find(|c| c.addr == frontend.addr) {
+                Some(c) => c.serving_here |= serving_here,
+                None => claims.push(L2Claim {
+                    addr: frontend.addr,
+                    service: spec.service.clone(),
+                    local_only: spec.local_only,
+                    serving_here,
+                }),
+            }
+        }
+        self.l2_claims = claims;
+    }
+
+    /// Announces the addresses this node should: with manifests every
+    /// address it programs (for `Local`, those it has an endpoint for);
+    /// with the Kubernetes API those it wins the election for among the
+    /// nodes whose Lease is fresh.
+    fn elect_l2(&mut self, cfg: &AgentConfig, source: &Source, leases: Option<&NodeLeases>) {
+        let Some(l2) = &mut self.l2 else {
+            return;
+        };
+        let settings = L2Settings::default();
+        let ifaces: Vec<String> = settings
+            .interfaces_among(&cfg.ifaces)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let mine: Vec<std::net::IpAddr> = match (source, leases) {
+            (Source::Cluster(cluster), Some(leases)) => {
+                // Until this node knows the others (and they it), it keeps
+                // what it announces.
+                let Some(alive) = leases.alive(&cfg.node.node_name) else {
+                    return;
+                };
+                let claims: Vec<_> = self
+                    .l2_claims
+                    .iter()
+                    .map(|c| (c.addr, c.service.clone(), c.local_only))
+                    .collect();
+                let (claims, nodes) = cluster.l2_inputs(&alive, &claims);
+                election::elect(&claims, &nodes)
+                    .into_iter()
+                    .filter(|(_, node)| *node == cfg.node.node_name)
+                    .map(|(addr, _)| addr)
+                    .collect()
+            }
+            _ => self
+                .l2_claims
+                .iter()
+                .filter(|c| !c.local_only || c.serving_here)
+                .map(|c| c.addr)
+                .collect(),
+        };
+        let wanted = mine.into_iter().map(|a| (a, ifaces.clone())).collect();
+        match l2.apply(&mut self.maps, &wanted) {
+            Ok(new) => {
+                if let Source::Cluster(cluster) = source {
+                    for addr in new {
+                        if let Some(claim) = self.l2_claims.iter().find(|c| c.addr == addr) {
+                            cluster.report_announcing(&claim.service, addr);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "programming the L2 responder failed");
+                self.incomplete = true;
+            }
+        }
     }
 
     /// Has `source` translate `changes`, and programs the result.
@@ -654,6 +813,7 @@ impl Datapath {
                 }
             }
         }
+        self.collect_l2_claims(desired);
         Ok(())
     }
 }

@@ -23,6 +23,8 @@ pub enum What {
     Backends,
     Flows,
     Stats,
+    /// The addresses this node announces on L2 (answers ARP/NDP for).
+    L2,
 }
 
 /// `address:port` as `SocketAddr` prints it (IPv6 in brackets).
@@ -121,6 +123,36 @@ pub fn rows(
                     "idle_s": now.saturating_sub(flow.last_seen_ns) / 1_000_000_000,
                 }));
             }
+        }
+        What::L2 => {
+            let now = netdev::monotonic_ns();
+            let live = maps.l2_liveness.get(&lb_common::L2_LIVENESS_KEY, 0)?;
+            let answering = live.refreshed_ns != 0
+                && now.saturating_sub(live.refreshed_ns) <= live.stale_after_ns;
+            for (key, answer) in maps.l2_entries()? {
+                let stats = maps.l2_stats(key.ifindex)?;
+                let interface = nix::net::if_::if_indextoname(key.ifindex)
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| key.ifindex.to_string());
+                let mac = answer
+                    .mac
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":");
+                out.push(json!({
+                    "address": crate::announce::l2::key_addr(&key).to_string(),
+                    "interface": interface,
+                    "mac": mac,
+                    "answering": answering,
+                    "refreshed_ms_ago": (live.refreshed_ns != 0)
+                        .then(|| now.saturating_sub(live.refreshed_ns) / 1_000_000),
+                    "interface_requests": stats.requests,
+                    "interface_replies": stats.replies,
+                    "interface_stale": stats.stale,
+                }));
+            }
+            out.sort_by(|a, b| a["address"].as_str().cmp(&b["address"].as_str()));
         }
         What::Stats => {
             let mut ids: Vec<u32> = Vec::new();

@@ -16,6 +16,18 @@ pub fn ifindex(name: &str) -> Result<u32> {
     if_nametoindex(name).with_context(|| format!("interface {name} not found"))
 }
 
+/// The link-layer (Ethernet) address of an interface, from its
+/// `AF_PACKET` entry in getifaddrs: netlink's view of this network
+/// namespace (a `/sys/class/net` mounted for another namespace would not
+/// have it). `None` for a device without a 6-byte address.
+pub fn mac(name: &str) -> Result<Option<[u8; 6]>> {
+    let addrs = getifaddrs().context("getifaddrs")?;
+    Ok(addrs.filter(|a| a.interface_name == name).find_map(|a| {
+        a.address
+            .and_then(|s| s.as_link_addr().and_then(|l| l.addr()))
+    }))
+}
+
 /// First IPv4 address of an interface (getifaddrs order).
 pub fn first_ipv4(name: &str) -> Result<Option<Ipv4Addr>> {
     let found = getifaddrs()

@@ -8,6 +8,7 @@
 //! - [`packet`]: crafted frames and `BPF_PROG_TEST_RUN`;
 //! - [`fuzz`]: random frames through the datapath against a reference model;
 //! - [`scrape`]: the agent's metrics and health endpoint;
+//! - [`segment`]: one L2 segment (bridge) of two nodes and two clients;
 //! - [`objects`]: typed Kubernetes objects for manifests and the fake API;
 //! - [`fake_api`]: a fake Kubernetes API server.
 
@@ -18,6 +19,7 @@ pub mod netns;
 pub mod objects;
 pub mod packet;
 pub mod scrape;
+pub mod segment;
 pub mod topology;
 pub mod traffic;
 

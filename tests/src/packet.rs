@@ -167,12 +167,31 @@ pub fn icmp_frame(
 /// Runs a tc program once on `frame` through aya's `TestRun`: (return
 /// value, frame as it left).
 pub fn test_run_tc(program: &SchedClassifier, frame: &[u8]) -> Result<(i32, Vec<u8>)> {
+    test_run_tc_from(program, frame, None)
+}
+
+/// [`test_run_tc`] with the skb's `ingress_ifindex` set (the kernel then
+/// runs it on that device; 1 is loopback).
+pub fn test_run_tc_from(
+    program: &SchedClassifier,
+    frame: &[u8],
+    ingress_ifindex: Option<u32>,
+) -> Result<(i32, Vec<u8>)> {
+    // `struct __sk_buff` (kernel uapi) up to `ifindex`: len, pkt_type,
+    // mark, queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto,
+    // priority, ingress_ifindex, ifindex; the kernel takes a prefix.
+    let context: Option<Vec<u8>> = ingress_ifindex.map(|ifindex| {
+        [0u32, 0, 0, 0, 0, 0, 0, 0, 0, ifindex, ifindex]
+            .iter()
+            .flat_map(|field| field.to_ne_bytes())
+            .collect()
+    });
     let mut out = vec![0u8; frame.len() + HEADROOM_OUT];
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(out.as_mut_slice()),
-            ctx_in: None,
+            ctx_in: context.as_deref(),
             ctx_out: None,
             repeat: 1,
             attrs: TestRunAttrs::new(),
@@ -442,6 +461,72 @@ pub fn icmp6_frame(
     f.extend_from_slice(&[0x60, 0, 0, 0]);
     f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
     f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// An Ethernet ARP request (RFC 826) from `sender` (MAC, IPv4) asking for
+/// `target`, broadcast and padded to the 60-byte Ethernet minimum.
+pub fn arp_request(sender_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&sender.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f.resize(60, 0);
+    f
+}
+
+/// The solicited-node multicast group of `target` (RFC 4291 2.7.1).
+pub fn solicited_node(target: Ipv6Addr) -> Ipv6Addr {
+    let t = target.octets();
+    Ipv6Addr::from([
+        0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15],
+    ])
+}
+
+/// An Ethernet IPv6 neighbour solicitation (RFC 4861 4.3) for `target`
+/// from `src` (`sender_mac`), hop limit 255, with a correct checksum: to
+/// the solicited-node group with the source link-layer option when
+/// `multicast`, else unicast to `target` without options.
+pub fn neighbour_solicitation(
+    sender_mac: [u8; 6],
+    src: Ipv6Addr,
+    target: Ipv6Addr,
+    multicast: bool,
+) -> Vec<u8> {
+    let dst = if multicast {
+        solicited_node(target)
+    } else {
+        target
+    };
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&target.octets());
+    if multicast {
+        icmp.extend_from_slice(&[1, 1]);
+        icmp.extend_from_slice(&sender_mac);
+    }
+    let check = pseudo_checksum6(&src, &dst, 58, &icmp);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let dst_mac = if multicast {
+        let d = dst.octets();
+        [0x33, 0x33, d[12], d[13], d[14], d[15]]
+    } else {
+        [0x02, 0, 0, 0, 0, 0xaa]
+    };
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
     f.extend_from_slice(&src.octets());
     f.extend_from_slice(&dst.octets());
     f.extend_from_slice(&icmp);

@@ -125,6 +125,13 @@ pub const TABLE: &[Requirement] = &[
         packages: &["iputils-ping"],
         needed_by: TESTS_AND_BENCH,
     },
+    // The L2 announcement tests' second client (tests/tests/l2.rs).
+    Requirement {
+        name: "arping",
+        probe: Probe::Program("arping"),
+        packages: &["iputils-arping"],
+        needed_by: &[Test],
+    },
     // The e2e tests' one-shot servers and clients, and the manifest
     // validator (a venv under target/tools).
     Requirement {
@@ -486,6 +493,7 @@ mod tests {
             "ethtool",
             "sysctl",
             "ping",
+            "arping",
             "python3",
             "iptables-restore",
             "ip6tables-restore",

@@ -19,7 +19,8 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
     Affinity, AffinityKey, Backend, ClusterNetwork, Config, Flow, FlowKey, FrontendKey,
-    GlobalStats, LocalBackendKey, Service, ServiceStats, SourceRange,
+    GlobalStats, L2Answer, L2Key, L2Liveness, L2Stats, LocalBackendKey, Service, ServiceStats,
+    SourceRange,
 };
 
 use super::maps::names;
@@ -228,6 +229,31 @@ fn config() -> Layout {
     })
 }
 
+fn l2_key() -> Layout {
+    layout!(L2Key {
+        ifindex,
+        family,
+        _pad,
+        addr
+    })
+}
+fn l2_answer() -> Layout {
+    layout!(L2Answer { mac, _pad })
+}
+fn l2_liveness() -> Layout {
+    layout!(L2Liveness {
+        refreshed_ns,
+        stale_after_ns
+    })
+}
+fn l2_stats() -> Layout {
+    layout!(L2Stats {
+        requests,
+        replies,
+        stale
+    })
+}
+
 /// Key and value layouts of every stamped map. `XLB_TX_PORTS` is not
 /// stamped: its value is the kernel's `bpf_devmap_val`, not ours.
 fn map_layouts() -> Vec<(&'static str, Layout, Layout)> {
@@ -261,6 +287,17 @@ fn map_layouts() -> Vec<(&'static str, Layout, Layout)> {
         (names::STATS, Layout::scalar::<u32>("u32"), service_stats()),
         (names::GLOBAL, Layout::scalar::<u32>("u32"), global_stats()),
         (names::CONFIG, Layout::scalar::<u32>("u32"), config()),
+        (names::L2_ADDRESSES, l2_key(), l2_answer()),
+        (
+            names::L2_LIVENESS,
+            Layout::scalar::<u32>("u32"),
+            l2_liveness(),
+        ),
+        (
+            names::L2_STATS,
+            Layout::scalar::<u32>("ifindex"),
+            l2_stats(),
+        ),
     ]
 }
 

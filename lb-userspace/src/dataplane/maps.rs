@@ -6,11 +6,12 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, xdp::DevMapHash},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, xdp::DevMapHash},
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, ClusterNetwork, Config, Flow, FlowKey, FrontendKey,
-    GlobalStats, LocalBackendKey, Service, ServiceStats, SourceRange,
+    GlobalStats, L2Answer, L2Key, L2Liveness, L2Stats, LocalBackendKey, Service, ServiceStats,
+    SourceRange,
 };
 
 pub struct Maps {
@@ -33,6 +34,12 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, ServiceStats>,
     pub global: PerCpuArray<MapData, GlobalStats>,
     pub config: Array<MapData, Config>,
+    /// Addresses this node answers ARP/NDP for, per interface.
+    pub l2_addresses: HashMap<MapData, L2Key, L2Answer>,
+    /// The agent's liveness, which gates those answers.
+    pub l2_liveness: Array<MapData, L2Liveness>,
+    /// The responder's counters per ifindex.
+    pub l2_stats: PerCpuHashMap<MapData, u32, L2Stats>,
     pub tx_ports: DevMapHash<MapData>,
 }
 
@@ -51,6 +58,9 @@ pub mod names {
     pub const GLOBAL: &str = "XLB_GLOBAL";
     pub const CONFIG: &str = "XLB_CONFIG";
     pub const TX_PORTS: &str = "XLB_TX_PORTS";
+    pub const L2_ADDRESSES: &str = "XLB_L2_ADDRS";
+    pub const L2_LIVENESS: &str = "XLB_L2_LIVE";
+    pub const L2_STATS: &str = "XLB_L2_STATS";
 }
 
 impl Maps {
@@ -74,11 +84,12 @@ impl Maps {
                 )
             })?;
             Ok(match name {
-                names::MAGLEV | names::CONFIG => Map::Array(data),
+                names::MAGLEV | names::CONFIG | names::L2_LIVENESS => Map::Array(data),
                 names::FLOWS | names::AFFINITY => Map::LruHashMap(data),
                 names::SOURCE_RANGES | names::CLUSTER_NETWORKS => Map::LpmTrie(data),
                 names::STATS | names::GLOBAL => Map::PerCpuArray(data),
                 names::TX_PORTS => Map::DevMapHash(data),
+                names::L2_STATS => Map::PerCpuHashMap(data),
                 _ => Map::HashMap(data),
             })
         };
@@ -115,6 +126,9 @@ impl Maps {
             global: typed!(names::GLOBAL),
             config: typed!(names::CONFIG),
             tx_ports: typed!(names::TX_PORTS),
+            l2_addresses: typed!(names::L2_ADDRESSES),
+            l2_liveness: typed!(names::L2_LIVENESS),
+            l2_stats: typed!(names::L2_STATS),
         })
     }
 
@@ -446,5 +460,60 @@ impl Maps {
         self.config
             .set(lb_common::CONFIG_KEY, config, 0)
             .with_context(|| format!("writing {}", names::CONFIG))
+    }
+
+    /// Answers ARP/NDP for `key`'s address on its interface with `answer`.
+    pub fn put_l2(&mut self, key: &L2Key, answer: &L2Answer) -> Result<()> {
+        self.l2_addresses
+            .insert(key, answer, 0)
+            .with_context(|| format!("writing {}", names::L2_ADDRESSES))
+    }
+
+    /// Stops answering for `key` (absent already is fine).
+    pub fn remove_l2(&mut self, key: &L2Key) -> Result<()> {
+        ignore_missing(self.l2_addresses.remove(key))
+            .with_context(|| format!("deleting from {}", names::L2_ADDRESSES))
+    }
+
+    /// Every address answered for, as pinned (a restarted agent's start).
+    pub fn l2_entries(&self) -> Result<Vec<(L2Key, L2Answer)>> {
+        self.l2_addresses
+            .iter()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("listing {}", names::L2_ADDRESSES))
+    }
+
+    /// Says the agent is alive for the next `stale_after_ns`; 0 for
+    /// `now_ns` stops every answer at once.
+    pub fn write_l2_liveness(&mut self, now_ns: u64, stale_after_ns: u64) -> Result<()> {
+        let live = L2Liveness {
+            refreshed_ns: now_ns,
+            stale_after_ns,
+        };
+        self.l2_liveness
+            .set(lb_common::L2_LIVENESS_KEY, live, 0)
+            .with_context(|| format!("writing {}", names::L2_LIVENESS))
+    }
+
+    /// Creates `ifindex`'s responder counters unless they exist.
+    pub fn ensure_l2_stats(&mut self, ifindex: u32) -> Result<()> {
+        if self.l2_stats.get(&ifindex, 0).is_ok() {
+            return Ok(());
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![L2Stats::default(); cpus])?;
+        self.l2_stats
+            .insert(ifindex, zeros, 0)
+            .with_context(|| format!("writing {}", names::L2_STATS))
+    }
+
+    /// `ifindex`'s responder counters, summed over the CPUs (zero when
+    /// the agent never created them).
+    pub fn l2_stats(&self, ifindex: u32) -> Result<L2Stats> {
+        match self.l2_stats.get(&ifindex, 0) {
+            Ok(per_cpu) => Ok(L2Stats::accumulate(per_cpu.iter())),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(L2Stats::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", names::L2_STATS)),
+        }
     }
 }

@@ -222,6 +222,10 @@ fn what_is_lost(name: &str) -> &'static str {
         }
         names::STATS | names::GLOBAL => "its counters restart from zero",
         names::CONFIG | names::TX_PORTS | names::CLUSTER_NETWORKS => "the agent writes it again",
+        names::L2_ADDRESSES | names::L2_LIVENESS => {
+            "the agent writes it again; until then this node answers no ARP/NDP for its Service addresses"
+        }
+        names::L2_STATS => "the ARP/NDP responder's counters restart from zero",
         names::LOCAL_BACKENDS => {
             "the agent writes it again; backends that left their Services before this start are no longer kept from leaking replies"
         }

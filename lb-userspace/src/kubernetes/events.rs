@@ -66,4 +66,31 @@ impl EventSink {
             }
         });
     }
+
+    /// Posts a Normal Event `L2Announcing` on the Service: this node now
+    /// answers ARP/NDP for `address` (the announcer, for `kubectl
+    /// describe`). Every take-over is posted; a Service with many
+    /// addresses moving often posts as many Events.
+    pub fn announcing(
+        &self,
+        service: k8s_openapi::api::core::v1::ObjectReference,
+        address: std::net::IpAddr,
+        node: &str,
+    ) {
+        let event = events::Event {
+            type_: events::EventType::Normal,
+            reason: "L2Announcing".into(),
+            note: Some(format!(
+                "node {node} announces {address} (answers ARP/NDP for it)"
+            )),
+            action: "Announce".into(),
+            secondary: None,
+        };
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(error) = recorder.publish(&event, &service).await {
+                tracing::debug!(%address, error = %error, "posting the L2Announcing Event failed");
+            }
+        });
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod events;
 pub mod lease;
+pub mod node_lease;
 pub mod source;
 pub mod status;
 pub mod watch;

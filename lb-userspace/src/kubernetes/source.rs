@@ -137,6 +137,76 @@ impl ClusterSource {
         }))
     }
 
+    /// The election's inputs (`announce::election`) for `claims` (address,
+    /// Service, `externalTrafficPolicy: Local`): every Node with its labels
+    /// and readiness, alive when in `alive` (fresh node Lease), and for
+    /// `Local` Services the nodes with a ready endpoint.
+    pub fn l2_inputs(
+        &self,
+        alive: &BTreeSet<String>,
+        claims: &[(IpAddr, ServiceRef, bool)],
+    ) -> (
+        Vec<crate::announce::election::AddressClaim>,
+        std::collections::BTreeMap<String, crate::announce::election::NodeState>,
+    ) {
+        use crate::announce::election::{AddressClaim, L2Settings, NodeState};
+        let nodes = self
+            .stores
+            .nodes()
+            .into_iter()
+            .filter_map(|node| {
+                let name = node.metadata.name.clone()?;
+                let ready = node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                let state = NodeState {
+                    labels: node.metadata.labels.clone().unwrap_or_default(),
+                    ready,
+                    alive: alive.contains(&name),
+                };
+                Some((name, state))
+            })
+            .collect();
+        let slices = self.stores.endpoint_slices();
+        let out = claims
+            .iter()
+            .map(|(addr, service, local_only)| {
+                let local_nodes = local_only.then(|| {
+                    let key = ServiceKey::new(&service.namespace, &service.name);
+                    slices
+                        .iter()
+                        .filter(|slice| {
+                            crate::translate::objects::slice_service(slice).as_ref() == Some(&key)
+                        })
+                        .flat_map(|slice| slice.endpoints.iter().flatten())
+                        .filter(|e| crate::translate::objects::endpoint_ready(e))
+                        .filter_map(|e| e.node_name.clone())
+                        .collect()
+                });
+                AddressClaim {
+                    addr: *addr,
+                    // Status-mode addresses: the defaults. Pool addresses
+                    // take their pool's `spec.l2` here.
+                    settings: L2Settings::default(),
+                    local_nodes,
+                }
+            })
+            .collect();
+        (out, nodes)
+    }
+
+    /// Tells `service`'s watchers (an Event on it) that this node now
+    /// announces `address` on L2.
+    pub fn report_announcing(&self, service: &ServiceRef, address: IpAddr) {
+        let key = ServiceKey::new(&service.namespace, &service.name);
+        if let Some(object) = self.stores.service(&key) {
+            self.events
+                .announcing(reference_to(&*object), address, &self.scope.node_name);
+        }
+    }
+
     /// Resolves when this agent wins or loses the Lease.
     pub async fn leadership_changed(&mut self) {
         if self.leading.changed().await.is_err() {

@@ -51,6 +51,11 @@ pub struct ServiceLabels {
 /// The label set of a per-resource counter (`resource="services"`).
 pub type ResourceLabel = [(&'static str, &'static str); 1];
 
+/// The label set of a per-interface counter (`interface="eth0"`).
+pub type InterfaceLabel = [(&'static str, String); 1];
+/// The label set of a per-address gauge (`address="10.0.0.1"`).
+pub type AddressLabel = [(&'static str, String); 1];
+
 /// The agent's own metrics and health.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -72,6 +77,14 @@ pub struct Telemetry {
     /// Who each programmed service id is, for the datapath's counters.
     pub services: RwLock<BTreeMap<u32, ServiceLabels>>,
     pub health: health::Health,
+    /// The ARP/NDP responder's counters, carried over from `XLB_L2_STATS`
+    /// by the agent's liveness refresh (`announce::l2`).
+    pub l2_requests: Family<InterfaceLabel, Counter>,
+    pub l2_replies: Family<InterfaceLabel, Counter>,
+    pub l2_stale: Family<InterfaceLabel, Counter>,
+    pub l2_gratuitous: Family<InterfaceLabel, Counter>,
+    /// 1 for each address this node announces on L2.
+    pub l2_announced: Family<AddressLabel, Gauge>,
 }
 
 impl Default for Telemetry {
@@ -90,6 +103,11 @@ impl Default for Telemetry {
             snat_ports_capacity: Gauge::default(),
             services: RwLock::default(),
             health: health::Health::default(),
+            l2_requests: Family::default(),
+            l2_replies: Family::default(),
+            l2_stale: Family::default(),
+            l2_gratuitous: Family::default(),
+            l2_announced: Family::default(),
         }
     }
 }
@@ -157,8 +175,66 @@ impl Telemetry {
             "SNAT ports per backend address and port (--snat-ports)",
             self.snat_ports_capacity.clone(),
         );
+        r.register(
+            "xlb_l2_requests",
+            "ARP requests and neighbour solicitations for an address this node announces, per interface",
+            self.l2_requests.clone(),
+        );
+        r.register(
+            "xlb_l2_replies",
+            "ARP replies and neighbour advertisements the datapath sent, per interface",
+            self.l2_replies.clone(),
+        );
+        r.register(
+            "xlb_l2_stale",
+            "Requests not answered because the agent's liveness had expired, per interface",
+            self.l2_stale.clone(),
+        );
+        r.register(
+            "xlb_l2_gratuitous",
+            "Gratuitous ARP and unsolicited neighbour advertisements sent on taking addresses over, per interface",
+            self.l2_gratuitous.clone(),
+        );
+        r.register(
+            "xlb_l2_announcing",
+            "1 for each Service address this node announces on L2 (answers ARP/NDP for)",
+            self.l2_announced.clone(),
+        );
         r.register_collector(Box::new(datapath));
         r
+    }
+
+    /// Advances the responder's counters of `interface` from `before` to
+    /// `now` (a reset map, `now` below `before`, counts from zero).
+    pub fn count_l2(&self, interface: &str, before: &lb_common::L2Stats, now: &lb_common::L2Stats) {
+        let label = [("interface", interface.to_string())];
+        let delta = |b: u64, n: u64| if n >= b { n - b } else { n };
+        self.l2_requests
+            .get_or_create(&label)
+            .inc_by(delta(before.requests, now.requests));
+        self.l2_replies
+            .get_or_create(&label)
+            .inc_by(delta(before.replies, now.replies));
+        self.l2_stale
+            .get_or_create(&label)
+            .inc_by(delta(before.stale, now.stale));
+    }
+
+    /// One gratuitous ARP / unsolicited NA sent on `interface`.
+    pub fn count_gratuitous(&self, interface: &str) {
+        self.l2_gratuitous
+            .get_or_create(&[("interface", interface.to_string())])
+            .inc();
+    }
+
+    /// The addresses this node announces now.
+    pub fn publish_l2_announced(&self, addresses: std::collections::BTreeSet<std::net::IpAddr>) {
+        self.l2_announced.clear();
+        for addr in addresses {
+            self.l2_announced
+                .get_or_create(&[("address", addr.to_string())])
+                .set(1);
+        }
     }
 
     /// Publishes who each programmed service id is.
