@@ -60,7 +60,7 @@ type NodeContext = (
 
 fn node_context(nodes: &[Node], scope: &Scope) -> NodeContext {
     let serves = match scope.address_mode {
-        AddressMode::Status => Vec::new(),
+        AddressMode::Status | AddressMode::Pool => Vec::new(),
         AddressMode::Node => node_mode::own_addresses(nodes, &scope.node_name),
     };
     (
