@@ -24,7 +24,7 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Service};
 
 use super::{
     IPS_ANNOTATION, POOL_ANNOTATION, Pool, Pools, SHARING_ANNOTATION,
@@ -43,6 +43,19 @@ use crate::{
 /// Labels of each Namespace, by name (for scopes with a namespace
 /// selector).
 pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// The labels of `namespaces`, by name.
+pub fn namespace_labels<'a>(namespaces: impl IntoIterator<Item = &'a Namespace>) -> NamespaceLabels {
+    namespaces
+        .into_iter()
+        .filter_map(|namespace| {
+            Some((
+                namespace.metadata.name.clone()?,
+                namespace.metadata.labels.clone().unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
 
 /// What the allocator decided.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -275,13 +288,25 @@ fn number_of(address: IpAddr) -> u128 {
 /// xlb handles: the caller filters by class); `namespaces` for scopes that
 /// select namespaces by label.
 pub fn allocate(pools: &Pools, services: &[&Service], namespaces: &NamespaceLabels) -> Allocation {
+    allocate_remembering(pools, services, namespaces, &BTreeMap::new())
+}
+
+/// [`allocate`] where there is no status to keep allocations in (the
+/// manifest source): a Service whose status names no address keeps what
+/// `remembered` (the previous answer) gave it.
+pub fn allocate_remembering(
+    pools: &Pools,
+    services: &[&Service],
+    namespaces: &NamespaceLabels,
+    remembered: &BTreeMap<ServiceKey, Vec<IpAddr>>,
+) -> Allocation {
     let mut allocation = Allocation {
         problems: pools.problems.clone(),
         ..Allocation::default()
     };
     let mut requests = Vec::new();
     for service in services {
-        match request_of(service) {
+        match request_of(service, remembered) {
             Ok(Some(request)) => requests.push(request),
             Ok(None) => {}
             Err(message) => allocation.problems.push(Problem::new(
@@ -422,7 +447,10 @@ pub fn allocate(pools: &Pools, services: &[&Service], namespaces: &NamespaceLabe
 
 /// What `service` asks for; `None` when it asks for no address (not of
 /// type LoadBalancer); `Err` when its request cannot be read.
-fn request_of(service: &Service) -> Result<Option<Request>, String> {
+fn request_of(
+    service: &Service,
+    remembered: &BTreeMap<ServiceKey, Vec<IpAddr>>,
+) -> Result<Option<Request>, String> {
     let Some(spec) = service.spec.as_ref() else {
         return Ok(None);
     };
@@ -460,7 +488,8 @@ fn request_of(service: &Service) -> Result<Option<Request>, String> {
         }
         requested.push(address);
     }
-    let previous = service
+    let key = ServiceKey::of(service);
+    let mut previous: Vec<IpAddr> = service
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
@@ -469,13 +498,17 @@ fn request_of(service: &Service) -> Result<Option<Request>, String> {
         .flatten()
         .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok())
         .collect();
+    if previous.is_empty()
+        && let Some(addresses) = remembered.get(&key)
+    {
+        previous = addresses.clone();
+    }
     let ports = spec
         .ports
         .iter()
         .flatten()
         .filter_map(|p| Some((port_protocol(p)?, port_number(p.port)?)))
         .collect();
-    let key = ServiceKey::of(service);
     Ok(Some(Request {
         order: Order::of(service),
         object: reference_to(service),

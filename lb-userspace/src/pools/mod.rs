@@ -21,7 +21,9 @@ use kube::{
     core::{Selector, SelectorExt},
 };
 
-pub use allocate::{Allocation, NamespaceLabels, allocate};
+pub use allocate::{
+    Allocation, NamespaceLabels, allocate, allocate_remembering, namespace_labels,
+};
 pub use resource::{AddressPool, AddressPoolSpec, AddressPoolStatus, L2Announcement, PoolScope};
 
 use self::ranges::AddressRange;

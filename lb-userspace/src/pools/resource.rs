@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
     plural = "addresspools",
     shortname = "xpool",
     status = "AddressPoolStatus",
+    derive = "PartialEq",
     printcolumn = r#"{"name":"Auto","type":"boolean","jsonPath":".spec.autoAssign"}"#,
     printcolumn = r#"{"name":"Priority","type":"integer","jsonPath":".spec.priority"}"#,
     printcolumn = r#"{"name":"IPv4 used","type":"integer","jsonPath":".status.assignedIPv4"}"#,
