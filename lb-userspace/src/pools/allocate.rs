@@ -529,3 +529,24 @@ fn request_of(
         key,
     }))
 }
+
+/// What `status.loadBalancer.ingress` of each LoadBalancer Service in
+/// `services` should be after `allocation`: its addresses, or none (a
+/// Service that could not get one loses what its status named, so no node
+/// keeps announcing it).
+pub fn desired_ingress(
+    allocation: &Allocation,
+    services: &[&Service],
+) -> BTreeMap<ServiceKey, Vec<IpAddr>> {
+    services
+        .iter()
+        .filter(|service| {
+            service.spec.as_ref().and_then(|spec| spec.type_.as_deref()) == Some("LoadBalancer")
+        })
+        .map(|service| {
+            let key = ServiceKey::of(service);
+            let addresses = allocation.assigned.get(&key).cloned().unwrap_or_default();
+            (key, addresses)
+        })
+        .collect()
+}

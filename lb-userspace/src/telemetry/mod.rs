@@ -36,7 +36,11 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::reconcile::Reconciler;
+use crate::{
+    pools::{Allocation, Pools},
+    reconcile::Reconciler,
+    translate::families::Family as IpFamily,
+};
 
 /// The labels of one service id's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -50,6 +54,9 @@ pub struct ServiceLabels {
 
 /// The label set of a per-resource counter (`resource="services"`).
 pub type ResourceLabel = [(&'static str, &'static str); 1];
+
+/// The labels of a pool gauge: `pool`, `family` (`IPv4`, `IPv6`).
+pub type PoolLabels = [(&'static str, String); 2];
 
 /// The agent's own metrics and health.
 #[derive(Debug)]
@@ -69,6 +76,10 @@ pub struct Telemetry {
     pub snat_ports_in_use: Gauge,
     /// Size of `--snat-ports`.
     pub snat_ports_capacity: Gauge,
+    /// Pool mode: usable addresses of each pool and family, and those
+    /// assigned.
+    pub pool_addresses: Family<PoolLabels, Gauge>,
+    pub pool_addresses_in_use: Family<PoolLabels, Gauge>,
     /// Who each programmed service id is, for the datapath's counters.
     pub services: RwLock<BTreeMap<u32, ServiceLabels>>,
     pub health: health::Health,
@@ -88,6 +99,8 @@ impl Default for Telemetry {
             flow_entries: Gauge::default(),
             snat_ports_in_use: Gauge::default(),
             snat_ports_capacity: Gauge::default(),
+            pool_addresses: Family::default(),
+            pool_addresses_in_use: Family::default(),
             services: RwLock::default(),
             health: health::Health::default(),
         }
@@ -157,8 +170,38 @@ impl Telemetry {
             "SNAT ports per backend address and port (--snat-ports)",
             self.snat_ports_capacity.clone(),
         );
+        r.register(
+            "xlb_pool_addresses",
+            "Addresses an AddressPool can hand out, per family (0 for a pool not in use; saturated at 2^63-1)",
+            self.pool_addresses.clone(),
+        );
+        r.register(
+            "xlb_pool_addresses_in_use",
+            "Addresses of an AddressPool assigned to Services, per family",
+            self.pool_addresses_in_use.clone(),
+        );
         r.register_collector(Box::new(datapath));
         r
+    }
+
+    /// Publishes each pool's size and use after an allocation; pools that
+    /// went lose their series.
+    pub fn publish_pools(&self, pools: &Pools, allocation: &Allocation) {
+        self.pool_addresses.clear();
+        self.pool_addresses_in_use.clear();
+        for (name, _) in &pools.readiness {
+            let in_use = allocation.in_use.get(name);
+            for family in [IpFamily::V4, IpFamily::V6] {
+                let labels: PoolLabels = [("pool", name.clone()), ("family", family.to_string())];
+                let gauge = |n: u128| i64::try_from(n).unwrap_or(i64::MAX);
+                self.pool_addresses
+                    .get_or_create(&labels)
+                    .set(gauge(pools.addresses(name, family)));
+                self.pool_addresses_in_use.get_or_create(&labels).set(gauge(
+                    in_use.and_then(|f| f.get(&family)).copied().unwrap_or(0),
+                ));
+            }
+        }
     }
 
     /// Publishes who each programmed service id is.
