@@ -1147,14 +1147,9 @@ fn pool_mode_assigns_from_pools_and_a_new_leader_keeps_every_allocation() -> Res
     wait_until("s1 and s2 get addresses", Duration::from_secs(10), || {
         ingress(&api, "s1") == ["10.200.0.10"] && ingress(&api, "s2") == ["10.200.0.11"]
     })?;
-    wait_until(
-        "the follower programs both",
-        Duration::from_secs(5),
-        || {
-            frontends(&t)
-                == BTreeSet::from(["10.200.0.10:80/TCP".into(), "10.200.0.11:80/TCP".into()])
-        },
-    )?;
+    wait_until("the follower programs both", Duration::from_secs(5), || {
+        frontends(&t) == BTreeSet::from(["10.200.0.10:80/TCP".into(), "10.200.0.11:80/TCP".into()])
+    })?;
     assert_eq!(
         tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?.backend,
         "pod-a"
@@ -1180,7 +1175,9 @@ fn pool_mode_assigns_from_pools_and_a_new_leader_keeps_every_allocation() -> Res
     let failed = &events_on(&api, "s3", "AllocationFailed")[0];
     assert_eq!(failed["type"], "Warning");
     assert!(
-        failed["note"].as_str().is_some_and(|n| n.contains("no free IPv4 address")),
+        failed["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("no free IPv4 address")),
         "{failed}"
     );
     assert!(ingress(&api, "s3").is_empty());
@@ -1192,19 +1189,26 @@ fn pool_mode_assigns_from_pools_and_a_new_leader_keeps_every_allocation() -> Res
     assert_eq!(pool_status(&api, "lab")["conditions"][0]["status"], "True");
     // An overlapping pool is reported and not used at all.
     api.apply(address_pool("late", &["10.200.0.11-10.200.0.12"]));
-    wait_until("the overlap in late's status", Duration::from_secs(10), || {
-        pool_status(&api, "late")["conditions"][0]["reason"] == "Overlap"
-    })?;
+    wait_until(
+        "the overlap in late's status",
+        Duration::from_secs(10),
+        || pool_status(&api, "late")["conditions"][0]["reason"] == "Overlap",
+    )?;
     std::thread::sleep(Duration::from_millis(500));
-    assert!(ingress(&api, "s3").is_empty(), "an overlapping pool was used");
+    assert!(
+        ingress(&api, "s3").is_empty(),
+        "an overlapping pool was used"
+    );
     api.delete("xlb.dev/v1alpha1", "AddressPool", None, "late");
 
     // The leader dies: the node's agent takes over, and keeps everything.
     let writes_before = status_writes_from(&api, NODE_LINK_ADDR);
     leader.kill()?;
-    wait_until("the node's agent takes over", Duration::from_secs(15), || {
-        lease_holder(&api) == t.node_name
-    })?;
+    wait_until(
+        "the node's agent takes over",
+        Duration::from_secs(15),
+        || lease_holder(&api) == t.node_name,
+    )?;
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(ingress(&api, "s1"), ["10.200.0.10"]);
     assert_eq!(ingress(&api, "s2"), ["10.200.0.11"]);
@@ -1234,9 +1238,14 @@ fn pool_mode_assigns_from_pools_and_a_new_leader_keeps_every_allocation() -> Res
                 .is_some_and(|n| n.contains("10.200.0.10 given up"))
         })
     })?;
-    wait_until("s1 answers at its new address", Duration::from_secs(5), || {
-        tcp_request(&t.client, SocketAddrV4::new(FOREIGN, 80)).is_ok_and(|r| r.backend == "pod-a")
-    })?;
+    wait_until(
+        "s1 answers at its new address",
+        Duration::from_secs(5),
+        || {
+            tcp_request(&t.client, SocketAddrV4::new(FOREIGN, 80))
+                .is_ok_and(|r| r.backend == "pod-a")
+        },
+    )?;
     assert!(
         tcp_request(&t.client, SocketAddrV4::new(WEB, 80)).is_err(),
         "the old address still answers"

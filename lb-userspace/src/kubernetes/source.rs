@@ -228,8 +228,11 @@ impl ClusterSource {
                 if pool_mode {
                     // One Service's change can free or take an address
                     // another one waits for.
-                    let services: Vec<&Service> =
-                        services.iter().map(|s| &**s).filter(|s| handled(s)).collect();
+                    let services: Vec<&Service> = services
+                        .iter()
+                        .map(|s| &**s)
+                        .filter(|s| handled(s))
+                        .collect();
                     self.allocation =
                         pools::allocate(&self.pools, &services, &self.stores.namespace_labels());
                     allocated = true;

@@ -200,9 +200,9 @@ pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: 
         // may move it into or out of a pool's scope.
         fn pool_change<K>(event: &watcher::Event<K>) -> Vec<Change> {
             match event {
-                watcher::Event::Apply(_)
-                | watcher::Event::Delete(_)
-                | watcher::Event::InitDone => vec![Change::Pools],
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone => {
+                    vec![Change::Pools]
+                }
                 watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
             }
         }

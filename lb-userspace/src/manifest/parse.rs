@@ -338,9 +338,7 @@ fn add_object(
         ("v1", "Service") => typed(mapping).map(|service| objects.services.push(service)),
         ("v1", "Node") => typed(mapping).map(|node| objects.nodes.push(node)),
         ("v1", "Namespace") => typed(mapping).map(|namespace| objects.namespaces.push(namespace)),
-        ("xlb.dev/v1alpha1", "AddressPool") => {
-            typed(mapping).map(|pool| objects.pools.push(pool))
-        }
+        ("xlb.dev/v1alpha1", "AddressPool") => typed(mapping).map(|pool| objects.pools.push(pool)),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             typed(mapping).map(|slice| objects.endpoint_slices.push(slice))
         }

@@ -378,7 +378,12 @@ impl ManifestSource {
     /// Pool mode: assigns addresses to `services` from `pools`, keeping
     /// what the last allocation gave (the agent is alone: no leader, no
     /// status to write). Problems and new assignments are logged.
-    fn allocate(&mut self, pools: &[AddressPool], services: &[&Service], namespaces: &[&Namespace]) {
+    fn allocate(
+        &mut self,
+        pools: &[AddressPool],
+        services: &[&Service],
+        namespaces: &[&Namespace],
+    ) {
         self.pools = Pools::new(pools);
         let handled: Vec<&Service> = services.to_vec();
         self.allocation = allocate_remembering(

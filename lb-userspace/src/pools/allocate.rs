@@ -27,8 +27,7 @@ use std::{
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Service};
 
 use super::{
-    IPS_ANNOTATION, POOL_ANNOTATION, Pool, Pools, SHARING_ANNOTATION,
-    ranges::is_buggy_address,
+    IPS_ANNOTATION, POOL_ANNOTATION, Pool, Pools, SHARING_ANNOTATION, ranges::is_buggy_address,
 };
 use crate::{
     model::Protocol,
@@ -45,7 +44,9 @@ use crate::{
 pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
 
 /// The labels of `namespaces`, by name.
-pub fn namespace_labels<'a>(namespaces: impl IntoIterator<Item = &'a Namespace>) -> NamespaceLabels {
+pub fn namespace_labels<'a>(
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+) -> NamespaceLabels {
     namespaces
         .into_iter()
         .filter_map(|namespace| {
@@ -103,7 +104,11 @@ struct Holder {
 impl Holder {
     /// Why `self` may not join `other` on one address, if it may not.
     fn clash(&self, other: &Holder) -> Option<String> {
-        let Some(key) = self.sharing.as_ref().filter(|k| Some(*k) == other.sharing.as_ref()) else {
+        let Some(key) = self
+            .sharing
+            .as_ref()
+            .filter(|k| Some(*k) == other.sharing.as_ref())
+        else {
             return Some(format!(
                 "it is in use by Service {} (Services share an address only with the same \
                  {SHARING_ANNOTATION} annotation)",
@@ -183,7 +188,12 @@ impl Book<'_> {
 
     /// A pool `request` may take `address` from, by name: the one holding
     /// it, if it serves the Service. `Err` says why not.
-    fn pool_for(&self, request: &Request, address: IpAddr, namespaces: &NamespaceLabels) -> Result<&Pool, String> {
+    fn pool_for(
+        &self,
+        request: &Request,
+        address: IpAddr,
+        namespaces: &NamespaceLabels,
+    ) -> Result<&Pool, String> {
         let Some(pool) = self.pools.pool_of(address) else {
             return Err(format!("{address} is in no usable AddressPool"));
         };
@@ -212,7 +222,12 @@ impl Book<'_> {
 
     /// An address of `family` for `request` that it may share, else the
     /// lowest free one, from the first pool in priority order that has one.
-    fn find(&mut self, request: &Request, family: Family, namespaces: &NamespaceLabels) -> Result<IpAddr, String> {
+    fn find(
+        &mut self,
+        request: &Request,
+        family: Family,
+        namespaces: &NamespaceLabels,
+    ) -> Result<IpAddr, String> {
         let candidates: Vec<usize> = self
             .pools
             .usable
@@ -241,8 +256,12 @@ impl Book<'_> {
         if request.holder.sharing.is_some() {
             let shared = self.used.iter().find(|(address, holders)| {
                 Family::of(**address) == family
-                    && candidates.iter().any(|&i| self.pools.usable[i].contains(**address))
-                    && holders.iter().all(|other| request.holder.clash(other).is_none())
+                    && candidates
+                        .iter()
+                        .any(|&i| self.pools.usable[i].contains(**address))
+                    && holders
+                        .iter()
+                        .all(|other| request.holder.clash(other).is_none())
             });
             if let Some((address, _)) = shared {
                 return Ok(*address);
@@ -254,10 +273,15 @@ impl Book<'_> {
                 if range.family() != family {
                     continue;
                 }
-                let cursor = self.cursors.entry((index, range_index)).or_insert(range.start());
+                let cursor = self
+                    .cursors
+                    .entry((index, range_index))
+                    .or_insert(range.start());
                 let used = &self.used;
                 let found = range.first_from(*cursor, |address| {
-                    !used.contains_key(&address) && !(pool.avoid_buggy_ips && is_buggy_address(address))
+                    let taken = used.contains_key(&address);
+                    let avoided = pool.avoid_buggy_ips && is_buggy_address(address);
+                    !taken && !avoided
                 });
                 if let Some(address) = found {
                     *cursor = number_of(address);
@@ -404,12 +428,7 @@ pub fn allocate_remembering(
             continue;
         };
         let mut addresses = held.clone();
-        addresses.sort_by_key(|a| {
-            request
-                .families
-                .iter()
-                .position(|f| *f == Family::of(*a))
-        });
+        addresses.sort_by_key(|a| request.families.iter().position(|f| *f == Family::of(*a)));
         let before: BTreeSet<IpAddr> = request.previous.iter().copied().collect();
         let now: BTreeSet<IpAddr> = addresses.iter().copied().collect();
         if before != now {
@@ -484,7 +503,9 @@ fn request_of(
             ));
         }
         if requested.iter().any(|r| Family::of(*r) == family) {
-            return Err(format!("{field}: more than one {family} address (one per family)"));
+            return Err(format!(
+                "{field}: more than one {family} address (one per family)"
+            ));
         }
         requested.push(address);
     }
@@ -521,7 +542,10 @@ fn request_of(
         previous,
         holder: Holder {
             key: key.clone(),
-            sharing: annotations.get(SHARING_ANNOTATION).cloned().filter(|k| !k.is_empty()),
+            sharing: annotations
+                .get(SHARING_ANNOTATION)
+                .cloned()
+                .filter(|k| !k.is_empty()),
             ports,
             local: spec.external_traffic_policy.as_deref() == Some("Local"),
             selector: spec.selector.clone(),

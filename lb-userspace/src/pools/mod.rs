@@ -152,7 +152,11 @@ impl Pools {
                 Ok(usable) => {
                     checked.readiness.insert(
                         name,
-                        (true, "Usable", "addresses are handed out from this pool".into()),
+                        (
+                            true,
+                            "Usable",
+                            "addresses are handed out from this pool".into(),
+                        ),
                     );
                     checked.usable.push(usable);
                 }
@@ -171,7 +175,11 @@ impl Pools {
             }
         }
         checked.usable.sort_by(|a, b| {
-            (a.priority.is_none(), a.priority, &a.name).cmp(&(b.priority.is_none(), b.priority, &b.name))
+            (a.priority.is_none(), a.priority, &a.name).cmp(&(
+                b.priority.is_none(),
+                b.priority,
+                &b.name,
+            ))
         });
         checked
     }
@@ -212,11 +220,11 @@ impl Pools {
         };
         let total = |family| pool.map_or(0, |pool| pool.addresses(family));
         let api = |n: u128| i64::try_from(n).unwrap_or(i64::MAX);
-        let (ready, reason, message) = self
-            .readiness
-            .get(name)
-            .cloned()
-            .unwrap_or((false, "Unknown", String::new()));
+        let (ready, reason, message) =
+            self.readiness
+                .get(name)
+                .cloned()
+                .unwrap_or((false, "Unknown", String::new()));
         let status = if ready { "True" } else { "False" };
         let last_transition_time = previous
             .and_then(|p| p.conditions.iter().find(|c| c.type_ == "Ready"))
@@ -262,12 +270,15 @@ fn usable(name: &str, pool: &AddressPool) -> Result<Pool, (&'static str, String)
         return Err(("InvalidAddresses", "spec.addresses is empty".into()));
     }
     let scope = spec.scope.clone().unwrap_or_default();
-    let selector = |field: &str, selector: Option<_>| -> Result<Option<Selector>, (&'static str, String)> {
-        selector
-            .map(Selector::try_from)
-            .transpose()
-            .map_err(|e| ("InvalidScope", format!("spec.scope.{field}: {e}; the pool is not used")))
-    };
+    let selector =
+        |field: &str, selector: Option<_>| -> Result<Option<Selector>, (&'static str, String)> {
+            selector.map(Selector::try_from).transpose().map_err(|e| {
+                (
+                    "InvalidScope",
+                    format!("spec.scope.{field}: {e}; the pool is not used"),
+                )
+            })
+        };
     Ok(Pool {
         name: name.to_owned(),
         auto_assign: spec.auto_assign,

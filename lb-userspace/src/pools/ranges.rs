@@ -26,9 +26,9 @@ impl AddressRange {
         let text = text.trim();
         if let Some((first, last)) = text.split_once('-') {
             let parse = |part: &str| {
-                part.trim()
-                    .parse::<IpAddr>()
-                    .map_err(|_| format!("{:?} in range {text:?} is not an IP address", part.trim()))
+                part.trim().parse::<IpAddr>().map_err(|_| {
+                    format!("{:?} in range {text:?} is not an IP address", part.trim())
+                })
             };
             let (first, last) = (parse(first)?, parse(last)?);
             if Family::of(first) != Family::of(last) {
@@ -78,7 +78,10 @@ impl AddressRange {
         if avoid_buggy && self.family == Family::V4 {
             all - [0, 0xff]
                 .into_iter()
-                .map(|last| ending_in(self.end, last) - ending_in(self.start.wrapping_sub(1), last) * u128::from(self.start > 0))
+                .map(|last| {
+                    ending_in(self.end, last)
+                        - ending_in(self.start.wrapping_sub(1), last) * u128::from(self.start > 0)
+                })
                 .sum::<u128>()
         } else {
             all

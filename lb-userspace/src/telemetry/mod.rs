@@ -189,7 +189,7 @@ impl Telemetry {
     pub fn publish_pools(&self, pools: &Pools, allocation: &Allocation) {
         self.pool_addresses.clear();
         self.pool_addresses_in_use.clear();
-        for (name, _) in &pools.readiness {
+        for name in pools.readiness.keys() {
             let in_use = allocation.in_use.get(name);
             for family in [IpFamily::V4, IpFamily::V6] {
                 let labels: PoolLabels = [("pool", name.clone()), ("family", family.to_string())];

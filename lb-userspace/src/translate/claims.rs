@@ -81,7 +81,14 @@ impl Translator {
         node_name: &str,
         mode: AddressMode,
     ) -> (Translator, Vec<Problem>) {
-        Self::build_assigned(services, endpoint_slices, nodes, node_name, mode, BTreeMap::new())
+        Self::build_assigned(
+            services,
+            endpoint_slices,
+            nodes,
+            node_name,
+            mode,
+            BTreeMap::new(),
+        )
     }
 
     /// [`Translator::build_from`]; in pool mode with the allocator's
@@ -189,7 +196,10 @@ impl Translator {
 
     /// Pool mode: takes the allocator's new answer and returns the Services
     /// whose addresses changed, which must then be [`Translator::update`]d.
-    pub fn reassign(&mut self, assigned: BTreeMap<ServiceKey, Vec<IpAddr>>) -> BTreeSet<ServiceKey> {
+    pub fn reassign(
+        &mut self,
+        assigned: BTreeMap<ServiceKey, Vec<IpAddr>>,
+    ) -> BTreeSet<ServiceKey> {
         let Some(before) = self.assigned.as_mut() else {
             return BTreeSet::new();
         };
@@ -198,7 +208,12 @@ impl Translator {
             .filter(|(key, addresses)| before.get(*key) != Some(*addresses))
             .map(|(key, _)| key.clone())
             .collect();
-        moved.extend(before.keys().filter(|key| !assigned.contains_key(*key)).cloned());
+        moved.extend(
+            before
+                .keys()
+                .filter(|key| !assigned.contains_key(*key))
+                .cloned(),
+        );
         *before = assigned;
         moved
     }

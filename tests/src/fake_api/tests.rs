@@ -679,7 +679,12 @@ fn discovery_and_version_answer() {
         .collect();
     assert_eq!(
         names,
-        ["discovery.k8s.io", "coordination.k8s.io", "xlb.dev", "events.k8s.io"]
+        [
+            "discovery.k8s.io",
+            "coordination.k8s.io",
+            "xlb.dev",
+            "events.k8s.io"
+        ]
     );
     // A custom resource's group serves its own version.
     let (_, xlb) = client.call("GET", "/apis/xlb.dev", None);
@@ -691,7 +696,10 @@ fn discovery_and_version_answer() {
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert_eq!((code, names), (200, vec!["addresspools", "addresspools/status"]));
+    assert_eq!(
+        (code, names),
+        (200, vec!["addresspools", "addresspools/status"])
+    );
     assert_eq!(resources["resources"][0]["namespaced"], false);
     let (code, resources) = client.call("GET", "/apis/discovery.k8s.io/v1", None);
     assert_eq!(

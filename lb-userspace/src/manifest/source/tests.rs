@@ -622,7 +622,8 @@ fn pool_mode_assigns_from_the_directorys_pools_and_keeps_assignments_across_chan
     );
     h.write(
         "pool.yaml",
-        &(address_pool("lab", "'192.0.2.1/32', '192.0.2.3/32'") + &address_pool("more", "'192.0.2.9/32'")),
+        &(address_pool("lab", "'192.0.2.1/32', '192.0.2.3/32'")
+            + &address_pool("more", "'192.0.2.9/32'")),
     );
     h.sync_files(&["pool.yaml"]);
     assert_eq!(
@@ -634,7 +635,10 @@ fn pool_mode_assigns_from_the_directorys_pools_and_keeps_assignments_across_chan
         ]
     );
     assert_eq!(
-        h.source.pools().pool_of("192.0.2.9".parse().unwrap()).map(|p| p.name.as_str()),
+        h.source
+            .pools()
+            .pool_of("192.0.2.9".parse().unwrap())
+            .map(|p| p.name.as_str()),
         Some("more")
     );
     // A malformed pool is skipped with the rest of the directory intact.
