@@ -270,7 +270,7 @@ impl ClusterSource {
         if allocated {
             telemetry().publish_pools(&self.pools, &self.allocation);
             for problem in &self.allocation.problems {
-                tracing::warn!(error = %problem, "address pools");
+                tracing::warn!(reason = %problem.reason, error = %problem, "address pools");
                 if leader {
                     self.events.report(problem);
                 }

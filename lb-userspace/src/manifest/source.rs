@@ -393,7 +393,7 @@ impl ManifestSource {
             &self.allocation.assigned,
         );
         for problem in &self.allocation.problems {
-            tracing::warn!(error = %problem, "address pools");
+            tracing::warn!(reason = %problem.reason, error = %problem, "address pools");
         }
         for allocated in &self.allocation.allocated {
             tracing::info!(service = %allocated.object.name.as_deref().unwrap_or_default(),
