@@ -196,7 +196,7 @@ async fn write_pass(
             let checked = Pools::new(&address_pools);
             let allocation = pools::allocate(&checked, &services, &stores.namespace_labels());
             pool_failures = write_pool_status(client, &address_pools, &checked, &allocation).await;
-            pools::desired_ingress(&allocation, &services)
+            pools::desired_ingress(&checked, &allocation, &services)
         }
         _ => node_mode::desired_ingress(&services, &slices, &stores.nodes()),
     };

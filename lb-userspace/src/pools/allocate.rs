@@ -510,15 +510,7 @@ fn request_of(
         requested.push(address);
     }
     let key = ServiceKey::of(service);
-    let mut previous: Vec<IpAddr> = service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok())
-        .collect();
+    let mut previous: Vec<IpAddr> = status_addresses(service).collect();
     if previous.is_empty()
         && let Some(addresses) = remembered.get(&key)
     {
@@ -554,23 +546,39 @@ fn request_of(
     }))
 }
 
-/// What `status.loadBalancer.ingress` of each LoadBalancer Service in
-/// `services` should be after `allocation`: its addresses, or none (a
+/// What `status.loadBalancer.ingress` of each Service in `services` should
+/// be after `allocation`: a LoadBalancer Service's addresses, or none (a
 /// Service that could not get one loses what its status named, so no node
-/// keeps announcing it).
+/// keeps serving it); a Service that is no longer a LoadBalancer but whose
+/// status still names an address of `pools` loses it too. Other Services
+/// are left alone.
 pub fn desired_ingress(
+    pools: &Pools,
     allocation: &Allocation,
     services: &[&Service],
 ) -> BTreeMap<ServiceKey, Vec<IpAddr>> {
-    services
-        .iter()
-        .filter(|service| {
-            service.spec.as_ref().and_then(|spec| spec.type_.as_deref()) == Some("LoadBalancer")
-        })
-        .map(|service| {
-            let key = ServiceKey::of(service);
+    let mut desired = BTreeMap::new();
+    for service in services {
+        let key = ServiceKey::of(service);
+        let is_load_balancer =
+            service.spec.as_ref().and_then(|spec| spec.type_.as_deref()) == Some("LoadBalancer");
+        if is_load_balancer {
             let addresses = allocation.assigned.get(&key).cloned().unwrap_or_default();
-            (key, addresses)
-        })
-        .collect()
+            desired.insert(key, addresses);
+        } else if status_addresses(service).any(|address| pools.pool_of(address).is_some()) {
+            desired.insert(key, Vec::new());
+        }
+    }
+    desired
+}
+
+fn status_addresses(service: &Service) -> impl Iterator<Item = IpAddr> + '_ {
+    service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok())
 }

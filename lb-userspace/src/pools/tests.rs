@@ -572,3 +572,50 @@ fn the_custom_resource_reads_its_defaults_and_keeps_l2() {
         json!({})
     );
 }
+
+#[test]
+fn the_status_to_write_clears_services_that_stopped_asking_for_a_pool_address() {
+    let pools = [pool("p", 1, json!({"addresses": ["192.0.2.0/30"]}))];
+    let checked = Pools::new(&pools);
+    let services = [
+        service("ns", "lb", 1, json!({})),
+        service(
+            "ns",
+            "failed",
+            2,
+            json!({"spec": {"loadBalancerIP": "203.0.113.1"}}),
+        ),
+        // Was a LoadBalancer with a pool address, is a ClusterIP now.
+        service("ns", "now-cluster-ip", 3, {
+            let mut extra = status(&["192.0.2.3"]);
+            merge(&mut extra, json!({"spec": {"type": "ClusterIP"}}));
+            extra
+        }),
+        // Not ours: an address of no pool on a ClusterIP Service.
+        service("ns", "other", 4, {
+            let mut extra = status(&["198.51.100.1"]);
+            merge(&mut extra, json!({"spec": {"type": "ClusterIP"}}));
+            extra
+        }),
+    ];
+    let refs: Vec<&Service> = services.iter().collect();
+    let allocation = allocate(&checked, &refs, &NamespaceLabels::new());
+    let desired = desired_ingress(&checked, &allocation, &refs);
+    let shown: Vec<(String, Vec<String>)> = desired
+        .iter()
+        .map(|(key, ips)| {
+            (
+                key.name.clone(),
+                ips.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("failed".to_owned(), vec![]),
+            ("lb".to_owned(), vec!["192.0.2.0".to_owned()]),
+            ("now-cluster-ip".to_owned(), vec![]),
+        ]
+    );
+}
