@@ -14,6 +14,8 @@ pub enum Change {
     Slices(ServiceKey),
     /// A Node.
     Nodes,
+    /// An AddressPool or a Namespace (pool mode).
+    Pools,
     /// A manifest file was written (closed after writing), created by a
     /// rename, renamed away, removed, or its attributes changed: read it
     /// again.
@@ -31,6 +33,8 @@ pub enum Change {
 pub struct Changes {
     pub all: bool,
     pub nodes: bool,
+    /// An AddressPool or a Namespace changed: allocate again.
+    pub pools: bool,
     /// Services whose object changed (node mode re-allocates ports then).
     pub services: BTreeSet<ServiceKey>,
     /// Services whose EndpointSlices changed.
@@ -53,6 +57,7 @@ impl Changes {
         match change {
             Change::All => self.all = true,
             Change::Nodes => self.nodes = true,
+            Change::Pools => self.pools = true,
             Change::Service(key) => {
                 self.services.insert(key);
             }

@@ -3,7 +3,8 @@
 //! Pure modules, tested without root or a cluster, use neither aya nor a
 //! Kubernetes client: `model`, `maglev`, `translate` (Kubernetes objects →
 //! `DesiredState`), `encode` (the map contract's encoding), `reconcile`,
-//! `conntrack`, `change`, `flags`. The edges with side effects: `manifest`
+//! `conntrack`, `change`, `flags`, `pools` (address pools: the
+//! allocator). The edges with side effects: `manifest`
 //! (reads a directory), `kubernetes` (watches, Lease, Events, Service
 //! status), `dataplane` and `netdev` (the kernel), `state_file`, and
 //! `agent`, which wires them together.
@@ -22,6 +23,7 @@ pub mod maglev;
 pub mod manifest;
 pub mod model;
 pub mod netdev;
+pub mod pools;
 pub mod reconcile;
 pub mod state_file;
 pub mod telemetry;

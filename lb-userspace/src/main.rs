@@ -34,6 +34,9 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Print the CustomResourceDefinitions of pool mode (AddressPool) as
+    /// YAML, to apply before the agent (deploy/crds.yaml is this output).
+    Crd,
     /// Print the live maps.
     Inspect {
         #[command(flatten)]
@@ -70,6 +73,10 @@ fn run(command: Command) -> Result<()> {
             attach::reset(&pins)?;
             let _ = std::fs::remove_dir_all(node.state_dir.join(&node.node_name));
             println!("removed {}", pins.root.display());
+            Ok(())
+        }
+        Command::Crd => {
+            print!("{}", xlb::pools::crd_yaml()?);
             Ok(())
         }
         Command::Inspect { node, what, json } => {

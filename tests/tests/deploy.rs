@@ -67,3 +67,37 @@ fn the_agent_runs_confined_and_sees_only_its_own_host_paths() {
     assert_eq!(mount("bpffs"), Some(format!("{bpffs}/xlb")));
     assert_eq!(mount("state"), Some("/run/xlb".to_string()));
 }
+
+fn deploy_file(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// deploy/crds.yaml is what `xlb crd` prints from the Rust types, so the
+/// schema the API server enforces is the one the agent reads.
+#[test]
+fn crds_yaml_is_generated_from_the_address_pool_type() {
+    assert_eq!(
+        deploy_file("crds.yaml"),
+        xlb::pools::crd_yaml().unwrap(),
+        "deploy/crds.yaml is stale: run `xlb crd > deploy/crds.yaml`"
+    );
+}
+
+/// The example pool reads as an AddressPool (unknown fields rejected, as
+/// the CRD's structural schema prunes them) and is usable as it stands.
+#[test]
+fn the_example_pool_is_a_valid_usable_address_pool() {
+    let text = deploy_file("examples/address-pool.yaml");
+    let value: Value = serde_yaml::from_str(&text).unwrap();
+    let pool: xlb::pools::AddressPool = serde_yaml::from_value(value.clone()).unwrap();
+    // Every field written survives the round trip: nothing is silently
+    // ignored.
+    let back: Value = serde_yaml::to_value(&pool).unwrap();
+    assert_eq!(back["spec"], value["spec"]);
+    let pools = xlb::pools::Pools::new(&[pool]);
+    assert!(pools.problems.is_empty(), "{:?}", pools.problems);
+    assert_eq!(pools.usable.len(), 1);
+}

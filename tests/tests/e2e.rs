@@ -1669,3 +1669,100 @@ fn a_removed_services_local_backend_never_reaches_the_client_with_its_address() 
     assert!(dropped > 0, "no lost reply was counted");
     Ok(())
 }
+
+/// Issue 12 without a cluster: `--address-mode pool` with the AddressPool
+/// in the manifest directory. Services get addresses from it (the lowest
+/// free one, or the one asked for inside the pool), real traffic reaches
+/// them there, a request outside every pool is refused and logged, and a
+/// pool that shrinks moves only the Service it no longer covers.
+#[test]
+fn pool_mode_assigns_addresses_from_a_pool_in_the_manifest_directory() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    t.write_manifest("nodes.yaml", &t.nodes_manifest())?;
+    let pool = |addresses: &str| {
+        format!(
+            "apiVersion: xlb.dev/v1alpha1\nkind: AddressPool\nmetadata:\n  name: lab\n\
+             spec:\n  addresses: [{addresses}]\n"
+        )
+    };
+    t.write_manifest("pool.yaml", &pool("10.200.0.20-10.200.0.22"))?;
+    let asking = |name: &str, ip: Option<&str>| {
+        let mut service = objects::service_in(
+            objects::NAMESPACE,
+            name,
+            None,
+            &[("http", "TCP", 80, "8080")],
+        );
+        spec_mut(&mut service).load_balancer_ip = ip.map(str::to_string);
+        to_yaml(&service)
+    };
+    t.write_manifest("web.yaml", &asking("web", None))?;
+    t.write_manifest("api.yaml", &asking("api", Some("10.200.0.21")))?;
+    t.write_manifest("stray.yaml", &asking("stray", Some("10.200.0.99")))?;
+    for (service, pod) in [("web", "pod-a"), ("api", "pod-c"), ("stray", "pod-b")] {
+        let pod = t.pod(pod);
+        t.write_manifest(
+            &format!("{service}-endpoints.yaml"),
+            &to_yaml(&endpoint_slice(
+                service,
+                &[(pod.addr, t.node_of(pod), true)],
+                &[("http", "TCP", 8080)],
+            )),
+        )?;
+    }
+    let agent = t.start_agent_with(&["--address-mode", "pool"])?;
+    let frontends = || -> BTreeMap<String, String> {
+        t.inspect("services")
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| {
+                Some((
+                    s["frontend"].as_str()?.to_owned(),
+                    s["service"].as_str()?.to_owned(),
+                ))
+            })
+            .collect()
+    };
+    let service_at = |ip: &str| frontends().get(&format!("{ip}:80/TCP")).cloned();
+    wait_until("web and api programmed", Duration::from_secs(5), || {
+        frontends().len() == 2
+    })?;
+    assert!(
+        service_at("10.200.0.20").is_some_and(|s| s.starts_with("default/web")),
+        "{:?}",
+        frontends()
+    );
+    assert!(
+        service_at("10.200.0.21").is_some_and(|s| s.starts_with("default/api")),
+        "{:?}",
+        frontends()
+    );
+    let at = |last: u8| SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, last), 80);
+    assert_eq!(tcp_request(&t.client, at(20))?.backend, "pod-a");
+    assert_eq!(tcp_request(&t.client, at(21))?.backend, "pod-c");
+    assert!(
+        tcp_request(&t.client, at(99)).is_err(),
+        "an address outside the pool answered"
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("AllocationFailed") && log.contains("10.200.0.99 is in no usable AddressPool"),
+        "{log}"
+    );
+
+    // The pool loses .20: web moves to .22, api stays.
+    t.write_manifest("pool.yaml", &pool("'10.200.0.21/32', '10.200.0.22/32'"))?;
+    wait_until("web moved to .22", Duration::from_secs(5), || {
+        service_at("10.200.0.22").is_some_and(|s| s.starts_with("default/web"))
+    })?;
+    assert!(service_at("10.200.0.20").is_none(), "{:?}", frontends());
+    assert!(service_at("10.200.0.21").is_some_and(|s| s.starts_with("default/api")));
+    assert_eq!(tcp_request(&t.client, at(22))?.backend, "pod-a");
+    assert!(
+        tcp_request(&t.client, at(20)).is_err(),
+        "the old address still answers"
+    );
+    Ok(())
+}

@@ -1085,3 +1085,183 @@ fn a_status_write_war_backs_off_and_says_so() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// Pool address mode adds the pools, the Namespaces and status writes.
+const POOL_MODE_RBAC: &[&str] = &["rbac.yaml", "rbac-pool-mode.yaml"];
+
+fn address_pool(name: &str, addresses: &[&str]) -> Value {
+    json!({
+        "apiVersion": "xlb.dev/v1alpha1", "kind": "AddressPool",
+        "metadata": {"name": name},
+        "spec": {"addresses": addresses}
+    })
+}
+
+/// Events with `reason` on Service (or pool) `name`.
+fn events_on(api: &FakeApi, name: &str, reason: &str) -> Vec<Value> {
+    api.list("events.k8s.io/v1", "Event")
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+        .collect()
+}
+
+fn pool_status(api: &FakeApi, name: &str) -> Value {
+    api.get("xlb.dev/v1alpha1", "AddressPool", None, name)
+        .map(|pool| pool["status"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Issue 12: `--address-mode pool` on the API. The leader assigns
+/// addresses from AddressPool resources, writes them into the Services'
+/// status with Events, and keeps each pool's status; every agent programs
+/// the assigned addresses (real traffic through the non-leading node's
+/// datapath); a new leader keeps every allocation; a Service that leaves
+/// frees its address for one that waits; a shrunk pool moves only the
+/// Service it no longer covers.
+#[test]
+fn pool_mode_assigns_from_pools_and_a_new_leader_keeps_every_allocation() -> Result<()> {
+    require_root();
+    let t = Topology::new()?;
+    t.start_servers(&[8080])?;
+    let api = FakeApi::start_in_netns(&t.node, SocketAddrV4::new(NODE_LINK_ADDR, 0).into())?;
+    let kubeconfig = t.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    api.apply(node(&t.node_name, NODE_ADDR));
+    api.apply(node(&t.node2_name, NODE2_ADDR));
+    let pool_mode = ["--address-mode", "pool"];
+    api.apply(address_pool("lab", &["10.200.0.10-10.200.0.11"]));
+
+    // node2's agent leads; the node's agent (where the client's traffic
+    // arrives) only follows the allocation.
+    let mut leader = t.start_agent2_kube(&kubeconfig, &pool_mode)?;
+    wait_until("node2's agent leads", Duration::from_secs(10), || {
+        lease_holder(&api) == t.node2_name
+    })?;
+    let _follower = t.start_agent_kube(&kubeconfig, &pool_mode)?;
+    for name in ["s1", "s2", "s3"] {
+        api.apply(pending_service(name));
+    }
+    api.apply(slice(&t, "s1", &["pod-a"]));
+    api.apply(slice(&t, "s2", &["pod-b"]));
+    api.apply(slice(&t, "s3", &["pod-c"]));
+    wait_until("s1 and s2 get addresses", Duration::from_secs(10), || {
+        ingress(&api, "s1") == ["10.200.0.10"] && ingress(&api, "s2") == ["10.200.0.11"]
+    })?;
+    wait_until("the follower programs both", Duration::from_secs(5), || {
+        frontends(&t) == BTreeSet::from(["10.200.0.10:80/TCP".into(), "10.200.0.11:80/TCP".into()])
+    })?;
+    assert_eq!(
+        tcp_request(&t.client, SocketAddrV4::new(WEB, 80))?.backend,
+        "pod-a"
+    );
+    assert_eq!(
+        tcp_request(&t.client, SocketAddrV4::new(SECOND, 80))?.backend,
+        "pod-b"
+    );
+    // Events: IPAllocated (Normal) on the assigned, AllocationFailed
+    // (Warning) on the one the pool cannot serve, which stays pending.
+    wait_until("the allocation Events", Duration::from_secs(10), || {
+        !events_on(&api, "s1", "IPAllocated").is_empty()
+            && !events_on(&api, "s3", "AllocationFailed").is_empty()
+    })?;
+    let allocated = &events_on(&api, "s1", "IPAllocated")[0];
+    assert_eq!(allocated["type"], "Normal");
+    assert!(
+        allocated["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("10.200.0.10 from AddressPool lab")),
+        "{allocated}"
+    );
+    let failed = &events_on(&api, "s3", "AllocationFailed")[0];
+    assert_eq!(failed["type"], "Warning");
+    assert!(
+        failed["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("no free IPv4 address")),
+        "{failed}"
+    );
+    assert!(ingress(&api, "s3").is_empty());
+    // The pool's status: counts and the Ready condition.
+    wait_until("the pool's status", Duration::from_secs(10), || {
+        let status = pool_status(&api, "lab");
+        status["assignedIPv4"] == 2 && status["availableIPv4"] == 0
+    })?;
+    assert_eq!(pool_status(&api, "lab")["conditions"][0]["status"], "True");
+    // An overlapping pool is reported and not used at all.
+    api.apply(address_pool("late", &["10.200.0.11-10.200.0.12"]));
+    wait_until(
+        "the overlap in late's status",
+        Duration::from_secs(10),
+        || pool_status(&api, "late")["conditions"][0]["reason"] == "Overlap",
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        ingress(&api, "s3").is_empty(),
+        "an overlapping pool was used"
+    );
+    api.delete("xlb.dev/v1alpha1", "AddressPool", None, "late");
+
+    // The leader dies: the node's agent takes over, and keeps everything.
+    let writes_before = status_writes_from(&api, NODE_LINK_ADDR);
+    leader.kill()?;
+    wait_until(
+        "the node's agent takes over",
+        Duration::from_secs(15),
+        || lease_holder(&api) == t.node_name,
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(ingress(&api, "s1"), ["10.200.0.10"]);
+    assert_eq!(ingress(&api, "s2"), ["10.200.0.11"]);
+    assert_eq!(
+        status_writes_from(&api, NODE_LINK_ADDR),
+        writes_before,
+        "the new leader rewrote a status"
+    );
+    // s2 goes: s3, which waited, gets its address from the new leader.
+    api.delete("v1", "Service", Some("default"), "s2");
+    wait_until("s3 gets the freed address", Duration::from_secs(10), || {
+        ingress(&api, "s3") == ["10.200.0.11"]
+    })?;
+    wait_until("s3 answers there", Duration::from_secs(5), || {
+        tcp_request(&t.client, SocketAddrV4::new(SECOND, 80)).is_ok_and(|r| r.backend == "pod-c")
+    })?;
+    // The pool shrinks: s1 moves (with an Event saying why), s3 stays.
+    api.apply(address_pool("lab", &["10.200.0.11/32", "10.200.0.12/32"]));
+    wait_until("s1 moves into the pool", Duration::from_secs(10), || {
+        ingress(&api, "s1") == ["10.200.0.12"]
+    })?;
+    assert_eq!(ingress(&api, "s3"), ["10.200.0.11"]);
+    wait_until("s1's move is an Event", Duration::from_secs(5), || {
+        events_on(&api, "s1", "IPAllocated").iter().any(|e| {
+            e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("10.200.0.10 given up"))
+        })
+    })?;
+    wait_until(
+        "s1 answers at its new address",
+        Duration::from_secs(5),
+        || {
+            tcp_request(&t.client, SocketAddrV4::new(FOREIGN, 80))
+                .is_ok_and(|r| r.backend == "pod-a")
+        },
+    )?;
+    assert!(
+        tcp_request(&t.client, SocketAddrV4::new(WEB, 80)).is_err(),
+        "the old address still answers"
+    );
+    // deploy/rbac.yaml and rbac-pool-mode.yaml allow every request, and
+    // grant nothing unused (but Event patches).
+    let used = assert_deploy_rbac_allows(&api, POOL_MODE_RBAC);
+    for rule in deploy_rbac_rules(POOL_MODE_RBAC) {
+        for resource in &rule.resources {
+            for verb in &rule.verbs {
+                let pair = (verb.clone(), resource.clone());
+                if pair != ("patch".into(), "events".into()) {
+                    assert!(used.contains(&pair), "granted but unused: {pair:?}");
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -51,7 +51,11 @@ impl EventSink {
             return;
         }
         let event = events::Event {
-            type_: events::EventType::Warning,
+            type_: if problem.reason.is_warning() {
+                events::EventType::Warning
+            } else {
+                events::EventType::Normal
+            },
             reason: problem.reason.as_str().into(),
             note: Some(problem.message.chars().take(1000).collect()),
             action: "Program".into(),

@@ -26,6 +26,8 @@ use super::{
 use crate::{
     change::{Change, Changes},
     model::{DesiredState, Frontend, Network, ServiceRef},
+    pools::{self, Allocation, Pools},
+    telemetry::telemetry,
     translate::{
         AddressMode, EventReason, Problem, Scope, ServiceKey, Translator, cluster_networks,
         handles_class, node_address_of, node_address_v6_of, node_mode, problem::reference_to,
@@ -47,6 +49,11 @@ pub struct ClusterSource {
     /// What of the Nodes the translation depends on, to tell a Node change
     /// that matters (rebuild everything) from one that does not.
     node_context: Option<NodeContext>,
+    /// Pool mode: the pools and the last allocation. Every agent computes
+    /// the same one from the same objects (the status the leader wrote
+    /// keeps it stable); only the leader writes it back.
+    pools: Pools,
+    allocation: Allocation,
 }
 
 /// This node's SNAT addresses, in node mode the addresses it serves, and
@@ -60,7 +67,7 @@ type NodeContext = (
 
 fn node_context(nodes: &[Node], scope: &Scope) -> NodeContext {
     let serves = match scope.address_mode {
-        AddressMode::Status => Vec::new(),
+        AddressMode::Status | AddressMode::Pool => Vec::new(),
         AddressMode::Node => node_mode::own_addresses(nodes, &scope.node_name),
     };
     (
@@ -83,10 +90,11 @@ impl ClusterSource {
         lease: &LeaseConfig,
         changes: mpsc::UnboundedSender<Change>,
     ) -> Result<Option<Self>> {
-        let node_mode = scope.address_mode == AddressMode::Node;
-        // Every Node in both modes: their pod CIDRs and addresses are the
+        let writes_status = scope.address_mode != AddressMode::Status;
+        let pool_mode = scope.address_mode == AddressMode::Pool;
+        // Every Node in every mode: their pod CIDRs and addresses are the
         // cluster's networks, which the reply-leak check at egress spares.
-        let stores = watches::watch(client.clone(), changes);
+        let stores = watches::watch(client.clone(), changes, pool_mode);
         tracing::info!(
             address_mode = ?scope.address_mode,
             "listing Services, EndpointSlices and Nodes"
@@ -113,12 +121,13 @@ impl ClusterSource {
         // One agent (the Lease holder) speaks for the cluster: Events on
         // Services, and in node mode their status.
         let candidate = Candidate::spawn(client.clone(), lease, &scope.node_name);
-        let status_changed = node_mode.then(|| {
+        let status_changed = writes_status.then(|| {
             let notify = Arc::new(Notify::new());
             status::spawn(
                 client.clone(),
                 stores.clone(),
                 scope.lb_classes.clone(),
+                scope.address_mode,
                 candidate.watch(),
                 notify.clone(),
                 EventSink::new(client.clone(), &scope.node_name),
@@ -134,6 +143,8 @@ impl ClusterSource {
             status_changed,
             translator: None,
             node_context: None,
+            pools: Pools::default(),
+            allocation: Allocation::default(),
         }))
     }
 
@@ -224,7 +235,10 @@ impl ClusterSource {
         changes: Changes,
         apply: impl FnOnce(&DesiredState, Option<&BTreeSet<Frontend>>) -> Result<()>,
     ) -> Result<()> {
-        let mut full = changes.all || self.translator.is_none();
+        let pool_mode = self.scope.address_mode == AddressMode::Pool;
+        let mut full = changes.all || changes.pools || self.translator.is_none();
+        // Pool mode: allocate again when a Service (or a pool) changed.
+        let mut allocated = false;
         if changes.nodes && !full {
             // Most Node updates (conditions, images) change nothing here.
             full = self.node_context.as_ref()
@@ -244,12 +258,19 @@ impl ClusterSource {
             let slices = self.stores.endpoint_slices();
             let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
             let nodes = self.stores.nodes();
-            let (translator, found) = Translator::build_from(
+            if pool_mode {
+                self.pools = Pools::new(&self.stores.address_pools());
+                self.allocation =
+                    pools::allocate(&self.pools, &services, &self.stores.namespace_labels());
+                allocated = true;
+            }
+            let (translator, found) = Translator::build_assigned(
                 &services,
                 &slices,
                 &nodes,
                 &scope.node_name,
                 scope.address_mode,
+                self.allocation.assigned.clone(),
             );
             self.node_context = Some(node_context(&nodes, scope));
             problems = found;
@@ -274,6 +295,19 @@ impl ClusterSource {
                 keys.extend(
                     translator.reallocate(services.iter().map(|s| &**s).filter(|s| handled(s))),
                 );
+                if pool_mode {
+                    // One Service's change can free or take an address
+                    // another one waits for.
+                    let services: Vec<&Service> = services
+                        .iter()
+                        .map(|s| &**s)
+                        .filter(|s| handled(s))
+                        .collect();
+                    self.allocation =
+                        pools::allocate(&self.pools, &services, &self.stores.namespace_labels());
+                    allocated = true;
+                    keys.extend(translator.reassign(self.allocation.assigned.clone()));
+                }
                 keys.extend(changes.services);
             }
             let slices = self.stores.slices_of(&keys);
@@ -303,6 +337,21 @@ impl ClusterSource {
         };
 
         let leader = self.candidate.is_leader();
+        if allocated {
+            telemetry().publish_pools(&self.pools, &self.allocation);
+            for problem in &self.allocation.problems {
+                tracing::warn!(reason = %problem.reason, error = %problem, "address pools");
+                if leader {
+                    self.events.report(problem);
+                }
+            }
+            for event in &self.allocation.allocated {
+                tracing::info!(assigned = %event, "address pools");
+                if leader {
+                    self.events.report(event);
+                }
+            }
+        }
         for problem in &problems {
             tracing::warn!(error = %problem, "skipping invalid object");
             if leader {
@@ -313,6 +362,17 @@ impl ClusterSource {
             notify.notify_one();
         }
         result
+    }
+
+    /// Pool mode: the pools, to learn which pool (and so which
+    /// announcement) a Service address came from ([`Pools::pool_of`]).
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    /// Pool mode: each Service's assigned addresses.
+    pub fn allocation(&self) -> &Allocation {
+        &self.allocation
     }
 
     /// Posts a Warning Event on each Service whose frontend this node

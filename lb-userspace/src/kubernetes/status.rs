@@ -1,8 +1,11 @@
-//! Where Service status is written. Node mode's status writer: while this
-//! agent holds the leader Lease, keep `status.loadBalancer.ingress` of
-//! every Service xlb handles equal to
-//! [`node_mode::desired_ingress`], re-checking whenever the watched objects
-//! change (Services, EndpointSlices, Nodes) and when leadership is won.
+//! Where Service status is written. The status writer of node and pool
+//! mode: while this agent holds the leader Lease, keep
+//! `status.loadBalancer.ingress` of every Service xlb handles equal to
+//! [`node_mode::desired_ingress`] (node mode) or to what the pool
+//! allocator assigns ([`pools::desired_ingress`]), re-checking whenever the
+//! watched objects change (Services, EndpointSlices, Nodes, AddressPools)
+//! and when leadership is won. In pool mode it also keeps each
+//! AddressPool's status (counts per family, `Ready` condition) current.
 //!
 //! Only the addresses are compared, so fields the API server defaults
 //! (`ipMode`) do not cause rewrites; a write is a merge patch of
@@ -30,9 +33,15 @@ use tokio::{
     time::Instant,
 };
 
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+
 use super::{events::EventSink, watch::Stores};
-use crate::translate::{
-    EventReason, Problem, ServiceKey, handles_class, node_mode, problem::reference_to,
+use crate::{
+    pools::{self, AddressPool, Pools},
+    translate::{
+        AddressMode, EventReason, Problem, ServiceKey, handles_class, node_mode,
+        problem::reference_to,
+    },
 };
 
 /// Status patches in flight at once.
@@ -103,6 +112,7 @@ pub fn spawn(
     client: Client,
     stores: Stores,
     classes: Vec<String>,
+    mode: AddressMode,
     mut leading: watch::Receiver<bool>,
     changed: Arc<Notify>,
     mut events: EventSink,
@@ -131,6 +141,7 @@ pub fn spawn(
                 &client,
                 &stores,
                 &classes,
+                mode,
                 &leading,
                 &mut state,
                 &mut events,
@@ -164,6 +175,7 @@ async fn write_pass(
     client: &Client,
     stores: &Stores,
     classes: &[String],
+    mode: AddressMode,
     leading: &watch::Receiver<bool>,
     state: &mut Writer,
     events: &mut EventSink,
@@ -176,7 +188,18 @@ async fn write_pass(
         .collect();
     let slices = stores.endpoint_slices();
     let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
-    let desired = node_mode::desired_ingress(&services, &slices, &stores.nodes());
+    let mut pool_failures = 0;
+    let desired = match mode {
+        AddressMode::Pool => {
+            // The same deterministic allocation every agent computes.
+            let address_pools = stores.address_pools();
+            let checked = Pools::new(&address_pools);
+            let allocation = pools::allocate(&checked, &services, &stores.namespace_labels());
+            pool_failures = write_pool_status(client, &address_pools, &checked, &allocation).await;
+            pools::desired_ingress(&checked, &allocation, &services)
+        }
+        _ => node_mode::desired_ingress(&services, &slices, &stores.nodes()),
+    };
     let Writer { written, fights } = state;
     let now = Instant::now();
     let mut held_until: Option<Instant> = None;
@@ -230,7 +253,7 @@ async fn write_pass(
     });
     if todo.is_empty() {
         return Pass {
-            failed: 0,
+            failed: pool_failures,
             held_until,
         };
     }
@@ -247,7 +270,7 @@ async fn write_pass(
         .buffer_unordered(CONCURRENT_WRITES)
         .collect()
         .await;
-    let mut failed = 0;
+    let mut failed = pool_failures;
     for (key, want, version, result) in results {
         match result {
             Ok(true) => {
@@ -270,6 +293,42 @@ async fn write_pass(
         }
     }
     Pass { failed, held_until }
+}
+
+/// Pool mode: brings each AddressPool's status up to date (counts and the
+/// `Ready` condition, whose transition time stays while it holds). Returns
+/// the writes that failed.
+async fn write_pool_status(
+    client: &Client,
+    address_pools: &[AddressPool],
+    checked: &Pools,
+    allocation: &pools::Allocation,
+) -> usize {
+    let api: Api<AddressPool> = Api::all(client.clone());
+    let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_default());
+    let mut failed = 0;
+    for pool in address_pools {
+        let Some(name) = pool.metadata.name.as_deref() else {
+            continue;
+        };
+        let status = checked.status(name, allocation, pool.status.as_ref(), now.clone());
+        if pool.status.as_ref() == Some(&status) {
+            continue;
+        }
+        let body = json!({"status": status});
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(_) => tracing::debug!(pool = name, "wrote AddressPool status"),
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
+            Err(error) => {
+                tracing::warn!(pool = name, error = %error, "writing AddressPool status failed");
+                failed += 1;
+            }
+        }
+    }
+    failed
 }
 
 /// The Warning Event on a fought-over Service, naming the usual culprits.

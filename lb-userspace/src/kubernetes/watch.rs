@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -36,6 +36,10 @@ use tokio::sync::mpsc;
 
 use crate::{
     change::Change,
+    pools::{
+        AddressPool, IPS_ANNOTATION, NamespaceLabels, POOL_ANNOTATION, SHARING_ANNOTATION,
+        namespace_labels,
+    },
     translate::{
         ServiceKey,
         objects::{SOURCE_RANGES_ANNOTATION, namespace_of},
@@ -67,6 +71,9 @@ pub struct Stores {
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    /// Pool mode only: the AddressPools and the Namespaces (their labels,
+    /// for pool scopes).
+    pools: Option<(Store<AddressPool>, Store<Namespace>)>,
     slice_index: Arc<Mutex<SliceIndex>>,
 }
 
@@ -152,17 +159,71 @@ impl Stores {
     }
 
     /// Resolves once every store has been listed completely.
+    /// Pool mode: every AddressPool (none in the other modes).
+    pub fn address_pools(&self) -> Vec<AddressPool> {
+        self.pools
+            .iter()
+            .flat_map(|(pools, _)| pools.state())
+            .map(|pool| (*pool).clone())
+            .collect()
+    }
+
+    /// Pool mode: the labels of every Namespace.
+    pub fn namespace_labels(&self) -> NamespaceLabels {
+        let namespaces: Vec<Arc<Namespace>> = self
+            .pools
+            .iter()
+            .flat_map(|(_, namespaces)| namespaces.state())
+            .collect();
+        namespace_labels(namespaces.iter().map(|n| &**n))
+    }
+
     pub async fn ready(&self) {
         let _ = self.services.wait_until_ready().await;
         let _ = self.endpoint_slices.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
+        if let Some((pools, namespaces)) = &self.pools {
+            let _ = pools.wait_until_ready().await;
+            let _ = namespaces.wait_until_ready().await;
+        }
     }
 }
 
 /// Starts the reflectors; each change is sent on `changed`. Nodes: all of
 /// them (node mode needs every node's addresses and labels, and every mode
 /// the cluster's networks: pod CIDRs and node addresses).
-pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>) -> Stores {
+pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: bool) -> Stores {
+    let pools = pool_mode.then(|| {
+        let (pools, pools_writer) = reflector::store::<AddressPool>();
+        let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
+        // Any change re-allocates: pools are few, and a Namespace's labels
+        // may move it into or out of a pool's scope.
+        fn pool_change<K>(event: &watcher::Event<K>) -> Vec<Change> {
+            match event {
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone => {
+                    vec![Change::Pools]
+                }
+                watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
+            }
+        }
+        spawn_reflector(
+            "addresspools",
+            pools_writer,
+            Api::<AddressPool>::all(client.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+            pool_change::<AddressPool>,
+        );
+        spawn_reflector(
+            "namespaces",
+            namespaces_writer,
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+            pool_change::<Namespace>,
+        );
+        (pools, namespaces)
+    });
     let (services, services_writer) = reflector::store::<Service>();
     let (endpoint_slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
@@ -242,6 +303,7 @@ pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>) -> Stores {
         services,
         endpoint_slices,
         nodes,
+        pools,
         slice_index: index,
     }
 }
@@ -318,17 +380,43 @@ fn slim_metadata(metadata: &mut kube::api::ObjectMeta) {
 
 impl Slim for Service {
     fn slim(&mut self) {
-        // The one annotation the translation reads survives.
-        let source_ranges = self
+        // The annotations the translation and the pool allocator read
+        // survive.
+        let kept: std::collections::BTreeMap<String, String> = self
             .metadata
             .annotations
-            .as_mut()
-            .and_then(|a| a.remove(SOURCE_RANGES_ANNOTATION));
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(key, _)| {
+                [
+                    SOURCE_RANGES_ANNOTATION,
+                    IPS_ANNOTATION,
+                    POOL_ANNOTATION,
+                    SHARING_ANNOTATION,
+                ]
+                .contains(&key.as_str())
+            })
+            .collect();
         slim_metadata(&mut self.metadata);
-        if let Some(value) = source_ranges {
-            self.metadata.annotations =
-                Some([(SOURCE_RANGES_ANNOTATION.to_string(), value)].into());
+        if !kept.is_empty() {
+            self.metadata.annotations = Some(kept);
         }
+    }
+}
+
+impl Slim for AddressPool {
+    fn slim(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+
+impl Slim for Namespace {
+    fn slim(&mut self) {
+        // Only the name and the labels are read.
+        slim_metadata(&mut self.metadata);
+        self.spec = None;
+        self.status = None;
     }
 }
 

@@ -337,6 +337,8 @@ fn add_object(
     let result = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => typed(mapping).map(|service| objects.services.push(service)),
         ("v1", "Node") => typed(mapping).map(|node| objects.nodes.push(node)),
+        ("v1", "Namespace") => typed(mapping).map(|namespace| objects.namespaces.push(namespace)),
+        ("xlb.dev/v1alpha1", "AddressPool") => typed(mapping).map(|pool| objects.pools.push(pool)),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             typed(mapping).map(|slice| objects.endpoint_slices.push(slice))
         }
@@ -432,8 +434,8 @@ fn object_name(kind: &str, mapping: &Mapping) -> String {
             .and_then(Value::as_str)
     };
     let name = field("name").unwrap_or("(unnamed)");
-    // Nodes are not namespaced.
-    if kind == "Node" {
+    // Nodes, Namespaces and AddressPools are not namespaced.
+    if matches!(kind, "Node" | "Namespace" | "AddressPool") {
         format!("{kind} {name}")
     } else {
         format!(

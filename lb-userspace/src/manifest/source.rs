@@ -35,7 +35,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
 };
 use tokio::sync::mpsc;
@@ -44,6 +44,7 @@ use super::{DirectoryUnreadable, Format, ManifestError, list_dir, parse, parse::
 use crate::{
     change::{Change, Changes},
     model::{DesiredState, Frontend},
+    pools::{AddressPool, Allocation, Pools, allocate_remembering, namespace_labels},
     telemetry::telemetry,
     translate::{
         AddressMode, Objects, Scope, ServiceKey, Translator, handles_class, slice_service,
@@ -68,6 +69,10 @@ pub struct ManifestSource {
     translator: Option<Translator>,
     /// Files parsed so far.
     parses: u64,
+    /// Pool mode: the pools and the last allocation, which the next one
+    /// keeps (there is no status to keep it in).
+    pools: Pools,
+    allocation: Allocation,
 }
 
 /// A directory's device and inode.
@@ -95,6 +100,9 @@ struct FileState {
     /// its slices.
     groups: HashMap<ServiceKey, (u64, u64)>,
     nodes: Vec<Node>,
+    /// Pool mode's inputs besides the Services.
+    pools: Vec<AddressPool>,
+    namespaces: Vec<Namespace>,
 }
 
 /// The objects of one file that belong to one Service, in the order read.
@@ -125,6 +133,8 @@ fn object_digest(objects: &impl serde::Serialize) -> u64 {
 struct Parsed {
     groups: HashMap<ServiceKey, Group>,
     nodes: Vec<Node>,
+    pools: Vec<AddressPool>,
+    namespaces: Vec<Namespace>,
 }
 
 /// What one sync found.
@@ -137,6 +147,8 @@ struct Work {
     /// A Service object (not only a slice) changed.
     services_touched: bool,
     nodes_changed: bool,
+    /// An AddressPool or a Namespace changed.
+    pools_changed: bool,
 }
 
 fn text_digest(text: &str) -> u64 {
@@ -168,6 +180,8 @@ impl ManifestSource {
             cache: Cache::default(),
             translator: None,
             parses: 0,
+            pools: Pools::default(),
+            allocation: Allocation::default(),
         })
     }
 
@@ -224,8 +238,12 @@ impl ManifestSource {
             tracing::info!(dir = %self.dir.display(), "the manifest directory reads again");
         }
 
-        let node_mode = self.scope.address_mode == AddressMode::Node;
-        let rebuild = |work: &Work| work.nodes_changed || (work.services_touched && node_mode);
+        // Node mode's ports and pool mode's addresses are shared by every
+        // Service: a Service change may move another one.
+        let shared = self.scope.address_mode != AddressMode::Status;
+        let rebuild = |work: &Work| {
+            work.nodes_changed || work.pools_changed || (work.services_touched && shared)
+        };
         if self.translator.is_none() || rebuild(&work) {
             self.rebuild(work, apply)
         } else {
@@ -311,6 +329,8 @@ impl ManifestSource {
         let mut services: Vec<&Service> = Vec::new();
         let mut slices: Vec<&EndpointSlice> = Vec::new();
         let mut nodes: Vec<Node> = Vec::new();
+        let mut pools: Vec<AddressPool> = Vec::new();
+        let mut namespaces: Vec<&Namespace> = Vec::new();
         for (name, parsed) in &work.parsed {
             // A file that went (it was parsed and then removed) is not
             // in the cache any more.
@@ -322,15 +342,21 @@ impl ManifestSource {
                 slices.extend(group.slices.iter());
             }
             nodes.extend(parsed.nodes.iter().cloned());
+            pools.extend(parsed.pools.iter().cloned());
+            namespaces.extend(parsed.namespaces.iter());
         }
-        let (translator, problems) = Translator::build_from(
+        if self.scope.address_mode == AddressMode::Pool {
+            self.allocate(&pools, &services, &namespaces);
+        }
+        let (translator, problems) = Translator::build_assigned(
             &services,
             &slices,
             &nodes,
             &self.scope.node_name,
             self.scope.address_mode,
+            self.allocation.assigned.clone(),
         );
-        drop((services, slices, nodes));
+        drop((services, slices, nodes, namespaces));
         drop(work);
         for problem in &problems {
             tracing::warn!(error = %problem, "skipping invalid object");
@@ -347,6 +373,44 @@ impl ManifestSource {
             libc::malloc_trim(0)
         };
         result
+    }
+
+    /// Pool mode: assigns addresses to `services` from `pools`, keeping
+    /// what the last allocation gave (the agent is alone: no leader, no
+    /// status to write). Problems and new assignments are logged.
+    fn allocate(
+        &mut self,
+        pools: &[AddressPool],
+        services: &[&Service],
+        namespaces: &[&Namespace],
+    ) {
+        self.pools = Pools::new(pools);
+        let handled: Vec<&Service> = services.to_vec();
+        self.allocation = allocate_remembering(
+            &self.pools,
+            &handled,
+            &namespace_labels(namespaces.iter().copied()),
+            &self.allocation.assigned,
+        );
+        for problem in &self.allocation.problems {
+            tracing::warn!(reason = %problem.reason, error = %problem, "address pools");
+        }
+        for allocated in &self.allocation.allocated {
+            tracing::info!(service = %allocated.object.name.as_deref().unwrap_or_default(),
+                namespace = %allocated.object.namespace.as_deref().unwrap_or_default(),
+                "{}", allocated.message);
+        }
+    }
+
+    /// Pool mode: the pools as last read, to learn which pool (and so
+    /// which announcement) a Service address came from ([`Pools::pool_of`]).
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    /// Pool mode: each Service's assigned addresses.
+    pub fn allocation(&self) -> &Allocation {
+        &self.allocation
     }
 
     /// Reads file `name` again. Unless `force`, a file whose text did not
@@ -383,8 +447,8 @@ impl ManifestSource {
             None => None,
         };
         let old = self.cache.files.remove(name);
-        let (old_groups, old_nodes) = old
-            .map(|file| (file.groups, file.nodes))
+        let (old_groups, old_nodes, old_pools, old_namespaces) = old
+            .map(|file| (file.groups, file.nodes, file.pools, file.namespaces))
             .unwrap_or_default();
         let Some((digest, parsed)) = new else {
             // Gone, or unreadable: its objects go.
@@ -394,6 +458,7 @@ impl ManifestSource {
             }
             work.services_touched |= !old_groups.is_empty();
             work.nodes_changed |= !old_nodes.is_empty();
+            work.pools_changed |= !old_pools.is_empty() || !old_namespaces.is_empty();
             work.parsed.remove(name);
             return;
         };
@@ -424,12 +489,17 @@ impl ManifestSource {
         if parsed.nodes != old_nodes {
             work.nodes_changed = true;
         }
+        if parsed.pools != old_pools || parsed.namespaces != old_namespaces {
+            work.pools_changed = true;
+        }
         self.cache.files.insert(
             name.clone(),
             FileState {
                 digest,
                 groups,
                 nodes: parsed.nodes.clone(),
+                pools: parsed.pools.clone(),
+                namespaces: parsed.namespaces.clone(),
             },
         );
         work.parsed.insert(name.clone(), parsed);
@@ -441,6 +511,8 @@ impl ManifestSource {
     fn group(&self, path: &Path, objects: Objects) -> Parsed {
         let mut parsed = Parsed {
             nodes: objects.nodes,
+            pools: objects.pools,
+            namespaces: objects.namespaces,
             ..Parsed::default()
         };
         for service in objects.services {

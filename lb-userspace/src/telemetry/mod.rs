@@ -36,7 +36,11 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::reconcile::Reconciler;
+use crate::{
+    pools::{Allocation, Pools},
+    reconcile::Reconciler,
+    translate::families::Family as IpFamily,
+};
 
 /// The labels of one service id's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -55,6 +59,8 @@ pub type ResourceLabel = [(&'static str, &'static str); 1];
 pub type InterfaceLabel = [(&'static str, String); 1];
 /// The label set of a per-address gauge (`address="10.0.0.1"`).
 pub type AddressLabel = [(&'static str, String); 1];
+/// The labels of a pool gauge: `pool`, `family` (`IPv4`, `IPv6`).
+pub type PoolLabels = [(&'static str, String); 2];
 
 /// The agent's own metrics and health.
 #[derive(Debug)]
@@ -74,6 +80,10 @@ pub struct Telemetry {
     pub snat_ports_in_use: Gauge,
     /// Size of `--snat-ports`.
     pub snat_ports_capacity: Gauge,
+    /// Pool mode: usable addresses of each pool and family, and those
+    /// assigned.
+    pub pool_addresses: Family<PoolLabels, Gauge>,
+    pub pool_addresses_in_use: Family<PoolLabels, Gauge>,
     /// Who each programmed service id is, for the datapath's counters.
     pub services: RwLock<BTreeMap<u32, ServiceLabels>>,
     pub health: health::Health,
@@ -101,6 +111,8 @@ impl Default for Telemetry {
             flow_entries: Gauge::default(),
             snat_ports_in_use: Gauge::default(),
             snat_ports_capacity: Gauge::default(),
+            pool_addresses: Family::default(),
+            pool_addresses_in_use: Family::default(),
             services: RwLock::default(),
             health: health::Health::default(),
             l2_requests: Family::default(),
@@ -200,6 +212,16 @@ impl Telemetry {
             "1 for each Service address this node announces on L2 (answers ARP/NDP for)",
             self.l2_announced.clone(),
         );
+        r.register(
+            "xlb_pool_addresses",
+            "Addresses an AddressPool can hand out, per family (0 for a pool not in use; saturated at 2^63-1)",
+            self.pool_addresses.clone(),
+        );
+        r.register(
+            "xlb_pool_addresses_in_use",
+            "Addresses of an AddressPool assigned to Services, per family",
+            self.pool_addresses_in_use.clone(),
+        );
         r.register_collector(Box::new(datapath));
         r
     }
@@ -234,6 +256,26 @@ impl Telemetry {
             self.l2_announced
                 .get_or_create(&[("address", addr.to_string())])
                 .set(1);
+        }
+    }
+
+    /// Publishes each pool's size and use after an allocation; pools that
+    /// went lose their series.
+    pub fn publish_pools(&self, pools: &Pools, allocation: &Allocation) {
+        self.pool_addresses.clear();
+        self.pool_addresses_in_use.clear();
+        for name in pools.readiness.keys() {
+            let in_use = allocation.in_use.get(name);
+            for family in [IpFamily::V4, IpFamily::V6] {
+                let labels: PoolLabels = [("pool", name.clone()), ("family", family.to_string())];
+                let gauge = |n: u128| i64::try_from(n).unwrap_or(i64::MAX);
+                self.pool_addresses
+                    .get_or_create(&labels)
+                    .set(gauge(pools.addresses(name, family)));
+                self.pool_addresses_in_use.get_or_create(&labels).set(gauge(
+                    in_use.and_then(|f| f.get(&family)).copied().unwrap_or(0),
+                ));
+            }
         }
     }
 

@@ -315,3 +315,43 @@ fn the_grafana_dashboard_queries_only_metrics_the_agent_exports() {
         );
     }
 }
+
+#[test]
+fn pool_gauges_count_addresses_per_pool_and_family_and_forget_removed_pools() {
+    use serde_json::json;
+
+    use crate::pools::{AddressPool, Pools, allocate};
+
+    let pool = |name: &str, addresses: &[&str]| -> AddressPool {
+        serde_json::from_value(json!({"metadata": {"name": name},
+                                      "spec": {"addresses": addresses}}))
+        .unwrap()
+    };
+    let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}
+    }))
+    .unwrap();
+    let telemetry = Telemetry::default();
+    let pools = Pools::new(&[
+        pool("lab", &["192.0.2.0/30", "2001:db8::/64"]),
+        pool("old", &["198.51.100.0/31"]),
+    ]);
+    let allocation = allocate(&pools, &[&service], &Default::default());
+    telemetry.publish_pools(&pools, &allocation);
+    let text = render(&telemetry, Fixed(Snapshot::default()));
+    let lines = samples(&text);
+    for expected in [
+        r#"xlb_pool_addresses{pool="lab",family="IPv4"} 4"#,
+        r#"xlb_pool_addresses{pool="lab",family="IPv6"} 9223372036854775807"#,
+        r#"xlb_pool_addresses_in_use{pool="lab",family="IPv4"} 1"#,
+        r#"xlb_pool_addresses_in_use{pool="lab",family="IPv6"} 0"#,
+        r#"xlb_pool_addresses{pool="old",family="IPv4"} 2"#,
+    ] {
+        assert!(lines.contains(&expected), "missing {expected} in:\n{text}");
+    }
+    let pools = Pools::new(&[pool("lab", &["192.0.2.0/30"])]);
+    telemetry.publish_pools(&pools, &allocate(&pools, &[&service], &Default::default()));
+    let text = render(&telemetry, Fixed(Snapshot::default()));
+    assert!(!text.contains(r#"pool="old""#), "{text}");
+}

@@ -3,7 +3,10 @@
 //! in [`Order`], withdraws them when the Service changes or goes, and
 //! reports the Services left waiting.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -18,7 +21,7 @@ use super::{
         node_address_v6_of, slice_service,
     },
     problem::{EventReason, Problem, reference_to},
-    service::ServiceContext,
+    service::{AddressSource, ServiceContext},
 };
 use crate::model::{DesiredState, Frontend, FrontendSpec};
 
@@ -49,6 +52,8 @@ struct Claims {
 pub struct Translator {
     node_name: String,
     node_plan: Option<NodePlan>,
+    /// Pool mode: each Service's assigned addresses.
+    assigned: Option<BTreeMap<ServiceKey, Vec<IpAddr>>>,
     services: HashMap<ServiceKey, Translated>,
     claims: HashMap<Frontend, Claims>,
     desired: DesiredState,
@@ -76,14 +81,35 @@ impl Translator {
         node_name: &str,
         mode: AddressMode,
     ) -> (Translator, Vec<Problem>) {
+        Self::build_assigned(
+            services,
+            endpoint_slices,
+            nodes,
+            node_name,
+            mode,
+            BTreeMap::new(),
+        )
+    }
+
+    /// [`Translator::build_from`]; in pool mode with the allocator's
+    /// `assigned` addresses (ignored in the other modes).
+    pub fn build_assigned(
+        services: &[&Service],
+        endpoint_slices: &[&EndpointSlice],
+        nodes: &[Node],
+        node_name: &str,
+        mode: AddressMode,
+        assigned: BTreeMap<ServiceKey, Vec<IpAddr>>,
+    ) -> (Translator, Vec<Problem>) {
         let mut translator = Translator {
             node_name: node_name.to_owned(),
             node_plan: match mode {
-                AddressMode::Status => None,
+                AddressMode::Status | AddressMode::Pool => None,
                 AddressMode::Node => {
                     Some(NodePlan::new(nodes, node_name, services.iter().copied()))
                 }
             },
+            assigned: (mode == AddressMode::Pool).then_some(assigned),
             services: HashMap::new(),
             claims: HashMap::new(),
             desired: DesiredState {
@@ -168,6 +194,30 @@ impl Translator {
         moved
     }
 
+    /// Pool mode: takes the allocator's new answer and returns the Services
+    /// whose addresses changed, which must then be [`Translator::update`]d.
+    pub fn reassign(
+        &mut self,
+        assigned: BTreeMap<ServiceKey, Vec<IpAddr>>,
+    ) -> BTreeSet<ServiceKey> {
+        let Some(before) = self.assigned.as_mut() else {
+            return BTreeSet::new();
+        };
+        let mut moved: BTreeSet<ServiceKey> = assigned
+            .iter()
+            .filter(|(key, addresses)| before.get(*key) != Some(*addresses))
+            .map(|(key, _)| key.clone())
+            .collect();
+        moved.extend(
+            before
+                .keys()
+                .filter(|key| !assigned.contains_key(*key))
+                .cloned(),
+        );
+        *before = assigned;
+        moved
+    }
+
     /// Re-translates Service `key`: `service` is its current version (`None`
     /// when it is gone or not handled) and `slices` its EndpointSlices.
     /// Frontends whose spec changed (added, changed, removed) go into
@@ -185,13 +235,15 @@ impl Translator {
         if let Some(service) = service {
             let mut slices = slices.to_vec();
             slices.sort_by(|left, right| left.metadata.name.cmp(&right.metadata.name));
-            let mut context = ServiceContext::new(
-                service,
-                key,
-                &self.node_name,
-                self.node_plan.as_ref(),
-                problems,
-            );
+            let addresses = match (&self.node_plan, &self.assigned) {
+                (Some(plan), _) => AddressSource::Node(plan),
+                (None, Some(assigned)) => {
+                    AddressSource::Pool(assigned.get(key).map(Vec::as_slice).unwrap_or_default())
+                }
+                (None, None) => AddressSource::Status,
+            };
+            let mut context =
+                ServiceContext::new(service, key, &self.node_name, addresses, problems);
             for (frontend, spec) in context.frontends(service, &slices) {
                 if frontends.iter().any(|(f, _)| *f == frontend) {
                     context.report(format!(

@@ -52,6 +52,10 @@ pub enum AddressMode {
     /// K3s ServiceLB-style: the addresses of the nodes that run xlb, which
     /// the elected leader writes into `status.loadBalancer.ingress`.
     Node,
+    /// xlb's own IPAM: addresses from `AddressPool` resources
+    /// ([`crate::pools`]); the elected leader writes them into
+    /// `status.loadBalancer.ingress`, every agent programs them.
+    Pool,
 }
 
 /// What a translation is for: whose datapath, which Services (by class),

@@ -12,14 +12,17 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Node, ObjectReference, Service, ServicePort},
+        core::v1::{Namespace, Node, ObjectReference, Service, ServicePort},
         discovery::v1::{Endpoint, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use kube::runtime::reflector::ObjectRef;
 
-use crate::model::{Network, Protocol};
+use crate::{
+    model::{Network, Protocol},
+    pools::AddressPool,
+};
 
 /// Label by which an EndpointSlice names the Service it belongs to.
 /// The annotation K3s (and kube-proxy, for Services without the field)
@@ -38,6 +41,10 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,
+    /// Pool mode's `AddressPool`s, and the Namespaces whose labels their
+    /// scopes may select.
+    pub pools: Vec<AddressPool>,
+    pub namespaces: Vec<Namespace>,
 }
 
 impl Objects {
@@ -46,10 +53,16 @@ impl Objects {
         self.services.append(&mut other.services);
         self.endpoint_slices.append(&mut other.endpoint_slices);
         self.nodes.append(&mut other.nodes);
+        self.pools.append(&mut other.pools);
+        self.namespaces.append(&mut other.namespaces);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.endpoint_slices.is_empty() && self.nodes.is_empty()
+        self.services.is_empty()
+            && self.endpoint_slices.is_empty()
+            && self.nodes.is_empty()
+            && self.pools.is_empty()
+            && self.namespaces.is_empty()
     }
 
     /// Keeps the Services xlb handles ([`handles_class`]). Services of other

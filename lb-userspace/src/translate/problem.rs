@@ -23,6 +23,10 @@ pub enum EventReason {
     /// Node mode: another controller keeps overwriting the status xlb
     /// writes; xlb backs off.
     StatusFoughtOver,
+    /// Pool mode: a Service got (new) addresses. The one Normal Event.
+    IpAllocated,
+    /// Pool mode: a Service asks for addresses it cannot have.
+    AllocationFailed,
 }
 
 impl EventReason {
@@ -33,7 +37,14 @@ impl EventReason {
             EventReason::PortConflict => "PortConflict",
             EventReason::ProgrammingFailed => "ProgrammingFailed",
             EventReason::StatusFoughtOver => "StatusFoughtOver",
+            EventReason::IpAllocated => "IPAllocated",
+            EventReason::AllocationFailed => "AllocationFailed",
         }
+    }
+
+    /// Whether the Event is a Warning (all but [`EventReason::IpAllocated`]).
+    pub fn is_warning(self) -> bool {
+        self != EventReason::IpAllocated
     }
 }
 

@@ -36,8 +36,19 @@ pub(super) struct ServiceContext<'a> {
     object: ObjectReference,
     key: &'a ServiceKey,
     node_name: &'a str,
-    node_plan: Option<&'a NodePlan>,
+    addresses: AddressSource<'a>,
     problems: &'a mut Vec<Problem>,
+}
+
+/// Where this Service's frontend addresses come from.
+#[derive(Clone, Copy)]
+pub(super) enum AddressSource<'a> {
+    /// `status.loadBalancer.ingress`.
+    Status,
+    /// This node's addresses, unless the Service waits for a port.
+    Node(&'a NodePlan),
+    /// What the pool allocator assigned it (empty: nothing).
+    Pool(&'a [IpAddr]),
 }
 
 /// A Service port that passed validation.
@@ -79,14 +90,14 @@ impl<'a> ServiceContext<'a> {
         service: &Service,
         key: &'a ServiceKey,
         node_name: &'a str,
-        node_plan: Option<&'a NodePlan>,
+        addresses: AddressSource<'a>,
         problems: &'a mut Vec<Problem>,
     ) -> Self {
         ServiceContext {
             object: reference_to(service),
             key,
             node_name,
-            node_plan,
+            addresses,
             problems,
         }
     }
@@ -131,9 +142,11 @@ impl<'a> ServiceContext<'a> {
         for problem in &families.problems {
             self.report(problem.clone());
         }
-        let addresses: BTreeSet<IpAddr> = match self.node_plan {
-            None => self.frontend_addresses(service, &families),
-            Some(plan) => {
+        let addresses: BTreeSet<IpAddr> = match self.addresses {
+            AddressSource::Status => self.frontend_addresses(service, &families),
+            // The allocator gave only addresses of the Service's families.
+            AddressSource::Pool(assigned) => assigned.iter().copied().collect(),
+            AddressSource::Node(plan) => {
                 if let Some(conflict) = plan.allocation.pending.get(self.key) {
                     self.report_as(EventReason::PortConflict, conflict.message());
                     return Vec::new();

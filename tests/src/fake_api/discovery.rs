@@ -75,6 +75,28 @@ pub(crate) const RESOURCE_TYPES: &[ResourceType] = &[
         tracks_generation: false,
     },
     ResourceType {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        kind: "Namespace",
+        namespaced: false,
+        status_subresource: true,
+        create_on_update: false,
+        tracks_generation: false,
+    },
+    // xlb's own custom resource (deploy/crds.yaml): cluster-scoped, with
+    // the status subresource and generation tracking every CRD gets.
+    ResourceType {
+        group: "xlb.dev",
+        version: "v1alpha1",
+        plural: "addresspools",
+        kind: "AddressPool",
+        namespaced: false,
+        status_subresource: true,
+        create_on_update: false,
+        tracks_generation: true,
+    },
+    ResourceType {
         group: "events.k8s.io",
         version: "v1",
         plural: "events",
@@ -160,20 +182,25 @@ pub(crate) fn group_version(group: &str, version: &str) -> Value {
 }
 
 pub(crate) fn groups() -> Vec<&'static str> {
-    let mut groups: Vec<&str> = RESOURCE_TYPES
-        .iter()
-        .map(|kind| kind.group)
-        .filter(|group| !group.is_empty())
-        .collect();
-    groups.dedup();
+    let mut groups: Vec<&str> = Vec::new();
+    for kind in RESOURCE_TYPES {
+        if !kind.group.is_empty() && !groups.contains(&kind.group) {
+            groups.push(kind.group);
+        }
+    }
     groups
 }
 
 pub(crate) fn api_group_body(group: &str) -> Value {
+    // Each group serves one version here (v1, or v1alpha1 for xlb.dev).
+    let version = RESOURCE_TYPES
+        .iter()
+        .find(|kind| kind.group == group)
+        .map_or("v1", |kind| kind.version);
     json!({
         "name": group,
-        "versions": [group_version(group, "v1")],
-        "preferredVersion": group_version(group, "v1"),
+        "versions": [group_version(group, version)],
+        "preferredVersion": group_version(group, version),
     })
 }
 

@@ -679,8 +679,28 @@ fn discovery_and_version_answer() {
         .collect();
     assert_eq!(
         names,
-        ["discovery.k8s.io", "coordination.k8s.io", "events.k8s.io"]
+        [
+            "discovery.k8s.io",
+            "coordination.k8s.io",
+            "xlb.dev",
+            "events.k8s.io"
+        ]
     );
+    // A custom resource's group serves its own version.
+    let (_, xlb) = client.call("GET", "/apis/xlb.dev", None);
+    assert_eq!(xlb["preferredVersion"]["version"], "v1alpha1");
+    let (code, resources) = client.call("GET", "/apis/xlb.dev/v1alpha1", None);
+    let names: Vec<&str> = resources["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        (code, names),
+        (200, vec!["addresspools", "addresspools/status"])
+    );
+    assert_eq!(resources["resources"][0]["namespaced"], false);
     let (code, resources) = client.call("GET", "/apis/discovery.k8s.io/v1", None);
     assert_eq!(
         (code, resources["resources"][0]["kind"].as_str()),

@@ -553,3 +553,96 @@ fn inotify_events_name_the_files_to_read() {
         [Change::All]
     );
 }
+
+/// A Service that asks for an address (no status), for pool mode.
+fn pool_service(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: ns\n{extra}\
+         spec:\n  type: LoadBalancer\n  ports:\n  - name: a\n    port: {port}\n    \
+         targetPort: 8080\n---\n"
+    )
+}
+
+fn address_pool(name: &str, addresses: &str) -> String {
+    format!(
+        "apiVersion: xlb.dev/v1alpha1\nkind: AddressPool\nmetadata:\n  name: {name}\n\
+         spec:\n  addresses: [{addresses}]\n---\n"
+    )
+}
+
+fn frontends(state: &DesiredState) -> Vec<String> {
+    state
+        .frontends
+        .iter()
+        .map(|(frontend, spec)| format!("{frontend} {}", spec.service.name))
+        .collect()
+}
+
+#[test]
+fn pool_mode_assigns_from_the_directorys_pools_and_keeps_assignments_across_changes() {
+    let mut h = Harness::new(AddressMode::Pool);
+    h.write("pool.yaml", &address_pool("lab", "'192.0.2.1-192.0.2.3'"));
+    h.write(
+        "svc.yaml",
+        &(pool_service("b", 80, "") + &pool_service("c", 81, "") + &slice("b", "x", &["10.1.0.1"])),
+    );
+    h.sync(Changes::everything()).unwrap();
+    assert_eq!(
+        frontends(h.desired()),
+        ["192.0.2.1:80/TCP b", "192.0.2.2:81/TCP c"]
+    );
+    // A Service that sorts first arrives: it takes the free address, nobody
+    // moves.
+    h.write("a.yaml", &pool_service("a", 82, ""));
+    h.sync_files(&["a.yaml"]);
+    assert_eq!(
+        frontends(h.desired()),
+        [
+            "192.0.2.1:80/TCP b",
+            "192.0.2.2:81/TCP c",
+            "192.0.2.3:82/TCP a"
+        ]
+    );
+    // Exhausted: a fourth Service gets nothing, and only it.
+    h.write("d.yaml", &pool_service("d", 83, ""));
+    h.sync_files(&["d.yaml"]);
+    assert_eq!(h.desired().frontends.len(), 3);
+    assert_eq!(h.source.allocation().problems.len(), 1);
+    // b leaves: d takes its address; an address-family shrink of the pool
+    // moves c only.
+    h.write("svc.yaml", &pool_service("c", 81, ""));
+    h.sync_files(&["svc.yaml"]);
+    assert_eq!(
+        frontends(h.desired()),
+        [
+            "192.0.2.1:83/TCP d",
+            "192.0.2.2:81/TCP c",
+            "192.0.2.3:82/TCP a"
+        ]
+    );
+    h.write(
+        "pool.yaml",
+        &(address_pool("lab", "'192.0.2.1/32', '192.0.2.3/32'")
+            + &address_pool("more", "'192.0.2.9/32'")),
+    );
+    h.sync_files(&["pool.yaml"]);
+    assert_eq!(
+        frontends(h.desired()),
+        [
+            "192.0.2.1:83/TCP d",
+            "192.0.2.3:82/TCP a",
+            "192.0.2.9:81/TCP c"
+        ]
+    );
+    assert_eq!(
+        h.source
+            .pools()
+            .pool_of("192.0.2.9".parse().unwrap())
+            .map(|p| p.name.as_str()),
+        Some("more")
+    );
+    // A malformed pool is skipped with the rest of the directory intact.
+    h.write("bad.yaml", "apiVersion: xlb.dev/v1alpha1\nkind: AddressPool\nmetadata:\n  name: bad\nspec:\n  addresses: 7\n");
+    h.sync_files(&["bad.yaml"]);
+    assert_eq!(h.desired().frontends.len(), 3);
+}
