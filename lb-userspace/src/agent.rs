@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     announce::{
-        election::{self, L2Settings},
+        election,
         l2::{self, Responder},
     },
     change::{Change, Changes},
@@ -209,6 +209,14 @@ enum Source {
 }
 
 impl Source {
+    /// The address pools (pool mode; empty otherwise).
+    fn pools(&self) -> &crate::pools::Pools {
+        match self {
+            Source::Manifests(m) => m.pools(),
+            Source::Cluster(c) => c.pools(),
+        }
+    }
+
     /// Starts the source's watchers, which send what changed on `changes`.
     /// `None` when interrupted before the source was ready.
     async fn start(
@@ -607,12 +615,19 @@ impl Datapath {
         let Some(l2) = &mut self.l2 else {
             return;
         };
-        let settings = L2Settings::default();
-        let ifaces: Vec<String> = settings
-            .interfaces_among(&cfg.ifaces)
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        // Each address on the interfaces its pool names (every uplink for
+        // addresses from elsewhere).
+        let interfaces = |addr: std::net::IpAddr| -> Vec<String> {
+            source
+                .pools()
+                .pool_of(addr)
+                .map(|pool| pool.l2_settings())
+                .unwrap_or_default()
+                .interfaces_among(&cfg.ifaces)
+                .into_iter()
+                .map(str::to_string)
+                .collect()
+        };
         let mine: Vec<std::net::IpAddr> = match (source, leases) {
             (Source::Cluster(cluster), Some(leases)) => {
                 // Until this node knows the others (and they it), it keeps
@@ -639,7 +654,7 @@ impl Datapath {
                 .map(|c| c.addr)
                 .collect(),
         };
-        let wanted = mine.into_iter().map(|a| (a, ifaces.clone())).collect();
+        let wanted = mine.into_iter().map(|a| (a, interfaces(a))).collect();
         match l2.apply(&mut self.maps, &wanted) {
             Ok(new) => {
                 if let Source::Cluster(cluster) = source {

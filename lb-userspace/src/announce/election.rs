@@ -18,6 +18,8 @@ use std::{
     net::IpAddr,
 };
 
+use kube::core::{Selector, SelectorExt};
+
 /// The label that keeps a node out of every external load balancer
 /// (Kubernetes well-known label; kube-proxy and cloud providers honour it).
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
@@ -27,9 +29,9 @@ pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-b
 /// elsewhere (`status.loadBalancer.ingress` in status mode).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct L2Settings {
-    /// Nodes that may announce: every label here must be on the node with
-    /// the same value (a `matchLabels` selector). Empty: every node.
-    pub node_selector: BTreeMap<String, String>,
+    /// Nodes that may announce (the pool's `spec.l2.nodeSelector`, labels
+    /// and expressions). None: every node.
+    pub node_selector: Option<Selector>,
     /// Interfaces the address is announced on, by name. Empty: every
     /// uplink (`--iface`). Names that are not uplinks are ignored: the
     /// responder runs only where the datapath is attached.
@@ -40,8 +42,8 @@ impl L2Settings {
     /// Does `labels` satisfy the node selector?
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
         self.node_selector
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+            .as_ref()
+            .is_none_or(|selector| selector.matches(labels))
     }
 
     /// The uplinks among `uplinks` the address is announced on.
@@ -243,8 +245,39 @@ mod tests {
             ["good", "good-2", "other-zone"],
             "no selector: every live, ready, unexcluded node"
         );
-        c.settings.node_selector.insert("zone".into(), "a".into());
+        c.settings.node_selector = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_labels: Some([("zone".to_string(), "a".to_string())].into()),
+                ..Default::default()
+            }
+            .try_into()
+            .unwrap(),
+        );
         assert_eq!(eligible(&c, &nodes), ["good", "good-2"]);
+        // Expressions too.
+        c.settings.node_selector = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_expressions: Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                        key: "zone".into(),
+                        operator: "NotIn".into(),
+                        values: Some(vec!["a".into()]),
+                    },
+                ]),
+                ..Default::default()
+            }
+            .try_into()
+            .unwrap(),
+        );
+        assert_eq!(eligible(&c, &nodes), ["other-zone"]);
+        c.settings.node_selector = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_labels: Some([("zone".to_string(), "a".to_string())].into()),
+                ..Default::default()
+            }
+            .try_into()
+            .unwrap(),
+        );
         c.local_nodes = Some(["good-2".to_string(), "dead".to_string()].into());
         assert_eq!(eligible(&c, &nodes), ["good-2"], "Local: endpoint nodes");
         c.local_nodes = Some(BTreeSet::new());

@@ -160,7 +160,7 @@ impl ClusterSource {
         Vec<crate::announce::election::AddressClaim>,
         std::collections::BTreeMap<String, crate::announce::election::NodeState>,
     ) {
-        use crate::announce::election::{AddressClaim, L2Settings, NodeState};
+        use crate::announce::election::{AddressClaim, NodeState};
         let nodes = self
             .stores
             .nodes()
@@ -200,7 +200,11 @@ impl ClusterSource {
                     addr: *addr,
                     // Status-mode addresses: the defaults. Pool addresses
                     // take their pool's `spec.l2` here.
-                    settings: L2Settings::default(),
+                    settings: self
+                        .pools
+                        .pool_of(*addr)
+                        .map(|pool| pool.l2_settings())
+                        .unwrap_or_default(),
                     local_nodes,
                 }
             })

@@ -62,9 +62,23 @@ pub struct Pool {
     service_selector: Option<Selector>,
     /// `spec.l2`: how the pool's addresses are announced.
     pub l2: Option<L2Announcement>,
+    /// `spec.l2.nodeSelector`, checked.
+    l2_node_selector: Option<Selector>,
 }
 
 impl Pool {
+    /// How the pool's addresses are announced on L2 (`spec.l2`).
+    pub fn l2_settings(&self) -> crate::announce::election::L2Settings {
+        crate::announce::election::L2Settings {
+            node_selector: self.l2_node_selector.clone(),
+            interfaces: self
+                .l2
+                .as_ref()
+                .map(|l2| l2.interfaces.clone())
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn contains(&self, address: IpAddr) -> bool {
         self.ranges.iter().any(|range| range.contains(address))
     }
@@ -288,6 +302,18 @@ fn usable(name: &str, pool: &AddressPool) -> Result<Pool, (&'static str, String)
         namespaces: scope.namespaces,
         namespace_selector: selector("namespaceSelector", scope.namespace_selector)?,
         service_selector: selector("serviceSelector", scope.service_selector)?,
+        l2_node_selector: spec
+            .l2
+            .as_ref()
+            .and_then(|l2| l2.node_selector.clone())
+            .map(Selector::try_from)
+            .transpose()
+            .map_err(|e| {
+                (
+                    "InvalidL2",
+                    format!("spec.l2.nodeSelector: {e}; the pool is not used"),
+                )
+            })?,
         l2: spec.l2.clone(),
     })
 }

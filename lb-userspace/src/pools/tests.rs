@@ -565,6 +565,28 @@ fn the_custom_resource_reads_its_defaults_and_keeps_l2() {
     let l2 = checked.usable[0].l2.as_ref().unwrap();
     assert_eq!(l2.interfaces, ["eth0"]);
     assert!(l2.node_selector.is_some());
+    // What the L2 announcer makes of it.
+    let settings = checked.usable[0].l2_settings();
+    assert_eq!(settings.interfaces, ["eth0"]);
+    let labels = |edge: &str| [("edge".to_string(), edge.to_string())].into();
+    assert!(settings.selects(&labels("true")));
+    assert!(!settings.selects(&labels("false")));
+    assert!(!settings.selects(&Default::default()));
+    // A pool whose announcement selector is invalid is not used at all.
+    let bad = self::pool(
+        "bad-l2",
+        2,
+        json!({"addresses": ["198.51.100.0/24"],
+        "l2": {"nodeSelector": {"matchExpressions": [{"key": "a", "operator": "Bogus"}]}}}),
+    );
+    let checked = Pools::new(&[bad]);
+    assert!(checked.usable.is_empty());
+    assert_eq!(checked.problems.len(), 1, "{:?}", checked.problems);
+    assert!(
+        checked.problems[0].message.contains("spec.l2.nodeSelector"),
+        "{:?}",
+        checked.problems[0].message
+    );
     let crd = serde_json::to_value(<AddressPool as kube::CustomResourceExt>::crd()).unwrap();
     assert_eq!(crd["spec"]["scope"], "Cluster");
     assert_eq!(
