@@ -164,23 +164,26 @@ impl ClusterSource {
         let scope = &self.scope;
         let handled = |service: &Service| handles_class(service, &scope.lb_classes);
         let result = if full {
-            // From the watch caches as they are: no copy of every object.
-            let services = self.stores.services();
-            let services: Vec<&Service> = services
-                .iter()
-                .map(|s| &**s)
-                .filter(|s| handled(s))
-                .collect();
-            let slices = self.stores.endpoint_slices();
-            let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
             let nodes = self.stores.nodes();
-            let (translator, found) = Translator::build_from(
-                &services,
-                &slices,
-                &nodes,
-                &scope.node_name,
-                scope.address_mode,
-            );
+            // Every object decoded from the watch caches once, and dropped
+            // as soon as the translation has what it needs.
+            let (translator, found) = {
+                let services = self.stores.services();
+                let services: Vec<&Service> = services
+                    .iter()
+                    .map(|s| &**s)
+                    .filter(|s| handled(s))
+                    .collect();
+                let slices = self.stores.endpoint_slices();
+                let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
+                Translator::build_from(
+                    &services,
+                    &slices,
+                    &nodes,
+                    &scope.node_name,
+                    scope.address_mode,
+                )
+            };
             self.node_context = Some(node_context(&nodes, scope));
             problems = found;
             let translator = self.translator.insert(translator);
