@@ -165,20 +165,22 @@ impl ClusterSource {
         let handled = |service: &Service| handles_class(service, &scope.lb_classes);
         let result = if full {
             let nodes = self.stores.nodes();
-            // Every object decoded from the watch caches once, and dropped
-            // as soon as the translation has what it needs.
+            // The old translation goes first: two at once were most of the
+            // agent's peak. Every object is decoded from the watch caches
+            // once, a Service's slices only while it is translated, and
+            // dropped before the memory is trimmed below.
+            self.translator = None;
+            let stores = &self.stores;
             let (translator, found) = {
-                let services = self.stores.services();
+                let services = stores.services();
                 let services: Vec<&Service> = services
                     .iter()
                     .map(|s| &**s)
                     .filter(|s| handled(s))
                     .collect();
-                let slices = self.stores.endpoint_slices();
-                let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
-                Translator::build_from(
+                Translator::build_with(
                     &services,
-                    &slices,
+                    |key| stores.slices_of_service(key),
                     &nodes,
                     &scope.node_name,
                     scope.address_mode,

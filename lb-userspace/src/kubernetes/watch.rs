@@ -107,6 +107,10 @@ struct CacheState {
 struct CacheWriter<K> {
     state: Arc<RwLock<CacheState>>,
     ready: watch::Sender<bool>,
+    /// Where an object is encoded before it is copied into an allocation
+    /// of its exact size: a grown-then-shrunk vector would leave a hole
+    /// beside every cached object.
+    scratch: Vec<u8>,
     kind: PhantomData<fn() -> K>,
 }
 
@@ -122,6 +126,7 @@ fn cache<K>() -> (Cache<K>, CacheWriter<K>) {
         CacheWriter {
             state,
             ready: ready_tx,
+            scratch: Vec::new(),
             kind: PhantomData,
         },
     )
@@ -180,13 +185,17 @@ impl<K> CacheWriter<K>
 where
     K: kube::Resource + serde::Serialize,
 {
-    fn apply(&self, event: &watcher::Event<K>) {
-        let encode = |object: &K| match serde_json::to_vec(object) {
-            Ok(json) => Some(json.into_boxed_slice()),
-            Err(error) => {
-                tracing::error!(object = %cache_key(object.meta()), %error,
-                    "cannot encode a watched object; not cached");
-                None
+    fn apply(&mut self, event: &watcher::Event<K>) {
+        let scratch = &mut self.scratch;
+        let mut encode = |object: &K| {
+            scratch.clear();
+            match serde_json::to_writer(&mut *scratch, object) {
+                Ok(()) => Some(Box::<[u8]>::from(scratch.as_slice())),
+                Err(error) => {
+                    tracing::error!(object = %cache_key(object.meta()), %error,
+                        "cannot encode a watched object; not cached");
+                    None
+                }
             }
         };
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
@@ -314,6 +323,19 @@ impl Stores {
         found
     }
 
+    /// The EndpointSlices of Service `key`.
+    pub fn slices_of_service(&self, key: &ServiceKey) -> Vec<Arc<EndpointSlice>> {
+        let index = self.slice_index.lock().unwrap_or_else(|e| e.into_inner());
+        index
+            .slices_of(key)
+            .iter()
+            .filter_map(|name| {
+                self.endpoint_slices
+                    .get(&format!("{}/{name}", key.namespace))
+            })
+            .collect()
+    }
+
     /// Every EndpointSlice, decoded.
     pub fn endpoint_slices(&self) -> Vec<Arc<EndpointSlice>> {
         self.endpoint_slices.all()
@@ -424,7 +446,7 @@ pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>) -> Stores {
 
 fn spawn_watch<K>(
     what: &'static str,
-    writer: CacheWriter<K>,
+    mut writer: CacheWriter<K>,
     api: Api<K>,
     config: watcher::Config,
     changed: mpsc::UnboundedSender<Change>,
