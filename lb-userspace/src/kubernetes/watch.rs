@@ -578,6 +578,81 @@ impl Slim for Node {
 mod tests {
     use super::*;
 
+    fn service(name: &str, port: i32) -> Service {
+        let mut service = Service::default();
+        service.metadata.namespace = Some("shop".into());
+        service.metadata.name = Some(name.into());
+        service.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            ports: Some(vec![k8s_openapi::api::core::v1::ServicePort {
+                port,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        service
+    }
+
+    #[test]
+    fn a_cache_serves_what_was_stored_and_swaps_a_relist_in_only_when_complete() {
+        let (cache, mut writer) = cache::<Service>();
+        let key = ServiceKey::new("shop", "web");
+        assert!(!*cache.ready.borrow());
+        writer.apply(&watcher::Event::Init);
+        writer.apply(&watcher::Event::InitApply(service("web", 80)));
+        // Not listed completely yet: nothing to serve.
+        assert!(cache.get(&service_cache_key(&key)).is_none());
+        writer.apply(&watcher::Event::InitDone);
+        assert!(*cache.ready.borrow());
+        assert_eq!(
+            cache.get(&service_cache_key(&key)).as_deref(),
+            Some(&service("web", 80))
+        );
+        writer.apply(&watcher::Event::Apply(service("web", 8080)));
+        writer.apply(&watcher::Event::Apply(service("api", 81)));
+        assert_eq!(cache.all().len(), 2);
+        assert_eq!(
+            cache.get(&service_cache_key(&key)).as_deref(),
+            Some(&service("web", 8080))
+        );
+        // A relist keeps the last state until its list is complete, then
+        // replaces it whole (what the new list lacks is gone).
+        writer.apply(&watcher::Event::Init);
+        writer.apply(&watcher::Event::InitApply(service("web", 9090)));
+        assert_eq!(cache.all().len(), 2);
+        writer.apply(&watcher::Event::InitDone);
+        assert_eq!(
+            cache
+                .all()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect::<Vec<_>>(),
+            vec![service("web", 9090)]
+        );
+        writer.apply(&watcher::Event::Delete(service("web", 9090)));
+        assert!(cache.all().is_empty());
+    }
+
+    #[test]
+    fn the_slice_index_follows_a_slice_that_changes_service() {
+        let mut index = SliceIndex::default();
+        let slice = SliceKey {
+            namespace: "shop".into(),
+            name: "web-abc".into(),
+        };
+        let web = ServiceKey::new("shop", "web");
+        let api = ServiceKey::new("shop", "api");
+        assert_eq!(index.set(slice.clone(), Some(web.clone())), None);
+        assert_eq!(&*index.slices_of(&web)[0], "web-abc");
+        assert_eq!(
+            index.set(slice.clone(), Some(api.clone())),
+            Some(web.clone())
+        );
+        assert!(index.slices_of(&web).is_empty());
+        assert_eq!(index.slices_of(&api).len(), 1);
+        assert_eq!(index.set(slice, None), Some(api.clone()));
+        assert!(index.slices_of(&api).is_empty());
+    }
+
     #[test]
     fn a_slim_service_keeps_only_the_annotation_the_translation_reads() {
         let mut service = Service::default();
