@@ -180,17 +180,16 @@ impl ClusterSource {
                 Some((name, state))
             })
             .collect();
-        let slices = self.stores.endpoint_slices();
         let out = claims
             .iter()
             .map(|(addr, service, local_only)| {
+                // Only a Local Service's own slices are decoded from the
+                // watch cache (this runs every election tick).
                 let local_nodes = local_only.then(|| {
                     let key = ServiceKey::new(&service.namespace, &service.name);
-                    slices
+                    self.stores
+                        .slices_of_service(&key)
                         .iter()
-                        .filter(|slice| {
-                            crate::translate::objects::slice_service(slice).as_ref() == Some(&key)
-                        })
                         .flat_map(|slice| slice.endpoints.iter().flatten())
                         .filter(|e| crate::translate::objects::endpoint_ready(e))
                         .filter_map(|e| e.node_name.clone())
@@ -252,30 +251,35 @@ impl ClusterSource {
         let scope = &self.scope;
         let handled = |service: &Service| handles_class(service, &scope.lb_classes);
         let result = if full {
-            // From the watch caches as they are: no copy of every object.
-            let services = self.stores.services();
-            let services: Vec<&Service> = services
-                .iter()
-                .map(|s| &**s)
-                .filter(|s| handled(s))
-                .collect();
-            let slices = self.stores.endpoint_slices();
-            let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
             let nodes = self.stores.nodes();
-            if pool_mode {
-                self.pools = Pools::new(&self.stores.address_pools());
-                self.allocation =
-                    pools::allocate(&self.pools, &services, &self.stores.namespace_labels());
-                allocated = true;
-            }
-            let (translator, found) = Translator::build_assigned(
-                &services,
-                &slices,
-                &nodes,
-                &scope.node_name,
-                scope.address_mode,
-                self.allocation.assigned.clone(),
-            );
+            // The old translation goes first: two at once were most of the
+            // agent's peak. Every object is decoded from the watch caches
+            // once, a Service's slices only while it is translated, and
+            // dropped before the memory is trimmed below.
+            self.translator = None;
+            let stores = &self.stores;
+            let (translator, found) = {
+                let services = stores.services();
+                let services: Vec<&Service> = services
+                    .iter()
+                    .map(|s| &**s)
+                    .filter(|s| handled(s))
+                    .collect();
+                if pool_mode {
+                    self.pools = Pools::new(&stores.address_pools());
+                    self.allocation =
+                        pools::allocate(&self.pools, &services, &stores.namespace_labels());
+                    allocated = true;
+                }
+                Translator::build_with(
+                    &services,
+                    |key| stores.slices_of_service(key),
+                    &nodes,
+                    &scope.node_name,
+                    scope.address_mode,
+                    self.allocation.assigned.clone(),
+                )
+            };
             self.node_context = Some(node_context(&nodes, scope));
             problems = found;
             let translator = self.translator.insert(translator);

@@ -1,4 +1,4 @@
-//! The Kubernetes watches: reflectors (list + watch) on Services (all
+//! The Kubernetes watches (list + watch) on Services (all
 //! namespaces), `discovery.k8s.io/v1` EndpointSlices and Nodes (this agent's,
 //! or all in node mode). Every change wakes the agent with what changed: a
 //! Service or one of its EndpointSlices names that Service, which alone is
@@ -6,14 +6,15 @@
 //! asks for a full rebuild from the stores.
 //!
 //! Watch disconnects, API server restarts and `410 Gone` end in a re-list
-//! (kube-runtime's watcher, with backoff). The reflector swaps a re-listed
-//! store in only when the list is complete, so the agent keeps programming
+//! (kube-runtime's watcher, with backoff). A cache swaps a re-listed
+//! set in only when the list is complete, so the agent keeps programming
 //! from the last known state meanwhile: maps are never cleared by a relist.
 
 use std::{
     collections::{BTreeSet, HashMap},
+    marker::PhantomData,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -26,13 +27,9 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt, watcher},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     change::Change,
@@ -65,26 +62,187 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     Client::try_from(config).context("creating the Kubernetes client")
 }
 
-/// The three stores the agent reads.
+/// The three caches the agent reads.
 #[derive(Clone)]
 pub struct Stores {
-    services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
+    services: Cache<Service>,
+    endpoint_slices: Cache<EndpointSlice>,
+    nodes: Cache<Node>,
     /// Pool mode only: the AddressPools and the Namespaces (their labels,
     /// for pool scopes).
-    pools: Option<(Store<AddressPool>, Store<Namespace>)>,
+    pools: Option<(Cache<AddressPool>, Cache<Namespace>)>,
     slice_index: Arc<Mutex<SliceIndex>>,
 }
 
+/// A watch cache: every object of one kind, keyed by `namespace/name`
+/// (`name` for cluster-scoped kinds), each kept as the compact JSON of its
+/// slimmed form ([`Slim`]) and decoded when read.
+///
+/// Why not kube's reflector store of `Arc<K>`: a k8s-openapi object costs
+/// its struct sizes whatever it holds (an `EndpointSlice` endpoint is
+/// ~400 bytes of mostly `None`, a label map one B-tree node of ~550), and
+/// the store's key four more strings. At 10 000 Services and as many
+/// slices that was ~40 MiB; as bytes it is ~10 (docs/design-notes.md,
+/// issue 11). The translation still reads the k8s-openapi types, decoded
+/// only for the Services it translates; a full rebuild decodes every
+/// object once.
+struct Cache<K> {
+    state: Arc<RwLock<CacheState>>,
+    ready: watch::Receiver<bool>,
+    kind: PhantomData<fn() -> K>,
+}
+
+impl<K> Clone for Cache<K> {
+    fn clone(&self) -> Self {
+        Cache {
+            state: self.state.clone(),
+            ready: self.ready.clone(),
+            kind: PhantomData,
+        }
+    }
+}
+
+#[derive(Default)]
+struct CacheState {
+    objects: HashMap<Box<str>, Box<[u8]>>,
+    /// A (re-)list in progress: swapped in whole when complete, so the
+    /// agent keeps the last known state meanwhile.
+    relisting: Option<HashMap<Box<str>, Box<[u8]>>>,
+}
+
+/// The writing side of a [`Cache`], owned by its watch task.
+struct CacheWriter<K> {
+    state: Arc<RwLock<CacheState>>,
+    ready: watch::Sender<bool>,
+    /// Where an object is encoded before it is copied into an allocation
+    /// of its exact size: a grown-then-shrunk vector would leave a hole
+    /// beside every cached object.
+    scratch: Vec<u8>,
+    kind: PhantomData<fn() -> K>,
+}
+
+fn cache<K>() -> (Cache<K>, CacheWriter<K>) {
+    let state = Arc::new(RwLock::new(CacheState::default()));
+    let (ready_tx, ready) = watch::channel(false);
+    (
+        Cache {
+            state: state.clone(),
+            ready,
+            kind: PhantomData,
+        },
+        CacheWriter {
+            state,
+            ready: ready_tx,
+            scratch: Vec::new(),
+            kind: PhantomData,
+        },
+    )
+}
+
+/// `namespace/name`, or `name` without a namespace.
+fn cache_key(metadata: &kube::api::ObjectMeta) -> Box<str> {
+    let name = metadata.name.as_deref().unwrap_or_default();
+    match metadata.namespace.as_deref() {
+        Some(namespace) => format!("{namespace}/{name}").into(),
+        None => name.into(),
+    }
+}
+
+impl<K> Cache<K>
+where
+    K: kube::Resource + serde::de::DeserializeOwned,
+{
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, CacheState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn decode(key: &str, json: &[u8]) -> Option<Arc<K>> {
+        match serde_json::from_slice(json) {
+            Ok(object) => Some(Arc::new(object)),
+            // It was encoded from the same type: this would be a bug.
+            Err(error) => {
+                tracing::error!(object = key, %error, "watch cache entry does not decode; ignored");
+                None
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Arc<K>> {
+        let state = self.read();
+        let json = state.objects.get(key)?;
+        Self::decode(key, json)
+    }
+
+    fn all(&self) -> Vec<Arc<K>> {
+        let state = self.read();
+        state
+            .objects
+            .iter()
+            .filter_map(|(key, json)| Self::decode(key, json))
+            .collect()
+    }
+
+    async fn ready(&self) {
+        let mut ready = self.ready.clone();
+        let _ = ready.wait_for(|ready| *ready).await;
+    }
+}
+
+impl<K> CacheWriter<K>
+where
+    K: kube::Resource + serde::Serialize,
+{
+    fn apply(&mut self, event: &watcher::Event<K>) {
+        let scratch = &mut self.scratch;
+        let mut encode = |object: &K| {
+            scratch.clear();
+            match serde_json::to_writer(&mut *scratch, object) {
+                Ok(()) => Some(Box::<[u8]>::from(scratch.as_slice())),
+                Err(error) => {
+                    tracing::error!(object = %cache_key(object.meta()), %error,
+                        "cannot encode a watched object; not cached");
+                    None
+                }
+            }
+        };
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        match event {
+            watcher::Event::Apply(object) => {
+                if let Some(json) = encode(object) {
+                    state.objects.insert(cache_key(object.meta()), json);
+                }
+            }
+            watcher::Event::Delete(object) => {
+                state.objects.remove(&cache_key(object.meta()));
+            }
+            watcher::Event::Init => state.relisting = Some(HashMap::new()),
+            watcher::Event::InitApply(object) => {
+                if let Some(json) = encode(object) {
+                    state
+                        .relisting
+                        .get_or_insert_default()
+                        .insert(cache_key(object.meta()), json);
+                }
+            }
+            watcher::Event::InitDone => {
+                let mut objects = state.relisting.take().unwrap_or_default();
+                objects.shrink_to_fit();
+                state.objects = objects;
+                drop(state);
+                self.ready.send_replace(true);
+            }
+        }
+    }
+}
+
 /// Which EndpointSlices belong to which Service (by the
-/// `kubernetes.io/service-name` label), kept by the slice reflector.
+/// `kubernetes.io/service-name` label), kept by the slice watch.
 #[derive(Default)]
 struct SliceIndex {
-    /// Slice → its Service.
-    owner: HashMap<SliceKey, ServiceKey>,
-    /// Service → the names of its slices (same namespace).
-    slices: HashMap<ServiceKey, BTreeSet<String>>,
+    /// Slice `namespace/name` → the name of its Service (same namespace).
+    owner: HashMap<Box<str>, Box<str>>,
+    /// Service `namespace/name` → the names of its slices.
+    slices: HashMap<Box<str>, Vec<Box<str>>>,
 }
 
 /// Which EndpointSlice: `namespace/name`.
@@ -94,38 +252,61 @@ struct SliceKey {
     name: String,
 }
 
+impl SliceKey {
+    fn joined(&self) -> Box<str> {
+        format!("{}/{}", self.namespace, self.name).into()
+    }
+}
+
+fn service_cache_key(key: &ServiceKey) -> Box<str> {
+    format!("{}/{}", key.namespace, key.name).into()
+}
+
 impl SliceIndex {
     /// Records that slice `id` belongs to `owner` (or to none); returns the
     /// Service it belonged to before.
     fn set(&mut self, id: SliceKey, owner: Option<ServiceKey>) -> Option<ServiceKey> {
+        let joined = id.joined();
         let before = match &owner {
-            Some(key) => self.owner.insert(id.clone(), key.clone()),
-            None => self.owner.remove(&id),
-        };
-        if let Some(old) = &before
-            && let Some(names) = self.slices.get_mut(old)
-        {
-            names.remove(&id.name);
-            if names.is_empty() {
-                self.slices.remove(old);
+            Some(key) => self.owner.insert(joined, key.name.as_str().into()),
+            None => self.owner.remove(&joined),
+        }
+        .map(|name| ServiceKey::new(id.namespace.as_str(), &*name));
+        if let Some(old) = &before {
+            let old = service_cache_key(old);
+            if let Some(names) = self.slices.get_mut(&old) {
+                names.retain(|name| **name != *id.name);
+                if names.is_empty() {
+                    self.slices.remove(&old);
+                }
             }
         }
         if let Some(key) = owner {
-            self.slices.entry(key).or_default().insert(id.name);
+            let names = self.slices.entry(service_cache_key(&key)).or_default();
+            names.push(id.name.as_str().into());
+            names.shrink_to_fit();
         }
         before
+    }
+
+    /// The names of the slices of Service `key`.
+    fn slices_of(&self, key: &ServiceKey) -> &[Box<str>] {
+        self.slices
+            .get(&*service_cache_key(key))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 }
 
 impl Stores {
-    /// The Service `namespace/name`, if the store has it.
+    /// The Service `namespace/name`, if the cache has it.
     pub fn service(&self, key: &ServiceKey) -> Option<Arc<Service>> {
-        self.services.get(&key.object_ref())
+        self.services.get(&service_cache_key(key))
     }
 
-    /// Every Service, shared with the store.
+    /// Every Service, decoded.
     pub fn services(&self) -> Vec<Arc<Service>> {
-        self.services.state()
+        self.services.all()
     }
 
     /// The EndpointSlices of the Services in `keys`: O(their slices), not
@@ -137,10 +318,10 @@ impl Stores {
         let index = self.slice_index.lock().unwrap_or_else(|e| e.into_inner());
         let mut found: HashMap<_, Vec<_>> = HashMap::new();
         for key in keys {
-            for name in index.slices.get(key).into_iter().flatten() {
+            for name in index.slices_of(key) {
                 if let Some(slice) = self
                     .endpoint_slices
-                    .get(&reflector::ObjectRef::new(name).within(&key.namespace))
+                    .get(&format!("{}/{name}", key.namespace))
                 {
                     found.entry(key.clone()).or_default().push(slice);
                 }
@@ -149,21 +330,38 @@ impl Stores {
         found
     }
 
-    /// Every EndpointSlice, shared with the store.
+    /// The EndpointSlices of Service `key`.
+    pub fn slices_of_service(&self, key: &ServiceKey) -> Vec<Arc<EndpointSlice>> {
+        let index = self.slice_index.lock().unwrap_or_else(|e| e.into_inner());
+        index
+            .slices_of(key)
+            .iter()
+            .filter_map(|name| {
+                self.endpoint_slices
+                    .get(&format!("{}/{name}", key.namespace))
+            })
+            .collect()
+    }
+
+    /// Every EndpointSlice, decoded.
     pub fn endpoint_slices(&self) -> Vec<Arc<EndpointSlice>> {
-        self.endpoint_slices.state()
+        self.endpoint_slices.all()
     }
 
     pub fn nodes(&self) -> Vec<Node> {
-        self.nodes.state().iter().map(|n| (**n).clone()).collect()
+        self.nodes
+            .all()
+            .into_iter()
+            .map(Arc::unwrap_or_clone)
+            .collect()
     }
 
-    /// Resolves once every store has been listed completely.
+    /// Resolves once every cache has been listed completely.
     /// Pool mode: every AddressPool (none in the other modes).
     pub fn address_pools(&self) -> Vec<AddressPool> {
         self.pools
             .iter()
-            .flat_map(|(pools, _)| pools.state())
+            .flat_map(|(pools, _)| pools.all())
             .map(|pool| (*pool).clone())
             .collect()
     }
@@ -173,29 +371,29 @@ impl Stores {
         let namespaces: Vec<Arc<Namespace>> = self
             .pools
             .iter()
-            .flat_map(|(_, namespaces)| namespaces.state())
+            .flat_map(|(_, namespaces)| namespaces.all())
             .collect();
         namespace_labels(namespaces.iter().map(|n| &**n))
     }
 
     pub async fn ready(&self) {
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.endpoint_slices.wait_until_ready().await;
-        let _ = self.nodes.wait_until_ready().await;
+        self.services.ready().await;
+        self.endpoint_slices.ready().await;
+        self.nodes.ready().await;
         if let Some((pools, namespaces)) = &self.pools {
-            let _ = pools.wait_until_ready().await;
-            let _ = namespaces.wait_until_ready().await;
+            pools.ready().await;
+            namespaces.ready().await;
         }
     }
 }
 
-/// Starts the reflectors; each change is sent on `changed`. Nodes: all of
+/// Starts the watches; each change is sent on `changed`. Nodes: all of
 /// them (node mode needs every node's addresses and labels, and every mode
 /// the cluster's networks: pod CIDRs and node addresses).
 pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: bool) -> Stores {
     let pools = pool_mode.then(|| {
-        let (pools, pools_writer) = reflector::store::<AddressPool>();
-        let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
+        let (pools, pools_writer) = cache::<AddressPool>();
+        let (namespaces, namespaces_writer) = cache::<Namespace>();
         // Any change re-allocates: pools are few, and a Namespace's labels
         // may move it into or out of a pool's scope.
         fn pool_change<K>(event: &watcher::Event<K>) -> Vec<Change> {
@@ -206,7 +404,7 @@ pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: 
                 watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
             }
         }
-        spawn_reflector(
+        spawn_watch(
             "addresspools",
             pools_writer,
             Api::<AddressPool>::all(client.clone()),
@@ -214,7 +412,7 @@ pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: 
             changed.clone(),
             pool_change::<AddressPool>,
         );
-        spawn_reflector(
+        spawn_watch(
             "namespaces",
             namespaces_writer,
             Api::<Namespace>::all(client.clone()),
@@ -224,10 +422,10 @@ pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: 
         );
         (pools, namespaces)
     });
-    let (services, services_writer) = reflector::store::<Service>();
-    let (endpoint_slices, slices_writer) = reflector::store::<EndpointSlice>();
-    let (nodes, nodes_writer) = reflector::store::<Node>();
-    spawn_reflector(
+    let (services, services_writer) = cache::<Service>();
+    let (endpoint_slices, slices_writer) = cache::<EndpointSlice>();
+    let (nodes, nodes_writer) = cache::<Node>();
+    spawn_watch(
         "services",
         services_writer,
         Api::<Service>::all(client.clone()),
@@ -247,7 +445,7 @@ pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: 
     let index = Arc::new(Mutex::new(SliceIndex::default()));
     let mut relisted = SliceIndex::default();
     let writer_index = index.clone();
-    spawn_reflector(
+    spawn_watch(
         "endpointslices",
         slices_writer,
         Api::<EndpointSlice>::all(client.clone()),
@@ -287,7 +485,7 @@ pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: 
             dirty
         },
     );
-    spawn_reflector(
+    spawn_watch(
         "nodes",
         nodes_writer,
         Api::<Node>::all(client),
@@ -308,9 +506,9 @@ pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: 
     }
 }
 
-fn spawn_reflector<K>(
+fn spawn_watch<K>(
     what: &'static str,
-    writer: reflector::store::Writer<K>,
+    mut writer: CacheWriter<K>,
     api: Api<K>,
     config: watcher::Config,
     changed: mpsc::UnboundedSender<Change>,
@@ -320,17 +518,17 @@ fn spawn_reflector<K>(
         + Slim
         + Clone
         + serde::de::DeserializeOwned
+        + serde::Serialize
         + std::fmt::Debug
         + Send
         + Sync
         + 'static,
 {
     tokio::spawn(async move {
-        // The stores hold every object of the cluster: keep only what the
+        // The caches hold every object of the cluster: keep only what the
         // translation reads (managedFields and last-applied annotations are
         // often most of an object).
         let stream = watcher(api, config).default_backoff().modify(K::slim);
-        let stream = reflector::reflector(writer, stream);
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(event) = stream.next().await {
@@ -346,8 +544,11 @@ fn spawn_reflector<K>(
                             .get_or_create(&[("resource", what)])
                             .inc();
                     }
-                    // Init and InitApply change nothing visible until
-                    // InitDone swaps the new list in.
+                    // The cache first, so that the agent, woken by the
+                    // change, reads the object as it is now. Init and
+                    // InitApply change nothing visible until InitDone swaps
+                    // the new list in.
+                    writer.apply(&event);
                     for change in what_changed(&event) {
                         let _ = changed.send(change);
                     }
@@ -464,6 +665,81 @@ impl Slim for Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service(name: &str, port: i32) -> Service {
+        let mut service = Service::default();
+        service.metadata.namespace = Some("shop".into());
+        service.metadata.name = Some(name.into());
+        service.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            ports: Some(vec![k8s_openapi::api::core::v1::ServicePort {
+                port,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        service
+    }
+
+    #[test]
+    fn a_cache_serves_what_was_stored_and_swaps_a_relist_in_only_when_complete() {
+        let (cache, mut writer) = cache::<Service>();
+        let key = ServiceKey::new("shop", "web");
+        assert!(!*cache.ready.borrow());
+        writer.apply(&watcher::Event::Init);
+        writer.apply(&watcher::Event::InitApply(service("web", 80)));
+        // Not listed completely yet: nothing to serve.
+        assert!(cache.get(&service_cache_key(&key)).is_none());
+        writer.apply(&watcher::Event::InitDone);
+        assert!(*cache.ready.borrow());
+        assert_eq!(
+            cache.get(&service_cache_key(&key)).as_deref(),
+            Some(&service("web", 80))
+        );
+        writer.apply(&watcher::Event::Apply(service("web", 8080)));
+        writer.apply(&watcher::Event::Apply(service("api", 81)));
+        assert_eq!(cache.all().len(), 2);
+        assert_eq!(
+            cache.get(&service_cache_key(&key)).as_deref(),
+            Some(&service("web", 8080))
+        );
+        // A relist keeps the last state until its list is complete, then
+        // replaces it whole (what the new list lacks is gone).
+        writer.apply(&watcher::Event::Init);
+        writer.apply(&watcher::Event::InitApply(service("web", 9090)));
+        assert_eq!(cache.all().len(), 2);
+        writer.apply(&watcher::Event::InitDone);
+        assert_eq!(
+            cache
+                .all()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect::<Vec<_>>(),
+            vec![service("web", 9090)]
+        );
+        writer.apply(&watcher::Event::Delete(service("web", 9090)));
+        assert!(cache.all().is_empty());
+    }
+
+    #[test]
+    fn the_slice_index_follows_a_slice_that_changes_service() {
+        let mut index = SliceIndex::default();
+        let slice = SliceKey {
+            namespace: "shop".into(),
+            name: "web-abc".into(),
+        };
+        let web = ServiceKey::new("shop", "web");
+        let api = ServiceKey::new("shop", "api");
+        assert_eq!(index.set(slice.clone(), Some(web.clone())), None);
+        assert_eq!(&*index.slices_of(&web)[0], "web-abc");
+        assert_eq!(
+            index.set(slice.clone(), Some(api.clone())),
+            Some(web.clone())
+        );
+        assert!(index.slices_of(&web).is_empty());
+        assert_eq!(index.slices_of(&api).len(), 1);
+        assert_eq!(index.set(slice, None), Some(api.clone()));
+        assert!(index.slices_of(&api).is_empty());
+    }
 
     #[test]
     fn a_slim_service_keeps_only_the_annotation_the_translation_reads() {

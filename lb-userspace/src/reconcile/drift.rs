@@ -45,14 +45,14 @@ impl Reconciler {
                 continue;
             }
             let mut intact = maps.service(&key)? == p.service_value;
-            for (id, value) in &p.backend_values {
-                intact = intact && maps.backend(*id)?.as_ref() == Some(value);
+            for (id, value) in p.backends.written() {
+                intact = intact && maps.backend(id)?.as_ref() == Some(value);
             }
             if !intact {
                 p.spec = None;
                 p.table_written = false;
                 p.service_value = None;
-                p.backend_values.clear();
+                p.backends.forget_values();
                 drift.rewrite += 1;
             }
         }

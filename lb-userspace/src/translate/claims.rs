@@ -101,6 +101,33 @@ impl Translator {
         mode: AddressMode,
         assigned: BTreeMap<ServiceKey, Vec<IpAddr>>,
     ) -> (Translator, Vec<Problem>) {
+        let mut slices_by_service: HashMap<ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
+        for &slice in endpoint_slices {
+            if let Some(key) = slice_service(slice) {
+                slices_by_service.entry(key).or_default().push(slice);
+            }
+        }
+        Self::build_with(
+            services,
+            |key| slices_by_service.get(key).cloned().unwrap_or_default(),
+            nodes,
+            node_name,
+            mode,
+            assigned,
+        )
+    }
+
+    /// [`Translator::build_assigned`] with each Service's EndpointSlices
+    /// asked for when it is translated, so that a source whose cache must
+    /// decode them holds one Service's slices at a time, not all of them.
+    pub fn build_with<S: std::borrow::Borrow<EndpointSlice>>(
+        services: &[&Service],
+        mut slices_of: impl FnMut(&ServiceKey) -> Vec<S>,
+        nodes: &[Node],
+        node_name: &str,
+        mode: AddressMode,
+        assigned: BTreeMap<ServiceKey, Vec<IpAddr>>,
+    ) -> (Translator, Vec<Problem>) {
         let mut translator = Translator {
             node_name: node_name.to_owned(),
             node_plan: match mode {
@@ -120,12 +147,6 @@ impl Translator {
             },
         };
         let mut problems = Vec::new();
-        let mut slices_by_service: HashMap<ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
-        for &slice in endpoint_slices {
-            if let Some(key) = slice_service(slice) {
-                slices_by_service.entry(key).or_default().push(slice);
-            }
-        }
         let mut changed = BTreeSet::new();
         // In claim order, so that conflicts are reported on the later
         // Service. Stable: of two definitions of one Service, the first read
@@ -148,14 +169,9 @@ impl Translator {
                 ));
                 continue;
             }
-            let slices = slices_by_service.get(&key).map(Vec::as_slice);
-            translator.update(
-                &key,
-                Some(service),
-                slices.unwrap_or_default(),
-                &mut problems,
-                &mut changed,
-            );
+            let slices = slices_of(&key);
+            let slices: Vec<&EndpointSlice> = slices.iter().map(|s| s.borrow()).collect();
+            translator.update(&key, Some(service), &slices, &mut problems, &mut changed);
         }
         (translator, problems)
     }

@@ -29,7 +29,7 @@ use network::{DUT_ADDR, PORT_BASE, dut_addr, dut_sink_side};
 use systems::{
     AgentRun, backend, feed, iptables_restore, iptables_ruleset, iptables_service, is_backend,
     klipper_node_ruleset, klipper_node_service, klipper_pod_ruleset, klipper_pod_service,
-    nft_family, nft_ruleset, nft_service, process_cpu_ns, rss_bytes, service_manifest,
+    nft_family, nft_ruleset, nft_service, process_cpu_ns, rss_bytes, rss_split, service_manifest,
 };
 use xlb_tests::{fake_api::FakeApi, scoped_in_netns};
 
@@ -45,7 +45,9 @@ fn main() -> Result<()> {
     // XLB_BENCH_SCALES=1,100, XLB_BENCH_ONLY=xlb,iptables (names:
     // ceiling, forwarder, xlb, iptables, klipper, nftables),
     // XLB_BENCH_FAMILIES=ipv6 and XLB_BENCH_TRAFFIC (below) narrow a run
-    // down while investigating; the report covers whatever ran.
+    // down while investigating; XLB_BENCH_FOOTPRINT_ONLY=1 measures only the
+    // agent's footprint (both sources, largest scale, no traffic). The
+    // report covers whatever ran.
     let scales: Vec<u32> = match std::env::var("XLB_BENCH_SCALES") {
         Ok(v) if !v.is_empty() => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
         _ if quick => vec![1, 100],
@@ -64,6 +66,7 @@ fn main() -> Result<()> {
     };
     let started = Instant::now();
     let largest = *scales.last().context("XLB_BENCH_SCALES names no scale")?;
+    let footprint_only = std::env::var("XLB_BENCH_FOOTPRINT_ONLY").is_ok_and(|v| v == "1");
 
     let mut bench = Bench::new()?;
     let mut rows = Vec::new();
@@ -95,6 +98,20 @@ fn main() -> Result<()> {
                     .collect(),
             };
             for &n in &sizes {
+                if footprint_only {
+                    if system == System::Xlb && family == Family::V4 && n == largest {
+                        eprintln!(
+                            "[{:>5.0}s] xlb footprint with {n} services",
+                            started.elapsed().as_secs_f64()
+                        );
+                        let agent = AgentRun::start(&bench.net, n, family)?;
+                        let fp = agent_footprint(&bench, &agent, if quick { 1.0 } else { 5.0 })?;
+                        eprintln!("    {fp:?}");
+                        footprint = Some(fp);
+                        agent.stop()?;
+                    }
+                    continue;
+                }
                 let measured = measure(&mut bench, system, family, n, seconds, quick, started)?;
                 rows.extend(measured.rows);
                 apply.extend(measured.apply);
@@ -132,7 +149,11 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let alone = xdp_alone(&mut bench, &scales, quick)?;
+    let alone = if footprint_only {
+        BTreeMap::new()
+    } else {
+        xdp_alone(&mut bench, &scales, quick)?
+    };
     let machine = Machine {
         kernel: fs::read_to_string("/proc/sys/kernel/osrelease")?
             .trim()
@@ -484,6 +505,7 @@ fn agent_footprint(bench: &Bench, a: &AgentRun, seconds: f64) -> Result<AgentFoo
     std::thread::sleep(Duration::from_secs_f64(seconds));
     let idle_cpu = (process_cpu_ns(pid)? - cpu0) as f64 / (seconds * 1e9);
     let idle_rss = rss_bytes(pid)?;
+    eprintln!("    idle: {}", rss_split(pid));
     let cpu1 = process_cpu_ns(pid)?;
     let started = Instant::now();
     let mut writes = 0u64;
@@ -574,13 +596,18 @@ fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<KubeSource> {
     }
     latencies.sort_by(f64::total_cmp);
 
+    let idle_rss = rss_bytes(pid)?;
+    eprintln!("    idle: {}", rss_split(pid));
+    let mut max_rss = idle_rss;
     let cpu0 = process_cpu_ns(pid)?;
     let churn_started = Instant::now();
     let mut changes = 0usize;
+    // About 100 changes a second, as the manifest churn (issue 11's rate).
     while churn_started.elapsed().as_secs_f64() < seconds {
         change_slice((changes * 104_729) % slices.len());
         changes += 1;
-        std::thread::sleep(Duration::from_millis(20));
+        max_rss = max_rss.max(rss_bytes(pid)?);
+        std::thread::sleep(Duration::from_millis(10));
     }
     let churn_s = churn_started.elapsed().as_secs_f64();
     let churn_cpu = (process_cpu_ns(pid)? - cpu0) as f64 / churn_s / 1e9;
@@ -588,11 +615,14 @@ fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<KubeSource> {
 
     agent.stop()?;
     eprintln!(
-        "    initial {:.1}s, one slice change {:.0} ms (median), churn {:.0}/s at {:.1} % CPU",
+        "    initial {:.1}s, one slice change {:.0} ms (median), churn {:.0}/s at {:.1} % CPU; \
+         idle {:.1} MiB, churn up to {:.1} MiB",
         initial.as_secs_f64(),
         latencies[latencies.len() / 2],
         changes as f64 / churn_s,
-        churn_cpu * 100.0
+        churn_cpu * 100.0,
+        idle_rss as f64 / 1_048_576.0,
+        max_rss as f64 / 1_048_576.0,
     );
     Ok(KubeSource {
         services: n,
@@ -601,6 +631,8 @@ fn kube_source(bench: &Bench, n: u32, seconds: f64) -> Result<KubeSource> {
         churn_changes_per_s: changes as f64 / churn_s,
         churn_cpu_fraction: churn_cpu,
         rss_bytes: rss,
+        idle_rss_bytes: Some(idle_rss),
+        churn_max_rss_bytes: Some(max_rss),
     })
 }
 

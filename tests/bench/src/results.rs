@@ -238,7 +238,15 @@ pub struct KubeSource {
     pub slice_change_ms_median: f64,
     pub churn_changes_per_s: f64,
     pub churn_cpu_fraction: f64,
+    /// After the churn.
     pub rss_bytes: u64,
+    /// After the first slice changes, before the churn; absent from runs
+    /// made before it was measured.
+    #[serde(default)]
+    pub idle_rss_bytes: Option<u64>,
+    /// The most sampled during the churn.
+    #[serde(default)]
+    pub churn_max_rss_bytes: Option<u64>,
 }
 
 /// The machine the run was made on.
@@ -732,13 +740,21 @@ impl Results {
                  first complete programming {:.1} s after start (lists included); one EndpointSlice \
                  change programmed {:.0} ms after the API server took it (median of 5, the \
                  agent's settle included: it ends 2 ms after the last change); EndpointSlice churn at {:.0} changes/s: \
-                 {:.1} % of a CPU, {:.1} MiB resident. Each change re-translates and re-programs only \
+                 {:.1} % of a CPU, {}{:.1} MiB resident after it. Each change re-translates and re-programs only \
                  its Service.",
                 k.services,
                 k.initial_s,
                 k.slice_change_ms_median,
                 k.churn_changes_per_s,
                 k.churn_cpu_fraction * 100.0,
+                match (k.idle_rss_bytes, k.churn_max_rss_bytes) {
+                    (Some(idle), Some(max)) => format!(
+                        "{:.1} MiB resident idle, up to {:.1} MiB during it, ",
+                        idle as f64 / MIB,
+                        max as f64 / MIB
+                    ),
+                    _ => String::new(),
+                },
                 k.rss_bytes as f64 / MIB,
             );
         }

@@ -476,6 +476,27 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
+/// Where a process's resident memory is (`RssAnon`, `RssFile`,
+/// `RssShmem` of /proc/PID/status, MiB), for the log.
+pub fn rss_split(pid: u32) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mut parts = Vec::new();
+    for field in ["RssAnon:", "RssFile:", "RssShmem:"] {
+        if let Some(kb) = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        {
+            parts.push(format!(
+                "{} {:.1}",
+                field.trim_end_matches(':'),
+                kb / 1024.0
+            ));
+        }
+    }
+    parts.join(", ") + " MiB"
+}
+
 /// CPU time (user + system) of a process, ns.
 pub fn process_cpu_ns(pid: u32) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
