@@ -9,6 +9,7 @@
 //! `agent`, which wires them together.
 
 pub mod agent;
+pub mod announce;
 pub mod change;
 pub mod conntrack;
 pub mod dataplane;

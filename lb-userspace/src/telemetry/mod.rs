@@ -51,6 +51,9 @@ pub struct ServiceLabels {
 /// The label set of a per-resource counter (`resource="services"`).
 pub type ResourceLabel = [(&'static str, &'static str); 1];
 
+/// The label set of a per-BGP-peer metric (`peer="namespace/name"`).
+pub type PeerLabel = [(&'static str, String); 1];
+
 /// The agent's own metrics and health.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -69,6 +72,12 @@ pub struct Telemetry {
     pub snat_ports_in_use: Gauge,
     /// Size of `--snat-ports`.
     pub snat_ports_capacity: Gauge,
+    /// Per BGP peer (`peer="namespace/name"`): 1 while Established.
+    pub bgp_session_up: Family<PeerLabel, Gauge>,
+    /// Per BGP peer: host routes in its Adj-RIB-Out.
+    pub bgp_announced_prefixes: Family<PeerLabel, Gauge>,
+    pub bgp_updates_sent: Family<PeerLabel, Counter>,
+    pub bgp_updates_received: Family<PeerLabel, Counter>,
     /// Who each programmed service id is, for the datapath's counters.
     pub services: RwLock<BTreeMap<u32, ServiceLabels>>,
     pub health: health::Health,
@@ -88,6 +97,10 @@ impl Default for Telemetry {
             flow_entries: Gauge::default(),
             snat_ports_in_use: Gauge::default(),
             snat_ports_capacity: Gauge::default(),
+            bgp_session_up: Family::default(),
+            bgp_announced_prefixes: Family::default(),
+            bgp_updates_sent: Family::default(),
+            bgp_updates_received: Family::default(),
             services: RwLock::default(),
             health: health::Health::default(),
         }
@@ -156,6 +169,26 @@ impl Telemetry {
             "xlb_snat_ports_capacity",
             "SNAT ports per backend address and port (--snat-ports)",
             self.snat_ports_capacity.clone(),
+        );
+        r.register(
+            "xlb_bgp_session_up",
+            "1 while the BGP session to the peer is Established",
+            self.bgp_session_up.clone(),
+        );
+        r.register(
+            "xlb_bgp_announced_prefixes",
+            "Host routes announced to the peer (its Adj-RIB-Out; a gauge, it falls on withdrawals)",
+            self.bgp_announced_prefixes.clone(),
+        );
+        r.register(
+            "xlb_bgp_updates_sent",
+            "BGP UPDATE messages sent to the peer",
+            self.bgp_updates_sent.clone(),
+        );
+        r.register(
+            "xlb_bgp_updates_received",
+            "BGP UPDATE messages received from the peer (xlb uses none of their routes)",
+            self.bgp_updates_received.clone(),
         );
         r.register_collector(Box::new(datapath));
         r
