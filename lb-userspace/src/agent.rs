@@ -21,6 +21,7 @@ use lb_common::{CONFIG_F_POD_SOURCE_GUARD, CONFIG_F_REDIRECT, CONFIG_F_REVERSE_P
 use tokio::sync::mpsc;
 
 use crate::{
+    announce::bgp,
     change::{Change, Changes},
     conntrack::Timeouts,
     dataplane::{self, Limits, Maps, Uplinks, attach},
@@ -286,6 +287,10 @@ struct Datapath {
     failed: Vec<(ServiceRef, String)>,
     /// Some write (a frontend's or a removal's) failed since the last look.
     incomplete: bool,
+    /// A previous agent's datapath was found running and adopted.
+    adopted: bool,
+    /// The host routes the last sync says this node should announce.
+    routes: bgp::Routes,
 }
 
 /// What the agent last wrote outside the maps' entries: the node config map
@@ -407,6 +412,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     };
     datapath.sync(&cfg, &mut source, Changes::everything())?;
     let mut retry = after_sync(Ok(()), true, &mut datapath, &mut source, None);
+    // Sessions start after the first complete sync: their End-of-RIB must
+    // follow the whole table.
+    let mut speaker = bgp::Speaker::new(
+        bgp::Status::new(Some(bgp::status::file(&cfg.node.state_dir, &cfg.node.node_name))),
+        datapath.adopted,
+    );
+    announce(&cfg, &mut speaker, &datapath);
     telemetry().health.set_synced();
     tracing::info!(node = %cfg.node.node_name, interfaces = ?cfg.ifaces, "agent ready");
 
@@ -455,11 +467,21 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let full = changes.all;
         let result = datapath.sync(&cfg, &mut source, changes);
         retry = after_sync(result, full, &mut datapath, &mut source, retry);
+        announce(&cfg, &mut speaker, &datapath);
     }
     telemetry().health.retire("agent");
     tracing::info!("stopping; programs, links and maps stay pinned and keep forwarding");
     source.stop().await;
     Ok(())
+}
+
+/// Hands the BGP speaker its peers (from the manifest directory; the
+/// Kubernetes source has none yet) and the routes of the last sync.
+fn announce(cfg: &AgentConfig, speaker: &mut bgp::Speaker, datapath: &Datapath) {
+    if let Some(dir) = &cfg.manifests {
+        speaker.load_peers(dir, &cfg.node.node_name);
+    }
+    speaker.set_routes(datapath.routes.clone());
 }
 
 impl Datapath {
@@ -475,7 +497,8 @@ impl Datapath {
             dataplane::start(&cfg.node.bpffs, &cfg.node.node_name, cfg.limits, uplinks)?;
         let mut reconciler = Reconciler::new(cfg.limits.max_services, cfg.limits.max_backends);
         let found = maps.snapshot_for_adoption();
-        if !found.services.is_empty() {
+        let adopted = !found.services.is_empty();
+        if adopted {
             tracing::info!(
                 services = found.services.len(),
                 backends = found.backends.len(),
@@ -495,6 +518,8 @@ impl Datapath {
             published: Published::default(),
             failed: Vec::new(),
             incomplete: false,
+            adopted,
+            routes: bgp::Routes::default(),
         })
     }
 
@@ -612,6 +637,11 @@ impl Datapath {
             }
             published.node_config = Some(config);
         }
+        self.routes = bgp::Routes {
+            node_v4: node_addr,
+            node_v6: node_addr_v6,
+            ..bgp::routes(desired)
+        };
         let started = Instant::now();
         let summary = match changed {
             None => reconciler.apply(desired, maps),

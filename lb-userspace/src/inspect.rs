@@ -23,6 +23,9 @@ pub enum What {
     Backends,
     Flows,
     Stats,
+    /// BGP sessions and the routes announced on each (from the agent's
+    /// status file, not the maps).
+    Bgp,
 }
 
 /// `address:port` as `SocketAddr` prints it (IPv6 in brackets).
@@ -122,6 +125,8 @@ pub fn rows(
                 }));
             }
         }
+        // The caller reads it from `announce::bgp::status`.
+        What::Bgp => {}
         What::Stats => {
             let mut ids: Vec<u32> = Vec::new();
             for entry in maps.services.iter() {

@@ -72,6 +72,19 @@ fn run(command: Command) -> Result<()> {
             println!("removed {}", pins.root.display());
             Ok(())
         }
+        Command::Inspect {
+            node,
+            what: inspect::What::Bgp,
+            json,
+        } => {
+            let peers = xlb::announce::bgp::status::read(&node.state_dir, &node.node_name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+            } else {
+                print!("{}", xlb::announce::bgp::status::table(&peers));
+            }
+            Ok(())
+        }
         Command::Inspect { node, what, json } => {
             let pins = PinDir::new(&node.bpffs, &node.node_name);
             let maps = Maps::open_pinned(&pins.maps())?;

@@ -17,7 +17,7 @@ pub mod routes;
 pub mod session;
 pub mod status;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -27,6 +27,8 @@ pub use status::Status;
 
 /// The running sessions.
 pub struct Speaker {
+    /// The problems of the BGPPeers last read, logged when they change.
+    problems: Vec<PeerProblem>,
     routes: watch::Sender<Arc<Routes>>,
     sessions: BTreeMap<String, Running>,
     status: Status,
@@ -44,6 +46,7 @@ struct Running {
 impl Speaker {
     pub fn new(status: Status, restarted: bool) -> Self {
         Speaker {
+            problems: Vec::new(),
             routes: watch::Sender::new(Arc::new(Routes::default())),
             sessions: BTreeMap::new(),
             status,
@@ -91,6 +94,25 @@ impl Speaker {
             ));
             self.sessions.insert(name, Running { config, stop, task });
         }
+    }
+
+    /// Reads the BGPPeers of the manifest directory `dir` that select the
+    /// node `node_name`, reports those that are wrong (each is skipped; the
+    /// others are not touched), and runs sessions to the rest.
+    pub fn load_peers(&mut self, dir: &Path, node_name: &str) {
+        let labels = BTreeMap::from([(
+            "kubernetes.io/hostname".to_string(),
+            node_name.to_string(),
+        )]);
+        let (peers, problems) = peer::load_dir(dir, &labels);
+        if problems != self.problems {
+            for problem in &problems {
+                tracing::error!(object = %problem.object, reason = %problem.reason,
+                    "BGPPeer skipped");
+            }
+            self.problems = problems;
+        }
+        self.set_peers(peers);
     }
 
     /// Hands every session the routes to announce; each sends only what
