@@ -415,7 +415,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // Sessions start after the first complete sync: their End-of-RIB must
     // follow the whole table.
     let mut speaker = bgp::Speaker::new(
-        bgp::Status::new(Some(bgp::status::file(&cfg.node.state_dir, &cfg.node.node_name))),
+        bgp::Status::new(Some(bgp::status::file(
+            &cfg.node.state_dir,
+            &cfg.node.node_name,
+        ))),
         datapath.adopted,
     );
     announce(&cfg, &mut speaker, &datapath);

@@ -132,7 +132,10 @@ impl BgpLab {
             "c0",
             Some("10.0.9.2/24"),
         )?;
-        ns_sh(&self.client, &["ip", "route", "add", "default", "via", "10.0.9.1"])?;
+        ns_sh(
+            &self.client,
+            &["ip", "route", "add", "default", "via", "10.0.9.1"],
+        )?;
         // Spread flows over the ECMP next hops by ports, not only addresses:
         // one client would otherwise always take the same node.
         ns_sh(
@@ -164,9 +167,26 @@ impl BgpLab {
             )?;
             ns_sh(pod, &["ip", "route", "add", "default", "via", &gateway])?;
             let other = if i == 0 { NODE_B } else { NODE_A };
-            let other_pods = if i == 0 { "10.244.2.0/24" } else { "10.244.1.0/24" };
-            ns_sh(node, &["ip", "route", "add", other_pods, "via", &other.to_string()])?;
-            ns_sh(node, &["ip", "route", "add", "10.0.9.0/24", "via", &BIRD_ADDR.to_string()])?;
+            let other_pods = if i == 0 {
+                "10.244.2.0/24"
+            } else {
+                "10.244.1.0/24"
+            };
+            ns_sh(
+                node,
+                &["ip", "route", "add", other_pods, "via", &other.to_string()],
+            )?;
+            ns_sh(
+                node,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "10.0.9.0/24",
+                    "via",
+                    &BIRD_ADDR.to_string(),
+                ],
+            )?;
             ns_sh(node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
             serve_tcp(
                 pod,
@@ -195,7 +215,9 @@ impl BgpLab {
             format!("xg{}a{n}", std::process::id() % 100_000),
             format!("xg{}b{n}", std::process::id() % 100_000),
         );
-        sh(&["ip", "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b])?;
+        sh(&[
+            "ip", "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b,
+        ])?;
         for (ns, tmp, dev, addr) in [
             (a_ns, &tmp_a, a_dev, Some(a_addr)),
             (b_ns, &tmp_b, b_dev, b_addr),

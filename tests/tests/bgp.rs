@@ -12,8 +12,8 @@ use anyhow::{Context, Result, bail};
 
 use xlb_tests::{
     bgp_lab::{
-        BIRD_ADDR, BgpLab, CLIENT, FRR_ADDR, LIAR_ADDR, NODE_A, NODE_B, POD_A, POD_B,
-        SERVICE_PORT, TARGET_PORT,
+        BIRD_ADDR, BgpLab, CLIENT, FRR_ADDR, LIAR_ADDR, NODE_A, NODE_B, POD_A, POD_B, SERVICE_PORT,
+        TARGET_PORT,
     },
     in_netns, objects, tcp_request, wait_until,
 };
@@ -37,7 +37,11 @@ fn service_manifest(lab: &BgpLab, local: bool, endpoints: &[(Ipv4Addr, usize)]) 
         .map(|&(addr, node)| (addr, lab.node_names[node].as_str(), true))
         .collect();
     let slice = objects::endpoint_slice("web", &endpoints, &[("http", "TCP", TARGET_PORT.into())]);
-    format!("{}---\n{}", objects::to_yaml(&service), objects::to_yaml(&slice))
+    format!(
+        "{}---\n{}",
+        objects::to_yaml(&service),
+        objects::to_yaml(&slice)
+    )
 }
 
 /// A lab with both routers, the Node objects, the peers and a Service over
@@ -123,7 +127,11 @@ fn local_policy_routes_only_through_the_node_with_the_endpoint_and_follow_it() -
     for _ in 0..8 {
         let reply = request(&lab)?;
         assert_eq!(reply.backend, "pod-a");
-        assert_eq!(reply.peer.ip(), IpAddr::V4(CLIENT), "Local keeps the client address");
+        assert_eq!(
+            reply.peer.ip(),
+            IpAddr::V4(CLIENT),
+            "Local keeps the client address"
+        );
     }
     // The endpoint moves to node-b: so does the route.
     lab.write_manifest("web.yaml", &service_manifest(&lab, true, &[(POD_B, 1)]))?;
@@ -156,7 +164,10 @@ fn an_agent_restart_keeps_the_route_in_both_ribs_and_traffic_flowing() -> Result
                 let bird = lab.bird_next_hops(PREFIX)?;
                 let frr = lab.frr_next_hops(PREFIX)?;
                 if bird != [NODE_A] || frr != [NODE_A] {
-                    bail!("during the restart BIRD had {bird:?}, FRR {frr:?}\n{}", lab.logs());
+                    bail!(
+                        "during the restart BIRD had {bird:?}, FRR {frr:?}\n{}",
+                        lab.logs()
+                    );
                 }
                 let reply = request(&lab).context("traffic during the restart")?;
                 assert_eq!(reply.backend, "pod-a");
@@ -220,9 +231,7 @@ fn a_vanished_node_is_withdrawn_by_the_hold_timer_and_traffic_moves() -> Result<
 fn garbage_from_a_peer_gets_a_notification_and_the_other_sessions_stay_up() -> Result<()> {
     let lab = lab_with(RESTART_TIME, false, &[(POD_A, 0), (POD_B, 1)])?;
     // A peer that answers the OPEN with text.
-    let listener = in_netns(&lab.liar_ns, || {
-        TcpListener::bind((LIAR_ADDR, 179))
-    })??;
+    let listener = in_netns(&lab.liar_ns, || TcpListener::bind((LIAR_ADDR, 179)))??;
     lab.write_manifest(
         "liar.yaml",
         &BgpLab::peer_manifest("liar", LIAR_ADDR, RESTART_TIME),

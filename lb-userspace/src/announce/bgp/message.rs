@@ -19,7 +19,7 @@ use netgauze_bgp_pkt::{
     },
     open::{BgpOpenMessage, BgpOpenMessageParameter},
     path_attribute::{
-        AsPath, AsPathSegmentType, As2PathSegment, As4PathSegment, LocalPreference, MpReach,
+        As2PathSegment, As4PathSegment, AsPath, AsPathSegmentType, LocalPreference, MpReach,
         MpUnreach, NextHop, Origin, PathAttribute, PathAttributeValue,
     },
     update::BgpUpdateMessage,
@@ -324,9 +324,11 @@ pub fn body_error(kind: u8) -> Notification {
     let value = Box::new([]);
     Notification(match kind {
         1 => BgpNotificationMessage::OpenMessageError(OpenMessageError::Unspecific { value }),
-        2 => BgpNotificationMessage::UpdateMessageError(
-            UpdateMessageError::MalformedAttributeList { value },
-        ),
+        2 => {
+            BgpNotificationMessage::UpdateMessageError(UpdateMessageError::MalformedAttributeList {
+                value,
+            })
+        }
         _ => BgpNotificationMessage::MessageHeaderError(MessageHeaderError::BadMessageLength {
             value,
         }),
@@ -351,8 +353,13 @@ mod tests {
 
     #[test]
     fn open_carries_four_octet_as_both_families_and_graceful_restart() {
-        let BgpMessage::Open(open) = round_trip(open(4_200_000_001, 9, "10.0.0.2".parse().unwrap(), 120, true))
-        else {
+        let BgpMessage::Open(open) = round_trip(open(
+            4_200_000_001,
+            9,
+            "10.0.0.2".parse().unwrap(),
+            120,
+            true,
+        )) else {
             panic!("not an OPEN");
         };
         assert_eq!(open.my_as(), AS_TRANS);
@@ -368,7 +375,12 @@ mod tests {
         assert!(restart.restart());
         assert_eq!(restart.time(), 120);
         assert_eq!(restart.address_families().len(), 2);
-        assert!(restart.address_families().iter().all(|f| f.forwarding_state()));
+        assert!(
+            restart
+                .address_families()
+                .iter()
+                .all(|f| f.forwarding_state())
+        );
         let families = capabilities
             .iter()
             .filter(|c| matches!(c, BgpCapability::MultiProtocolExtensions(_)))
@@ -390,10 +402,14 @@ mod tests {
             panic!("not an UPDATE");
         };
         assert_eq!(update.nlri().len(), 2);
-        assert_eq!(update.nlri()[0].network().address().to_string(), "192.0.2.10/32");
-        let BgpMessage::Update(update) = round_trip(
-            attributes.announce_v6(&["2001:db8::10".parse().unwrap()], "fd00::2".parse().unwrap()),
-        ) else {
+        assert_eq!(
+            update.nlri()[0].network().address().to_string(),
+            "192.0.2.10/32"
+        );
+        let BgpMessage::Update(update) = round_trip(attributes.announce_v6(
+            &["2001:db8::10".parse().unwrap()],
+            "fd00::2".parse().unwrap(),
+        )) else {
             panic!("not an UPDATE");
         };
         assert!(update.path_attributes().iter().any(|a| matches!(
@@ -429,9 +445,7 @@ mod tests {
         header.extend_from_slice(&[0x20, 0, 2]);
         assert!(matches!(
             next_frame(&mut header).unwrap_err().0,
-            BgpNotificationMessage::MessageHeaderError(
-                MessageHeaderError::BadMessageLength { .. }
-            )
+            BgpNotificationMessage::MessageHeaderError(MessageHeaderError::BadMessageLength { .. })
         ));
         // Half a KEEPALIVE waits for the rest.
         let mut partial = BytesMut::from(&[0xffu8; 16][..]);

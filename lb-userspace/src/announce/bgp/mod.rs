@@ -100,10 +100,8 @@ impl Speaker {
     /// node `node_name`, reports those that are wrong (each is skipped; the
     /// others are not touched), and runs sessions to the rest.
     pub fn load_peers(&mut self, dir: &Path, node_name: &str) {
-        let labels = BTreeMap::from([(
-            "kubernetes.io/hostname".to_string(),
-            node_name.to_string(),
-        )]);
+        let labels =
+            BTreeMap::from([("kubernetes.io/hostname".to_string(), node_name.to_string())]);
         let (peers, problems) = peer::load_dir(dir, &labels);
         if problems != self.problems {
             for problem in &problems {

@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr},
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
@@ -296,7 +296,7 @@ pub fn load_dir(
 
 /// The documents of a manifest file as YAML values, with their numbers.
 fn documents(
-    path: &PathBuf,
+    path: &Path,
     format: Format,
     text: &str,
     problems: &mut Vec<PeerProblem>,
@@ -342,6 +342,8 @@ fn documents(
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     fn write(dir: &Path, name: &str, text: &str) {

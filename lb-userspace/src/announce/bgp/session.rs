@@ -28,9 +28,7 @@ use tokio::{
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::{
-    message::{
-        self, IPV4_PER_UPDATE, IPV6_PER_UPDATE, Notification, PathAttributes, SessionPhase,
-    },
+    message::{self, IPV4_PER_UPDATE, IPV6_PER_UPDATE, Notification, PathAttributes, SessionPhase},
     peer::PeerConfig,
     routes::Routes,
     status::{SessionState, Status},
@@ -205,10 +203,14 @@ impl Session<'_> {
         restarted: &mut bool,
         stop: &mut watch::Receiver<bool>,
     ) -> Ending {
-        let router_id = match self.peer.router_id.or(routes.borrow().node_v4).or(match local {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(_) => None,
-        }) {
+        let router_id = match self
+            .peer
+            .router_id
+            .or(routes.borrow().node_v4)
+            .or(match local {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            }) {
             Some(id) => id,
             None => {
                 return Ending::Unusable(
@@ -217,7 +219,8 @@ impl Session<'_> {
                 );
             }
         };
-        self.status.set_state(&self.peer.name, SessionState::OpenSent);
+        self.status
+            .set_state(&self.peer.name, SessionState::OpenSent);
         let open = message::open(
             self.peer.local_asn,
             self.peer.hold_time,
@@ -254,9 +257,7 @@ impl Session<'_> {
                 return Ending::Received(BgpMessage::Notification(n));
             }
             Ok(_) => {
-                return Ending::Sent(Notification::unexpected_message(
-                    SessionPhase::OpenConfirm,
-                ));
+                return Ending::Sent(Notification::unexpected_message(SessionPhase::OpenConfirm));
             }
             Err(ending) => return ending,
         }
@@ -451,7 +452,11 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn send(&mut self, writer: &mut OwnedWriteHalf, message: BgpMessage) -> std::io::Result<()> {
+    async fn send(
+        &mut self,
+        writer: &mut OwnedWriteHalf,
+        message: BgpMessage,
+    ) -> std::io::Result<()> {
         let mut wire = BytesMut::new();
         self.codec
             .encode(message, &mut wire)

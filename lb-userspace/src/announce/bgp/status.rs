@@ -121,7 +121,10 @@ impl Status {
     }
 
     pub fn update_sent(&self, peer: &str) {
-        telemetry().bgp_updates_sent.get_or_create(&label(peer)).inc();
+        telemetry()
+            .bgp_updates_sent
+            .get_or_create(&label(peer))
+            .inc();
         self.change(peer, false, |s| s.updates_sent += 1);
     }
 
