@@ -34,7 +34,10 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
-    /// Print the live maps.
+    /// Print the CustomResourceDefinitions of xlb's own resources
+    /// (`BGPPeer`), as deploy/ holds them.
+    Crd,
+    /// Print the live maps (`bgp`: the BGP sessions).
     Inspect {
         #[command(flatten)]
         node: NodeArgs,
@@ -70,6 +73,10 @@ fn run(command: Command) -> Result<()> {
             attach::reset(&pins)?;
             let _ = std::fs::remove_dir_all(node.state_dir.join(&node.node_name));
             println!("removed {}", pins.root.display());
+            Ok(())
+        }
+        Command::Crd => {
+            print!("{}", xlb::announce::bgp::peer::crd_yaml()?);
             Ok(())
         }
         Command::Inspect {

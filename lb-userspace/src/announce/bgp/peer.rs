@@ -34,7 +34,8 @@ const MAX_RESTART_TIME: u16 = 4095;
     version = "v1alpha1",
     kind = "BGPPeer",
     plural = "bgppeers",
-    shortname = "bgpp"
+    shortname = "bgpp",
+    namespaced
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BGPPeerSpec {
@@ -90,6 +91,12 @@ pub struct BGPPeerSpec {
 pub struct SecretKeyRef {
     pub name: String,
     pub key: String,
+}
+
+/// The BGPPeer CustomResourceDefinition (deploy/crd-bgppeer.yaml).
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&BGPPeer::crd())
 }
 
 /// One peer as a session needs it: checked, defaults applied.
@@ -397,6 +404,17 @@ mod tests {
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(peers[0].ttl, 64, "iBGP is not limited to one hop");
         assert!(!peers[0].is_ebgp());
+    }
+
+    #[test]
+    fn deploy_holds_the_crd_of_this_type() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crd-bgppeer.yaml");
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(
+            committed,
+            crd_yaml().unwrap(),
+            "deploy/crd-bgppeer.yaml is stale: `xlb crd > deploy/crd-bgppeer.yaml`"
+        );
     }
 
     #[test]
