@@ -473,6 +473,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         announce(&cfg, &mut speaker, &datapath);
     }
     telemetry().health.retire("agent");
+    speaker.detach().await;
     tracing::info!("stopping; programs, links and maps stay pinned and keep forwarding");
     source.stop().await;
     Ok(())

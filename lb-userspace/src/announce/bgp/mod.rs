@@ -39,7 +39,7 @@ pub struct Speaker {
 
 struct Running {
     config: PeerConfig,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<session::Stop>,
     task: JoinHandle<()>,
 }
 
@@ -73,7 +73,7 @@ impl Speaker {
         for name in gone {
             if let Some(running) = self.sessions.remove(&name) {
                 tracing::info!(peer = %running.config, "BGP peer removed or changed; closing its session");
-                let _ = running.stop.send(true);
+                let _ = running.stop.send(session::Stop::Deconfigured);
                 // The task sends Cease and ends; it is not awaited, so a
                 // peer that does not read cannot hold up the agent.
                 drop(running.task);
@@ -84,7 +84,7 @@ impl Speaker {
                 continue;
             }
             tracing::info!(peer = %config, asn = config.peer_asn, "BGP peer configured");
-            let (stop, stopped) = watch::channel(false);
+            let (stop, stopped) = watch::channel(session::Stop::Running);
             let task = tokio::spawn(session::run(
                 config.clone(),
                 self.routes.subscribe(),
@@ -111,6 +111,21 @@ impl Speaker {
             self.problems = problems;
         }
         self.set_peers(peers);
+    }
+
+    /// Closes every session without a NOTIFICATION, as an agent that stops
+    /// must: the routers keep its routes for the restart time (RFC 4724)
+    /// while the datapath keeps forwarding.
+    pub async fn detach(self) {
+        for running in self.sessions.values() {
+            let _ = running.stop.send(session::Stop::Detached);
+        }
+        let tasks = self.sessions.into_values().map(|running| running.task);
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            futures::future::join_all(tasks),
+        )
+        .await;
     }
 
     /// Hands every session the routes to announce; each sends only what

@@ -53,6 +53,9 @@ enum Ending {
     Io(std::io::Error),
     /// Asked to stop (the BGPPeer went away); Cease was sent.
     Stopped,
+    /// The agent is stopping: the connection is closed without a
+    /// NOTIFICATION, so the peer keeps the routes (graceful restart).
+    Detached,
     /// Nothing to open a session with (no router id).
     Unusable(String),
 }
@@ -68,12 +71,29 @@ impl fmt::Display for Ending {
             Ending::Closed => f.write_str("peer closed the connection"),
             Ending::Io(e) => write!(f, "connection failed: {e}"),
             Ending::Stopped => f.write_str("peer deconfigured"),
+            Ending::Detached => f.write_str("agent stopping; routes kept by graceful restart"),
             Ending::Unusable(reason) => f.write_str(reason),
         }
     }
 }
 
-/// Runs one peer until `stop` turns true: connects, holds the session,
+/// What the speaker asks of a running session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    Running,
+    /// The BGPPeer went away: Cease, the router withdraws at once.
+    Deconfigured,
+    /// The agent stops: close without a NOTIFICATION.
+    Detached,
+}
+
+/// How long a closing session reads what the peer still sends, so that
+/// the kernel closes the connection with a FIN, not a reset (unread data
+/// at close makes it a reset, which some routers do not take for a
+/// restart).
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// Runs one peer until `stop` leaves [`Stop::Running`]: connects, holds the session,
 /// reconnects with backoff. `restarted`: this agent found a datapath
 /// already forwarding, so its first OPEN sets the Restart State bit.
 pub async fn run(
@@ -81,7 +101,7 @@ pub async fn run(
     mut routes: watch::Receiver<Arc<Routes>>,
     status: Status,
     mut restarted: bool,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Stop>,
 ) {
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -111,8 +131,11 @@ pub async fn run(
                 "TCP connect timed out",
             )),
         };
+        if matches!(ending, Ending::Detached) || *stop.borrow() == Stop::Detached {
+            return;
+        }
         status.session_down(&peer.name, &ending.to_string());
-        if matches!(ending, Ending::Stopped) || *stop.borrow() {
+        if matches!(ending, Ending::Stopped) || *stop.borrow() != Stop::Running {
             status.remove(&peer.name);
             return;
         }
@@ -177,7 +200,7 @@ impl Session<'_> {
         stream: TcpStream,
         routes: &mut watch::Receiver<Arc<Routes>>,
         restarted: &mut bool,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut watch::Receiver<Stop>,
     ) -> Ending {
         let local = match stream.local_addr() {
             Ok(local) => local.ip(),
@@ -191,6 +214,13 @@ impl Session<'_> {
             let _ = self.send(&mut writer, notification.message()).await;
         }
         let _ = writer.shutdown().await;
+        if !matches!(ending, Ending::Closed | Ending::Io(_)) {
+            let _ = tokio::time::timeout(DRAIN, async {
+                let mut sink = [0u8; 4096];
+                while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        }
         ending
     }
 
@@ -201,7 +231,7 @@ impl Session<'_> {
         local: IpAddr,
         routes: &mut watch::Receiver<Arc<Routes>>,
         restarted: &mut bool,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut watch::Receiver<Stop>,
     ) -> Ending {
         let router_id = match self
             .peer
@@ -322,7 +352,7 @@ impl Session<'_> {
         local: IpAddr,
         negotiated: &Negotiated,
         routes: &mut watch::Receiver<Arc<Routes>>,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut watch::Receiver<Stop>,
     ) -> Ending {
         let keepalive_every = self.peer.keepalive_interval(negotiated.hold_time);
         let mut keepalive = tokio::time::interval(keepalive_every.unwrap_or(Duration::MAX / 4));
@@ -397,10 +427,13 @@ impl Session<'_> {
                         return Ending::Io(error);
                     }
                 }
-                _ = stop.changed() => {
-                    let _ = self.send(writer, Notification::peer_deconfigured().message()).await;
-                    return Ending::Stopped;
-                }
+                _ = stop.changed() => match *stop.borrow() {
+                    Stop::Running => {}
+                    Stop::Deconfigured => {
+                        return Ending::Sent(Notification::peer_deconfigured());
+                    }
+                    Stop::Detached => return Ending::Detached,
+                },
             }
         }
     }
