@@ -306,8 +306,8 @@ fn test(filter: &[String]) -> Result<()> {
         (
             "container-nodes",
             &[
-                "--test", "e2e", "--test", "e2e6", "--test", "kube", "--test", "upgrade",
-                "--test", "bgp",
+                "--test", "e2e", "--test", "e2e6", "--test", "kube", "--test", "upgrade", "--test",
+                "bgp",
             ][..],
         ),
     ] {
