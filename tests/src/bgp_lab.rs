@@ -15,9 +15,10 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::{Child, Stdio},
+    str::FromStr,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -45,6 +46,13 @@ pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
 pub const SERVICE_PORT: u16 = 80;
 pub const TARGET_PORT: u16 = 8080;
+
+/// `10.0.10.N` → `fd00:10::N` (N in hex digits as written: ::11 for .11).
+pub fn lan_v6(v4: Ipv4Addr) -> Ipv6Addr {
+    let host = v4.octets()[3];
+    let digits: u16 = u16::from_str_radix(&host.to_string(), 16).expect("decimal digits");
+    Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, digits)
+}
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
@@ -122,6 +130,13 @@ impl BgpLab {
             let port = format!("p{i}");
             self.pair(ns, "uplink", &format!("{addr}/24"), &lan, &port, None)?;
             ns_sh(&lan, &["ip", "link", "set", &port, "master", "br0"])?;
+            // The same host number in the IPv6 LAN, without duplicate address
+            // detection (which would keep it unusable for seconds).
+            let v6 = format!("{}/64", lan_v6(*addr));
+            ns_sh(
+                ns,
+                &["ip", "-6", "addr", "add", &v6, "dev", "uplink", "nodad"],
+            )?;
         }
         // The client behind BIRD.
         self.pair(
@@ -256,8 +271,8 @@ impl BgpLab {
     /// The Node objects of both nodes.
     pub fn nodes_manifest(&self) -> String {
         objects::to_yaml_documents(&[
-            objects::node(&self.node_names[0], NODE_A),
-            objects::node(&self.node_names[1], NODE_B),
+            objects::dual_stack_node(&self.node_names[0], NODE_A, lan_v6(NODE_A)),
+            objects::dual_stack_node(&self.node_names[1], NODE_B, lan_v6(NODE_B)),
         ])
     }
 
@@ -330,7 +345,7 @@ impl BgpLab {
              protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
              template bgp node {{\n  local {BIRD_ADDR} as {ROUTER_ASN};\n  hold time 3;\n\
              \x20 connect retry time 1;\n  error wait time 1, 2;\n\
-             \x20 ipv4 {{ import all; export none; }};\n}}\n",
+             \x20 ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n}}\n",
             self.dir.join("bird.log").display()
         );
         for (i, addr) in [NODE_A, NODE_B].iter().enumerate() {
@@ -378,8 +393,23 @@ impl BgpLab {
     /// The next hops BIRD has for `prefix`, over all its routes (one per
     /// node that announces it).
     pub fn bird_next_hops(&self, prefix: &str) -> Result<Vec<Ipv4Addr>> {
-        let out = self.birdc(&["show", "route", prefix])?;
-        let mut hops: Vec<Ipv4Addr> = out
+        self.bird_hops(prefix)
+    }
+
+    pub fn bird_next_hops_v6(&self, prefix: &str) -> Result<Vec<Ipv6Addr>> {
+        self.bird_hops(prefix)
+    }
+
+    fn bird_hops<T: FromStr + Ord>(&self, prefix: &str) -> Result<Vec<T>> {
+        let out = match self.birdc(&["show", "route", prefix]) {
+            Ok(out) => out,
+            // birdc fails when no route matches.
+            Err(error) if format!("{error:#}").contains("Network not found") => {
+                return Ok(Vec::new());
+            }
+            Err(error) => return Err(error),
+        };
+        let mut hops: Vec<T> = out
             .split("via ")
             .skip(1)
             .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
@@ -412,6 +442,10 @@ impl BgpLab {
             ));
         }
         text.push_str(" address-family ipv4 unicast\n  maximum-paths 4\n");
+        for addr in [NODE_A, NODE_B] {
+            text.push_str(&format!("  neighbor {addr} activate\n"));
+        }
+        text.push_str(" exit-address-family\n address-family ipv6 unicast\n  maximum-paths 4\n");
         for addr in [NODE_A, NODE_B] {
             text.push_str(&format!("  neighbor {addr} activate\n"));
         }
@@ -461,9 +495,18 @@ impl BgpLab {
 
     /// The next hops of FRR's paths for `prefix` (`show ip bgp json`).
     pub fn frr_next_hops(&self, prefix: &str) -> Result<Vec<Ipv4Addr>> {
-        let json: serde_json::Value = serde_json::from_str(&self.vtysh("show ip bgp json")?)
-            .context("parsing FRR's show ip bgp json")?;
-        let mut hops: Vec<Ipv4Addr> = json["routes"][prefix]
+        self.frr_hops("show ip bgp json", prefix)
+    }
+
+    /// The same for IPv6 unicast (`show bgp ipv6 unicast json`).
+    pub fn frr_next_hops_v6(&self, prefix: &str) -> Result<Vec<Ipv6Addr>> {
+        self.frr_hops("show bgp ipv6 unicast json", prefix)
+    }
+
+    fn frr_hops<T: FromStr + Ord>(&self, command: &str, prefix: &str) -> Result<Vec<T>> {
+        let json: serde_json::Value = serde_json::from_str(&self.vtysh(command)?)
+            .with_context(|| format!("parsing FRR's {command}"))?;
+        let mut hops: Vec<T> = json["routes"][prefix]
             .as_array()
             .map(|paths| {
                 paths

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use xlb_tests::{
     bgp_lab::{
         BIRD_ADDR, BgpLab, CLIENT, FRR_ADDR, LIAR_ADDR, NODE_A, NODE_B, POD_A, POD_B, SERVICE_PORT,
-        TARGET_PORT,
+        TARGET_PORT, lan_v6,
     },
     in_netns, objects, tcp_request, wait_until,
 };
@@ -289,5 +289,82 @@ fn garbage_from_a_peer_gets_a_notification_and_the_other_sessions_stay_up() -> R
             .is_some_and(|e| e.contains("ConnectionNotSynchronized")),
         "{liar:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn ipv6_service_addresses_reach_both_routers_over_mp_bgp() -> Result<()> {
+    let lab = lab_with(RESTART_TIME, false, &[(POD_A, 0), (POD_B, 1)])?;
+    let service_v6: std::net::Ipv6Addr = "fd00:200::10".parse()?;
+    let mut service = objects::dual_stack_service(
+        "web",
+        SERVICE,
+        service_v6,
+        &[("http", "TCP", SERVICE_PORT.into(), "8080")],
+    );
+    objects::spec_mut(&mut service).external_traffic_policy = Some("Cluster".into());
+    let v4 = objects::endpoint_slice(
+        "web",
+        &[
+            (POD_A, lab.node_names[0].as_str(), true),
+            (POD_B, lab.node_names[1].as_str(), true),
+        ],
+        &[("http", "TCP", TARGET_PORT.into())],
+    );
+    let v6 = objects::endpoint_slice_v6(
+        "web",
+        &[
+            ("fd00:244:1::2".parse()?, lab.node_names[0].as_str(), true),
+            ("fd00:244:2::2".parse()?, lab.node_names[1].as_str(), true),
+        ],
+        &[("http", "TCP", TARGET_PORT.into())],
+    );
+    lab.write_manifest("web.yaml", &objects::to_yaml_documents(&[service]))?;
+    lab.write_manifest(
+        "web-slices.yaml",
+        &format!("{}---\n{}", objects::to_yaml(&v4), objects::to_yaml(&v6)),
+    )?;
+    let _a = lab.start_agent(0)?;
+    let _b = lab.start_agent(1)?;
+    lab.wait_next_hops(PREFIX, &[NODE_A, NODE_B], Duration::from_secs(20))?;
+    // IPv6 over the IPv4 sessions (MP_REACH_NLRI), each node's IPv6
+    // address as next hop.
+    let want = [lan_v6(NODE_A), lan_v6(NODE_B)];
+    let prefix_v6 = "fd00:200::10/128";
+    let mut last = (Vec::new(), Vec::new());
+    let found = wait_until(
+        "the IPv6 route on both routers",
+        Duration::from_secs(10),
+        || {
+            last = (
+                lab.bird_next_hops_v6(prefix_v6).unwrap_or_default(),
+                lab.frr_next_hops_v6(prefix_v6).unwrap_or_default(),
+            );
+            last.0 == want && last.1 == want
+        },
+    );
+    if found.is_err() {
+        bail!(
+            "BIRD {:?}, FRR {:?}, want {want:?}\n{}",
+            last.0,
+            last.1,
+            lab.logs()
+        );
+    }
+    // Deleting the Service withdraws both families.
+    lab.remove_manifest("web.yaml")?;
+    lab.wait_next_hops(PREFIX, &[], Duration::from_secs(3))?;
+    wait_until("the IPv6 route withdrawn", Duration::from_secs(3), || {
+        lab.bird_next_hops_v6(prefix_v6).is_ok_and(|h| h.is_empty())
+            && lab.frr_next_hops_v6(prefix_v6).is_ok_and(|h| h.is_empty())
+    })
+    .with_context(|| {
+        format!(
+            "BIRD {:?}, FRR {:?}\n{}",
+            lab.bird_next_hops_v6(prefix_v6),
+            lab.frr_next_hops_v6(prefix_v6),
+            lab.logs()
+        )
+    })?;
     Ok(())
 }
