@@ -301,6 +301,9 @@ impl BgpLab {
             &manifests,
             "--sweep-interval",
             "1",
+            // Each node namespace has a loopback of its own.
+            "--metrics-addr",
+            "127.0.0.1:9479",
         ];
         if self.links == Links::Wires {
             args.extend(["--xdp-mode", "native"]);
@@ -317,6 +320,19 @@ impl BgpLab {
             child: Some(child),
             log,
         })
+    }
+
+    /// The `/metrics` text of node `i`'s agent.
+    pub fn metrics(&self, i: usize) -> Result<String> {
+        let (status, body) = crate::scrape::http_get(
+            &self.nodes[i],
+            std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9479),
+            "/metrics",
+        )?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(body)
     }
 
     /// `xlb inspect bgp --json` of node `i`.

@@ -15,7 +15,9 @@ use xlb_tests::{
         BIRD_ADDR, BgpLab, CLIENT, FRR_ADDR, LIAR_ADDR, NODE_A, NODE_B, POD_A, POD_B, SERVICE_PORT,
         TARGET_PORT, lan_v6,
     },
-    in_netns, objects, tcp_request, wait_until,
+    in_netns, objects,
+    scrape::sample,
+    tcp_request, wait_until,
 };
 
 const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
@@ -105,6 +107,20 @@ fn both_routers_learn_the_service_from_both_nodes_and_withdraw_it_on_delete() ->
     for session in &sessions {
         assert_eq!(session["state"], "Established", "{session:?}");
         assert_eq!(session["announced_prefixes"], 1, "{session:?}");
+    }
+    let metrics = lab.metrics(0)?;
+    for peer in ["xlb/bird", "xlb/frr"] {
+        let labels = [("peer", peer)];
+        assert_eq!(
+            sample(&metrics, "xlb_bgp_session_up", &labels),
+            Some(1.0),
+            "{metrics}"
+        );
+        assert_eq!(
+            sample(&metrics, "xlb_bgp_announced_prefixes", &labels),
+            Some(1.0)
+        );
+        assert!(sample(&metrics, "xlb_bgp_updates_sent_total", &labels).is_some_and(|n| n >= 1.0));
     }
 
     lab.remove_manifest("web.yaml")?;
