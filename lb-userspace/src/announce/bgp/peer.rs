@@ -309,9 +309,15 @@ fn documents(
     problems: &mut Vec<PeerProblem>,
 ) -> Vec<(usize, serde_yaml::Value)> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // Read at every sync: only documents that can be a BGPPeer are parsed
+    // (a file of thousands of Services costs a substring search).
+    if !text.contains(KIND) {
+        return Vec::new();
+    }
     match format {
         Format::Yaml => split_yaml_documents(text)
             .into_iter()
+            .filter(|document| document.text.contains(KIND))
             .filter_map(|document| {
                 // Only documents that parse; the manifest source reports
                 // the others.
