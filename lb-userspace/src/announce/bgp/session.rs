@@ -132,6 +132,7 @@ pub async fn run(
             )),
         };
         if matches!(ending, Ending::Detached) || *stop.borrow() == Stop::Detached {
+            status.session_down(&peer.name, &Ending::Detached.to_string());
             return;
         }
         status.session_down(&peer.name, &ending.to_string());
