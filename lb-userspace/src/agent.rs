@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     announce::{
-        election,
+        bgp, election,
         l2::{self, Responder},
     },
     change::{Change, Changes},
@@ -317,6 +317,10 @@ struct Datapath {
     l2: Option<Responder>,
     /// The addresses of the last sync, for the L2 election.
     l2_claims: Vec<L2Claim>,
+    /// A previous agent's datapath was found running and adopted.
+    adopted: bool,
+    /// The host routes the last sync says this node should announce.
+    routes: bgp::Routes,
 }
 
 /// An address this node programs, as the L2 election sees it.
@@ -460,6 +464,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     datapath.sync(&cfg, &mut source, Changes::everything())?;
     datapath.elect_l2(&cfg, &source, node_leases.as_ref());
     let mut retry = after_sync(Ok(()), true, &mut datapath, &mut source, None);
+    // Sessions start after the first complete sync: their End-of-RIB must
+    // follow the whole table.
+    let mut speaker = bgp::Speaker::new(
+        bgp::Status::new(Some(bgp::status::file(
+            &cfg.node.state_dir,
+            &cfg.node.node_name,
+        ))),
+        datapath.adopted,
+    );
+    announce(&cfg, &mut speaker, &datapath);
     telemetry().health.set_synced();
     tracing::info!(node = %cfg.node.node_name, interfaces = ?cfg.ifaces, "agent ready");
 
@@ -518,15 +532,26 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let result = datapath.sync(&cfg, &mut source, changes);
         retry = after_sync(result, full, &mut datapath, &mut source, retry);
         datapath.elect_l2(&cfg, &source, node_leases.as_ref());
+        announce(&cfg, &mut speaker, &datapath);
     }
     datapath.silence_l2();
     if let Some(leases) = node_leases {
         leases.stop().await;
     }
     telemetry().health.retire("agent");
+    speaker.detach().await;
     tracing::info!("stopping; programs, links and maps stay pinned and keep forwarding");
     source.stop().await;
     Ok(())
+}
+
+/// Hands the BGP speaker its peers (from the manifest directory; the
+/// Kubernetes source has none yet) and the routes of the last sync.
+fn announce(cfg: &AgentConfig, speaker: &mut bgp::Speaker, datapath: &Datapath) {
+    if let Some(dir) = &cfg.manifests {
+        speaker.load_peers(dir, &cfg.node.node_name);
+    }
+    speaker.set_routes(datapath.routes.clone());
 }
 
 impl Datapath {
@@ -542,7 +567,8 @@ impl Datapath {
             dataplane::start(&cfg.node.bpffs, &cfg.node.node_name, cfg.limits, uplinks)?;
         let mut reconciler = Reconciler::new(cfg.limits.max_services, cfg.limits.max_backends);
         let found = maps.snapshot_for_adoption();
-        if !found.services.is_empty() {
+        let adopted = !found.services.is_empty();
+        if adopted {
             tracing::info!(
                 services = found.services.len(),
                 backends = found.backends.len(),
@@ -569,6 +595,8 @@ impl Datapath {
             incomplete: false,
             l2,
             l2_claims: Vec::new(),
+            adopted,
+            routes: bgp::Routes::default(),
         })
     }
 
@@ -786,6 +814,11 @@ impl Datapath {
             }
             published.node_config = Some(config);
         }
+        self.routes = bgp::Routes {
+            node_v4: node_addr,
+            node_v6: node_addr_v6,
+            ..bgp::routes(desired)
+        };
         let started = Instant::now();
         let summary = match changed {
             None => reconciler.apply(desired, maps),

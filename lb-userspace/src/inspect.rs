@@ -25,6 +25,9 @@ pub enum What {
     Stats,
     /// The addresses this node announces on L2 (answers ARP/NDP for).
     L2,
+    /// BGP sessions and the routes announced on each (from the agent's
+    /// status file, not the maps).
+    Bgp,
 }
 
 /// `address:port` as `SocketAddr` prints it (IPv6 in brackets).
@@ -154,6 +157,8 @@ pub fn rows(
             }
             out.sort_by(|a, b| a["address"].as_str().cmp(&b["address"].as_str()));
         }
+        // The caller reads it from `announce::bgp::status`.
+        What::Bgp => {}
         What::Stats => {
             let mut ids: Vec<u32> = Vec::new();
             for entry in maps.services.iter() {

@@ -28,3 +28,13 @@ pub mod reconcile;
 pub mod state_file;
 pub mod telemetry;
 pub mod translate;
+
+/// The CustomResourceDefinitions of xlb's own resources (`xlb crd`,
+/// `deploy/crds.yaml`): `AddressPool` (pool address mode) and `BGPPeer`.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    Ok(format!(
+        "{}---\n{}",
+        pools::crd_yaml()?,
+        announce::bgp::peer::crd_yaml()?
+    ))
+}

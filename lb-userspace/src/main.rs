@@ -34,10 +34,11 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
-    /// Print the CustomResourceDefinitions of pool mode (AddressPool) as
-    /// YAML, to apply before the agent (deploy/crds.yaml is this output).
+    /// Print the CustomResourceDefinitions of xlb's own resources
+    /// (AddressPool, BGPPeer) as YAML, to apply before the agent
+    /// (deploy/crds.yaml is this output).
     Crd,
-    /// Print the live maps.
+    /// Print the live maps (`bgp`: the BGP sessions).
     Inspect {
         #[command(flatten)]
         node: NodeArgs,
@@ -96,7 +97,20 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Crd => {
-            print!("{}", xlb::pools::crd_yaml()?);
+            print!("{}", xlb::crds_yaml()?);
+            Ok(())
+        }
+        Command::Inspect {
+            node,
+            what: inspect::What::Bgp,
+            json,
+        } => {
+            let peers = xlb::announce::bgp::status::read(&node.state_dir, &node.node_name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+            } else {
+                print!("{}", xlb::announce::bgp::status::table(&peers));
+            }
             Ok(())
         }
         Command::Inspect { node, what, json } => {

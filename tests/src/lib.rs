@@ -13,6 +13,7 @@
 //! - [`fake_api`]: a fake Kubernetes API server.
 
 pub mod agent;
+pub mod bgp_lab;
 pub mod fake_api;
 pub mod fuzz;
 pub mod netns;

@@ -78,10 +78,10 @@ fn deploy_file(name: &str) -> String {
 /// deploy/crds.yaml is what `xlb crd` prints from the Rust types, so the
 /// schema the API server enforces is the one the agent reads.
 #[test]
-fn crds_yaml_is_generated_from_the_address_pool_type() {
+fn crds_yaml_is_generated_from_the_address_pool_and_bgp_peer_types() {
     assert_eq!(
         deploy_file("crds.yaml"),
-        xlb::pools::crd_yaml().unwrap(),
+        xlb::crds_yaml().unwrap(),
         "deploy/crds.yaml is stale: run `xlb crd > deploy/crds.yaml`"
     );
 }

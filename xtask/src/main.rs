@@ -307,7 +307,7 @@ fn test(filter: &[String]) -> Result<()> {
             "container-nodes",
             &[
                 "--test", "e2e", "--test", "e2e6", "--test", "kube", "--test", "upgrade", "--test",
-                "l2",
+                "l2", "--test", "bgp",
             ][..],
         ),
     ] {

@@ -191,6 +191,19 @@ pub const TABLE: &[Requirement] = &[
         packages: &["coreutils"],
         needed_by: &[Test],
     },
+    // The BGP tests peer the agents with real routers (tests/tests/bgp.rs).
+    Requirement {
+        name: "bird",
+        probe: Probe::Program("bird"),
+        packages: &["bird2"],
+        needed_by: &[Test],
+    },
+    Requirement {
+        name: "FRR bgpd",
+        probe: Probe::File("/usr/lib/frr/bgpd"),
+        packages: &["frr"],
+        needed_by: &[Test],
+    },
 ];
 
 /// The machine, as far as the plan cares.
@@ -502,6 +515,7 @@ mod tests {
             "taskset",
             "chroot",
             "musl-gcc",
+            "bird",
         ] {
             assert!(
                 TABLE

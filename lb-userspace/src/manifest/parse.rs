@@ -205,15 +205,15 @@ pub(crate) fn whole_file_error(file: &Path, reason: String) -> ManifestError {
 
 /// One document of a YAML stream, with its 1-based position and the number
 /// of file lines before it (to report parser errors at the file's lines).
-struct RawDocument {
-    number: usize,
-    lines_before: usize,
-    text: String,
+pub(crate) struct RawDocument {
+    pub(crate) number: usize,
+    pub(crate) lines_before: usize,
+    pub(crate) text: String,
 }
 
 /// serde_yaml's message with its line number moved from the document's to
 /// the file's.
-fn yaml_error(error: &serde_yaml::Error, lines_before: usize) -> String {
+pub(crate) fn yaml_error(error: &serde_yaml::Error, lines_before: usize) -> String {
     let message = error.to_string();
     match error.location() {
         Some(location) if lines_before > 0 => message.replace(
@@ -233,7 +233,7 @@ fn yaml_error(error: &serde_yaml::Error, lines_before: usize) -> String {
 /// Each document remembers how many lines precede it, so parser errors can
 /// name the file's line (padding the text with empty lines instead would make
 /// a file of n documents cost O(n²)).
-fn split_yaml_documents(text: &str) -> Vec<RawDocument> {
+pub(crate) fn split_yaml_documents(text: &str) -> Vec<RawDocument> {
     let mut documents = Vec::new();
     let mut current = String::new();
     let mut lines_before = 0;

@@ -61,6 +61,8 @@ pub type InterfaceLabel = [(&'static str, String); 1];
 pub type AddressLabel = [(&'static str, String); 1];
 /// The labels of a pool gauge: `pool`, `family` (`IPv4`, `IPv6`).
 pub type PoolLabels = [(&'static str, String); 2];
+/// The label set of a per-BGP-peer metric (`peer="namespace/name"`).
+pub type PeerLabel = [(&'static str, String); 1];
 
 /// The agent's own metrics and health.
 #[derive(Debug)]
@@ -84,6 +86,12 @@ pub struct Telemetry {
     /// assigned.
     pub pool_addresses: Family<PoolLabels, Gauge>,
     pub pool_addresses_in_use: Family<PoolLabels, Gauge>,
+    /// Per BGP peer (`peer="namespace/name"`): 1 while Established.
+    pub bgp_session_up: Family<PeerLabel, Gauge>,
+    /// Per BGP peer: host routes in its Adj-RIB-Out.
+    pub bgp_announced_prefixes: Family<PeerLabel, Gauge>,
+    pub bgp_updates_sent: Family<PeerLabel, Counter>,
+    pub bgp_updates_received: Family<PeerLabel, Counter>,
     /// Who each programmed service id is, for the datapath's counters.
     pub services: RwLock<BTreeMap<u32, ServiceLabels>>,
     pub health: health::Health,
@@ -113,6 +121,10 @@ impl Default for Telemetry {
             snat_ports_capacity: Gauge::default(),
             pool_addresses: Family::default(),
             pool_addresses_in_use: Family::default(),
+            bgp_session_up: Family::default(),
+            bgp_announced_prefixes: Family::default(),
+            bgp_updates_sent: Family::default(),
+            bgp_updates_received: Family::default(),
             services: RwLock::default(),
             health: health::Health::default(),
             l2_requests: Family::default(),
@@ -221,6 +233,26 @@ impl Telemetry {
             "xlb_pool_addresses_in_use",
             "Addresses of an AddressPool assigned to Services, per family",
             self.pool_addresses_in_use.clone(),
+        );
+        r.register(
+            "xlb_bgp_session_up",
+            "1 while the BGP session to the peer is Established",
+            self.bgp_session_up.clone(),
+        );
+        r.register(
+            "xlb_bgp_announced_prefixes",
+            "Host routes announced to the peer (its Adj-RIB-Out; a gauge, it falls on withdrawals)",
+            self.bgp_announced_prefixes.clone(),
+        );
+        r.register(
+            "xlb_bgp_updates_sent",
+            "BGP UPDATE messages sent to the peer",
+            self.bgp_updates_sent.clone(),
+        );
+        r.register(
+            "xlb_bgp_updates_received",
+            "BGP UPDATE messages received from the peer (xlb uses none of their routes)",
+            self.bgp_updates_received.clone(),
         );
         r.register_collector(Box::new(datapath));
         r

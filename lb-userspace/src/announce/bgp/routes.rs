@@ -1,0 +1,135 @@
+//! What this node announces: a host route for every Service address it
+//! can serve, derived from the same desired state the datapath is
+//! programmed from. Pure; the sessions only send what this says.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use crate::model::DesiredState;
+
+/// The host routes of one node, and the next hops the node offers for
+/// families its sessions do not run over (an IPv6 route over an IPv4
+/// session needs an IPv6 next hop).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routes {
+    pub addresses: BTreeSet<IpAddr>,
+    pub node_v4: Option<Ipv4Addr>,
+    pub node_v6: Option<Ipv6Addr>,
+}
+
+/// The addresses to announce: every frontend address with a backend to
+/// send its traffic to. With `externalTrafficPolicy: Local` that must be a
+/// ready backend on this node: a node without one would drop the traffic,
+/// so it must not attract it (the route moves with the endpoint). A
+/// terminating backend, kept only because nothing else is left, does not
+/// count.
+pub fn routes(desired: &DesiredState) -> Routes {
+    let mut addresses = BTreeSet::new();
+    for (frontend, spec) in &desired.frontends {
+        let serves = if spec.local_only {
+            spec.backends.iter().any(|b| b.local && !b.terminating)
+        } else {
+            !spec.backends.is_empty()
+        };
+        if serves {
+            addresses.insert(frontend.addr);
+        }
+    }
+    Routes {
+        addresses,
+        node_v4: desired.node_addr,
+        node_v6: desired.node_addr_v6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Backend, Frontend, FrontendSpec, Protocol, ServiceRef};
+
+    fn frontend(addr: &str, port: u16) -> Frontend {
+        Frontend {
+            addr: addr.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn backend(addr: &str, local: bool, terminating: bool) -> Backend {
+        Backend {
+            addr: addr.parse().unwrap(),
+            port: 80,
+            local,
+            terminating,
+        }
+    }
+
+    fn spec(local_only: bool, backends: Vec<Backend>) -> FrontendSpec {
+        FrontendSpec {
+            service: ServiceRef {
+                namespace: "shop".into(),
+                name: "web".into(),
+                port_name: "http".into(),
+            },
+            backends,
+            local_only,
+            affinity_timeout: None,
+            source_ranges: Vec::new(),
+        }
+    }
+
+    fn addresses(desired: &DesiredState) -> Vec<String> {
+        routes(desired)
+            .addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn cluster_policy_announces_every_address_with_a_backend_once() {
+        let mut desired = DesiredState::default();
+        let remote = || vec![backend("10.42.1.5", false, false)];
+        desired
+            .frontends
+            .insert(frontend("192.0.2.10", 80), spec(false, remote()));
+        desired
+            .frontends
+            .insert(frontend("192.0.2.10", 443), spec(false, remote()));
+        desired
+            .frontends
+            .insert(frontend("2001:db8::10", 80), spec(false, remote()));
+        desired
+            .frontends
+            .insert(frontend("192.0.2.11", 80), spec(false, Vec::new()));
+        assert_eq!(addresses(&desired), ["192.0.2.10", "2001:db8::10"]);
+    }
+
+    #[test]
+    fn local_policy_announces_only_with_a_ready_local_backend() {
+        let mut desired = DesiredState::default();
+        desired.frontends.insert(
+            frontend("192.0.2.20", 80),
+            spec(true, vec![backend("10.42.0.5", true, false)]),
+        );
+        // Only a terminating local endpoint left: withdraw.
+        desired.frontends.insert(
+            frontend("192.0.2.21", 80),
+            spec(true, vec![backend("10.42.0.6", true, true)]),
+        );
+        desired
+            .frontends
+            .insert(frontend("192.0.2.22", 80), spec(true, Vec::new()));
+        // One port of an address is enough to attract its traffic.
+        desired.frontends.insert(
+            frontend("192.0.2.23", 80),
+            spec(true, vec![backend("10.42.0.7", true, false)]),
+        );
+        desired
+            .frontends
+            .insert(frontend("192.0.2.23", 81), spec(true, Vec::new()));
+        assert_eq!(addresses(&desired), ["192.0.2.20", "192.0.2.23"]);
+    }
+}

@@ -1,0 +1,386 @@
+//! BGP announcement against real routers: two xlb nodes peer with BIRD and
+//! FRR (tests/src/bgp_lab.rs); the routers' RIBs and a client behind BIRD
+//! show what the agents announced.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpListener},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use xlb_tests::{
+    bgp_lab::{
+        BIRD_ADDR, BgpLab, CLIENT, FRR_ADDR, LIAR_ADDR, NODE_A, NODE_B, POD_A, POD_B, SERVICE_PORT,
+        TARGET_PORT, lan_v6,
+    },
+    in_netns, objects,
+    scrape::sample,
+    tcp_request, wait_until,
+};
+
+const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+const PREFIX: &str = "10.200.0.10/32";
+/// Long enough for an agent restart in every test but the one that kills.
+const RESTART_TIME: u16 = 60;
+
+fn service_manifest(lab: &BgpLab, local: bool, endpoints: &[(Ipv4Addr, usize)]) -> String {
+    let mut service = objects::service(
+        "web",
+        SERVICE,
+        &[("http", "TCP", SERVICE_PORT.into(), "8080")],
+    );
+    if local {
+        objects::spec_mut(&mut service).external_traffic_policy = Some("Local".into());
+    }
+    let endpoints: Vec<(Ipv4Addr, &str, bool)> = endpoints
+        .iter()
+        .map(|&(addr, node)| (addr, lab.node_names[node].as_str(), true))
+        .collect();
+    let slice = objects::endpoint_slice("web", &endpoints, &[("http", "TCP", TARGET_PORT.into())]);
+    format!(
+        "{}---\n{}",
+        objects::to_yaml(&service),
+        objects::to_yaml(&slice)
+    )
+}
+
+/// A lab with both routers, the Node objects, the peers and a Service over
+/// a pod on each node.
+fn lab_with(restart_time: u16, local: bool, endpoints: &[(Ipv4Addr, usize)]) -> Result<BgpLab> {
+    let mut lab = BgpLab::new()?;
+    lab.start_bird()?;
+    lab.start_frr()?;
+    lab.write_manifest("nodes.yaml", &lab.nodes_manifest())?;
+    lab.write_manifest(
+        "peers.yaml",
+        &format!(
+            "{}---\n{}",
+            BgpLab::peer_manifest("bird", BIRD_ADDR, restart_time),
+            BgpLab::peer_manifest("frr", FRR_ADDR, restart_time)
+        ),
+    )?;
+    lab.write_manifest("web.yaml", &service_manifest(&lab, local, endpoints))?;
+    Ok(lab)
+}
+
+/// The node that carried a request, from what the backend saw: a local
+/// backend sees the client, a remote one the SNAT address of the node.
+fn node_of(reply: &xlb_tests::Reply) -> Result<usize> {
+    let peer = reply.peer.ip();
+    Ok(match (reply.backend.as_str(), peer) {
+        ("pod-a", p) if p == IpAddr::V4(CLIENT) => 0,
+        ("pod-b", p) if p == IpAddr::V4(CLIENT) => 1,
+        ("pod-a", p) if p == IpAddr::V4(NODE_B) => 1,
+        ("pod-b", p) if p == IpAddr::V4(NODE_A) => 0,
+        _ => bail!("unexpected reply {reply:?}"),
+    })
+}
+
+fn request(lab: &BgpLab) -> Result<xlb_tests::Reply> {
+    tcp_request(&lab.client, SocketAddrV4::new(SERVICE, SERVICE_PORT))
+}
+
+#[test]
+fn both_routers_learn_the_service_from_both_nodes_and_withdraw_it_on_delete() -> Result<()> {
+    let lab = lab_with(RESTART_TIME, false, &[(POD_A, 0), (POD_B, 1)])?;
+    let _a = lab.start_agent(0)?;
+    let _b = lab.start_agent(1)?;
+    lab.wait_next_hops(PREFIX, &[NODE_A, NODE_B], Duration::from_secs(20))?;
+
+    // ECMP at BIRD's kernel: the client's connections go through both
+    // nodes, and every one is answered.
+    let mut through = [0usize; 2];
+    for _ in 0..24 {
+        let reply = request(&lab).context("request through the router")?;
+        through[node_of(&reply)?] += 1;
+    }
+    assert!(
+        through[0] > 0 && through[1] > 0,
+        "connections per node {through:?}: ECMP should spread them"
+    );
+
+    // What the agent says about its sessions.
+    let sessions = lab.inspect_bgp(0)?;
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    for session in &sessions {
+        assert_eq!(session["state"], "Established", "{session:?}");
+        assert_eq!(session["announced_prefixes"], 1, "{session:?}");
+    }
+    let metrics = lab.metrics(0)?;
+    for peer in ["xlb/bird", "xlb/frr"] {
+        let labels = [("peer", peer)];
+        assert_eq!(
+            sample(&metrics, "xlb_bgp_session_up", &labels),
+            Some(1.0),
+            "{metrics}"
+        );
+        assert_eq!(
+            sample(&metrics, "xlb_bgp_announced_prefixes", &labels),
+            Some(1.0)
+        );
+        assert!(sample(&metrics, "xlb_bgp_updates_sent_total", &labels).is_some_and(|n| n >= 1.0));
+    }
+
+    lab.remove_manifest("web.yaml")?;
+    let deleted = Instant::now();
+    lab.wait_next_hops(PREFIX, &[], Duration::from_secs(3))?;
+    let took = deleted.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "withdrawn after {took:?} (both routers within a second)"
+    );
+    Ok(())
+}
+
+#[test]
+fn local_policy_routes_only_through_the_node_with_the_endpoint_and_follow_it() -> Result<()> {
+    let lab = lab_with(RESTART_TIME, true, &[(POD_A, 0)])?;
+    let _a = lab.start_agent(0)?;
+    let _b = lab.start_agent(1)?;
+    lab.wait_next_hops(PREFIX, &[NODE_A], Duration::from_secs(20))?;
+    for _ in 0..8 {
+        let reply = request(&lab)?;
+        assert_eq!(reply.backend, "pod-a");
+        assert_eq!(
+            reply.peer.ip(),
+            IpAddr::V4(CLIENT),
+            "Local keeps the client address"
+        );
+    }
+    // The endpoint moves to node-b: so does the route.
+    lab.write_manifest("web.yaml", &service_manifest(&lab, true, &[(POD_B, 1)]))?;
+    lab.wait_next_hops(PREFIX, &[NODE_B], Duration::from_secs(3))?;
+    wait_until("traffic through node-b", Duration::from_secs(3), || {
+        request(&lab).is_ok_and(|r| r.backend == "pod-b")
+    })?;
+    for _ in 0..8 {
+        let reply = request(&lab)?;
+        assert_eq!(reply.backend, "pod-b");
+        assert_eq!(reply.peer.ip(), IpAddr::V4(CLIENT));
+    }
+    Ok(())
+}
+
+#[test]
+fn an_agent_restart_keeps_the_route_in_both_ribs_and_traffic_flowing() -> Result<()> {
+    let lab = lab_with(RESTART_TIME, true, &[(POD_A, 0)])?;
+    let mut a = lab.start_agent(0)?;
+    let _b = lab.start_agent(1)?;
+    lab.wait_next_hops(PREFIX, &[NODE_A], Duration::from_secs(20))?;
+
+    // Poll both RIBs and the data path from before the agent stops until
+    // well after its successor has sent End-of-RIB.
+    let (checks, a2) = std::thread::scope(|scope| -> Result<(usize, xlb_tests::Agent)> {
+        let poller = scope.spawn(|| -> Result<usize> {
+            let started = Instant::now();
+            let mut checks = 0;
+            while started.elapsed() < Duration::from_secs(8) {
+                let bird = lab.bird_next_hops(PREFIX)?;
+                let frr = lab.frr_next_hops(PREFIX)?;
+                if bird != [NODE_A] || frr != [NODE_A] {
+                    bail!(
+                        "during the restart BIRD had {bird:?}, FRR {frr:?}\n{}",
+                        lab.logs()
+                    );
+                }
+                let reply = request(&lab).context("traffic during the restart")?;
+                assert_eq!(reply.backend, "pod-a");
+                checks += 1;
+            }
+            Ok(checks)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        a.stop()?;
+        let a2 = lab.start_agent(0)?;
+        let checks = poller.join().expect("poller panicked")?;
+        Ok((checks, a2))
+    })?;
+    assert!(checks > 5, "only {checks} checks");
+    wait_until("both sessions back", Duration::from_secs(10), || {
+        lab.bird_established(0).unwrap_or(false)
+            && lab.frr_state(NODE_A).is_ok_and(|s| s == "Established")
+    })?;
+    // After End-of-RIB the route is still there (sent again, not stale).
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(lab.bird_next_hops(PREFIX)?, [NODE_A]);
+    assert_eq!(lab.frr_next_hops(PREFIX)?, [NODE_A]);
+    let bird_route = lab.birdc(&["show", "route", PREFIX, "all"])?;
+    assert!(!bird_route.contains("stale"), "{bird_route}");
+    drop(a2);
+    Ok(())
+}
+
+#[test]
+fn a_vanished_node_is_withdrawn_by_the_hold_timer_and_traffic_moves() -> Result<()> {
+    // The backend is on node-b: node-a forwards to it while it is there,
+    // and its own pods would vanish with it.
+    let lab = lab_with(RESTART_TIME, false, &[(POD_B, 1)])?;
+    let mut a = lab.start_agent(0)?;
+    let _b = lab.start_agent(1)?;
+    lab.wait_next_hops(PREFIX, &[NODE_A, NODE_B], Duration::from_secs(20))?;
+    let mut through = [0usize; 2];
+    for _ in 0..24 {
+        through[node_of(&request(&lab)?)?] += 1;
+    }
+    assert!(through[0] > 0 && through[1] > 0, "{through:?}");
+    // The node drops off the network (no FIN reaches the routers), then its
+    // agent dies.
+    xlb_tests::ns_sh(&lab.nodes[0], &["ip", "link", "set", "uplink", "down"])?;
+    let gone = Instant::now();
+    a.kill()?;
+    lab.wait_next_hops(PREFIX, &[NODE_B], Duration::from_secs(8))?;
+    let took = gone.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "withdrawn after {took:?}: before the 3 s hold time could expire?"
+    );
+    for _ in 0..8 {
+        let reply = request(&lab).context("traffic after the withdrawal")?;
+        assert_eq!(node_of(&reply)?, 1, "{reply:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn garbage_from_a_peer_gets_a_notification_and_the_other_sessions_stay_up() -> Result<()> {
+    let lab = lab_with(RESTART_TIME, false, &[(POD_A, 0), (POD_B, 1)])?;
+    // A peer that answers the OPEN with text.
+    let listener = in_netns(&lab.liar_ns, || TcpListener::bind((LIAR_ADDR, 179)))??;
+    lab.write_manifest(
+        "liar.yaml",
+        &BgpLab::peer_manifest("liar", LIAR_ADDR, RESTART_TIME),
+    )?;
+    let _a = lab.start_agent(0)?;
+    let _b = lab.start_agent(1)?;
+    lab.wait_next_hops(PREFIX, &[NODE_A, NODE_B], Duration::from_secs(20))?;
+
+    listener.set_nonblocking(false)?;
+    let mut notifications = Vec::new();
+    let started = Instant::now();
+    // Two connections: the answer, and the retry after backoff.
+    for _ in 0..2 {
+        let (mut stream, from) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut open = [0u8; 19];
+        stream.read_exact(&mut open)?;
+        assert_eq!(open[18], 1, "the first message from {from} is an OPEN");
+        let length = usize::from(u16::from_be_bytes([open[16], open[17]]));
+        let mut rest = vec![0u8; length - 19];
+        stream.read_exact(&mut rest)?;
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: xlb\r\n\r\n")?;
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        notifications.push((from, answer));
+        if started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+    }
+    for (from, answer) in &notifications {
+        assert!(answer.len() >= 21, "{from} answered {answer:?}");
+        assert!(answer[..16].iter().all(|&b| b == 0xff), "{answer:?}");
+        assert_eq!(answer[18], 3, "a NOTIFICATION from {from}: {answer:?}");
+        assert_eq!(
+            (answer[19], answer[20]),
+            (1, 1),
+            "Message Header Error / Connection Not Synchronized (RFC 4271 §6.1)"
+        );
+    }
+    // The real routers never noticed.
+    for (i, node) in [NODE_A, NODE_B].into_iter().enumerate() {
+        assert!(lab.bird_established(i)?, "BIRD's session with {node}");
+        assert_eq!(lab.frr_state(node)?, "Established");
+    }
+    assert_eq!(lab.bird_next_hops(PREFIX)?, [NODE_A, NODE_B]);
+    let liar = lab
+        .inspect_bgp(0)?
+        .into_iter()
+        .find(|s| s["peer"] == "xlb/liar")
+        .context("the liar in inspect bgp")?;
+    assert_ne!(liar["state"], "Established", "{liar:?}");
+    assert!(
+        liar["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("ConnectionNotSynchronized")),
+        "{liar:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn ipv6_service_addresses_reach_both_routers_over_mp_bgp() -> Result<()> {
+    let lab = lab_with(RESTART_TIME, false, &[(POD_A, 0), (POD_B, 1)])?;
+    let service_v6: std::net::Ipv6Addr = "fd00:200::10".parse()?;
+    let mut service = objects::dual_stack_service(
+        "web",
+        SERVICE,
+        service_v6,
+        &[("http", "TCP", SERVICE_PORT.into(), "8080")],
+    );
+    objects::spec_mut(&mut service).external_traffic_policy = Some("Cluster".into());
+    let v4 = objects::endpoint_slice(
+        "web",
+        &[
+            (POD_A, lab.node_names[0].as_str(), true),
+            (POD_B, lab.node_names[1].as_str(), true),
+        ],
+        &[("http", "TCP", TARGET_PORT.into())],
+    );
+    let v6 = objects::endpoint_slice_v6(
+        "web",
+        &[
+            ("fd00:244:1::2".parse()?, lab.node_names[0].as_str(), true),
+            ("fd00:244:2::2".parse()?, lab.node_names[1].as_str(), true),
+        ],
+        &[("http", "TCP", TARGET_PORT.into())],
+    );
+    lab.write_manifest("web.yaml", &objects::to_yaml_documents(&[service]))?;
+    lab.write_manifest(
+        "web-slices.yaml",
+        &format!("{}---\n{}", objects::to_yaml(&v4), objects::to_yaml(&v6)),
+    )?;
+    let _a = lab.start_agent(0)?;
+    let _b = lab.start_agent(1)?;
+    lab.wait_next_hops(PREFIX, &[NODE_A, NODE_B], Duration::from_secs(20))?;
+    // IPv6 over the IPv4 sessions (MP_REACH_NLRI), each node's IPv6
+    // address as next hop.
+    let want = [lan_v6(NODE_A), lan_v6(NODE_B)];
+    let prefix_v6 = "fd00:200::10/128";
+    let mut last = (Vec::new(), Vec::new());
+    let found = wait_until(
+        "the IPv6 route on both routers",
+        Duration::from_secs(10),
+        || {
+            last = (
+                lab.bird_next_hops_v6(prefix_v6).unwrap_or_default(),
+                lab.frr_next_hops_v6(prefix_v6).unwrap_or_default(),
+            );
+            last.0 == want && last.1 == want
+        },
+    );
+    if found.is_err() {
+        bail!(
+            "BIRD {:?}, FRR {:?}, want {want:?}\n{}",
+            last.0,
+            last.1,
+            lab.logs()
+        );
+    }
+    // Deleting the Service withdraws both families.
+    lab.remove_manifest("web.yaml")?;
+    lab.wait_next_hops(PREFIX, &[], Duration::from_secs(3))?;
+    wait_until("the IPv6 route withdrawn", Duration::from_secs(3), || {
+        lab.bird_next_hops_v6(prefix_v6).is_ok_and(|h| h.is_empty())
+            && lab.frr_next_hops_v6(prefix_v6).is_ok_and(|h| h.is_empty())
+    })
+    .with_context(|| {
+        format!(
+            "BIRD {:?}, FRR {:?}\n{}",
+            lab.bird_next_hops_v6(prefix_v6),
+            lab.frr_next_hops_v6(prefix_v6),
+            lab.logs()
+        )
+    })?;
+    Ok(())
+}
