@@ -109,6 +109,8 @@ fn agent_alive() -> bool {
 /// The answer for `addr` on `ifindex`, counting the request; `None` when
 /// the address is not announced here or the agent is not alive.
 #[inline(always)]
+// The key by reference: by value it would be copied onto the stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
 fn lookup(ifindex: u32, family: u8, addr: [u32; 4]) -> Option<L2Answer> {
     // Zeroed by words, then filled: a literal with the 3-byte pad becomes
     // a bytewise `memset` (see `words.rs`).
