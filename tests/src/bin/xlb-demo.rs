@@ -147,7 +147,13 @@ fn pools_and_arp() -> Result<()> {
     println!("== starting `xlb agent --address-mode pool --l2-announce` on node 1");
     let _agent = s.start_agent(
         0,
-        &["--manifests", &manifests, "--address-mode", "pool", "--l2-announce"],
+        &[
+            "--manifests",
+            &manifests,
+            "--address-mode",
+            "pool",
+            "--l2-announce",
+        ],
     )?;
     wait_until("an address from the pool", Duration::from_secs(10), || {
         s.xlb(0, &["inspect", "l2", "--json"])
@@ -158,7 +164,11 @@ fn pools_and_arp() -> Result<()> {
     println!("\n== xlb inspect l2 (what node 1 answers ARP/NDP for)");
     print!("{}", s.xlb(0, &["inspect", "l2"])?);
     println!("\n== the client: arping 10.0.5.100, then 10 requests to 10.0.5.100:80");
-    let mac = s.arping(&s.client, Ipv4Addr::new(10, 0, 5, 100), Duration::from_secs(2))?;
+    let mac = s.arping(
+        &s.client,
+        Ipv4Addr::new(10, 0, 5, 100),
+        Duration::from_secs(2),
+    )?;
     println!(
         "   arping: answered by {} (node 1's uplink is {})",
         mac.as_deref().unwrap_or("nobody"),
@@ -176,7 +186,11 @@ fn pools_and_arp() -> Result<()> {
         s.neighbour(&s.client, "10.0.5.100")?
             .unwrap_or_else(|| "no entry".into())
     );
-    let unassigned = s.arping(&s.client, Ipv4Addr::new(10, 0, 5, 200), Duration::from_secs(1))?;
+    let unassigned = s.arping(
+        &s.client,
+        Ipv4Addr::new(10, 0, 5, 200),
+        Duration::from_secs(1),
+    )?;
     println!(
         "   arping 10.0.5.200 (in the subnet, no Service): {}",
         unassigned.as_deref().unwrap_or("no answer")
@@ -187,7 +201,9 @@ fn pools_and_arp() -> Result<()> {
 /// Part 3: the same Service address announced over BGP by two nodes to a
 /// BIRD router, which routes a client's connections over both (ECMP).
 fn bgp_to_bird() -> Result<()> {
-    println!("\n== part 3: BGP: two nodes peer with a BIRD router; a client sits behind the router");
+    println!(
+        "\n== part 3: BGP: two nodes peer with a BIRD router; a client sits behind the router"
+    );
     let mut lab = BgpLab::new()?;
     lab.start_bird()?;
     lab.write_manifest("nodes.yaml", &lab.nodes_manifest())?;
@@ -214,12 +230,19 @@ fn bgp_to_bird() -> Result<()> {
     println!("== starting an agent on each node");
     let _a = lab.start_agent(0)?;
     let _b = lab.start_agent(1)?;
-    wait_until("BIRD learns the route from both nodes", Duration::from_secs(30), || {
-        lab.bird_next_hops("10.200.0.10/32")
-            .is_ok_and(|hops| hops.len() == 2)
-    })?;
+    wait_until(
+        "BIRD learns the route from both nodes",
+        Duration::from_secs(30),
+        || {
+            lab.bird_next_hops("10.200.0.10/32")
+                .is_ok_and(|hops| hops.len() == 2)
+        },
+    )?;
     println!("\n== birdc show route for 10.200.0.10/32 all");
-    print!("{}", lab.birdc(&["show", "route", "for", "10.200.0.10/32", "all"])?);
+    print!(
+        "{}",
+        lab.birdc(&["show", "route", "for", "10.200.0.10/32", "all"])?
+    );
     println!("\n== xlb inspect bgp (node a)");
     let sessions = lab.inspect_bgp(0)?;
     for s in &sessions {
@@ -231,8 +254,13 @@ fn bgp_to_bird() -> Result<()> {
     println!("\n== 12 requests from the client behind BIRD to 10.200.0.10:80");
     let mut seen = BTreeMap::new();
     for _ in 0..12 {
-        let r = tcp_request(&lab.client, SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 10), 80))?;
-        *seen.entry(format!("{} (seen from {})", r.backend, r.peer.ip())).or_insert(0) += 1;
+        let r = tcp_request(
+            &lab.client,
+            SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 10), 80),
+        )?;
+        *seen
+            .entry(format!("{} (seen from {})", r.backend, r.peer.ip()))
+            .or_insert(0) += 1;
     }
     for (what, n) in seen {
         println!("   {what}: {n}");
