@@ -224,29 +224,10 @@ impl BgpLab {
         b_dev: &str,
         b_addr: Option<&str>,
     ) -> Result<()> {
-        static PAIRS: AtomicU32 = AtomicU32::new(0);
-        let n = PAIRS.fetch_add(1, Ordering::SeqCst);
-        let (tmp_a, tmp_b) = (
-            format!("xg{}a{n}", std::process::id() % 100_000),
-            format!("xg{}b{n}", std::process::id() % 100_000),
-        );
-        sh(&[
-            "ip", "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b,
-        ])?;
-        for (ns, tmp, dev, addr) in [
-            (a_ns, &tmp_a, a_dev, Some(a_addr)),
-            (b_ns, &tmp_b, b_dev, b_addr),
-        ] {
-            sh(&["ip", "link", "set", tmp, "netns", ns])?;
-            ns_sh(ns, &["ip", "link", "set", tmp, "name", dev])?;
-            if let Some(addr) = addr {
-                ns_sh(ns, &["ip", "addr", "add", addr, "dev", dev])?;
-            }
-            ns_sh(ns, &["ip", "link", "set", dev, "up"])?;
-            if self.links == Links::Wires {
-                ns_sh(ns, &["ethtool", "-K", dev, "tx", "off"])?;
-                ns_sh(ns, &["ethtool", "-K", dev, "gro", "on"])?;
-            }
+        self.links.veth_pair((a_ns, a_dev), (b_ns, b_dev))?;
+        ns_sh(a_ns, &["ip", "addr", "add", a_addr, "dev", a_dev])?;
+        if let Some(addr) = b_addr {
+            ns_sh(b_ns, &["ip", "addr", "add", addr, "dev", b_dev])?;
         }
         Ok(())
     }
@@ -257,15 +238,11 @@ impl BgpLab {
 
     /// Writes a manifest file atomically (temp file + rename).
     pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
-        let tmp = self.dir.join(format!(".{file}.tmp"));
-        fs::write(&tmp, text)?;
-        fs::rename(&tmp, self.manifests().join(file))?;
-        Ok(())
+        crate::topology::write_manifest_in(&self.dir, file, text)
     }
 
     pub fn remove_manifest(&self, file: &str) -> Result<()> {
-        fs::remove_file(self.manifests().join(file))?;
-        Ok(())
+        crate::topology::remove_manifest_in(&self.dir, file)
     }
 
     /// The Node objects of both nodes.

@@ -129,11 +129,21 @@ impl<'a> VethEnd<'a> {
     }
 }
 
-/// A veth pair between two namespaces, both ends up, with addresses. The
-/// pair is made in the caller's namespace under temporary names unique to
-/// this process (interface names are global there, at most 15 bytes), then
-/// each end moves to its namespace and takes its real name.
+/// A veth pair between two namespaces, both ends up, with addresses.
 pub fn veth(a: VethEnd, b: VethEnd) -> Result<()> {
+    veth_bare((a.ns, a.name), (b.ns, b.name))?;
+    for end in [a, b] {
+        ns_sh(end.ns, &["ip", "addr", "add", end.addr, "dev", end.name])?;
+    }
+    Ok(())
+}
+
+/// A veth pair between two namespaces (namespace, interface name), both
+/// ends up, without addresses. The pair is made in the caller's namespace
+/// under temporary names unique to this process (interface names are
+/// global there, at most 15 bytes), then each end moves to its namespace
+/// and takes its real name.
+pub fn veth_bare((a_ns, a_dev): (&str, &str), (b_ns, b_dev): (&str, &str)) -> Result<()> {
     static PAIRS: AtomicU32 = AtomicU32::new(0);
     let pair = PAIRS.fetch_add(1, Ordering::SeqCst);
     let process = std::process::id() % 100_000;
@@ -141,11 +151,10 @@ pub fn veth(a: VethEnd, b: VethEnd) -> Result<()> {
     sh(&[
         "ip", "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b,
     ])?;
-    for (end, tmp) in [(a, &tmp_a), (b, &tmp_b)] {
-        sh(&["ip", "link", "set", tmp, "netns", end.ns])?;
-        ns_sh(end.ns, &["ip", "link", "set", tmp, "name", end.name])?;
-        ns_sh(end.ns, &["ip", "addr", "add", end.addr, "dev", end.name])?;
-        ns_sh(end.ns, &["ip", "link", "set", end.name, "up"])?;
+    for (ns, dev, tmp) in [(a_ns, a_dev, &tmp_a), (b_ns, b_dev, &tmp_b)] {
+        sh(&["ip", "link", "set", tmp, "netns", ns])?;
+        ns_sh(ns, &["ip", "link", "set", tmp, "name", dev])?;
+        ns_sh(ns, &["ip", "link", "set", dev, "up"])?;
     }
     Ok(())
 }

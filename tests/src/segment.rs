@@ -104,23 +104,7 @@ impl Segment {
     /// A veth pair `a_dev` in `a` ↔ `b_dev` in `b`, both up; on wires both
     /// ends send complete checksums and take XDP frames (GRO on).
     fn pair(&self, a: &str, a_dev: &str, b: &str, b_dev: &str) -> Result<()> {
-        static PAIRS: AtomicU32 = AtomicU32::new(0);
-        let pair = PAIRS.fetch_add(1, Ordering::SeqCst);
-        let process = std::process::id() % 100_000;
-        let (tmp_a, tmp_b) = (format!("xl{process}a{pair}"), format!("xl{process}b{pair}"));
-        sh(&[
-            "ip", "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b,
-        ])?;
-        for (ns, tmp, dev) in [(a, &tmp_a, a_dev), (b, &tmp_b, b_dev)] {
-            sh(&["ip", "link", "set", tmp, "netns", ns])?;
-            ns_sh(ns, &["ip", "link", "set", tmp, "name", dev])?;
-            ns_sh(ns, &["ip", "link", "set", dev, "up"])?;
-            if self.links == Links::Wires {
-                ns_sh(ns, &["ethtool", "-K", dev, "tx", "off"])?;
-                ns_sh(ns, &["ethtool", "-K", dev, "gro", "on"])?;
-            }
-        }
-        Ok(())
+        self.links.veth_pair((a, a_dev), (b, b_dev))
     }
 
     fn build(&mut self) -> Result<()> {
@@ -291,10 +275,7 @@ impl Segment {
     }
 
     pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
-        let tmp = self.dir.join(format!(".{file}.tmp"));
-        fs::write(&tmp, text)?;
-        fs::rename(&tmp, self.manifests().join(file))?;
-        Ok(())
+        crate::topology::write_manifest_in(&self.dir, file, text)
     }
 
     /// The MAC address of node `i`'s uplink, as `ip` prints it.

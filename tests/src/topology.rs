@@ -25,7 +25,7 @@ use aya::programs::{SchedClassifier, TcAttachType, loaded_programs};
 
 use crate::{
     agent::{Agent, spawn_agent, xlb_bin},
-    netns::{Namespace, VethEnd, in_netns, ns_sh, veth},
+    netns::{Namespace, VethEnd, in_netns, ns_sh, veth, veth_bare},
     objects,
     traffic::{serve_tcp, serve_udp},
 };
@@ -75,6 +75,26 @@ pub enum Links {
 }
 
 impl Links {
+    /// With [`Links::Wires`], makes a namespace's end of a link behave like a
+    /// real host NIC: full checksums computed in software, and GRO on, which
+    /// lets a veth accept XDP-redirected frames. With
+    /// [`Links::ContainerNodes`] the link keeps the veth defaults.
+    pub fn host_like(self, ns: &str, dev: &str) -> Result<()> {
+        if self == Links::Wires {
+            ns_sh(ns, &["ethtool", "-K", dev, "tx", "off"])?;
+            ns_sh(ns, &["ethtool", "-K", dev, "gro", "on"])?;
+        }
+        Ok(())
+    }
+
+    /// A veth pair, `a_dev` in namespace `a` and `b_dev` in `b`, both up
+    /// and both host-like ([`Links::host_like`]), without addresses.
+    pub fn veth_pair(self, a: (&str, &str), b: (&str, &str)) -> Result<()> {
+        veth_bare(a, b)?;
+        self.host_like(a.0, a.1)?;
+        self.host_like(b.0, b.1)
+    }
+
     /// `XLB_TEST_LINKS`: `wires` (the default) or `container-nodes`.
     pub fn from_env() -> Links {
         match std::env::var("XLB_TEST_LINKS").as_deref() {
@@ -166,16 +186,8 @@ impl Topology {
         Ok(())
     }
 
-    /// With [`Links::Wires`], makes a namespace's end of a link behave like a
-    /// real host NIC: full checksums computed in software, and GRO on, which
-    /// lets a veth accept XDP-redirected frames. With
-    /// [`Links::ContainerNodes`] the link keeps the veth defaults.
     fn host_like(&self, ns: &str, dev: &str) -> Result<()> {
-        if self.links == Links::Wires {
-            ns_sh(ns, &["ethtool", "-K", dev, "tx", "off"])?;
-            ns_sh(ns, &["ethtool", "-K", dev, "gro", "on"])?;
-        }
-        Ok(())
+        self.links.host_like(ns, dev)
     }
 
     /// The hook the agent runs the forward path in on the node's uplinks,
@@ -359,15 +371,11 @@ impl Topology {
 
     /// Writes (atomically: temp file + rename) a manifest file.
     pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
-        let tmp = self.dir.join(format!(".{file}.tmp"));
-        fs::write(&tmp, text)?;
-        fs::rename(&tmp, self.manifests().join(file))?;
-        Ok(())
+        write_manifest_in(&self.dir, file, text)
     }
 
     pub fn remove_manifest(&self, file: &str) -> Result<()> {
-        fs::remove_file(self.manifests().join(file))?;
-        Ok(())
+        remove_manifest_in(&self.dir, file)
     }
 
     /// Starts TCP and UDP servers on `ports` in every pod, on its IPv4 and
@@ -545,4 +553,19 @@ impl Drop for Topology {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Writes manifest `file` into `dir/manifests` atomically (a temp file in
+/// `dir`, then a rename), so the agent never reads half a file.
+pub fn write_manifest_in(dir: &Path, file: &str, text: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    fs::write(&tmp, text)?;
+    fs::rename(&tmp, dir.join("manifests").join(file))?;
+    Ok(())
+}
+
+/// Removes manifest `file` from `dir/manifests`.
+pub fn remove_manifest_in(dir: &Path, file: &str) -> Result<()> {
+    fs::remove_file(dir.join("manifests").join(file))?;
+    Ok(())
 }
