@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     agent::{Agent, spawn_agent, xlb_bin},
-    netns::{Namespace, ns_sh, sh},
+    netns::{Namespace, ns_sh},
     topology::Links,
     traffic::serve_tcp,
 };
