@@ -332,9 +332,13 @@ fn the_address_moves_to_the_other_node_within_3s_when_its_announcer_dies() -> Re
     assert!(held(survivor)?.contains(&VIP.to_string()));
     // The Service says who announces it: an Event from each taker.
     let survivor_name = s.node_names[survivor].clone();
+    // 15 s, not 5: in one full `cargo xtask test` run (2026-12-04) the
+    // Event had not arrived after 5 s although the failover itself took
+    // 2.06 s; alone the test passes in 5 s. Why is not understood yet (the
+    // Event is posted by a spawned task through kube's recorder).
     wait_until(
         "the survivor's L2Announcing Event",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         || {
             api.list("events.k8s.io/v1", "Event").iter().any(|e| {
                 e["reason"] == "L2Announcing"
