@@ -399,7 +399,7 @@ fn an_invalid_service_gets_one_warning_event() -> Result<()> {
     let _agent = t.start_agent_kube(&kubeconfig, &[])?;
     let mut bad = service("bad", SECOND, None);
     bad["spec"]["ports"][0]["protocol"] = json!("SCTP");
-    api.apply(bad);
+    api.apply(bad.clone());
     api.apply(service("web", WEB, None));
     api.apply(slice(&t, "web", &["pod-a"]));
     let events_on_bad = || {
@@ -427,6 +427,27 @@ fn an_invalid_service_gets_one_warning_event() -> Result<()> {
     api.apply(slice(&t, "web", &["pod-a", "pod-b"]));
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(events_on_bad().len(), 1, "{:?}", events_on_bad());
+    // A different problem on the same Service, with the same reason, is an
+    // Event of its own that says what is wrong now (not a count on the
+    // first Event, whose note names SCTP).
+    bad["spec"]["ports"][0]["protocol"] = json!("TCP");
+    bad["spec"]["loadBalancerSourceRanges"] = json!(["10.0.0.0/8", "not-a-cidr"]);
+    api.apply(bad);
+    wait_until(
+        "a second Warning Event on Service bad, about its source range",
+        Duration::from_secs(10),
+        || {
+            events_on_bad()
+                .iter()
+                .any(|e| e["note"].as_str().unwrap_or("").contains("not-a-cidr"))
+        },
+    )?;
+    let events = events_on_bad();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events.iter().all(|e| e["reason"] == "InvalidSpec"),
+        "{events:?}"
+    );
     Ok(())
 }
 
