@@ -317,6 +317,9 @@ struct Datapath {
     l2: Option<Responder>,
     /// The addresses of the last sync, for the L2 election.
     l2_claims: Vec<L2Claim>,
+    /// The nodes the last L2 election saw alive, and when it ran.
+    l2_alive: std::collections::BTreeSet<String>,
+    l2_elected: Option<Instant>,
     /// A previous agent's datapath was found running and adopted.
     adopted: bool,
     /// The host routes the last sync says this node should announce.
@@ -595,6 +598,8 @@ impl Datapath {
             incomplete: false,
             l2,
             l2_claims: Vec::new(),
+            l2_alive: Default::default(),
+            l2_elected: None,
             adopted,
             routes: bgp::Routes::default(),
         })
@@ -656,6 +661,7 @@ impl Datapath {
                 .map(str::to_string)
                 .collect()
         };
+        let mut reannounce = false;
         let mine: Vec<std::net::IpAddr> = match (source, leases) {
             (Source::Cluster(cluster), Some(leases)) => {
                 // Until this node knows the others (and they it), it keeps
@@ -663,6 +669,22 @@ impl Datapath {
                 let Some(alive) = leases.alive(&cfg.node.node_name) else {
                     return;
                 };
+                // Another node may have announced this node's addresses
+                // while it thought this one dead, and clients would stay
+                // on its MAC: when a node comes back (its Lease fresh again
+                // after a lapse, or new), or this agent was stalled longer
+                // than its responder stays live, it says again what it
+                // holds.
+                let came_back = !self.l2_alive.is_empty()
+                    && alive
+                        .difference(&self.l2_alive)
+                        .any(|node| *node != cfg.node.node_name);
+                let stalled = self
+                    .l2_elected
+                    .is_some_and(|at| at.elapsed() > l2::LIVENESS_WINDOW);
+                reannounce = came_back || stalled;
+                self.l2_alive.clone_from(&alive);
+                self.l2_elected = Some(Instant::now());
                 let claims: Vec<_> = self
                     .l2_claims
                     .iter()
@@ -685,6 +707,9 @@ impl Datapath {
         let wanted = mine.into_iter().map(|a| (a, interfaces(a))).collect();
         match l2.apply(&mut self.maps, &wanted) {
             Ok(new) => {
+                if reannounce {
+                    l2.reannounce(&new);
+                }
                 if let Source::Cluster(cluster) = source {
                     for addr in new {
                         if let Some(claim) = self.l2_claims.iter().find(|c| c.addr == addr) {

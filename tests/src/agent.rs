@@ -84,6 +84,18 @@ impl Agent {
         Ok(())
     }
 
+    /// SIGSTOP (`paused`) or SIGCONT: an agent stalled (CPU starvation, a
+    /// frozen cgroup) and back, its process and datapath intact.
+    pub fn pause(&self, paused: bool) -> Result<()> {
+        let child = self.child.as_ref().context("the agent is not running")?;
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: signalling our own child.
+        if unsafe { libc::kill(child.id() as i32, signal) } != 0 {
+            bail!("signalling the agent: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// SIGTERM and wait: what an orchestrator does on restart or upgrade.
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {

@@ -163,6 +163,21 @@ impl Responder {
         Ok(new)
     }
 
+    /// Sends the take-over burst again for every address answered here
+    /// but those in `except` (just sent): after another node may have
+    /// claimed them.
+    pub fn reannounce(&self, except: &[IpAddr]) {
+        for (addr, iface) in &self.answering {
+            if except.contains(addr) {
+                continue;
+            }
+            if let Ok(uplink) = self.uplink(iface) {
+                tracing::info!(address = %addr, interface = %iface, "a node came back: announcing again");
+                send_burst(uplink.clone(), *addr);
+            }
+        }
+    }
+
     fn uplink(&self, name: &str) -> Result<&Uplink> {
         self.uplinks
             .iter()
