@@ -397,6 +397,19 @@ impl Segment {
 
 impl Drop for Segment {
     fn drop(&mut self) {
+        // What the agents said, for a failed test (the test harness shows
+        // a test's output only when it fails; the directory goes).
+        {
+            for i in 0..self.nodes.len() {
+                let log = self.dir.join(format!("agent{}.log", i + 1));
+                let text = fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- the last lines of {} ---", log.display());
+                for line in &lines[lines.len().saturating_sub(120)..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
         for (i, node_name) in self.node_names.iter().enumerate() {
             let _ = Command::new(xlb_bin())
                 .args(["reset", "--node-name", node_name, "--state-dir"])
