@@ -67,6 +67,8 @@ pub struct Segment {
     pub dir: PathBuf,
     pub links: Links,
     namespaces: Vec<Namespace>,
+    /// Print nothing on drop (see [`Segment::quiet`]).
+    quiet: bool,
 }
 
 impl Segment {
@@ -89,6 +91,7 @@ impl Segment {
             dir,
             links: Links::from_env(),
             namespaces: Vec::new(),
+            quiet: false,
         };
         s.build().context("building the L2 segment")?;
         Ok(s)
@@ -181,6 +184,10 @@ impl Segment {
             let (node, pod) = (self.nodes[i].clone(), self.pods[i].clone());
             let host = format!("h{}", i + 1);
             self.pair(&node, &host, &pod, "eth0")?;
+            // A node routes for its pods (kubelet and the CNI see to it on
+            // a real one), whether or not xlb runs there.
+            ns_sh(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            ns_sh(&node, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
             let gw = Ipv4Addr::new(10, 244, i as u8 + 1, 1);
             let gw6 = Ipv6Addr::new(0xfd00, 0x244, i as u16 + 1, 0, 0, 0, 0, 1);
             ns_sh(
@@ -390,6 +397,11 @@ impl Segment {
             .map(|mac| mac.to_lowercase()))
     }
 
+    /// Leaves out the agents' logs on drop (a demo that went well).
+    pub fn quiet(&mut self) {
+        self.quiet = true;
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -399,7 +411,7 @@ impl Drop for Segment {
     fn drop(&mut self) {
         // What the agents said, for a failed test (the test harness shows
         // a test's output only when it fails; the directory goes).
-        {
+        if !self.quiet {
             for i in 0..self.nodes.len() {
                 let log = self.dir.join(format!("agent{}.log", i + 1));
                 let text = fs::read_to_string(&log).unwrap_or_default();

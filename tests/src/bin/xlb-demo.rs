@@ -127,7 +127,7 @@ fn pools_and_arp() -> Result<()> {
     println!(
         "\n== part 2: addresses of its own: a bridge with a client and two nodes; no route to 10.0.5.0/24 but the segment itself"
     );
-    let s = Segment::new()?;
+    let mut s = Segment::new()?;
     let pool = "apiVersion: xlb.dev/v1alpha1\nkind: AddressPool\nmetadata:\n  name: lan\n\
                 spec:\n  addresses: [10.0.5.100-10.0.5.110]\n";
     println!("-- manifest pool.yaml (AddressPool lan: 10.0.5.100-10.0.5.110)");
@@ -175,11 +175,14 @@ fn pools_and_arp() -> Result<()> {
         s.node_mac(0)?
     );
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 0, 5, 100), 80);
-    for i in 0..10 {
-        let r = tcp_request(&s.client, to)?;
-        if i < 4 {
-            println!("   request {i}: answered by {}", r.backend);
-        }
+    let mut answered: std::collections::BTreeMap<String, usize> = Default::default();
+    for _ in 0..10 {
+        *answered
+            .entry(tcp_request(&s.client, to)?.backend)
+            .or_default() += 1;
+    }
+    for (backend, n) in &answered {
+        println!("   {backend} (on node {}): {n}", &backend[4..]);
     }
     println!(
         "   ip neigh on the client: {}",
@@ -195,6 +198,7 @@ fn pools_and_arp() -> Result<()> {
         "   arping 10.0.5.200 (in the subnet, no Service): {}",
         unassigned.as_deref().unwrap_or("no answer")
     );
+    s.quiet();
     Ok(())
 }
 
