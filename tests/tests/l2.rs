@@ -252,7 +252,8 @@ fn held(s: &Segment, i: usize) -> Result<Vec<String>> {
 /// claims its share a moment after it is ready). Returns the index of the
 /// node holding [`VIP`].
 fn settled_holder(s: &Segment) -> Result<usize> {
-    let mut since: Option<(Instant, (Vec<String>, Vec<String>))> = None;
+    type Holders = (Vec<String>, Vec<String>);
+    let mut since: Option<(Instant, Holders)> = None;
     let mut holder = 0;
     wait_until(
         "each address on exactly one node, for 1.5 s",
@@ -307,8 +308,7 @@ fn the_address_moves_to_the_other_node_within_3s_when_its_announcer_dies() -> Re
     // Each address is held by exactly one node (each is elected on its
     // own: the IPv6 one may be on either).
     let held = |i: usize| held(&s, i);
-    let holder = Some(settled_holder(&s)?);
-    let dead = holder.unwrap();
+    let dead = settled_holder(&s)?;
     let survivor = 1 - dead;
     assert_eq!(answering(&s, &macs), Some(dead), "arping names the holder");
     // Only the survivor's pod serves from here on, so that every new

@@ -64,15 +64,17 @@ pub struct Event {
     pub note: String,
 }
 
+/// An Event posted: its namespace and name, its count, and when it was
+/// last posted.
+type Posted = (String, String, i32, Instant);
+
 /// Posts `events.k8s.io/v1` Events as this node's agent, counting repeats
 /// as a series on the first.
 #[derive(Clone)]
 pub struct Publisher {
     client: Client,
     instance: String,
-    /// Per key: the posted Event's namespace and name, its count, and when
-    /// it was last posted.
-    posted: Arc<Mutex<HashMap<SeriesKey, (String, String, i32, Instant)>>>,
+    posted: Arc<Mutex<HashMap<SeriesKey, Posted>>>,
 }
 
 impl Publisher {
