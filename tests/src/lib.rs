@@ -19,6 +19,7 @@ pub mod fuzz;
 pub mod netns;
 pub mod objects;
 pub mod packet;
+pub mod rbac;
 pub mod scrape;
 pub mod segment;
 pub mod topology;

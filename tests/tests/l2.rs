@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::NodeCondition;
 use xlb_tests::{
+    rbac::{assert_all_granted_used, assert_deploy_rbac_allows},
     Reply,
     fake_api::FakeApi,
     in_netns, ns_sh,
@@ -390,9 +391,9 @@ fn the_address_moves_to_the_other_node_within_3s_when_its_announcer_dies() -> Re
 fn a_stalled_announcer_takes_its_address_and_its_clients_back() -> Result<()> {
     require_root();
     let s = Segment::new()?;
-    let (_api, kubeconfig) = cluster(&s, false, &[0, 1])?;
+    let (api, kubeconfig) = cluster(&s, false, &[0, 1])?;
     let args = ["--kubeconfig", kubeconfig.as_str(), "--l2-announce"];
-    let agents = [s.start_agent(0, &args)?, s.start_agent(1, &args)?];
+    let mut agents = [s.start_agent(0, &args)?, s.start_agent(1, &args)?];
     let macs = [s.node_mac(0)?, s.node_mac(1)?];
     let holds = |i: usize| held(&s, i).is_ok_and(|h| h.contains(&VIP.to_string()));
     let client_mac = || s.neighbour(&s.client, &VIP.to_string()).ok().flatten();
@@ -426,6 +427,13 @@ fn a_stalled_announcer_takes_its_address_and_its_clients_back() -> Result<()> {
     )?;
     let reply = tcp_request(&s.client, web())?;
     assert!(reply.backend.starts_with("pod-"));
+
+    // deploy/rbac.yaml and rbac-l2.yaml allow everything the agents asked
+    // for, and rbac-l2.yaml grants nothing unused (an agent that stops
+    // deletes its Lease).
+    agents[other].stop()?;
+    let used = assert_deploy_rbac_allows(&api, &["rbac.yaml", "rbac-l2.yaml"]);
+    assert_all_granted_used(&["rbac-l2.yaml"], &used, &[]);
     Ok(())
 }
 
