@@ -186,6 +186,13 @@ pub struct AgentConfig {
     #[arg(long, env = "XLB_L2_LEASE_DURATION", default_value = "2",
           value_parser = flags::seconds_at_least_one)]
     pub l2_lease_duration: Duration,
+    /// With the Kubernetes API: peer over BGP with the routers of the
+    /// `BGPPeer` objects in the agent's namespace (`--lease-namespace`)
+    /// that select this node by its Node's labels. Needs
+    /// `deploy/rbac-bgp.yaml`. (With manifests, BGPPeers are always read
+    /// from the directory.)
+    #[arg(long, env = "XLB_BGP")]
+    pub bgp: bool,
 }
 
 impl AgentConfig {
@@ -231,7 +238,7 @@ impl Source {
                 changes,
             )?)),
             CheckedSource::Cluster(client) => {
-                ClusterSource::start(client, cfg.scope(), &cfg.lease, changes)
+                ClusterSource::start(client, cfg.scope(), &cfg.lease, cfg.bgp, changes)
                     .await?
                     .map(Source::Cluster)
             }
@@ -476,7 +483,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         ))),
         datapath.adopted,
     );
-    announce(&cfg, &mut speaker, &datapath);
+    announce(&cfg, &mut speaker, &mut source, &datapath);
     telemetry().health.set_synced();
     tracing::info!(node = %cfg.node.node_name, interfaces = ?cfg.ifaces, "agent ready");
 
@@ -535,7 +542,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let result = datapath.sync(&cfg, &mut source, changes);
         retry = after_sync(result, full, &mut datapath, &mut source, retry);
         datapath.elect_l2(&cfg, &source, node_leases.as_ref());
-        announce(&cfg, &mut speaker, &datapath);
+        announce(&cfg, &mut speaker, &mut source, &datapath);
     }
     datapath.silence_l2();
     if let Some(leases) = node_leases {
@@ -550,9 +557,23 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
 /// Hands the BGP speaker its peers (from the manifest directory; the
 /// Kubernetes source has none yet) and the routes of the last sync.
-fn announce(cfg: &AgentConfig, speaker: &mut bgp::Speaker, datapath: &Datapath) {
-    if let Some(dir) = &cfg.manifests {
-        speaker.load_peers(dir, &cfg.node.node_name);
+fn announce(
+    cfg: &AgentConfig,
+    speaker: &mut bgp::Speaker,
+    source: &mut Source,
+    datapath: &Datapath,
+) {
+    match source {
+        Source::Cluster(cluster) => {
+            if let Some((peers, problems)) = cluster.bgp_peers() {
+                speaker.use_peers(peers, problems);
+            }
+        }
+        Source::Manifests(_) => {
+            if let Some(dir) = &cfg.manifests {
+                speaker.load_peers(dir, &cfg.node.node_name);
+            }
+        }
     }
     speaker.set_routes(datapath.routes.clone());
 }

@@ -16,6 +16,9 @@ pub enum Change {
     Nodes,
     /// An AddressPool or a Namespace (pool mode).
     Pools,
+    /// A BGPPeer (Kubernetes source with `--bgp`): the translation is not
+    /// touched, the speaker reads its peers again.
+    Peers,
     /// A manifest file was written (closed after writing), created by a
     /// rename, renamed away, removed, or its attributes changed: read it
     /// again.
@@ -35,6 +38,8 @@ pub struct Changes {
     pub nodes: bool,
     /// An AddressPool or a Namespace changed: allocate again.
     pub pools: bool,
+    /// A BGPPeer changed.
+    pub peers: bool,
     /// Services whose object changed (node mode re-allocates ports then).
     pub services: BTreeSet<ServiceKey>,
     /// Services whose EndpointSlices changed.
@@ -58,6 +63,7 @@ impl Changes {
             Change::All => self.all = true,
             Change::Nodes => self.nodes = true,
             Change::Pools => self.pools = true,
+            Change::Peers => self.peers = true,
             Change::Service(key) => {
                 self.services.insert(key);
             }

@@ -42,6 +42,8 @@ pub const LIAR_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 10, 3);
 pub const NODE_A: Ipv4Addr = Ipv4Addr::new(10, 0, 10, 11);
 pub const NODE_B: Ipv4Addr = Ipv4Addr::new(10, 0, 10, 12);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 2);
+/// The bridge's own address: where a fake API server can listen.
+pub const LAN_API_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 10, 250);
 pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
 pub const SERVICE_PORT: u16 = 80;
@@ -59,6 +61,8 @@ static LABS: AtomicU32 = AtomicU32::new(0);
 pub struct BgpLab {
     pub prefix: String,
     pub dir: PathBuf,
+    /// The segment's namespace (its bridge has [`LAN_API_ADDR`]).
+    pub lan: String,
     pub client: String,
     pub bird_ns: String,
     pub frr_ns: String,
@@ -68,6 +72,8 @@ pub struct BgpLab {
     pub node_names: [String; 2],
     pub pods: [String; 2],
     pub links: Links,
+    /// BIRD's TCP MD5 key for both sessions (set before `start_bird`).
+    pub bird_password: Option<String>,
     bird: Option<Child>,
     frr: Option<Child>,
     namespaces: Vec<Namespace>,
@@ -83,6 +89,7 @@ impl BgpLab {
         // bgpd drops to no user with -S but still writes its vty socket here.
         fs::create_dir_all(dir.join("frr"))?;
         let mut lab = BgpLab {
+            lan: format!("{prefix}-lan"),
             client: format!("{prefix}-cl"),
             bird_ns: format!("{prefix}-bird"),
             frr_ns: format!("{prefix}-frr"),
@@ -93,6 +100,7 @@ impl BgpLab {
             links: Links::from_env(),
             prefix,
             dir,
+            bird_password: None,
             bird: None,
             frr: None,
             namespaces: Vec::new(),
@@ -102,7 +110,7 @@ impl BgpLab {
     }
 
     fn build(&mut self) -> Result<()> {
-        let lan = format!("{}-lan", self.prefix);
+        let lan = self.lan.clone();
         let all = [
             lan.clone(),
             self.client.clone(),
@@ -119,6 +127,10 @@ impl BgpLab {
         }
         ns_sh(&lan, &["ip", "link", "add", "br0", "type", "bridge"])?;
         ns_sh(&lan, &["ip", "link", "set", "br0", "up"])?;
+        ns_sh(
+            &lan,
+            &["ip", "addr", "add", &format!("{LAN_API_ADDR}/24"), "dev", "br0"],
+        )?;
         let members = [
             (self.bird_ns.clone(), BIRD_ADDR),
             (self.frr_ns.clone(), FRR_ADDR),
@@ -262,11 +274,18 @@ impl BgpLab {
         )
     }
 
-    /// Starts the agent of node `i` (0: node-a, 1: node-b).
+    /// Starts the agent of node `i` (0: node-a, 1: node-b) on the manifest
+    /// directory.
     pub fn start_agent(&self, i: usize) -> Result<Agent> {
+        let manifests = self.manifests().to_string_lossy().into_owned();
+        self.start_agent_with(i, &["--manifests", &manifests])
+    }
+
+    /// Starts the agent of node `i` with `source` (`--manifests DIR`, or
+    /// `--kubeconfig FILE` and more).
+    pub fn start_agent_with(&self, i: usize, source: &[&str]) -> Result<Agent> {
         let log = self.dir.join(format!("agent-{i}.log"));
         let state_dir = self.dir.join("state").to_string_lossy().into_owned();
-        let manifests = self.manifests().to_string_lossy().into_owned();
         let mut args = vec![
             "--iface",
             "uplink",
@@ -274,8 +293,6 @@ impl BgpLab {
             &self.node_names[i],
             "--state-dir",
             &state_dir,
-            "--manifests",
-            &manifests,
             "--sweep-interval",
             "1",
             // Each node namespace has a loopback of its own.
@@ -285,6 +302,7 @@ impl BgpLab {
         if self.links == Links::Wires {
             args.extend(["--xdp-mode", "native"]);
         }
+        args.extend_from_slice(source);
         let child = spawn_agent(
             &self.nodes[i],
             &[],
@@ -338,8 +356,12 @@ impl BgpLab {
              protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
              template bgp node {{\n  local {BIRD_ADDR} as {ROUTER_ASN};\n  hold time 3;\n\
              \x20 connect retry time 1;\n  error wait time 1, 2;\n\
-             \x20 ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n}}\n",
-            self.dir.join("bird.log").display()
+             \x20 ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n{}}}\n",
+            self.dir.join("bird.log").display(),
+            self.bird_password
+                .as_ref()
+                .map(|p| format!("  password \"{p}\";\n"))
+                .unwrap_or_default()
         );
         for (i, addr) in [NODE_A, NODE_B].iter().enumerate() {
             text.push_str(&format!(

@@ -9,13 +9,17 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::{Value, json};
 
 use xlb_tests::{
     bgp_lab::{
-        BIRD_ADDR, BgpLab, CLIENT, FRR_ADDR, LIAR_ADDR, NODE_A, NODE_B, POD_A, POD_B, SERVICE_PORT,
-        TARGET_PORT, lan_v6,
+        BIRD_ADDR, BgpLab, CLIENT, FRR_ADDR, LAN_API_ADDR, LIAR_ADDR, NODE_A, NODE_B, POD_A, POD_B,
+        SERVICE_PORT, TARGET_PORT, lan_v6,
     },
+    fake_api::FakeApi,
     in_netns, objects,
+    rbac::{assert_all_granted_used, assert_deploy_rbac_allows},
     scrape::sample,
     tcp_request, wait_until,
 };
@@ -382,5 +386,132 @@ fn ipv6_service_addresses_reach_both_routers_over_mp_bgp() -> Result<()> {
             lab.logs()
         )
     })?;
+    Ok(())
+}
+
+/// A BGPPeer for the API (`xlb-system`, the agents' namespace), from the
+/// lab's manifest, with `node_selector` if given.
+fn api_peer(name: &str, address: Ipv4Addr, node_selector: Option<(&str, &str)>) -> Result<Value> {
+    let mut peer: Value = serde_yaml::from_str(&BgpLab::peer_manifest(name, address, RESTART_TIME))?;
+    peer["metadata"]["namespace"] = json!("xlb-system");
+    if let Some((key, value)) = node_selector {
+        peer["spec"]["nodeSelector"] = json!({ key: value });
+    }
+    Ok(peer)
+}
+
+/// A Secret of the agents' namespace with `password` under key `password`.
+fn md5_secret(password: &str) -> Value {
+    use k8s_openapi::{ByteString, api::core::v1::Secret};
+    let mut secret = serde_json::to_value(Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("bird-md5".into()),
+            namespace: Some("xlb-system".into()),
+            ..Default::default()
+        },
+        data: Some([("password".to_string(), ByteString(password.as_bytes().to_vec()))].into()),
+        ..Secret::default()
+    })
+    .expect("a Secret serializes");
+    secret["apiVersion"] = json!("v1");
+    secret["kind"] = json!("Secret");
+    secret
+}
+
+/// `--bgp` with the Kubernetes API: each agent peers with the BGPPeers of
+/// its namespace that select its Node by label, signing with the TCP MD5
+/// key of the Secret a BGPPeer names (BIRD requires it: a wrong key gets
+/// no session, the right one does); a BGPPeer deleted closes its session
+/// (the router withdraws at once); a wrong one is a Warning Event on it
+/// and the other sessions stay up. deploy/rbac.yaml and rbac-bgp.yaml
+/// allow all the agents ask for, and rbac-bgp.yaml grants nothing unused.
+#[test]
+fn peers_from_the_kubernetes_api_select_nodes_by_label_and_follow_their_objects() -> Result<()> {
+    let mut lab = BgpLab::new()?;
+    lab.bird_password = Some("s3cret".into());
+    lab.start_bird()?;
+    lab.start_frr()?;
+    let api = FakeApi::start_in_netns(&lab.lan, SocketAddrV4::new(LAN_API_ADDR, 0).into())?;
+    let kubeconfig = lab.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    // Only node a carries the label FRR's peer selects.
+    for (i, addr) in [NODE_A, NODE_B].into_iter().enumerate() {
+        let mut node =
+            objects::to_json(&objects::dual_stack_node(&lab.node_names[i], addr, lan_v6(addr)));
+        if i == 0 {
+            node["metadata"]["labels"] = json!({"rack": "frr"});
+        }
+        api.apply(node);
+    }
+    for object in serde_yaml::Deserializer::from_str(&service_manifest(
+        &lab,
+        false,
+        &[(POD_A, 0), (POD_B, 1)],
+    )) {
+        api.apply(Value::deserialize(object)?);
+    }
+    let mut bird = api_peer("bird", BIRD_ADDR, None)?;
+    bird["spec"]["passwordSecret"] = json!({"name": "bird-md5", "key": "password"});
+    api.apply(bird);
+    api.apply(md5_secret("not-the-key"));
+    api.apply(api_peer("frr", FRR_ADDR, Some(("rack", "frr")))?);
+    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+    let source = ["--kubeconfig", kubeconfig.as_str(), "--bgp"];
+    let _a = lab.start_agent_with(0, &source)?;
+    let _b = lab.start_agent_with(1, &source)?;
+
+    let hops = |frr: bool| {
+        if frr {
+            lab.frr_next_hops(PREFIX).unwrap_or_default()
+        } else {
+            lab.bird_next_hops(PREFIX).unwrap_or_default()
+        }
+    };
+    // The wrong key: FRR's session comes up, BIRD's does not.
+    wait_until("FRR via node a", Duration::from_secs(20), || {
+        hops(true) == [NODE_A]
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(hops(false).is_empty(), "BIRD took a session signed with the wrong key");
+    assert!(!lab.bird_established(0)?);
+    // The right key: the sessions start again, signed with it.
+    api.apply(md5_secret("s3cret"));
+    wait_until(
+        "BIRD via both nodes, FRR via node a only",
+        Duration::from_secs(20),
+        || hops(false) == [NODE_A, NODE_B] && hops(true) == [NODE_A],
+    )?;
+    // FRR never heard from node b: it is not configured there.
+    assert_ne!(lab.frr_state(NODE_B)?, "Established");
+    request(&lab).context("a request through BIRD")?;
+
+    // A wrong BGPPeer: skipped, said so, nothing else moves.
+    let mut bad = api_peer("bad", LIAR_ADDR, None)?;
+    bad["spec"]["holdTime"] = json!(1);
+    api.apply(bad);
+    wait_until(
+        "a Warning Event on BGPPeer bad",
+        Duration::from_secs(10),
+        || {
+            api.list("events.k8s.io/v1", "Event").iter().any(|e| {
+                e["regarding"]["kind"] == "BGPPeer"
+                    && e["regarding"]["name"] == "bad"
+                    && e["type"] == "Warning"
+                    && e["note"].as_str().is_some_and(|n| n.contains("holdTime"))
+            })
+        },
+    )?;
+    assert_eq!(hops(false), [NODE_A, NODE_B]);
+    assert_eq!(hops(true), [NODE_A]);
+
+    // BIRD's BGPPeer goes: both sessions to BIRD close, and BIRD withdraws.
+    api.delete("xlb.dev/v1alpha1", "BGPPeer", Some("xlb-system"), "bird");
+    wait_until("BIRD to withdraw the route", Duration::from_secs(5), || {
+        hops(false).is_empty()
+    })?;
+    assert_eq!(hops(true), [NODE_A]);
+
+    let used = assert_deploy_rbac_allows(&api, &["rbac.yaml", "rbac-bgp.yaml"]);
+    assert_all_granted_used(&["rbac-bgp.yaml"], &used, &[]);
     Ok(())
 }

@@ -88,13 +88,19 @@ impl ClusterSource {
         client: kube::Client,
         scope: Scope,
         lease: &LeaseConfig,
+        bgp: bool,
         changes: mpsc::UnboundedSender<Change>,
     ) -> Result<Option<Self>> {
         let writes_status = scope.address_mode != AddressMode::Status;
         let pool_mode = scope.address_mode == AddressMode::Pool;
         // Every Node in every mode: their pod CIDRs and addresses are the
         // cluster's networks, which the reply-leak check at egress spares.
-        let stores = watches::watch(client.clone(), changes, pool_mode);
+        let stores = watches::watch(
+            client.clone(),
+            changes,
+            pool_mode,
+            bgp.then_some(lease.namespace.as_str()),
+        );
         tracing::info!(
             address_mode = ?scope.address_mode,
             "listing Services, EndpointSlices and Nodes"
@@ -370,6 +376,66 @@ impl ClusterSource {
             notify.notify_one();
         }
         result
+    }
+
+    /// `--bgp`: the sessions this node should run, from the BGPPeers of the
+    /// agent's namespace that select it (by its Node's labels), and the
+    /// problems of those that are wrong. The leader posts each problem as a
+    /// Warning Event on its BGPPeer. `None` without `--bgp`.
+    pub fn bgp_peers(
+        &mut self,
+    ) -> Option<(
+        Vec<crate::announce::bgp::PeerConfig>,
+        Vec<crate::announce::bgp::PeerProblem>,
+    )> {
+        let peers = self.stores.bgp_peers()?;
+        let labels = self
+            .stores
+            .node_labels(&self.scope.node_name)
+            .unwrap_or_else(|| {
+                // Not listed (yet): the one label every node has.
+                [(
+                    "kubernetes.io/hostname".to_string(),
+                    self.scope.node_name.clone(),
+                )]
+                .into()
+            });
+        let leader = self.candidate.is_leader();
+        let mut configs = Vec::new();
+        let mut problems = Vec::new();
+        let stores = &self.stores;
+        let secrets = |namespace: &str, name: &str, key: &str| {
+            crate::announce::bgp::peer::secret_key(
+                stores.bgp_secret(namespace, name).as_deref(),
+                key,
+            )
+        };
+        for peer in &peers {
+            match crate::announce::bgp::peer::peer_config(peer, &labels, &secrets) {
+                Ok(Some(config)) => {
+                    crate::announce::bgp::peer::add_unique(&mut configs, config, &mut problems)
+                }
+                Ok(None) => {}
+                Err(reason) => {
+                    if leader {
+                        self.events.report(&Problem::new(
+                            reference_to(&**peer),
+                            EventReason::InvalidSpec,
+                            format!("BGPPeer skipped: {reason}"),
+                        ));
+                    }
+                    problems.push(crate::announce::bgp::PeerProblem {
+                        object: format!(
+                            "{}/{}",
+                            peer.metadata.namespace.as_deref().unwrap_or_default(),
+                            peer.metadata.name.as_deref().unwrap_or_default()
+                        ),
+                        reason,
+                    });
+                }
+            }
+        }
+        Some((configs, problems))
     }
 
     /// Pool mode: the pools, to learn which pool (and so which

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Service},
+    core::v1::{Namespace, Node, Secret, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -32,6 +32,7 @@ use kube::{
 use tokio::sync::{mpsc, watch};
 
 use crate::{
+    announce::bgp::BGPPeer,
     change::Change,
     pools::{
         AddressPool, IPS_ANNOTATION, NamespaceLabels, POOL_ANNOTATION, SHARING_ANNOTATION,
@@ -71,6 +72,9 @@ pub struct Stores {
     /// Pool mode only: the AddressPools and the Namespaces (their labels,
     /// for pool scopes).
     pools: Option<(Cache<AddressPool>, Cache<Namespace>)>,
+    /// `--bgp` only: the BGPPeers of the agent's namespace, and its
+    /// Secrets (the peers' TCP MD5 keys).
+    bgp_peers: Option<(String, Cache<BGPPeer>, Cache<Secret>)>,
     slice_index: Arc<Mutex<SliceIndex>>,
 }
 
@@ -357,6 +361,32 @@ impl Stores {
     }
 
     /// Resolves once every cache has been listed completely.
+    /// `--bgp`: the BGPPeers of the agent's namespace (`None` without).
+    /// (By name: of two BGPPeers for one router, the first by name wins.)
+    pub fn bgp_peers(&self) -> Option<Vec<Arc<BGPPeer>>> {
+        let (_, peers, _) = self.bgp_peers.as_ref()?;
+        let mut all = peers.all();
+        all.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        Some(all)
+    }
+
+    /// `--bgp`: Secret `name` of namespace `namespace`, if that is the
+    /// agent's (the only one watched).
+    pub fn bgp_secret(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
+        let (watched, _, secrets) = self.bgp_peers.as_ref()?;
+        if watched != namespace {
+            return None;
+        }
+        secrets.get(&format!("{namespace}/{name}"))
+    }
+
+    /// The labels of Node `name`, if it is known.
+    pub fn node_labels(&self, name: &str) -> Option<std::collections::BTreeMap<String, String>> {
+        self.nodes
+            .get(name)
+            .map(|node| node.metadata.labels.clone().unwrap_or_default())
+    }
+
     /// Pool mode: every AddressPool (none in the other modes).
     pub fn address_pools(&self) -> Vec<AddressPool> {
         self.pools
@@ -390,7 +420,44 @@ impl Stores {
 /// Starts the watches; each change is sent on `changed`. Nodes: all of
 /// them (node mode needs every node's addresses and labels, and every mode
 /// the cluster's networks: pod CIDRs and node addresses).
-pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: bool) -> Stores {
+/// With `bgp_namespace`, the BGPPeers there too (not waited for by
+/// [`Stores::ready`]: the Services are served whatever the peers).
+pub fn watch(
+    client: Client,
+    changed: mpsc::UnboundedSender<Change>,
+    pool_mode: bool,
+    bgp_namespace: Option<&str>,
+) -> Stores {
+    let bgp_peers = bgp_namespace.map(|namespace| {
+        fn peers_change<K>(event: &watcher::Event<K>) -> Vec<Change> {
+            match event {
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone => {
+                    vec![Change::Peers]
+                }
+                watcher::Event::Init | watcher::Event::InitApply(_) => Vec::new(),
+            }
+        }
+        let (peers, peers_writer) = cache::<BGPPeer>();
+        spawn_watch(
+            "bgppeers",
+            peers_writer,
+            Api::<BGPPeer>::namespaced(client.clone(), namespace),
+            watcher::Config::default(),
+            changed.clone(),
+            peers_change::<BGPPeer>,
+        );
+        // The peers' TCP MD5 keys: Secrets of the same namespace.
+        let (secrets, secrets_writer) = cache::<Secret>();
+        spawn_watch(
+            "secrets",
+            secrets_writer,
+            Api::<Secret>::namespaced(client.clone(), namespace),
+            watcher::Config::default(),
+            changed.clone(),
+            peers_change::<Secret>,
+        );
+        (namespace.to_string(), peers, secrets)
+    });
     let pools = pool_mode.then(|| {
         let (pools, pools_writer) = cache::<AddressPool>();
         let (namespaces, namespaces_writer) = cache::<Namespace>();
@@ -502,6 +569,7 @@ pub fn watch(client: Client, changed: mpsc::UnboundedSender<Change>, pool_mode: 
         endpoint_slices,
         nodes,
         pools,
+        bgp_peers,
         slice_index: index,
     }
 }
@@ -609,6 +677,18 @@ impl Slim for Service {
 impl Slim for AddressPool {
     fn slim(&mut self) {
         self.metadata.managed_fields = None;
+    }
+}
+
+impl Slim for Secret {
+    fn slim(&mut self) {
+        slim_metadata(&mut self.metadata);
+    }
+}
+
+impl Slim for BGPPeer {
+    fn slim(&mut self) {
+        slim_metadata(&mut self.metadata);
     }
 }
 

@@ -77,6 +77,16 @@ pub(crate) const RESOURCE_TYPES: &[ResourceType] = &[
     ResourceType {
         group: "",
         version: "v1",
+        plural: "secrets",
+        kind: "Secret",
+        namespaced: true,
+        status_subresource: false,
+        create_on_update: false,
+        tracks_generation: false,
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
         plural: "namespaces",
         kind: "Namespace",
         namespaced: false,
@@ -84,7 +94,8 @@ pub(crate) const RESOURCE_TYPES: &[ResourceType] = &[
         create_on_update: false,
         tracks_generation: false,
     },
-    // xlb's own custom resource (deploy/crds.yaml): cluster-scoped, with
+    // xlb's own custom resources (deploy/crds.yaml): AddressPool is
+    // cluster-scoped, with
     // the status subresource and generation tracking every CRD gets.
     ResourceType {
         group: "xlb.dev",
@@ -93,6 +104,17 @@ pub(crate) const RESOURCE_TYPES: &[ResourceType] = &[
         kind: "AddressPool",
         namespaced: false,
         status_subresource: true,
+        create_on_update: false,
+        tracks_generation: true,
+    },
+    // The namespaced one, without status.
+    ResourceType {
+        group: "xlb.dev",
+        version: "v1alpha1",
+        plural: "bgppeers",
+        kind: "BGPPeer",
+        namespaced: true,
+        status_subresource: false,
         create_on_update: false,
         tracks_generation: true,
     },

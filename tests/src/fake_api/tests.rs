@@ -698,7 +698,7 @@ fn discovery_and_version_answer() {
         .collect();
     assert_eq!(
         (code, names),
-        (200, vec!["addresspools", "addresspools/status"])
+        (200, vec!["addresspools", "addresspools/status", "bgppeers"])
     );
     assert_eq!(resources["resources"][0]["namespaced"], false);
     let (code, resources) = client.call("GET", "/apis/discovery.k8s.io/v1", None);

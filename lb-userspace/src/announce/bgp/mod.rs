@@ -103,6 +103,12 @@ impl Speaker {
         let labels =
             BTreeMap::from([("kubernetes.io/hostname".to_string(), node_name.to_string())]);
         let (peers, problems) = peer::load_dir(dir, &labels);
+        self.use_peers(peers, problems);
+    }
+
+    /// Runs sessions to `peers`, and logs `problems` (the BGPPeers skipped)
+    /// when they change.
+    pub fn use_peers(&mut self, peers: Vec<PeerConfig>, problems: Vec<PeerProblem>) {
         if problems != self.problems {
             for problem in &problems {
                 tracing::error!(object = %problem.object, reason = %problem.reason,

@@ -1,5 +1,6 @@
 //! The `BGPPeer` resource (`xlb.dev/v1alpha1`): one router a node opens a
-//! session to, and how. Read from the manifest directory; its CRD is
+//! session to, and how. Read from the manifest directory, or with `--bgp`
+//! from the Kubernetes API (the agent's namespace); its CRD is
 //! generated from this type (`xlb crd`, `deploy/crds.yaml`).
 
 use std::{
@@ -10,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -116,7 +118,32 @@ pub struct PeerConfig {
     pub restart_time: u16,
     pub ttl: u8,
     pub router_id: Option<Ipv4Addr>,
+    /// The TCP MD5 signature key (RFC 2385), from `passwordSecret`.
+    pub password: Option<Password>,
 }
+
+/// The longest TCP MD5 key Linux takes (`TCP_MD5SIG_MAXKEYLEN`).
+pub const MAX_PASSWORD_LEN: usize = 80;
+
+/// A TCP MD5 signature key: compared (a changed key restarts the session)
+/// but never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(Vec<u8>);
+
+impl Password {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+/// Reads a key of a Secret: (namespace, name, key) → its bytes, or why not.
+pub type SecretLookup<'a> = dyn Fn(&str, &str, &str) -> Result<Vec<u8>, String> + 'a;
 
 impl PeerConfig {
     pub fn is_ebgp(&self) -> bool {
@@ -158,10 +185,12 @@ impl fmt::Display for PeerProblem {
 }
 
 /// Checks a BGPPeer and fills its defaults. `None` when it does not select
-/// this node (`labels` are the node's).
+/// this node (`labels` are the node's). `secrets` reads its
+/// `passwordSecret` (a Secret in the BGPPeer's namespace).
 pub fn peer_config(
     peer: &BGPPeer,
     labels: &BTreeMap<String, String>,
+    secrets: &SecretLookup,
 ) -> Result<Option<PeerConfig>, String> {
     let spec = &peer.spec;
     if let Some(selector) = &spec.node_selector
@@ -200,11 +229,31 @@ pub fn peer_config(
             spec.peer_address
         ));
     }
-    if spec.password_secret.is_some() {
-        // Refused rather than ignored: a router expecting a signature drops
-        // every unsigned segment, and the session would fail silently.
-        return Err("passwordSecret (TCP MD5) is not supported yet".into());
-    }
+    // A key that cannot be read is an error, not a session without one: a
+    // router expecting signatures drops every unsigned segment, and the
+    // session would fail with nothing said.
+    let password = match &spec.password_secret {
+        None => None,
+        Some(secret) => {
+            let namespace = peer.metadata.namespace.as_deref().unwrap_or("default");
+            let key = secrets(namespace, &secret.name, &secret.key).map_err(|why| {
+                format!(
+                    "passwordSecret {namespace}/{} key {}: {why}",
+                    secret.name, secret.key
+                )
+            })?;
+            if key.is_empty() || key.len() > MAX_PASSWORD_LEN {
+                return Err(format!(
+                    "passwordSecret {namespace}/{} key {}: a TCP MD5 key is 1 to \
+                     {MAX_PASSWORD_LEN} bytes, this one {}",
+                    secret.name,
+                    secret.key,
+                    key.len()
+                ));
+            }
+            Some(Password(key))
+        }
+    };
     let ebgp = spec.peer_asn != spec.local_asn;
     let ttl = match spec.ebgp_multihop {
         Some(0) => return Err("ebgpMultihop must be at least 1".into()),
@@ -229,6 +278,7 @@ pub fn peer_config(
         restart_time,
         ttl,
         router_id: spec.router_id,
+        password,
     }))
 }
 
@@ -250,11 +300,16 @@ pub fn load_dir(
             return (peers, problems);
         }
     };
+    let mut parsed = Vec::new();
+    let mut secret_files = Vec::new();
     for (path, format) in files {
         let Ok(text) = std::fs::read_to_string(&path) else {
             // The manifest source reports unreadable files.
             continue;
         };
+        if text.contains("Secret") {
+            secret_files.push((path.clone(), format, text.clone()));
+        }
         for (document, value) in documents(&path, format, &text, &mut problems) {
             let object = format!("{} document {document}", path.display());
             if value.get("kind").and_then(|k| k.as_str()) != Some(KIND) {
@@ -277,28 +332,104 @@ pub fn load_dir(
                     continue;
                 }
             };
-            match peer_config(&peer, labels) {
-                Ok(Some(config)) => {
-                    if peers.iter().any(|p: &PeerConfig| {
-                        p.peer_address == config.peer_address && p.peer_port == config.peer_port
-                    }) {
-                        problems.push(PeerProblem {
-                            object: config.name.clone(),
-                            reason: format!(
-                                "another BGPPeer already peers with {}",
-                                config.peer_address
-                            ),
-                        });
-                    } else {
-                        peers.push(config);
-                    }
-                }
-                Ok(None) => {}
-                Err(reason) => problems.push(PeerProblem { object, reason }),
-            }
+            parsed.push((object, peer));
+        }
+    }
+    // Secrets are read only when a peer names one, and only from files
+    // that mention one.
+    let secrets = if parsed
+        .iter()
+        .any(|(_, peer)| peer.spec.password_secret.is_some())
+    {
+        secrets_in(&secret_files)
+    } else {
+        BTreeMap::new()
+    };
+    let lookup = |namespace: &str, name: &str, key: &str| {
+        secret_key(secrets.get(&(namespace.to_string(), name.to_string())), key)
+    };
+    for (object, peer) in parsed {
+        match peer_config(&peer, labels, &lookup) {
+            Ok(Some(config)) => add_unique(&mut peers, config, &mut problems),
+            Ok(None) => {}
+            Err(reason) => problems.push(PeerProblem { object, reason }),
         }
     }
     (peers, problems)
+}
+
+/// The value of `key` in `secret` (`data`, base64 in the object, or
+/// `stringData`), or why there is none.
+pub fn secret_key(secret: Option<&Secret>, key: &str) -> Result<Vec<u8>, String> {
+    let secret = secret.ok_or("no such Secret")?;
+    if let Some(value) = secret.data.as_ref().and_then(|data| data.get(key)) {
+        return Ok(value.0.clone());
+    }
+    if let Some(value) = secret.string_data.as_ref().and_then(|data| data.get(key)) {
+        return Ok(value.clone().into_bytes());
+    }
+    Err("the Secret has no such key".into())
+}
+
+/// The `v1` Secrets of manifest files, by (namespace, name); documents
+/// that do not parse are left out (a peer naming one is then refused).
+fn secrets_in(files: &[(std::path::PathBuf, Format, String)]) -> BTreeMap<(String, String), Secret> {
+    let mut secrets = BTreeMap::new();
+    for (path, format, text) in files {
+        let values: Vec<serde_yaml::Value> = match format {
+            Format::Yaml => split_yaml_documents(text.strip_prefix('\u{feff}').unwrap_or(text))
+                .into_iter()
+                .filter(|document| document.text.contains("Secret"))
+                .filter_map(|document| serde_yaml::from_str(&document.text).ok())
+                .collect(),
+            Format::Json => serde_json::from_str::<serde_yaml::Value>(text).ok().into_iter().collect(),
+        };
+        for value in values {
+            if value.get("kind").and_then(|k| k.as_str()) != Some("Secret")
+                || value.get("apiVersion").and_then(|v| v.as_str()) != Some("v1")
+            {
+                continue;
+            }
+            match serde_yaml::from_value::<Secret>(value) {
+                Ok(secret) => {
+                    let namespace = secret
+                        .metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into());
+                    let name = secret.metadata.name.clone().unwrap_or_default();
+                    secrets.insert((namespace, name), secret);
+                }
+                Err(error) => {
+                    tracing::warn!(file = %path.display(), error = %error, "a Secret that does not parse");
+                }
+            }
+        }
+    }
+    secrets
+}
+
+/// Adds `config` to `peers`, unless an earlier BGPPeer already peers with
+/// the same router (address and port): then it is a problem.
+pub fn add_unique(
+    peers: &mut Vec<PeerConfig>,
+    config: PeerConfig,
+    problems: &mut Vec<PeerProblem>,
+) {
+    if peers
+        .iter()
+        .any(|p| p.peer_address == config.peer_address && p.peer_port == config.peer_port)
+    {
+        problems.push(PeerProblem {
+            object: config.name.clone(),
+            reason: format!(
+                "another BGPPeer already peers with {}",
+                config.peer_address
+            ),
+        });
+    } else {
+        peers.push(config);
+    }
 }
 
 /// The documents of a manifest file as YAML values, with their numbers.
@@ -413,18 +544,49 @@ mod tests {
     }
 
     #[test]
-    fn md5_passwords_are_refused_not_ignored() {
+    fn md5_keys_come_from_secrets_and_a_missing_one_is_refused_not_ignored() {
         let dir = tempdir();
+        let peer = |name: &str, address: &str, secret: &str| {
+            format!(
+                "apiVersion: xlb.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: {name}\n  \
+                 namespace: xlb\nspec:\n  peerAddress: {address}\n  peerASN: 1\n  localASN: 2\n\
+                 \x20 passwordSecret: {{name: {secret}, key: password}}\n"
+            )
+        };
         write(
             &dir,
-            "peer.yaml",
-            "apiVersion: xlb.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: tor\n\
-             spec:\n  peerAddress: 10.0.0.1\n  peerASN: 1\n  localASN: 2\n\
-             \x20 passwordSecret: {name: s, key: k}\n",
+            "peers.yaml",
+            &[
+                peer("plain", "10.0.0.1", "from-string"),
+                peer("encoded", "10.0.0.2", "from-data"),
+                peer("missing", "10.0.0.3", "nowhere"),
+                peer("long", "10.0.0.4", "too-long"),
+            ]
+            .join("---\n"),
+        );
+        write(
+            &dir,
+            "secrets.yaml",
+            &format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: from-string, namespace: xlb}}\n\
+                 stringData: {{password: s3cret}}\n---\n\
+                 apiVersion: v1\nkind: Secret\nmetadata: {{name: from-data, namespace: xlb}}\n\
+                 data: {{password: czNjcmV0}}\n---\n\
+                 apiVersion: v1\nkind: Secret\nmetadata: {{name: too-long, namespace: xlb}}\n\
+                 stringData: {{password: {}}}\n",
+                "x".repeat(MAX_PASSWORD_LEN + 1)
+            ),
         );
         let (peers, problems) = load_dir(&dir, &node("n1"));
-        assert!(peers.is_empty());
-        assert!(problems[0].reason.contains("MD5"), "{problems:?}");
+        let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["xlb/plain", "xlb/encoded"], "{problems:?}");
+        for peer in &peers {
+            assert_eq!(peer.password.as_ref().map(Password::bytes), Some(&b"s3cret"[..]));
+            assert!(!format!("{peer:?}").contains("s3cret"), "the key is never printed");
+        }
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].reason.contains("no such Secret"), "{problems:?}");
+        assert!(problems[1].reason.contains("1 to 80 bytes"), "{problems:?}");
     }
 
     fn tempdir() -> PathBuf {
