@@ -129,7 +129,14 @@ impl BgpLab {
         ns_sh(&lan, &["ip", "link", "set", "br0", "up"])?;
         ns_sh(
             &lan,
-            &["ip", "addr", "add", &format!("{LAN_API_ADDR}/24"), "dev", "br0"],
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{LAN_API_ADDR}/24"),
+                "dev",
+                "br0",
+            ],
         )?;
         let members = [
             (self.bird_ns.clone(), BIRD_ADDR),

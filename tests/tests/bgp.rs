@@ -392,7 +392,8 @@ fn ipv6_service_addresses_reach_both_routers_over_mp_bgp() -> Result<()> {
 /// A BGPPeer for the API (`xlb-system`, the agents' namespace), from the
 /// lab's manifest, with `node_selector` if given.
 fn api_peer(name: &str, address: Ipv4Addr, node_selector: Option<(&str, &str)>) -> Result<Value> {
-    let mut peer: Value = serde_yaml::from_str(&BgpLab::peer_manifest(name, address, RESTART_TIME))?;
+    let mut peer: Value =
+        serde_yaml::from_str(&BgpLab::peer_manifest(name, address, RESTART_TIME))?;
     peer["metadata"]["namespace"] = json!("xlb-system");
     if let Some((key, value)) = node_selector {
         peer["spec"]["nodeSelector"] = json!({ key: value });
@@ -409,7 +410,13 @@ fn md5_secret(password: &str) -> Value {
             namespace: Some("xlb-system".into()),
             ..Default::default()
         },
-        data: Some([("password".to_string(), ByteString(password.as_bytes().to_vec()))].into()),
+        data: Some(
+            [(
+                "password".to_string(),
+                ByteString(password.as_bytes().to_vec()),
+            )]
+            .into(),
+        ),
         ..Secret::default()
     })
     .expect("a Secret serializes");
@@ -436,8 +443,11 @@ fn peers_from_the_kubernetes_api_select_nodes_by_label_and_follow_their_objects(
     api.write_kubeconfig(&kubeconfig)?;
     // Only node a carries the label FRR's peer selects.
     for (i, addr) in [NODE_A, NODE_B].into_iter().enumerate() {
-        let mut node =
-            objects::to_json(&objects::dual_stack_node(&lab.node_names[i], addr, lan_v6(addr)));
+        let mut node = objects::to_json(&objects::dual_stack_node(
+            &lab.node_names[i],
+            addr,
+            lan_v6(addr),
+        ));
         if i == 0 {
             node["metadata"]["labels"] = json!({"rack": "frr"});
         }
@@ -472,7 +482,10 @@ fn peers_from_the_kubernetes_api_select_nodes_by_label_and_follow_their_objects(
         hops(true) == [NODE_A]
     })?;
     std::thread::sleep(Duration::from_secs(3));
-    assert!(hops(false).is_empty(), "BIRD took a session signed with the wrong key");
+    assert!(
+        hops(false).is_empty(),
+        "BIRD took a session signed with the wrong key"
+    );
     assert!(!lab.bird_established(0)?);
     // The right key: the sessions start again, signed with it.
     api.apply(md5_secret("s3cret"));

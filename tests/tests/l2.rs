@@ -14,7 +14,6 @@ use std::{
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::NodeCondition;
 use xlb_tests::{
-    rbac::{assert_all_granted_used, assert_deploy_rbac_allows},
     Reply,
     fake_api::FakeApi,
     in_netns, ns_sh,
@@ -23,6 +22,7 @@ use xlb_tests::{
         to_yaml, to_yaml_documents,
     },
     parse_reply,
+    rbac::{assert_all_granted_used, assert_deploy_rbac_allows},
     segment::{
         API_ADDR, NODE_ADDRS, NODE_ADDRS_V6, POD_ADDRS, POD_ADDRS_V6, POD_PORT, Segment,
         UNASSIGNED, VIP, VIP_V6,
