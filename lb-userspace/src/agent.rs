@@ -575,7 +575,18 @@ fn announce(
             }
         }
     }
-    speaker.set_routes(datapath.routes.clone());
+    // Each address's routes carry its pool's attributes (pool mode).
+    let pools = source.pools();
+    let mut routes = datapath.routes.clone();
+    routes.attributes = routes
+        .addresses
+        .iter()
+        .filter_map(|&address| {
+            let pool = pools.pool_of(address)?;
+            (pool.bgp != Default::default()).then(|| (address, pool.bgp.clone()))
+        })
+        .collect();
+    speaker.set_routes(routes);
 }
 
 impl Datapath {

@@ -528,3 +528,71 @@ fn peers_from_the_kubernetes_api_select_nodes_by_label_and_follow_their_objects(
     assert_all_granted_used(&["rbac-bgp.yaml"], &used, &[]);
     Ok(())
 }
+
+/// Pool mode: the Service's address comes from an AddressPool whose
+/// `spec.bgp` sets communities, and both routers see them on its route
+/// from both nodes (the pool's local preference goes to iBGP peers only:
+/// these are eBGP; the UPDATE encoding is unit-tested).
+#[test]
+fn a_pools_communities_reach_both_routers() -> Result<()> {
+    let mut lab = BgpLab::new()?;
+    lab.start_bird()?;
+    lab.start_frr()?;
+    lab.write_manifest("nodes.yaml", &lab.nodes_manifest())?;
+    lab.write_manifest(
+        "peers.yaml",
+        &format!(
+            "{}---\n{}",
+            BgpLab::peer_manifest("bird", BIRD_ADDR, RESTART_TIME),
+            BgpLab::peer_manifest("frr", FRR_ADDR, RESTART_TIME)
+        ),
+    )?;
+    lab.write_manifest(
+        "pool.yaml",
+        &format!(
+            "apiVersion: xlb.dev/v1alpha1\nkind: AddressPool\nmetadata:\n  name: edge\nspec:\n\
+             \x20 addresses: [{SERVICE}/32]\n  bgp:\n    communities: [\"64500:42\", no-export]\n\
+             \x20   localPreference: 250\n"
+        ),
+    )?;
+    // No address asked for: the pool gives its only one.
+    let service = objects::service_in(
+        objects::NAMESPACE,
+        "web",
+        None,
+        &[("http", "TCP", SERVICE_PORT.into(), "8080")],
+    );
+    let slice = objects::endpoint_slice(
+        "web",
+        &[
+            (POD_A, lab.node_names[0].as_str(), true),
+            (POD_B, lab.node_names[1].as_str(), true),
+        ],
+        &[("http", "TCP", TARGET_PORT.into())],
+    );
+    lab.write_manifest(
+        "web.yaml",
+        &format!("{}---\n{}", objects::to_yaml(&service), objects::to_yaml(&slice)),
+    )?;
+    let manifests = lab.manifests().to_string_lossy().into_owned();
+    let source = ["--manifests", manifests.as_str(), "--address-mode", "pool"];
+    let _a = lab.start_agent_with(0, &source)?;
+    let _b = lab.start_agent_with(1, &source)?;
+    lab.wait_next_hops(PREFIX, &[NODE_A, NODE_B], Duration::from_secs(20))?;
+
+    let bird = lab.birdc(&["show", "route", PREFIX, "all"])?;
+    assert_eq!(
+        bird.matches("BGP.community: (64500,42) (65535,65281)").count(),
+        2,
+        "both nodes' routes carry the pool's communities on BIRD:\n{bird}"
+    );
+    assert!(!bird.contains("BGP.local_pref: 250"), "eBGP: no LOCAL_PREF\n{bird}");
+    let frr: Value = serde_json::from_str(&lab.vtysh(&format!("show ip bgp {PREFIX} json"))?)?;
+    let paths = frr["paths"].as_array().cloned().unwrap_or_default();
+    assert_eq!(paths.len(), 2, "{frr}");
+    for path in &paths {
+        assert_eq!(path["community"]["string"], "64500:42 no-export", "{frr}");
+    }
+    request(&lab).context("a request through BIRD")?;
+    Ok(())
+}

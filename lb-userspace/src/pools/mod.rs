@@ -24,7 +24,9 @@ use kube::{
 pub use allocate::{
     Allocation, NamespaceLabels, allocate, allocate_remembering, desired_ingress, namespace_labels,
 };
-pub use resource::{AddressPool, AddressPoolSpec, AddressPoolStatus, L2Announcement, PoolScope};
+pub use resource::{
+    AddressPool, AddressPoolSpec, AddressPoolStatus, BgpAdvertisement, L2Announcement, PoolScope,
+};
 
 use self::ranges::AddressRange;
 use crate::translate::{EventReason, Problem, families::Family};
@@ -65,6 +67,8 @@ pub struct Pool {
     pub l2: Option<L2Announcement>,
     /// `spec.l2.nodeSelector`, checked.
     l2_node_selector: Option<Selector>,
+    /// `spec.bgp`, checked: what the pool's routes carry.
+    pub bgp: crate::announce::bgp::RouteAttributes,
 }
 
 impl Pool {
@@ -316,6 +320,14 @@ fn usable(name: &str, pool: &AddressPool) -> Result<Pool, (&'static str, String)
                 )
             })?,
         l2: spec.l2.clone(),
+        bgp: match &spec.bgp {
+            None => Default::default(),
+            Some(bgp) => crate::announce::bgp::RouteAttributes::parse(
+                &bgp.communities,
+                bgp.local_preference,
+            )
+            .map_err(|why| ("InvalidBGP", format!("spec.bgp: {why}; the pool is not used")))?,
+        },
     })
 }
 

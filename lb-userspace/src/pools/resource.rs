@@ -51,6 +51,24 @@ pub struct AddressPoolSpec {
     /// Layer 2 announcement (ARP/NDP) of this pool's addresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l2: Option<L2Announcement>,
+    /// What the BGP routes of this pool's addresses carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpAdvertisement>,
+}
+
+/// Path attributes of the routes of a pool's addresses.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpAdvertisement {
+    /// BGP communities (RFC 1997) on every route: `ASN:value` (each 0 to
+    /// 65535) or `no-export`, `no-advertise`, `no-export-subconfed`,
+    /// `no-peer`. One invalid entry keeps the pool out of use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<String>,
+    /// LOCAL_PREF sent to iBGP peers (default 100); eBGP peers never get
+    /// one (RFC 4271).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_preference: Option<u32>,
 }
 
 fn default_true() -> bool {

@@ -12,6 +12,7 @@ use netgauze_bgp_pkt::{
         BgpCapability, FourOctetAsCapability, GracefulRestartAddressFamily,
         GracefulRestartCapability, MultiProtocolExtensionsCapability,
     },
+    community::Community,
     nlri::{Ipv4Unicast, Ipv4UnicastAddress, Ipv6Unicast, Ipv6UnicastAddress},
     notification::{
         BgpNotificationMessage, CeaseError, FiniteStateMachineError, HoldTimerExpiredError,
@@ -19,12 +20,14 @@ use netgauze_bgp_pkt::{
     },
     open::{BgpOpenMessage, BgpOpenMessageParameter},
     path_attribute::{
-        As2PathSegment, As4PathSegment, AsPath, AsPathSegmentType, LocalPreference, MpReach,
-        MpUnreach, NextHop, Origin, PathAttribute, PathAttributeValue,
+        As2PathSegment, As4PathSegment, AsPath, AsPathSegmentType, Communities, LocalPreference,
+        MpReach, MpUnreach, NextHop, Origin, PathAttribute, PathAttributeValue,
     },
     update::BgpUpdateMessage,
 };
 use netgauze_iana::address_family::AddressType;
+
+use super::RouteAttributes;
 
 /// RFC 4271 §4.1.
 pub const HEADER_LEN: usize = 19;
@@ -93,8 +96,9 @@ pub struct PathAttributes {
 
 impl PathAttributes {
     /// ORIGIN IGP, AS_PATH (this AS towards eBGP peers, empty towards iBGP
-    /// ones), LOCAL_PREF towards iBGP peers.
-    fn common(&self) -> Vec<PathAttribute> {
+    /// ones), LOCAL_PREF towards iBGP peers (the pool's, or 100), and the
+    /// pool's COMMUNITIES.
+    fn common(&self, route: &RouteAttributes) -> Vec<PathAttribute> {
         let mut attributes = vec![well_known(PathAttributeValue::Origin(Origin::IGP))];
         let as_path = match (self.ebgp, self.asn4) {
             (false, true) => AsPath::As4PathSegments(Box::new([])),
@@ -111,14 +115,34 @@ impl PathAttributes {
         attributes.push(well_known(PathAttributeValue::AsPath(as_path)));
         if !self.ebgp {
             attributes.push(well_known(PathAttributeValue::LocalPreference(
-                LocalPreference::new(LOCAL_PREFERENCE),
+                LocalPreference::new(route.local_preference.unwrap_or(LOCAL_PREFERENCE)),
             )));
+        }
+        if !route.communities.is_empty() {
+            let communities: Vec<Community> =
+                route.communities.iter().map(|&c| Community::new(c)).collect();
+            // Optional transitive (RFC 1997).
+            attributes.push(
+                PathAttribute::from(
+                    true,
+                    true,
+                    false,
+                    false,
+                    PathAttributeValue::Communities(Communities::new(communities)),
+                )
+                .expect("optional transitive flags"),
+            );
         }
         attributes
     }
 
-    pub fn announce_v4(&self, addresses: &[Ipv4Addr], next_hop: Ipv4Addr) -> BgpMessage {
-        let mut attributes = self.common();
+    pub fn announce_v4(
+        &self,
+        addresses: &[Ipv4Addr],
+        next_hop: Ipv4Addr,
+        route: &RouteAttributes,
+    ) -> BgpMessage {
+        let mut attributes = self.common(route);
         attributes.push(well_known(PathAttributeValue::NextHop(NextHop::new(
             next_hop,
         ))));
@@ -129,8 +153,13 @@ impl PathAttributes {
         ))
     }
 
-    pub fn announce_v6(&self, addresses: &[Ipv6Addr], next_hop: Ipv6Addr) -> BgpMessage {
-        let mut attributes = self.common();
+    pub fn announce_v6(
+        &self,
+        addresses: &[Ipv6Addr],
+        next_hop: Ipv6Addr,
+        route: &RouteAttributes,
+    ) -> BgpMessage {
+        let mut attributes = self.common(route);
         attributes.push(optional(PathAttributeValue::MpReach(
             MpReach::Ipv6Unicast {
                 next_hop_global: next_hop,
@@ -397,7 +426,11 @@ mod tests {
         };
         let addresses = ["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()];
         let BgpMessage::Update(update) =
-            round_trip(attributes.announce_v4(&addresses, "10.0.0.2".parse().unwrap()))
+            round_trip(attributes.announce_v4(
+                &addresses,
+                "10.0.0.2".parse().unwrap(),
+                &RouteAttributes::default(),
+            ))
         else {
             panic!("not an UPDATE");
         };
@@ -409,6 +442,7 @@ mod tests {
         let BgpMessage::Update(update) = round_trip(attributes.announce_v6(
             &["2001:db8::10".parse().unwrap()],
             "fd00::2".parse().unwrap(),
+            &RouteAttributes::default(),
         )) else {
             panic!("not an UPDATE");
         };
@@ -424,6 +458,44 @@ mod tests {
             panic!("not an UPDATE");
         };
         assert_eq!(eor.end_of_rib(), Some(AddressType::Ipv4Unicast));
+    }
+
+    #[test]
+    fn a_pools_communities_go_to_every_peer_and_its_local_preference_to_ibgp_ones_only() {
+        let route = RouteAttributes {
+            communities: vec![(64500 << 16) | 42, 0xFFFF_FF01],
+            local_preference: Some(250),
+        };
+        let sent = |ebgp: bool| {
+            let attributes = PathAttributes {
+                local_asn: 64501,
+                ebgp,
+                asn4: true,
+            };
+            let BgpMessage::Update(update) = round_trip(attributes.announce_v4(
+                &["192.0.2.10".parse().unwrap()],
+                "10.0.0.2".parse().unwrap(),
+                &route,
+            )) else {
+                panic!("not an UPDATE");
+            };
+            let mut communities = Vec::new();
+            let mut local_preference = None;
+            for attribute in update.path_attributes() {
+                match attribute.value() {
+                    PathAttributeValue::Communities(c) => {
+                        communities.extend(c.communities().iter().map(|c| c.value()));
+                    }
+                    PathAttributeValue::LocalPreference(p) => {
+                        local_preference = Some(p.metric());
+                    }
+                    _ => {}
+                }
+            }
+            (communities, local_preference)
+        };
+        assert_eq!(sent(true), (route.communities.clone(), None));
+        assert_eq!(sent(false), (route.communities.clone(), Some(250)));
     }
 
     #[test]

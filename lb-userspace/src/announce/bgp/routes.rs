@@ -3,7 +3,7 @@
 //! programmed from. Pure; the sessions only send what this says.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -17,6 +17,63 @@ pub struct Routes {
     pub addresses: BTreeSet<IpAddr>,
     pub node_v4: Option<Ipv4Addr>,
     pub node_v6: Option<Ipv6Addr>,
+    /// The path attributes of addresses whose pool sets some
+    /// (`AddressPool.spec.bgp`); the others have the defaults.
+    pub attributes: BTreeMap<IpAddr, RouteAttributes>,
+}
+
+/// What an address pool adds to its routes (`spec.bgp`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteAttributes {
+    /// COMMUNITIES (RFC 1997), sorted, each once.
+    pub communities: Vec<u32>,
+    /// LOCAL_PREF towards iBGP peers; `None`: 100. Never sent to eBGP
+    /// peers (RFC 4271 §5.1.5).
+    pub local_preference: Option<u32>,
+}
+
+/// RFC 1997 and RFC 3765 well-known communities, by the names routers
+/// print.
+const WELL_KNOWN: [(&str, u32); 4] = [
+    ("no-export", 0xFFFF_FF01),
+    ("no-advertise", 0xFFFF_FF02),
+    ("no-export-subconfed", 0xFFFF_FF03),
+    ("no-peer", 0xFFFF_FF04),
+];
+
+/// A community as written in a pool: `ASN:value` (each 0-65535) or a
+/// well-known name (`no-export`, `no-advertise`, `no-export-subconfed`,
+/// `no-peer`).
+pub fn parse_community(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    if let Some((_, value)) = WELL_KNOWN.iter().find(|(name, _)| name.eq_ignore_ascii_case(text)) {
+        return Ok(*value);
+    }
+    let (high, low) = text.split_once(':').ok_or_else(|| {
+        format!("community {text:?} is neither ASN:value nor a well-known name")
+    })?;
+    let part = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("community {text:?}: {p:?} is not a number from 0 to 65535"))
+    };
+    Ok((u32::from(part(high)?) << 16) | u32::from(part(low)?))
+}
+
+impl RouteAttributes {
+    /// From a pool's `spec.bgp` fields; the first bad community is the
+    /// error.
+    pub fn parse(communities: &[String], local_preference: Option<u32>) -> Result<Self, String> {
+        let mut parsed = communities
+            .iter()
+            .map(|c| parse_community(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        parsed.sort_unstable();
+        parsed.dedup();
+        Ok(RouteAttributes {
+            communities: parsed,
+            local_preference,
+        })
+    }
 }
 
 /// The addresses to announce: every frontend address with a backend to
@@ -41,6 +98,7 @@ pub fn routes(desired: &DesiredState) -> Routes {
         addresses,
         node_v4: desired.node_addr,
         node_v6: desired.node_addr_v6,
+        attributes: BTreeMap::new(),
     }
 }
 
@@ -86,6 +144,29 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn communities_parse_by_number_and_by_name_and_bad_ones_are_named() {
+        let attributes = RouteAttributes::parse(
+            &[
+                "64500:42".into(),
+                "no-export".into(),
+                " 64500:42 ".into(),
+                "0:65535".into(),
+            ],
+            Some(250),
+        )
+        .unwrap();
+        assert_eq!(
+            attributes.communities,
+            [0x0000_FFFF, (64500 << 16) | 42, 0xFFFF_FF01]
+        );
+        assert_eq!(attributes.local_preference, Some(250));
+        for bad in ["64500", "65536:1", "1:x", "no-such"] {
+            let error = RouteAttributes::parse(&[bad.into()], None).unwrap_err();
+            assert!(error.contains(bad), "{error}");
+        }
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use super::{
     message::{self, IPV4_PER_UPDATE, IPV6_PER_UPDATE, Notification, PathAttributes, SessionPhase},
     peer::PeerConfig,
-    routes::Routes,
+    routes::{RouteAttributes, Routes},
     status::{SessionState, Status},
 };
 
@@ -500,8 +500,8 @@ impl Session<'_> {
     async fn update(
         &mut self,
         writer: &mut OwnedWriteHalf,
-        rib_out: &mut BTreeMap<IpAddr, IpAddr>,
-        wanted: BTreeMap<IpAddr, IpAddr>,
+        rib_out: &mut RibOut,
+        wanted: RibOut,
         negotiated: &Negotiated,
     ) -> std::io::Result<()> {
         let change = diff(rib_out, &wanted);
@@ -514,18 +514,18 @@ impl Session<'_> {
         for chunk in withdrawn_v6.chunks(IPV6_PER_UPDATE) {
             messages.push(message::withdraw_v6(chunk));
         }
-        for (next_hop, addresses) in &change.announce {
+        for ((next_hop, route), addresses) in &change.announce {
             match next_hop {
                 IpAddr::V4(next_hop) => {
                     let addresses: Vec<Ipv4Addr> = addresses.iter().filter_map(v4).collect();
                     for chunk in addresses.chunks(IPV4_PER_UPDATE) {
-                        messages.push(negotiated.attributes.announce_v4(chunk, *next_hop));
+                        messages.push(negotiated.attributes.announce_v4(chunk, *next_hop, route));
                     }
                 }
                 IpAddr::V6(next_hop) => {
                     let addresses: Vec<Ipv6Addr> = addresses.iter().filter_map(v6).collect();
                     for chunk in addresses.chunks(IPV6_PER_UPDATE) {
-                        messages.push(negotiated.attributes.announce_v6(chunk, *next_hop));
+                        messages.push(negotiated.attributes.announce_v6(chunk, *next_hop, route));
                     }
                 }
             }
@@ -621,7 +621,7 @@ fn v6(address: &IpAddr) -> Option<Ipv6Addr> {
 /// address for its family (the node reaches the router from there), the
 /// node's address of the other family otherwise; none for a family the
 /// peer did not take or the node has no address of.
-fn wanted(routes: &Routes, local: IpAddr, negotiated: &Negotiated) -> BTreeMap<IpAddr, IpAddr> {
+fn wanted(routes: &Routes, local: IpAddr, negotiated: &Negotiated) -> RibOut {
     let next_hop_v4 = match local {
         IpAddr::V4(local) => Some(local),
         IpAddr::V6(_) => routes.node_v4,
@@ -639,24 +639,33 @@ fn wanted(routes: &Routes, local: IpAddr, negotiated: &Negotiated) -> BTreeMap<I
                 IpAddr::V6(_) if negotiated.ipv6 => next_hop_v6.map(IpAddr::V6),
                 _ => None,
             }?;
-            Some((address, next_hop))
+            let attributes = routes
+                .attributes
+                .get(&address)
+                .cloned()
+                .unwrap_or_default();
+            Some((address, (next_hop, attributes)))
         })
         .collect()
 }
 
+/// What one session announced (or is to): address → next hop and the
+/// address's pool's attributes.
+type RibOut = BTreeMap<IpAddr, (IpAddr, RouteAttributes)>;
+
 /// What changes between two Adj-RIB-Outs.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Diff {
-    /// By next hop.
-    announce: BTreeMap<IpAddr, Vec<IpAddr>>,
+    /// By next hop and attributes (one UPDATE carries one set).
+    announce: BTreeMap<(IpAddr, RouteAttributes), Vec<IpAddr>>,
     withdraw: Vec<IpAddr>,
 }
 
-fn diff(sent: &BTreeMap<IpAddr, IpAddr>, wanted: &BTreeMap<IpAddr, IpAddr>) -> Diff {
+fn diff(sent: &RibOut, wanted: &RibOut) -> Diff {
     let mut change = Diff::default();
-    for (address, next_hop) in wanted {
-        if sent.get(address) != Some(next_hop) {
-            change.announce.entry(*next_hop).or_default().push(*address);
+    for (address, route) in wanted {
+        if sent.get(address) != Some(route) {
+            change.announce.entry(route.clone()).or_default().push(*address);
         }
     }
     change.withdraw = sent
@@ -694,11 +703,12 @@ mod tests {
             addresses: [ip("192.0.2.10"), ip("2001:db8::10")].into(),
             node_v4: Some("10.0.0.9".parse().unwrap()),
             node_v6: Some("fd00::9".parse().unwrap()),
+            attributes: BTreeMap::new(),
         };
         // Over IPv4: the session's address for IPv4, the node's for IPv6.
         let over_v4 = wanted(&routes, ip("10.0.0.2"), &negotiated(true, true));
-        assert_eq!(over_v4[&ip("192.0.2.10")], ip("10.0.0.2"));
-        assert_eq!(over_v4[&ip("2001:db8::10")], ip("fd00::9"));
+        assert_eq!(over_v4[&ip("192.0.2.10")].0, ip("10.0.0.2"));
+        assert_eq!(over_v4[&ip("2001:db8::10")].0, ip("fd00::9"));
         // A peer that did not take IPv6 gets none.
         let v4_only = wanted(&routes, ip("10.0.0.2"), &negotiated(true, false));
         assert_eq!(v4_only.len(), 1);
@@ -715,19 +725,30 @@ mod tests {
 
     #[test]
     fn diff_sends_only_what_changed() {
+        let plain = |hop: &str| (ip(hop), RouteAttributes::default());
+        let tagged = RouteAttributes {
+            communities: vec![1],
+            local_preference: None,
+        };
         let sent = BTreeMap::from([
-            (ip("192.0.2.10"), ip("10.0.0.2")),
-            (ip("192.0.2.11"), ip("10.0.0.2")),
+            (ip("192.0.2.10"), plain("10.0.0.2")),
+            (ip("192.0.2.11"), plain("10.0.0.2")),
+            (ip("192.0.2.13"), plain("10.0.0.2")),
         ]);
         let wanted = BTreeMap::from([
-            (ip("192.0.2.10"), ip("10.0.0.2")),
-            (ip("192.0.2.12"), ip("10.0.0.2")),
+            (ip("192.0.2.10"), plain("10.0.0.2")),
+            (ip("192.0.2.12"), plain("10.0.0.2")),
+            // Its pool now tags it: announced again, with the community.
+            (ip("192.0.2.13"), (ip("10.0.0.2"), tagged.clone())),
         ]);
         let change = diff(&sent, &wanted);
         assert_eq!(change.withdraw, [ip("192.0.2.11")]);
         assert_eq!(
             change.announce,
-            BTreeMap::from([(ip("10.0.0.2"), vec![ip("192.0.2.12")])])
+            BTreeMap::from([
+                (plain("10.0.0.2"), vec![ip("192.0.2.12")]),
+                ((ip("10.0.0.2"), tagged), vec![ip("192.0.2.13")]),
+            ])
         );
         assert_eq!(diff(&wanted, &wanted), Diff::default());
     }
