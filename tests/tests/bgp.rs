@@ -572,7 +572,11 @@ fn a_pools_communities_reach_both_routers() -> Result<()> {
     );
     lab.write_manifest(
         "web.yaml",
-        &format!("{}---\n{}", objects::to_yaml(&service), objects::to_yaml(&slice)),
+        &format!(
+            "{}---\n{}",
+            objects::to_yaml(&service),
+            objects::to_yaml(&slice)
+        ),
     )?;
     let manifests = lab.manifests().to_string_lossy().into_owned();
     let source = ["--manifests", manifests.as_str(), "--address-mode", "pool"];
@@ -582,11 +586,15 @@ fn a_pools_communities_reach_both_routers() -> Result<()> {
 
     let bird = lab.birdc(&["show", "route", PREFIX, "all"])?;
     assert_eq!(
-        bird.matches("BGP.community: (64500,42) (65535,65281)").count(),
+        bird.matches("BGP.community: (64500,42) (65535,65281)")
+            .count(),
         2,
         "both nodes' routes carry the pool's communities on BIRD:\n{bird}"
     );
-    assert!(!bird.contains("BGP.local_pref: 250"), "eBGP: no LOCAL_PREF\n{bird}");
+    assert!(
+        !bird.contains("BGP.local_pref: 250"),
+        "eBGP: no LOCAL_PREF\n{bird}"
+    );
     let frr: Value = serde_json::from_str(&lab.vtysh(&format!("show ip bgp {PREFIX} json"))?)?;
     let paths = frr["paths"].as_array().cloned().unwrap_or_default();
     assert_eq!(paths.len(), 2, "{frr}");

@@ -119,8 +119,11 @@ impl PathAttributes {
             )));
         }
         if !route.communities.is_empty() {
-            let communities: Vec<Community> =
-                route.communities.iter().map(|&c| Community::new(c)).collect();
+            let communities: Vec<Community> = route
+                .communities
+                .iter()
+                .map(|&c| Community::new(c))
+                .collect();
             // Optional transitive (RFC 1997).
             attributes.push(
                 PathAttribute::from(
@@ -425,13 +428,11 @@ mod tests {
             asn4: true,
         };
         let addresses = ["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()];
-        let BgpMessage::Update(update) =
-            round_trip(attributes.announce_v4(
-                &addresses,
-                "10.0.0.2".parse().unwrap(),
-                &RouteAttributes::default(),
-            ))
-        else {
+        let BgpMessage::Update(update) = round_trip(attributes.announce_v4(
+            &addresses,
+            "10.0.0.2".parse().unwrap(),
+            &RouteAttributes::default(),
+        )) else {
             panic!("not an UPDATE");
         };
         assert_eq!(update.nlri().len(), 2);

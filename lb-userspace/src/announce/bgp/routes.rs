@@ -46,12 +46,15 @@ const WELL_KNOWN: [(&str, u32); 4] = [
 /// `no-peer`).
 pub fn parse_community(text: &str) -> Result<u32, String> {
     let text = text.trim();
-    if let Some((_, value)) = WELL_KNOWN.iter().find(|(name, _)| name.eq_ignore_ascii_case(text)) {
+    if let Some((_, value)) = WELL_KNOWN
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(text))
+    {
         return Ok(*value);
     }
-    let (high, low) = text.split_once(':').ok_or_else(|| {
-        format!("community {text:?} is neither ASN:value nor a well-known name")
-    })?;
+    let (high, low) = text
+        .split_once(':')
+        .ok_or_else(|| format!("community {text:?} is neither ASN:value nor a well-known name"))?;
     let part = |p: &str| {
         p.parse::<u16>()
             .map_err(|_| format!("community {text:?}: {p:?} is not a number from 0 to 65535"))

@@ -639,11 +639,7 @@ fn wanted(routes: &Routes, local: IpAddr, negotiated: &Negotiated) -> RibOut {
                 IpAddr::V6(_) if negotiated.ipv6 => next_hop_v6.map(IpAddr::V6),
                 _ => None,
             }?;
-            let attributes = routes
-                .attributes
-                .get(&address)
-                .cloned()
-                .unwrap_or_default();
+            let attributes = routes.attributes.get(&address).cloned().unwrap_or_default();
             Some((address, (next_hop, attributes)))
         })
         .collect()
@@ -665,7 +661,11 @@ fn diff(sent: &RibOut, wanted: &RibOut) -> Diff {
     let mut change = Diff::default();
     for (address, route) in wanted {
         if sent.get(address) != Some(route) {
-            change.announce.entry(route.clone()).or_default().push(*address);
+            change
+                .announce
+                .entry(route.clone())
+                .or_default()
+                .push(*address);
         }
     }
     change.withdraw = sent
