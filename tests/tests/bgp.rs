@@ -530,11 +530,13 @@ fn peers_from_the_kubernetes_api_select_nodes_by_label_and_follow_their_objects(
 }
 
 /// Pool mode: the Service's address comes from an AddressPool whose
-/// `spec.bgp` sets communities, and both routers see them on its route
-/// from both nodes (the pool's local preference goes to iBGP peers only:
-/// these are eBGP; the UPDATE encoding is unit-tested).
+/// `spec.bgp` sets communities and an aggregation length of 24, and both
+/// routers have the /24 (not the /32) from both nodes, with the
+/// communities (the pool's local preference goes to iBGP peers only: these
+/// are eBGP; the UPDATE encoding is unit-tested).
 #[test]
-fn a_pools_communities_reach_both_routers() -> Result<()> {
+fn a_pools_communities_and_aggregate_reach_both_routers() -> Result<()> {
+    const AGGREGATE: &str = "10.200.0.0/24";
     let mut lab = BgpLab::new()?;
     lab.start_bird()?;
     lab.start_frr()?;
@@ -552,7 +554,7 @@ fn a_pools_communities_reach_both_routers() -> Result<()> {
         &format!(
             "apiVersion: xlb.dev/v1alpha1\nkind: AddressPool\nmetadata:\n  name: edge\nspec:\n\
              \x20 addresses: [{SERVICE}/32]\n  bgp:\n    communities: [\"64500:42\", no-export]\n\
-             \x20   localPreference: 250\n"
+             \x20   localPreference: 250\n    aggregationLength: 24\n"
         ),
     )?;
     // No address asked for: the pool gives its only one.
@@ -582,9 +584,13 @@ fn a_pools_communities_reach_both_routers() -> Result<()> {
     let source = ["--manifests", manifests.as_str(), "--address-mode", "pool"];
     let _a = lab.start_agent_with(0, &source)?;
     let _b = lab.start_agent_with(1, &source)?;
-    lab.wait_next_hops(PREFIX, &[NODE_A, NODE_B], Duration::from_secs(20))?;
+    lab.wait_next_hops(AGGREGATE, &[NODE_A, NODE_B], Duration::from_secs(20))?;
+    assert!(
+        lab.bird_next_hops(PREFIX)?.is_empty(),
+        "no host route besides"
+    );
 
-    let bird = lab.birdc(&["show", "route", PREFIX, "all"])?;
+    let bird = lab.birdc(&["show", "route", AGGREGATE, "all"])?;
     assert_eq!(
         bird.matches("BGP.community: (64500,42) (65535,65281)")
             .count(),
@@ -595,7 +601,7 @@ fn a_pools_communities_reach_both_routers() -> Result<()> {
         !bird.contains("BGP.local_pref: 250"),
         "eBGP: no LOCAL_PREF\n{bird}"
     );
-    let frr: Value = serde_json::from_str(&lab.vtysh(&format!("show ip bgp {PREFIX} json"))?)?;
+    let frr: Value = serde_json::from_str(&lab.vtysh(&format!("show ip bgp {AGGREGATE} json"))?)?;
     let paths = frr["paths"].as_array().cloned().unwrap_or_default();
     assert_eq!(paths.len(), 2, "{frr}");
     for path in &paths {

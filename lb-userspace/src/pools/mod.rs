@@ -322,15 +322,18 @@ fn usable(name: &str, pool: &AddressPool) -> Result<Pool, (&'static str, String)
         l2: spec.l2.clone(),
         bgp: match &spec.bgp {
             None => Default::default(),
-            Some(bgp) => {
-                crate::announce::bgp::RouteAttributes::parse(&bgp.communities, bgp.local_preference)
-                    .map_err(|why| {
-                        (
-                            "InvalidBGP",
-                            format!("spec.bgp: {why}; the pool is not used"),
-                        )
-                    })?
-            }
+            Some(bgp) => crate::announce::bgp::RouteAttributes::parse(
+                &bgp.communities,
+                bgp.local_preference,
+                bgp.aggregation_length,
+                bgp.aggregation_length_v6,
+            )
+            .map_err(|why| {
+                (
+                    "InvalidBGP",
+                    format!("spec.bgp: {why}; the pool is not used"),
+                )
+            })?,
         },
     })
 }

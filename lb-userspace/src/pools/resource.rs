@@ -69,6 +69,19 @@ pub struct BgpAdvertisement {
     /// one (RFC 4271).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_preference: Option<u32>,
+    /// Announce the IPv4 prefix of this length that holds each address
+    /// (e.g. 24: one /24 for all the pool's addresses in it) instead of
+    /// host routes (32). With `externalTrafficPolicy: Local` a node then
+    /// attracts the whole prefix as soon as it serves one address of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation_length: Option<u8>,
+    /// The same for IPv6 (default 128).
+    #[serde(
+        default,
+        rename = "aggregationLengthV6",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub aggregation_length_v6: Option<u8>,
 }
 
 fn default_true() -> bool {

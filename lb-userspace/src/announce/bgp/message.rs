@@ -141,7 +141,7 @@ impl PathAttributes {
 
     pub fn announce_v4(
         &self,
-        addresses: &[Ipv4Addr],
+        prefixes: &[Ipv4Net],
         next_hop: Ipv4Addr,
         route: &RouteAttributes,
     ) -> BgpMessage {
@@ -152,13 +152,13 @@ impl PathAttributes {
         BgpMessage::Update(BgpUpdateMessage::new(
             Vec::new(),
             attributes,
-            addresses.iter().map(|&a| host_v4(a)).collect::<Vec<_>>(),
+            prefixes.iter().map(|&p| unicast_v4(p)).collect::<Vec<_>>(),
         ))
     }
 
     pub fn announce_v6(
         &self,
-        addresses: &[Ipv6Addr],
+        prefixes: &[Ipv6Net],
         next_hop: Ipv6Addr,
         route: &RouteAttributes,
     ) -> BgpMessage {
@@ -167,27 +167,27 @@ impl PathAttributes {
             MpReach::Ipv6Unicast {
                 next_hop_global: next_hop,
                 next_hop_local: None,
-                nlri: addresses.iter().map(|&a| host_v6(a)).collect(),
+                nlri: prefixes.iter().map(|&p| unicast_v6(p)).collect(),
             },
         )));
         BgpMessage::Update(BgpUpdateMessage::new(Vec::new(), attributes, Vec::new()))
     }
 }
 
-pub fn withdraw_v4(addresses: &[Ipv4Addr]) -> BgpMessage {
+pub fn withdraw_v4(prefixes: &[Ipv4Net]) -> BgpMessage {
     BgpMessage::Update(BgpUpdateMessage::new(
-        addresses.iter().map(|&a| host_v4(a)).collect::<Vec<_>>(),
+        prefixes.iter().map(|&p| unicast_v4(p)).collect::<Vec<_>>(),
         Vec::new(),
         Vec::new(),
     ))
 }
 
-pub fn withdraw_v6(addresses: &[Ipv6Addr]) -> BgpMessage {
+pub fn withdraw_v6(prefixes: &[Ipv6Net]) -> BgpMessage {
     BgpMessage::Update(BgpUpdateMessage::new(
         Vec::new(),
         vec![optional(PathAttributeValue::MpUnreach(
             MpUnreach::Ipv6Unicast {
-                nlri: addresses.iter().map(|&a| host_v6(a)).collect(),
+                nlri: prefixes.iter().map(|&p| unicast_v6(p)).collect(),
             },
         ))],
         Vec::new(),
@@ -204,18 +204,25 @@ pub fn end_of_rib_v6() -> BgpMessage {
     withdraw_v6(&[])
 }
 
-fn host_v4(address: Ipv4Addr) -> Ipv4UnicastAddress {
-    let net = Ipv4Net::new(address, 32).expect("/32 is a valid prefix length");
-    Ipv4UnicastAddress::new_no_path_id(
-        Ipv4Unicast::from_net(net).expect("a host route is a unicast network"),
-    )
+/// Can `net` be sent as unicast NLRI? (Not a multicast prefix: a Service
+/// whose status names a multicast address is not announced, rather than
+/// crash the session.)
+pub fn is_unicast(net: ipnet::IpNet) -> bool {
+    match net {
+        ipnet::IpNet::V4(net) => Ipv4Unicast::from_net(net).is_ok(),
+        ipnet::IpNet::V6(net) => Ipv6Unicast::from_net(net).is_ok(),
+    }
 }
 
-fn host_v6(address: Ipv6Addr) -> Ipv6UnicastAddress {
-    let net = Ipv6Net::new(address, 128).expect("/128 is a valid prefix length");
+/// A prefix as NLRI: checked by [`is_unicast`] first.
+fn unicast_v4(net: Ipv4Net) -> Ipv4UnicastAddress {
+    Ipv4UnicastAddress::new_no_path_id(Ipv4Unicast::from_net(net).expect("checked by is_unicast"))
+}
+
+fn unicast_v6(net: Ipv6Net) -> Ipv6UnicastAddress {
     Ipv6UnicastAddress::new(
         None,
-        Ipv6Unicast::from_net(net).expect("a host route is a unicast network"),
+        Ipv6Unicast::from_net(net).expect("checked by is_unicast"),
     )
 }
 
@@ -427,7 +434,10 @@ mod tests {
             ebgp: true,
             asn4: true,
         };
-        let addresses = ["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()];
+        let addresses = [
+            "192.0.2.10/32".parse().unwrap(),
+            "192.0.2.11/32".parse().unwrap(),
+        ];
         let BgpMessage::Update(update) = round_trip(attributes.announce_v4(
             &addresses,
             "10.0.0.2".parse().unwrap(),
@@ -441,7 +451,7 @@ mod tests {
             "192.0.2.10/32"
         );
         let BgpMessage::Update(update) = round_trip(attributes.announce_v6(
-            &["2001:db8::10".parse().unwrap()],
+            &["2001:db8::10/128".parse().unwrap()],
             "fd00::2".parse().unwrap(),
             &RouteAttributes::default(),
         )) else {
@@ -466,6 +476,7 @@ mod tests {
         let route = RouteAttributes {
             communities: vec![(64500 << 16) | 42, 0xFFFF_FF01],
             local_preference: Some(250),
+            ..RouteAttributes::default()
         };
         let sent = |ebgp: bool| {
             let attributes = PathAttributes {
@@ -474,7 +485,7 @@ mod tests {
                 asn4: true,
             };
             let BgpMessage::Update(update) = round_trip(attributes.announce_v4(
-                &["192.0.2.10".parse().unwrap()],
+                &["192.0.2.0/24".parse().unwrap()],
                 "10.0.0.2".parse().unwrap(),
                 &route,
             )) else {

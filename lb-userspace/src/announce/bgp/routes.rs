@@ -7,6 +7,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use ipnet::IpNet;
+
 use crate::model::DesiredState;
 
 /// The host routes of one node, and the next hops the node offers for
@@ -30,6 +32,10 @@ pub struct RouteAttributes {
     /// LOCAL_PREF towards iBGP peers; `None`: 100. Never sent to eBGP
     /// peers (RFC 4271 §5.1.5).
     pub local_preference: Option<u32>,
+    /// Announce the prefix of this length that holds the address instead
+    /// of its host route (IPv4, IPv6).
+    pub aggregation_length: Option<u8>,
+    pub aggregation_length_v6: Option<u8>,
 }
 
 /// RFC 1997 and RFC 3765 well-known communities, by the names routers
@@ -63,19 +69,50 @@ pub fn parse_community(text: &str) -> Result<u32, String> {
 }
 
 impl RouteAttributes {
-    /// From a pool's `spec.bgp` fields; the first bad community is the
-    /// error.
-    pub fn parse(communities: &[String], local_preference: Option<u32>) -> Result<Self, String> {
+    /// From a pool's `spec.bgp` fields; the first bad community or length
+    /// is the error.
+    pub fn parse(
+        communities: &[String],
+        local_preference: Option<u32>,
+        aggregation_length: Option<u8>,
+        aggregation_length_v6: Option<u8>,
+    ) -> Result<Self, String> {
         let mut parsed = communities
             .iter()
             .map(|c| parse_community(c))
             .collect::<Result<Vec<_>, _>>()?;
         parsed.sort_unstable();
         parsed.dedup();
+        if aggregation_length.is_some_and(|l| l == 0 || l > 32) {
+            return Err(format!(
+                "aggregationLength {} is not from 1 to 32",
+                aggregation_length.unwrap_or_default()
+            ));
+        }
+        if aggregation_length_v6.is_some_and(|l| l == 0 || l > 128) {
+            return Err(format!(
+                "aggregationLengthV6 {} is not from 1 to 128",
+                aggregation_length_v6.unwrap_or_default()
+            ));
+        }
         Ok(RouteAttributes {
             communities: parsed,
             local_preference,
+            aggregation_length,
+            aggregation_length_v6,
         })
+    }
+
+    /// The prefix announced for `address`: its host route, or the
+    /// aggregate that holds it.
+    pub fn prefix(&self, address: IpAddr) -> IpNet {
+        let length = match address {
+            IpAddr::V4(_) => self.aggregation_length.unwrap_or(32),
+            IpAddr::V6(_) => self.aggregation_length_v6.unwrap_or(128),
+        };
+        IpNet::new(address, length)
+            .map(|net| net.trunc())
+            .unwrap_or_else(|_| IpNet::from(address))
     }
 }
 
@@ -159,15 +196,30 @@ mod tests {
                 "0:65535".into(),
             ],
             Some(250),
+            Some(24),
+            None,
         )
         .unwrap();
+        assert_eq!(
+            attributes.prefix("192.0.2.77".parse().unwrap()).to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            attributes
+                .prefix("2001:db8::1".parse().unwrap())
+                .to_string(),
+            "2001:db8::1/128"
+        );
+        assert!(RouteAttributes::parse(&[], None, Some(33), None).is_err());
+        assert!(RouteAttributes::parse(&[], None, Some(0), None).is_err());
+        assert!(RouteAttributes::parse(&[], None, None, Some(129)).is_err());
         assert_eq!(
             attributes.communities,
             [0x0000_FFFF, (64500 << 16) | 42, 0xFFFF_FF01]
         );
         assert_eq!(attributes.local_preference, Some(250));
         for bad in ["64500", "65536:1", "1:x", "no-such"] {
-            let error = RouteAttributes::parse(&[bad.into()], None).unwrap_err();
+            let error = RouteAttributes::parse(&[bad.into()], None, None, None).unwrap_err();
             assert!(error.contains(bad), "{error}");
         }
     }

@@ -14,6 +14,7 @@ use std::{
 };
 
 use bytes::BytesMut;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netgauze_bgp_pkt::{BgpMessage, capabilities::BgpCapability, codec::BgpCodec};
 use netgauze_iana::address_family::AddressType;
 use tokio::{
@@ -506,25 +507,25 @@ impl Session<'_> {
     ) -> std::io::Result<()> {
         let change = diff(rib_out, &wanted);
         let mut messages = Vec::new();
-        let withdrawn_v4: Vec<Ipv4Addr> = change.withdraw.iter().filter_map(v4).collect();
-        let withdrawn_v6: Vec<Ipv6Addr> = change.withdraw.iter().filter_map(v6).collect();
+        let withdrawn_v4: Vec<Ipv4Net> = change.withdraw.iter().filter_map(v4).collect();
+        let withdrawn_v6: Vec<Ipv6Net> = change.withdraw.iter().filter_map(v6).collect();
         for chunk in withdrawn_v4.chunks(IPV4_PER_UPDATE) {
             messages.push(message::withdraw_v4(chunk));
         }
         for chunk in withdrawn_v6.chunks(IPV6_PER_UPDATE) {
             messages.push(message::withdraw_v6(chunk));
         }
-        for ((next_hop, route), addresses) in &change.announce {
+        for ((next_hop, route), prefixes) in &change.announce {
             match next_hop {
                 IpAddr::V4(next_hop) => {
-                    let addresses: Vec<Ipv4Addr> = addresses.iter().filter_map(v4).collect();
-                    for chunk in addresses.chunks(IPV4_PER_UPDATE) {
+                    let prefixes: Vec<Ipv4Net> = prefixes.iter().filter_map(v4).collect();
+                    for chunk in prefixes.chunks(IPV4_PER_UPDATE) {
                         messages.push(negotiated.attributes.announce_v4(chunk, *next_hop, route));
                     }
                 }
                 IpAddr::V6(next_hop) => {
-                    let addresses: Vec<Ipv6Addr> = addresses.iter().filter_map(v6).collect();
-                    for chunk in addresses.chunks(IPV6_PER_UPDATE) {
+                    let prefixes: Vec<Ipv6Net> = prefixes.iter().filter_map(v6).collect();
+                    for chunk in prefixes.chunks(IPV6_PER_UPDATE) {
                         messages.push(negotiated.attributes.announce_v6(chunk, *next_hop, route));
                     }
                 }
@@ -603,17 +604,17 @@ fn hold_deadline(hold_time: u16) -> Instant {
     Instant::now() + hold
 }
 
-fn v4(address: &IpAddr) -> Option<Ipv4Addr> {
-    match address {
-        IpAddr::V4(a) => Some(*a),
-        IpAddr::V6(_) => None,
+fn v4(prefix: &IpNet) -> Option<Ipv4Net> {
+    match prefix {
+        IpNet::V4(p) => Some(*p),
+        IpNet::V6(_) => None,
     }
 }
 
-fn v6(address: &IpAddr) -> Option<Ipv6Addr> {
-    match address {
-        IpAddr::V6(a) => Some(*a),
-        IpAddr::V4(_) => None,
+fn v6(prefix: &IpNet) -> Option<Ipv6Net> {
+    match prefix {
+        IpNet::V6(p) => Some(*p),
+        IpNet::V4(_) => None,
     }
 }
 
@@ -630,31 +631,38 @@ fn wanted(routes: &Routes, local: IpAddr, negotiated: &Negotiated) -> RibOut {
         IpAddr::V6(local) if !local.is_unicast_link_local() => Some(local),
         _ => routes.node_v6,
     };
-    routes
-        .addresses
-        .iter()
-        .filter_map(|&address| {
-            let next_hop = match address {
-                IpAddr::V4(_) if negotiated.ipv4 => next_hop_v4.map(IpAddr::V4),
-                IpAddr::V6(_) if negotiated.ipv6 => next_hop_v6.map(IpAddr::V6),
-                _ => None,
-            }?;
-            let attributes = routes.attributes.get(&address).cloned().unwrap_or_default();
-            Some((address, (next_hop, attributes)))
-        })
-        .collect()
+    let mut table = RibOut::new();
+    for &address in &routes.addresses {
+        let next_hop = match address {
+            IpAddr::V4(_) if negotiated.ipv4 => next_hop_v4.map(IpAddr::V4),
+            IpAddr::V6(_) if negotiated.ipv6 => next_hop_v6.map(IpAddr::V6),
+            _ => None,
+        };
+        let Some(next_hop) = next_hop else {
+            continue;
+        };
+        let attributes = routes.attributes.get(&address).cloned().unwrap_or_default();
+        // A pool's aggregate is announced once, with the attributes of its
+        // first address (pools that share an aggregate should agree).
+        let prefix = attributes.prefix(address);
+        if message::is_unicast(prefix) {
+            table.entry(prefix).or_insert((next_hop, attributes));
+        }
+    }
+    table
 }
 
-/// What one session announced (or is to): address → next hop and the
-/// address's pool's attributes.
-type RibOut = BTreeMap<IpAddr, (IpAddr, RouteAttributes)>;
+/// What one session announced (or is to): prefix (a Service address's
+/// host route, or its pool's aggregate) → next hop and the pool's
+/// attributes.
+type RibOut = BTreeMap<IpNet, (IpAddr, RouteAttributes)>;
 
 /// What changes between two Adj-RIB-Outs.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Diff {
     /// By next hop and attributes (one UPDATE carries one set).
-    announce: BTreeMap<(IpAddr, RouteAttributes), Vec<IpAddr>>,
-    withdraw: Vec<IpAddr>,
+    announce: BTreeMap<(IpAddr, RouteAttributes), Vec<IpNet>>,
+    withdraw: Vec<IpNet>,
 }
 
 fn diff(sent: &RibOut, wanted: &RibOut) -> Diff {
@@ -684,6 +692,10 @@ mod tests {
         text.parse().unwrap()
     }
 
+    fn net(text: &str) -> IpNet {
+        IpNet::from(ip(text))
+    }
+
     fn negotiated(ipv4: bool, ipv6: bool) -> Negotiated {
         Negotiated {
             hold_time: 9,
@@ -707,8 +719,8 @@ mod tests {
         };
         // Over IPv4: the session's address for IPv4, the node's for IPv6.
         let over_v4 = wanted(&routes, ip("10.0.0.2"), &negotiated(true, true));
-        assert_eq!(over_v4[&ip("192.0.2.10")].0, ip("10.0.0.2"));
-        assert_eq!(over_v4[&ip("2001:db8::10")].0, ip("fd00::9"));
+        assert_eq!(over_v4[&net("192.0.2.10")].0, ip("10.0.0.2"));
+        assert_eq!(over_v4[&net("2001:db8::10")].0, ip("fd00::9"));
         // A peer that did not take IPv6 gets none.
         let v4_only = wanted(&routes, ip("10.0.0.2"), &negotiated(true, false));
         assert_eq!(v4_only.len(), 1);
@@ -728,28 +740,56 @@ mod tests {
         let plain = |hop: &str| (ip(hop), RouteAttributes::default());
         let tagged = RouteAttributes {
             communities: vec![1],
-            local_preference: None,
+            ..RouteAttributes::default()
         };
         let sent = BTreeMap::from([
-            (ip("192.0.2.10"), plain("10.0.0.2")),
-            (ip("192.0.2.11"), plain("10.0.0.2")),
-            (ip("192.0.2.13"), plain("10.0.0.2")),
+            (net("192.0.2.10"), plain("10.0.0.2")),
+            (net("192.0.2.11"), plain("10.0.0.2")),
+            (net("192.0.2.13"), plain("10.0.0.2")),
         ]);
         let wanted = BTreeMap::from([
-            (ip("192.0.2.10"), plain("10.0.0.2")),
-            (ip("192.0.2.12"), plain("10.0.0.2")),
+            (net("192.0.2.10"), plain("10.0.0.2")),
+            (net("192.0.2.12"), plain("10.0.0.2")),
             // Its pool now tags it: announced again, with the community.
-            (ip("192.0.2.13"), (ip("10.0.0.2"), tagged.clone())),
+            (net("192.0.2.13"), (ip("10.0.0.2"), tagged.clone())),
         ]);
         let change = diff(&sent, &wanted);
-        assert_eq!(change.withdraw, [ip("192.0.2.11")]);
+        assert_eq!(change.withdraw, [net("192.0.2.11")]);
         assert_eq!(
             change.announce,
             BTreeMap::from([
-                (plain("10.0.0.2"), vec![ip("192.0.2.12")]),
-                ((ip("10.0.0.2"), tagged), vec![ip("192.0.2.13")]),
+                (plain("10.0.0.2"), vec![net("192.0.2.12")]),
+                ((ip("10.0.0.2"), tagged), vec![net("192.0.2.13")]),
             ])
         );
         assert_eq!(diff(&wanted, &wanted), Diff::default());
+    }
+
+    #[test]
+    fn a_pools_aggregate_is_one_route_and_a_multicast_address_none() {
+        let aggregated = RouteAttributes {
+            aggregation_length: Some(24),
+            ..RouteAttributes::default()
+        };
+        let routes = Routes {
+            addresses: [
+                ip("192.0.2.10"),
+                ip("192.0.2.77"),
+                ip("198.51.100.1"),
+                ip("224.0.0.5"),
+            ]
+            .into(),
+            node_v4: None,
+            node_v6: None,
+            attributes: [
+                (ip("192.0.2.10"), aggregated.clone()),
+                (ip("192.0.2.77"), aggregated.clone()),
+            ]
+            .into(),
+        };
+        let table = wanted(&routes, ip("10.0.0.2"), &negotiated(true, true));
+        let prefixes: Vec<String> = table.keys().map(ToString::to_string).collect();
+        assert_eq!(prefixes, ["192.0.2.0/24", "198.51.100.1/32"]);
+        assert_eq!(table[&"192.0.2.0/24".parse().unwrap()].1, aggregated);
     }
 }
