@@ -871,11 +871,6 @@ impl Datapath {
             }
             published.node_config = Some(config);
         }
-        self.routes = bgp::Routes {
-            node_v4: node_addr,
-            node_v6: node_addr_v6,
-            ..bgp::routes(desired)
-        };
         let started = Instant::now();
         let summary = match changed {
             None => reconciler.apply(desired, maps),
@@ -891,6 +886,11 @@ impl Datapath {
             tracing::error!(error = %e, "programming failed");
         }
         self.incomplete |= !summary.errors.is_empty();
+        self.routes = bgp::Routes {
+            node_v4: node_addr,
+            node_v6: node_addr_v6,
+            ..bgp::routes(desired, |frontend| reconciler.is_programmed(frontend))
+        };
         if let Err(e) = guard.apply(desired, changed, maps, Instant::now()) {
             // Retried with the next complete sync, like a failed frontend.
             tracing::error!(error = %format!("{e:#}"), "programming the reply-leak check failed");

@@ -50,9 +50,8 @@ fn service_manifest(lab: &BgpLab, local: bool, endpoints: &[(Ipv4Addr, usize)]) 
     )
 }
 
-/// A lab with both routers, the Node objects, the peers and a Service over
-/// a pod on each node.
-fn lab_with(restart_time: u16, local: bool, endpoints: &[(Ipv4Addr, usize)]) -> Result<BgpLab> {
+/// A lab with both routers, the Node objects and the peers (manifests).
+fn lab_with_routers(restart_time: u16) -> Result<BgpLab> {
     let mut lab = BgpLab::new()?;
     lab.start_bird()?;
     lab.start_frr()?;
@@ -65,6 +64,12 @@ fn lab_with(restart_time: u16, local: bool, endpoints: &[(Ipv4Addr, usize)]) -> 
             BgpLab::peer_manifest("frr", FRR_ADDR, restart_time)
         ),
     )?;
+    Ok(lab)
+}
+
+/// [`lab_with_routers`] and a Service over a pod on each node.
+fn lab_with(restart_time: u16, local: bool, endpoints: &[(Ipv4Addr, usize)]) -> Result<BgpLab> {
+    let lab = lab_with_routers(restart_time)?;
     lab.write_manifest("web.yaml", &service_manifest(&lab, local, endpoints))?;
     Ok(lab)
 }
@@ -537,18 +542,7 @@ fn peers_from_the_kubernetes_api_select_nodes_by_label_and_follow_their_objects(
 #[test]
 fn a_pools_communities_and_aggregate_reach_both_routers() -> Result<()> {
     const AGGREGATE: &str = "10.200.0.0/24";
-    let mut lab = BgpLab::new()?;
-    lab.start_bird()?;
-    lab.start_frr()?;
-    lab.write_manifest("nodes.yaml", &lab.nodes_manifest())?;
-    lab.write_manifest(
-        "peers.yaml",
-        &format!(
-            "{}---\n{}",
-            BgpLab::peer_manifest("bird", BIRD_ADDR, RESTART_TIME),
-            BgpLab::peer_manifest("frr", FRR_ADDR, RESTART_TIME)
-        ),
-    )?;
+    let lab = lab_with_routers(RESTART_TIME)?;
     lab.write_manifest(
         "pool.yaml",
         &format!(
@@ -608,5 +602,43 @@ fn a_pools_communities_and_aggregate_reach_both_routers() -> Result<()> {
         assert_eq!(path["community"]["string"], "64500:42 no-export", "{frr}");
     }
     request(&lab).context("a request through BIRD")?;
+    Ok(())
+}
+
+/// A Service address whose frontend this node could not program (here its
+/// service map is full: `--max-services 1`) is not announced: the node
+/// would attract traffic it passes to a kernel that has no route for it.
+/// The Service that fits is announced as usual.
+#[test]
+fn an_address_the_node_could_not_program_is_not_announced() -> Result<()> {
+    const SECOND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
+    let lab = lab_with(RESTART_TIME, false, &[(POD_A, 0), (POD_B, 1)])?;
+    let second = objects::service(
+        "second",
+        SECOND,
+        &[("http", "TCP", SERVICE_PORT.into(), "8080")],
+    );
+    lab.write_manifest("second.yaml", &objects::to_yaml(&second))?;
+    let slice = objects::endpoint_slice(
+        "second",
+        &[(POD_A, lab.node_names[0].as_str(), true)],
+        &[("http", "TCP", TARGET_PORT.into())],
+    );
+    lab.write_manifest("second-endpoints.yaml", &objects::to_yaml(&slice))?;
+    let manifests = lab.manifests().to_string_lossy().into_owned();
+    let source = ["--manifests", manifests.as_str(), "--max-services", "1"];
+    let a = lab.start_agent_with(0, &source)?;
+    let _b = lab.start_agent_with(1, &source)?;
+    // 10.200.0.10 sorts first and takes the one service slot.
+    lab.wait_next_hops(PREFIX, &[NODE_A, NODE_B], Duration::from_secs(20))?;
+    wait_until("node a to say the second failed", Duration::from_secs(10), || {
+        a.log_text().contains("programming failed")
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        lab.bird_next_hops("10.200.0.11/32")?.is_empty()
+            && lab.frr_next_hops("10.200.0.11/32")?.is_empty(),
+        "an address nobody programmed was announced"
+    );
     Ok(())
 }

@@ -333,6 +333,15 @@ impl Reconciler {
     }
 
     /// `(service id, frontend, spec)` of every programmed frontend.
+    /// Is `frontend` in the maps, whole, as last asked? Not while its
+    /// writes fail (a full map, a kernel error) until a retry succeeds:
+    /// the node must not attract its traffic meanwhile (BGP, L2).
+    pub fn is_programmed(&self, frontend: &Frontend) -> bool {
+        self.programmed
+            .get(frontend)
+            .is_some_and(|p| p.spec.is_some())
+    }
+
     pub fn programmed(&self) -> impl Iterator<Item = (u32, &Frontend, Option<&FrontendSpec>)> {
         self.programmed
             .iter()

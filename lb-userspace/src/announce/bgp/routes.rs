@@ -9,7 +9,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::model::DesiredState;
+use crate::model::{DesiredState, Frontend};
 
 /// The host routes of one node, and the next hops the node offers for
 /// families its sessions do not run over (an IPv6 route over an IPv4
@@ -117,12 +117,13 @@ impl RouteAttributes {
 }
 
 /// The addresses to announce: every frontend address with a backend to
-/// send its traffic to. With `externalTrafficPolicy: Local` that must be a
-/// ready backend on this node: a node without one would drop the traffic,
-/// so it must not attract it (the route moves with the endpoint). A
-/// terminating backend, kept only because nothing else is left, does not
-/// count.
-pub fn routes(desired: &DesiredState) -> Routes {
+/// send its traffic to, and that is `programmed` in this node's maps (one
+/// whose writes failed would be passed to the kernel, which has no route
+/// for it). With `externalTrafficPolicy: Local` that must be a ready
+/// backend on this node: a node without one would drop the traffic, so it
+/// must not attract it (the route moves with the endpoint). A terminating
+/// backend, kept only because nothing else is left, does not count.
+pub fn routes(desired: &DesiredState, programmed: impl Fn(&Frontend) -> bool) -> Routes {
     let mut addresses = BTreeSet::new();
     for (frontend, spec) in &desired.frontends {
         let serves = if spec.local_only {
@@ -130,7 +131,7 @@ pub fn routes(desired: &DesiredState) -> Routes {
         } else {
             !spec.backends.is_empty()
         };
-        if serves {
+        if serves && programmed(frontend) {
             addresses.insert(frontend.addr);
         }
     }
@@ -145,7 +146,7 @@ pub fn routes(desired: &DesiredState) -> Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Backend, Frontend, FrontendSpec, Protocol, ServiceRef};
+    use crate::model::{Backend, FrontendSpec, Protocol, ServiceRef};
 
     fn frontend(addr: &str, port: u16) -> Frontend {
         Frontend {
@@ -179,7 +180,7 @@ mod tests {
     }
 
     fn addresses(desired: &DesiredState) -> Vec<String> {
-        routes(desired)
+        routes(desired, |_| true)
             .addresses
             .iter()
             .map(ToString::to_string)
