@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::NodeCondition;
 use xlb_tests::{
+    Agent,
     Reply,
     fake_api::FakeApi,
     in_netns, ns_sh,
@@ -289,6 +290,16 @@ fn settled_holder(s: &Segment) -> Result<usize> {
     Ok(holder)
 }
 
+/// Both nodes' agents on the fake API with `--l2-announce`, a Cluster
+/// policy Service with an endpoint on each node, and the nodes' MACs.
+fn both_announcing(s: &Segment) -> Result<(FakeApi, [Agent; 2], [String; 2])> {
+    let (api, kubeconfig) = cluster(s, false, &[0, 1])?;
+    let args = ["--kubeconfig", kubeconfig.as_str(), "--l2-announce"];
+    let agents = [s.start_agent(0, &args)?, s.start_agent(1, &args)?];
+    let macs = [s.node_mac(0)?, s.node_mac(1)?];
+    Ok((api, agents, macs))
+}
+
 /// Which node's MAC answers `arping` for VIP now (index), if any.
 fn answering(s: &Segment, macs: &[String; 2]) -> Option<usize> {
     let mac = s
@@ -302,10 +313,7 @@ fn answering(s: &Segment, macs: &[String; 2]) -> Option<usize> {
 fn the_address_moves_to_the_other_node_within_3s_when_its_announcer_dies() -> Result<()> {
     require_root();
     let s = Segment::new()?;
-    let (api, kubeconfig) = cluster(&s, false, &[0, 1])?;
-    let args = ["--kubeconfig", kubeconfig.as_str(), "--l2-announce"];
-    let mut agents = [s.start_agent(0, &args)?, s.start_agent(1, &args)?];
-    let macs = [s.node_mac(0)?, s.node_mac(1)?];
+    let (api, mut agents, macs) = both_announcing(&s)?;
     // Each address is held by exactly one node (each is elected on its
     // own: the IPv6 one may be on either).
     let held = |i: usize| held(&s, i);
@@ -391,10 +399,7 @@ fn the_address_moves_to_the_other_node_within_3s_when_its_announcer_dies() -> Re
 fn a_stalled_announcer_takes_its_address_and_its_clients_back() -> Result<()> {
     require_root();
     let s = Segment::new()?;
-    let (api, kubeconfig) = cluster(&s, false, &[0, 1])?;
-    let args = ["--kubeconfig", kubeconfig.as_str(), "--l2-announce"];
-    let mut agents = [s.start_agent(0, &args)?, s.start_agent(1, &args)?];
-    let macs = [s.node_mac(0)?, s.node_mac(1)?];
+    let (api, mut agents, macs) = both_announcing(&s)?;
     let holds = |i: usize| held(&s, i).is_ok_and(|h| h.contains(&VIP.to_string()));
     let client_mac = || s.neighbour(&s.client, &VIP.to_string()).ok().flatten();
     let holder = settled_holder(&s)?;
