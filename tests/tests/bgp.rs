@@ -631,9 +631,11 @@ fn an_address_the_node_could_not_program_is_not_announced() -> Result<()> {
     let _b = lab.start_agent_with(1, &source)?;
     // 10.200.0.10 sorts first and takes the one service slot.
     lab.wait_next_hops(PREFIX, &[NODE_A, NODE_B], Duration::from_secs(20))?;
-    wait_until("node a to say the second failed", Duration::from_secs(10), || {
-        a.log_text().contains("programming failed")
-    })?;
+    wait_until(
+        "node a to say the second failed",
+        Duration::from_secs(10),
+        || a.log_text().contains("programming failed"),
+    )?;
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         lab.bird_next_hops("10.200.0.11/32")?.is_empty()

@@ -14,8 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::NodeCondition;
 use xlb_tests::{
-    Agent,
-    Reply,
+    Agent, Reply,
     fake_api::FakeApi,
     in_netns, ns_sh,
     objects::{
