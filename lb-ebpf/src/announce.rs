@@ -20,7 +20,7 @@ use lb_common::{FAMILY_V4, FAMILY_V6, L2_LIVENESS_KEY, L2Answer, L2Key};
 
 use aya_ebpf::{
     bindings::{__sk_buff, xdp_action, xdp_md},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::bpf_redirect,
     programs::{TcContext, XdpContext},
 };
 
@@ -102,7 +102,9 @@ fn agent_alive() -> bool {
     let Some(live) = L2_LIVENESS.get(L2_LIVENESS_KEY) else {
         return false;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The agent's refresh every 250 ms against a 1.5 s window: the coarse
+    // clock's tick of lag is nothing.
+    let now = crate::nat::clock_ns();
     live.refreshed_ns != 0 && now.saturating_sub(live.refreshed_ns) <= live.stale_after_ns
 }
 

@@ -35,7 +35,7 @@ const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 /// flow hit's cost on this rig. The agent compares with `clock_gettime`'s
 /// CLOCK_MONOTONIC, which runs at most one tick ahead.
 #[inline(always)]
-fn clock_ns() -> u64 {
+pub(crate) fn clock_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
