@@ -64,6 +64,46 @@ pub fn spawn_agent(
     }
 }
 
+/// Starts the agent of a lab node on its `uplink`: `node_name`, `state_dir`,
+/// a one-second sweep, native XDP on wires (tcx by `auto` on container
+/// nodes), then `extra` (the source and further flags); logs to `log`.
+pub fn uplink_agent(
+    ns: &str,
+    node_name: &str,
+    state_dir: &Path,
+    links: crate::topology::Links,
+    extra: &[&str],
+    log: PathBuf,
+) -> Result<Agent> {
+    let state_dir = state_dir.to_string_lossy();
+    let mut args = vec![
+        "--iface",
+        "uplink",
+        "--node-name",
+        node_name,
+        "--state-dir",
+        &state_dir,
+        "--sweep-interval",
+        "1",
+    ];
+    if links == crate::topology::Links::Wires {
+        args.extend(["--xdp-mode", "native"]);
+    }
+    args.extend_from_slice(extra);
+    let child = spawn_agent(
+        ns,
+        &[],
+        &args,
+        &log,
+        "info,xlb=debug",
+        Duration::from_secs(30),
+    )?;
+    Ok(Agent {
+        child: Some(child),
+        log,
+    })
+}
+
 /// The real agent, running in the node namespace; SIGTERM on drop.
 pub struct Agent {
     pub(crate) child: Option<Child>,

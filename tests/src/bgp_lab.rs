@@ -26,7 +26,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    agent::{Agent, spawn_agent, xlb_bin},
+    agent::{Agent, uplink_agent, xlb_bin},
     netns::{Namespace, ns_cmd, ns_sh, sh},
     objects,
     topology::Links,
@@ -291,37 +291,17 @@ impl BgpLab {
     /// Starts the agent of node `i` with `source` (`--manifests DIR`, or
     /// `--kubeconfig FILE` and more).
     pub fn start_agent_with(&self, i: usize, source: &[&str]) -> Result<Agent> {
-        let log = self.dir.join(format!("agent-{i}.log"));
-        let state_dir = self.dir.join("state").to_string_lossy().into_owned();
-        let mut args = vec![
-            "--iface",
-            "uplink",
-            "--node-name",
-            &self.node_names[i],
-            "--state-dir",
-            &state_dir,
-            "--sweep-interval",
-            "1",
-            // Each node namespace has a loopback of its own.
-            "--metrics-addr",
-            "127.0.0.1:9479",
-        ];
-        if self.links == Links::Wires {
-            args.extend(["--xdp-mode", "native"]);
-        }
-        args.extend_from_slice(source);
-        let child = spawn_agent(
+        // Each node namespace has a loopback of its own.
+        let mut extra = vec!["--metrics-addr", "127.0.0.1:9479"];
+        extra.extend_from_slice(source);
+        uplink_agent(
             &self.nodes[i],
-            &[],
-            &args,
-            &log,
-            "info,xlb=debug",
-            Duration::from_secs(30),
-        )?;
-        Ok(Agent {
-            child: Some(child),
-            log,
-        })
+            &self.node_names[i],
+            &self.dir.join("state"),
+            self.links,
+            &extra,
+            self.dir.join(format!("agent-{i}.log")),
+        )
     }
 
     /// The `/metrics` text of node `i`'s agent.

@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
-    agent::{Agent, spawn_agent, xlb_bin},
+    agent::{Agent, uplink_agent, xlb_bin},
     netns::{Namespace, ns_sh},
     topology::Links,
     traffic::serve_tcp,
@@ -301,38 +301,14 @@ impl Segment {
     /// Starts the agent of node `i` on its uplink with `source_and_extra`
     /// (`--manifests DIR` or `--kubeconfig FILE`, and further flags).
     pub fn start_agent(&self, i: usize, source_and_extra: &[&str]) -> Result<Agent> {
-        let log = self.dir.join(format!("agent{}.log", i + 1));
-        let state_dir = self
-            .dir
-            .join(format!("state{}", i + 1))
-            .to_string_lossy()
-            .into_owned();
-        let mut args = vec![
-            "--iface",
-            "uplink",
-            "--node-name",
-            &self.node_names[i],
-            "--state-dir",
-            &state_dir,
-            "--sweep-interval",
-            "1",
-        ];
-        if self.links == Links::Wires {
-            args.extend(["--xdp-mode", "native"]);
-        }
-        args.extend_from_slice(source_and_extra);
-        let child = spawn_agent(
+        uplink_agent(
             &self.nodes[i],
-            &[],
-            &args,
-            &log,
-            "info,xlb=debug",
-            Duration::from_secs(30),
-        )?;
-        Ok(Agent {
-            child: Some(child),
-            log,
-        })
+            &self.node_names[i],
+            &self.dir.join(format!("state{}", i + 1)),
+            self.links,
+            source_and_extra,
+            self.dir.join(format!("agent{}.log", i + 1)),
+        )
     }
 
     /// `xlb <args>` for node `i` (its pins and state).
