@@ -442,8 +442,9 @@ fn documents(
     problems: &mut Vec<PeerProblem>,
 ) -> Vec<(usize, serde_yaml::Value)> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    // Read at every sync: only documents that can be a BGPPeer are parsed
-    // (a file of thousands of Services costs a substring search).
+    // Read when a file that may hold peers changed (the manifest source
+    // tells): only documents that can be a BGPPeer are parsed (a file of
+    // thousands of Services costs a substring search).
     if !text.contains(KIND) {
         return Vec::new();
     }

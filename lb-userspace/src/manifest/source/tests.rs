@@ -223,6 +223,62 @@ fn a_change_in_one_file_reads_that_file_and_retranslates_only_its_services() {
     assert_eq!(state, h.full());
 }
 
+/// The BGP speaker reads the directory's peers again only when a file that
+/// may hold one (or its password's Secret) changed or went: not for a
+/// Service's change among thousands.
+#[test]
+fn peers_are_read_again_only_when_a_file_that_may_hold_them_changes() {
+    let mut h = two_files();
+    assert!(h.source.take_peers_stale(), "the first read");
+    assert!(!h.source.take_peers_stale(), "taken");
+    h.write(
+        "b.yaml",
+        &(service("s2", 1, 82) + &slice("s2", "x", &["10.1.2.9"])),
+    );
+    h.sync_files(&["b.yaml"]);
+    assert!(!h.source.take_peers_stale(), "a Service's change");
+
+    let peer = "apiVersion: xlb.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: r\n";
+    h.write("peers.yaml", peer);
+    h.sync_files(&["peers.yaml"]);
+    assert!(h.source.take_peers_stale(), "a BGPPeer written");
+    h.write("peers.yaml", peer);
+    h.sync_files(&["peers.yaml"]);
+    assert!(!h.source.take_peers_stale(), "the same text again");
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: k\n---\n";
+    h.write("secret.yaml", secret);
+    h.sync_files(&["secret.yaml"]);
+    assert!(h.source.take_peers_stale(), "a Secret written");
+    // A file that mentions one, read again (unchanged) for its Service's
+    // slice in another file, does not count.
+    h.write(
+        "a.yaml",
+        &(secret.to_string() + &service("s0", 1, 80) + &slice("s0", "x", &["10.1.0.1"])),
+    );
+    h.sync_files(&["a.yaml"]);
+    assert!(h.source.take_peers_stale(), "a Secret added to a file");
+    h.write("c.yaml", &slice("s0", "y", &["10.1.0.9"]));
+    let parses = h.source.parses;
+    h.sync_files(&["c.yaml"]);
+    assert_eq!(h.source.parses, parses + 2, "a.yaml read again for s0");
+    assert!(
+        !h.source.take_peers_stale(),
+        "nothing that may hold peers changed"
+    );
+    // Its peer taken out of a file: the file mentioned one before.
+    h.write("peers.yaml", &service("s9", 9, 90));
+    h.sync_files(&["peers.yaml"]);
+    assert!(
+        h.source.take_peers_stale(),
+        "a BGPPeer removed from its file"
+    );
+    fs::remove_file(h.dir.join("secret.yaml")).unwrap();
+    h.sync_files(&["secret.yaml"]);
+    assert!(h.source.take_peers_stale(), "a Secret's file removed");
+    h.sync(Changes::everything()).unwrap();
+    assert!(h.source.take_peers_stale(), "a complete read");
+}
+
 #[test]
 fn a_slice_in_another_file_joins_its_service() {
     let mut h = two_files();
