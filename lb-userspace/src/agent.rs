@@ -330,7 +330,7 @@ struct Datapath {
     /// A previous agent's datapath was found running and adopted.
     adopted: bool,
     /// The host routes the last sync says this node should announce.
-    routes: bgp::Routes,
+    announcing: bgp::Announcing,
 }
 
 /// An address this node programs, as the L2 election sees it.
@@ -569,24 +569,31 @@ fn announce(
                 speaker.use_peers(peers, problems);
             }
         }
-        Source::Manifests(_) => {
-            if let Some(dir) = &cfg.manifests {
+        Source::Manifests(manifests) => {
+            // Read again only when a file that may hold them changed.
+            if let Some(dir) = &cfg.manifests
+                && manifests.take_peers_stale()
+            {
                 speaker.load_peers(dir, &cfg.node.node_name);
             }
         }
     }
-    // Each address's routes carry its pool's attributes (pool mode).
+    // Each address's routes carry its pool's attributes (pool mode). Built
+    // only when they may have moved: pools change only in complete syncs,
+    // which move the generation.
     let pools = source.pools();
-    let mut routes = datapath.routes.clone();
-    routes.attributes = routes
-        .addresses
-        .iter()
-        .filter_map(|&address| {
-            let pool = pools.pool_of(address)?;
-            (pool.bgp != Default::default()).then(|| (address, pool.bgp.clone()))
-        })
-        .collect();
-    speaker.set_routes(routes);
+    speaker.set_routes_of(datapath.announcing.generation(), || {
+        let mut routes = datapath.announcing.routes();
+        routes.attributes = routes
+            .addresses
+            .iter()
+            .filter_map(|&address| {
+                let pool = pools.pool_of(address)?;
+                (pool.bgp != Default::default()).then(|| (address, pool.bgp.clone()))
+            })
+            .collect();
+        routes
+    });
 }
 
 impl Datapath {
@@ -633,7 +640,7 @@ impl Datapath {
             l2_alive: Default::default(),
             l2_elected: None,
             adopted,
-            routes: bgp::Routes::default(),
+            announcing: bgp::Announcing::default(),
         })
     }
 
@@ -886,11 +893,10 @@ impl Datapath {
             tracing::error!(error = %e, "programming failed");
         }
         self.incomplete |= !summary.errors.is_empty();
-        self.routes = bgp::Routes {
-            node_v4: node_addr,
-            node_v6: node_addr_v6,
-            ..bgp::routes(desired, |frontend| reconciler.is_programmed(frontend))
-        };
+        self.announcing
+            .update(desired, changed, (node_addr, node_addr_v6), |frontend| {
+                reconciler.is_programmed(frontend)
+            });
         if let Err(e) = guard.apply(desired, changed, maps, Instant::now()) {
             // Retried with the next complete sync, like a failed frontend.
             tracing::error!(error = %format!("{e:#}"), "programming the reply-leak check failed");

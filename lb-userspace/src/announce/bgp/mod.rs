@@ -22,7 +22,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 use tokio::{sync::watch, task::JoinHandle};
 
 pub use peer::{BGPPeer, PeerConfig, PeerProblem};
-pub use routes::{RouteAttributes, Routes, routes};
+pub use routes::{Announcing, RouteAttributes, Routes, routes};
 pub use status::Status;
 
 /// The running sessions.
@@ -35,6 +35,8 @@ pub struct Speaker {
     /// The agent adopted a datapath that was already forwarding: the first
     /// OPEN to each peer says so (Restart State bit).
     restarted: bool,
+    /// The [`Announcing::generation`] of the routes last handed over.
+    routes_generation: Option<u64>,
 }
 
 struct Running {
@@ -51,6 +53,17 @@ impl Speaker {
             sessions: BTreeMap::new(),
             status,
             restarted,
+            routes_generation: None,
+        }
+    }
+
+    /// Hands over the routes `build` makes, unless `generation` says they
+    /// are the ones last handed over (most syncs move no route, and
+    /// building them walks every address).
+    pub fn set_routes_of(&mut self, generation: u64, build: impl FnOnce() -> Routes) {
+        if self.routes_generation != Some(generation) {
+            self.routes_generation = Some(generation);
+            self.set_routes(build());
         }
     }
 

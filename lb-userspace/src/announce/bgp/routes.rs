@@ -124,22 +124,117 @@ impl RouteAttributes {
 /// must not attract it (the route moves with the endpoint). A terminating
 /// backend, kept only because nothing else is left, does not count.
 pub fn routes(desired: &DesiredState, programmed: impl Fn(&Frontend) -> bool) -> Routes {
-    let mut addresses = BTreeSet::new();
-    for (frontend, spec) in &desired.frontends {
-        let serves = if spec.local_only {
-            spec.backends.iter().any(|b| b.local && !b.terminating)
-        } else {
-            !spec.backends.is_empty()
-        };
-        if serves && programmed(frontend) {
-            addresses.insert(frontend.addr);
+    let mut announcing = Announcing::default();
+    let node = (desired.node_addr, desired.node_addr_v6);
+    announcing.update(desired, None, node, programmed);
+    announcing.routes()
+}
+
+/// Does `spec` give this node something to send its address's traffic to?
+fn serves(spec: &crate::model::FrontendSpec) -> bool {
+    if spec.local_only {
+        spec.backends.iter().any(|b| b.local && !b.terminating)
+    } else {
+        !spec.backends.is_empty()
+    }
+}
+
+/// [`routes`] kept up to date sync by sync: a sync of a few changed
+/// frontends updates only theirs (at 10 000 Services the walk over every
+/// frontend was most of an EndpointSlice change's CPU), and `generation`
+/// moves only when what would be announced changed, so that nothing
+/// downstream is rebuilt for an endpoint change that moves no route.
+#[derive(Debug, Default)]
+pub struct Announcing {
+    /// The frontends that serve and are programmed.
+    serving: BTreeSet<Frontend>,
+    /// How many of them each address has.
+    addresses: BTreeMap<IpAddr, u32>,
+    node_v4: Option<Ipv4Addr>,
+    node_v6: Option<Ipv6Addr>,
+    generation: u64,
+}
+
+impl Announcing {
+    /// After a sync: `changed` names the frontends it touched (`None`:
+    /// every one may have changed); `node` is the node's addresses (the
+    /// next hops).
+    pub fn update(
+        &mut self,
+        desired: &DesiredState,
+        changed: Option<&BTreeSet<Frontend>>,
+        node: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+        programmed: impl Fn(&Frontend) -> bool,
+    ) {
+        let before = self.generation;
+        if (self.node_v4, self.node_v6) != node {
+            (self.node_v4, self.node_v6) = node;
+            self.generation += 1;
+        }
+        match changed {
+            Some(changed) => {
+                for frontend in changed {
+                    let on = desired
+                        .frontends
+                        .get(frontend)
+                        .is_some_and(|spec| serves(spec) && programmed(frontend));
+                    self.set(frontend, on);
+                }
+            }
+            None => {
+                let gone: Vec<Frontend> = self
+                    .serving
+                    .iter()
+                    .filter(|f| !desired.frontends.contains_key(f))
+                    .copied()
+                    .collect();
+                for frontend in &gone {
+                    self.set(frontend, false);
+                }
+                for (frontend, spec) in &desired.frontends {
+                    self.set(frontend, serves(spec) && programmed(frontend));
+                }
+                // A complete sync may also have moved what the routes
+                // carry besides their addresses (a pool's attributes).
+                if self.generation == before {
+                    self.generation += 1;
+                }
+            }
         }
     }
-    Routes {
-        addresses,
-        node_v4: desired.node_addr,
-        node_v6: desired.node_addr_v6,
-        attributes: BTreeMap::new(),
+
+    fn set(&mut self, frontend: &Frontend, on: bool) {
+        if on {
+            if self.serving.insert(*frontend) {
+                let count = self.addresses.entry(frontend.addr).or_default();
+                *count += 1;
+                if *count == 1 {
+                    self.generation += 1;
+                }
+            }
+        } else if self.serving.remove(frontend)
+            && let Some(count) = self.addresses.get_mut(&frontend.addr)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.addresses.remove(&frontend.addr);
+                self.generation += 1;
+            }
+        }
+    }
+
+    /// Moves whenever [`Announcing::routes`] may differ from before.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn routes(&self) -> Routes {
+        Routes {
+            addresses: self.addresses.keys().copied().collect(),
+            node_v4: self.node_v4,
+            node_v6: self.node_v6,
+            attributes: BTreeMap::new(),
+        }
     }
 }
 
@@ -268,5 +363,92 @@ mod tests {
             .frontends
             .insert(frontend("192.0.2.23", 81), spec(true, Vec::new()));
         assert_eq!(addresses(&desired), ["192.0.2.20", "192.0.2.23"]);
+    }
+
+    /// A sync of a few frontends updates the routes as a walk over every
+    /// frontend would, and the generation moves only when they moved.
+    #[test]
+    fn incremental_updates_equal_a_complete_walk_and_move_the_generation_only_with_the_routes() {
+        let remote = || vec![backend("10.42.1.5", false, false)];
+        let mut desired = DesiredState::default();
+        let a80 = frontend("192.0.2.10", 80);
+        let a81 = frontend("192.0.2.10", 81);
+        let b80 = frontend("192.0.2.11", 80);
+        let c80 = frontend("192.0.2.12", 80);
+        desired.frontends.insert(a80, spec(false, remote()));
+        desired.frontends.insert(a81, spec(false, remote()));
+        desired.frontends.insert(b80, spec(false, Vec::new()));
+        desired.frontends.insert(c80, spec(false, remote()));
+        let node = (Some("10.0.0.1".parse().unwrap()), None);
+        // c80's writes failed: not programmed, not announced.
+        let programmed = |f: &Frontend| *f != c80;
+        let mut announcing = Announcing::default();
+        announcing.update(&desired, None, node, programmed);
+        let check = |announcing: &Announcing,
+                     desired: &DesiredState,
+                     node: (Option<Ipv4Addr>, Option<Ipv6Addr>)| {
+            let expected = Routes {
+                node_v4: node.0,
+                node_v6: node.1,
+                ..routes(desired, programmed)
+            };
+            assert_eq!(announcing.routes(), expected);
+        };
+        check(&announcing, &desired, node);
+        assert_eq!(
+            announcing.routes().addresses,
+            BTreeSet::from(["192.0.2.10".parse().unwrap()])
+        );
+        let mut generation = announcing.generation();
+        let mut sync = |announcing: &mut Announcing,
+                        desired: &DesiredState,
+                        changed: &[Frontend],
+                        moves: bool,
+                        node| {
+            announcing.update(
+                desired,
+                Some(&changed.iter().copied().collect()),
+                node,
+                programmed,
+            );
+            check(announcing, desired, node);
+            assert_eq!(announcing.generation() != generation, moves, "{changed:?}");
+            generation = announcing.generation();
+        };
+        // An endpoint change that moves no route.
+        desired
+            .frontends
+            .get_mut(&a80)
+            .unwrap()
+            .backends
+            .push(backend("10.42.1.6", false, false));
+        sync(&mut announcing, &desired, &[a80], false, node);
+        // One of the address's two frontends loses its backends: it stays.
+        desired.frontends.get_mut(&a80).unwrap().backends.clear();
+        sync(&mut announcing, &desired, &[a80], false, node);
+        // The other one goes: the address goes.
+        desired.frontends.remove(&a81);
+        sync(&mut announcing, &desired, &[a81], true, node);
+        // Another address gets a backend.
+        desired.frontends.get_mut(&b80).unwrap().backends = remote();
+        sync(&mut announcing, &desired, &[b80], true, node);
+        // The node's address (the next hop) changes.
+        sync(
+            &mut announcing,
+            &desired,
+            &[],
+            true,
+            (Some("10.0.0.2".parse().unwrap()), None),
+        );
+        // A complete sync always moves it (pools' attributes).
+        let before = announcing.generation();
+        announcing.update(
+            &desired,
+            None,
+            (Some("10.0.0.2".parse().unwrap()), None),
+            programmed,
+        );
+        assert_ne!(announcing.generation(), before);
+        assert_eq!(announcing.routes().addresses.len(), 1);
     }
 }
