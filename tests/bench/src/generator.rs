@@ -495,45 +495,6 @@ impl Bench {
         })
     }
 
-    /// Highest paced rate with < 0.1 % loss: a geometric bisection between
-    /// 10 kpps and `ceiling` (what the generator offered unpaced). Not
-    /// bounded by the system's overload figure: a stack that livelocks under
-    /// overload can still carry much more when offered less.
-    #[allow(clippy::too_many_arguments)]
-    pub fn no_loss_rate(
-        &mut self,
-        family: Family,
-        proto: u8,
-        services: u32,
-        flows: u32,
-        ceiling: f64,
-        seconds: f64,
-    ) -> Result<RunResult> {
-        let mut best = RunResult::default();
-        let (mut lo, mut hi) = (10_000f64, ceiling);
-        for _ in 0..7 {
-            let mid = (lo * hi).sqrt();
-            let r = self.run(family, proto, services, flows, mid as u64, seconds)?;
-            eprintln!(
-                "      paced at {:.3} Mpps: offered {:.3} delivered {:.3} loss {:.4}",
-                mid / 1e6,
-                r.offered_pps / 1e6,
-                r.delivered_pps / 1e6,
-                r.loss
-            );
-            if r.loss < 0.001 {
-                best = r;
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-            if hi / lo < 1.08 {
-                break;
-            }
-        }
-        Ok(best)
-    }
-
     /// XDP program alone: mean ns per run of `bench_gen` tail-calling
     /// `target` (minus the same with `bench_noop`), over `repeat` runs.
     pub fn xdp_alone_ns(
