@@ -68,6 +68,19 @@ struct Programmed {
     source_ranges: BTreeSet<SourceRange>,
 }
 
+/// More frontends than this added by one apply: its map is rebuilt
+/// ([`compact`]).
+const COMPACT_AFTER: usize = 1024;
+
+/// A B-tree map built again from its sorted entries. Entries inserted one by
+/// one in key order leave every node half full (a node splits in the middle
+/// and the left half is never filled again); built from a sorted run, the
+/// nodes are full: about a third less memory for the reconciler's and the
+/// translator's maps at 20 000 frontends (issue 11).
+pub fn compact<K: Ord, V>(map: BTreeMap<K, V>) -> BTreeMap<K, V> {
+    map.into_iter().collect()
+}
+
 /// What one apply did, for logs and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplySummary {
@@ -362,6 +375,9 @@ impl Reconciler {
         }
         for (frontend, spec) in &desired.frontends {
             self.apply_one(frontend, spec, &mut counting, &mut summary);
+        }
+        if summary.added > COMPACT_AFTER {
+            self.programmed = compact(std::mem::take(&mut self.programmed));
         }
         summary.map_writes = counting.writes;
         summary

@@ -584,3 +584,42 @@ fn a_tombstone_yields_its_id_when_the_table_is_full() {
     assert_eq!(r.service_id(&frontend(2, 80)), Some(0));
     assert_eq!(r.service_id(&frontend(1, 80)), None);
 }
+
+/// The inspect state file, streamed from the reconciler's frontends, reads
+/// back the same names by service id, also after a change.
+#[test]
+fn the_state_file_names_every_frontend_by_its_service_id() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(256, 1024);
+    let frontends: Vec<(Frontend, FrontendSpec)> = (0..60u8)
+        .map(|i| (frontend(i, 80), spec(&format!("s{i}"), &[1])))
+        .collect();
+    let mut d = state(&frontends);
+    let s = r.apply(&d, &mut maps);
+    assert_eq!((s.added, s.errors.len()), (60, 0));
+    let (f, _) = frontends[40];
+    d.frontends.get_mut(&f).unwrap().backends = spec("s40", &[2, 3]).backends;
+    let s = r.apply_changed(&d, &BTreeSet::from([f]), &mut maps);
+    assert_eq!((s.updated, s.errors.len()), (1, 0));
+
+    let dir = std::env::temp_dir().join(format!("xlb-state-file-{}", std::process::id()));
+    crate::state_file::write(&dir, "node-1", &r).unwrap();
+    let read = crate::state_file::read(&dir, "node-1");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(read.len(), 60);
+    for (id, frontend, spec) in r.programmed() {
+        let info = &read[&id];
+        assert_eq!(info.frontend, frontend.to_string());
+        assert_eq!(info.service, spec.unwrap().service.to_string());
+    }
+}
+
+#[test]
+fn compact_keeps_every_entry() {
+    let map: BTreeMap<u32, String> = (0..5000).rev().map(|i| (i * 7, i.to_string())).collect();
+    let mut grown = BTreeMap::new();
+    for (k, v) in &map {
+        grown.insert(*k, v.clone());
+    }
+    assert_eq!(compact(grown), map);
+}

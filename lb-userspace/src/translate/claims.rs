@@ -173,6 +173,8 @@ impl Translator {
             let slices: Vec<&EndpointSlice> = slices.iter().map(|s| s.borrow()).collect();
             translator.update(&key, Some(service), &slices, &mut problems, &mut changed);
         }
+        let frontends = std::mem::take(&mut translator.desired.frontends);
+        translator.desired.frontends = crate::reconcile::compact(frontends);
         (translator, problems)
     }
 
