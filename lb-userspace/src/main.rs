@@ -62,33 +62,32 @@ fn main() {
     }
 }
 
-/// glibc gives each thread that allocates its own arena (up to 8 per
-/// core); the watch tasks list and decode on worker threads, so every arena
-/// ended up holding freed memory between long-lived objects. One arena was
-/// measured (issue 11, bench at 10 000 Services on the Kubernetes API):
-/// resident 98 -> 83 MiB, churn CPU and latency unchanged; jemalloc and
-/// mimalloc (preloaded, default settings) kept more (138, 160 MiB).
-/// `MALLOC_ARENA_MAX` in the environment still decides. musl (the static
-/// image) has a single allocator state anyway.
-fn one_malloc_arena() {
-    #[cfg(target_env = "gnu")]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; called before
-        // any thread is started.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    }
-}
+/// jemalloc instead of the C library's allocator, for the agent's resident
+/// size (issue 11, the benchmark's agent at 10 000 Services + 10 000
+/// EndpointSlices, side by side): glibc kept what the first full sync's
+/// decoding freed among the objects that live on, 59-61 MiB idle for the
+/// manifest source and 68-70 for the Kubernetes source with ~30-40 MiB
+/// live, whatever was trimmed; jemalloc, one arena, giving freed pages back
+/// at once, 45 and 62. Its default settings kept more than glibc (138 MiB
+/// then): `malloc_conf` below. musl (the static image) gets the same.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings (read at its first allocation): one arena (the
+/// agent's work is one loop; more arenas hold more partly used pages) and
+/// dirty and muzzy pages returned to the kernel as soon as they are free.
+/// `_RJEM_MALLOC_CONF` in the environment still adds to it.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"narenas:1,dirty_decay_ms:0,muzzy_decay_ms:0\0";
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Agent(cfg) => {
-            one_malloc_arena();
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(agent::run(cfg))
-        }
+        Command::Agent(cfg) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(agent::run(cfg)),
         Command::Reset { node } => {
             let pins = PinDir::new(&node.bpffs, &node.node_name);
             attach::reset(&pins)?;

@@ -178,7 +178,28 @@ fn image_archive_is_a_valid_oci_layout_whose_binary_runs_alone() -> Result<()> {
         .args(["/usr/local/bin/xlb", "--version"])
         .output()
         .context("running chroot")?;
+    // Its allocator is jemalloc with the agent's settings (one arena, freed
+    // pages given back at once; `main.rs`), as the benchmark's figures
+    // assume: its statistics, printed at exit on request, say so.
+    let stats = Command::new("chroot")
+        .arg(&rootfs)
+        .args(["/usr/local/bin/xlb", "--version"])
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .context("running chroot")?;
     let _ = std::fs::remove_dir_all(&rootfs);
+    let printed = String::from_utf8_lossy(&stats.stderr).into_owned()
+        + &String::from_utf8_lossy(&stats.stdout);
+    for setting in [
+        "opt.narenas: 1\n",
+        "opt.dirty_decay_ms: 0 ",
+        "opt.muzzy_decay_ms: 0 ",
+    ] {
+        assert!(
+            printed.contains(setting),
+            "the image's xlb does not run jemalloc with {setting:?}: {printed}"
+        );
+    }
     assert!(
         out.status.success(),
         "xlb --version in the image's root failed ({}): {}",

@@ -261,7 +261,7 @@ impl ClusterSource {
             // The old translation goes first: two at once were most of the
             // agent's peak. Every object is decoded from the watch caches
             // once, a Service's slices only while it is translated, and
-            // dropped before the memory is trimmed below.
+            // dropped before the translation is built.
             self.translator = None;
             let stores = &self.stores;
             let (translator, found) = {
@@ -289,15 +289,7 @@ impl ClusterSource {
             self.node_context = Some(node_context(&nodes, scope));
             problems = found;
             let translator = self.translator.insert(translator);
-            let result = apply(translator.desired(), None);
-            // glibc only: musl (the static image's binary) has no malloc_trim
-            // and returns freed memory by itself.
-            // SAFETY: malloc_trim has no preconditions.
-            #[cfg(target_env = "gnu")]
-            unsafe {
-                libc::malloc_trim(0)
-            };
-            result
+            apply(translator.desired(), None)
         } else if let Some(translator) = self.translator.as_mut()
             && !(changes.services.is_empty() && changes.slices.is_empty())
         {

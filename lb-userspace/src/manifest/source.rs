@@ -377,17 +377,9 @@ impl ManifestSource {
             tracing::warn!(error = %problem, "skipping invalid object");
         }
         let translator = self.translator.insert(translator);
-        let result = apply(translator.desired(), None);
-        // Parsing a large directory allocates in a burst that glibc would
-        // keep; give it back so the agent's resident size reflects its state.
-        // glibc only: musl (the static image's binary) has no malloc_trim
-        // and returns freed memory by itself.
-        // SAFETY: malloc_trim has no preconditions.
-        #[cfg(target_env = "gnu")]
-        unsafe {
-            libc::malloc_trim(0)
-        };
-        result
+        // The burst of parsing a large directory is given back as it is
+        // freed (the agent's allocator, `main.rs`).
+        apply(translator.desired(), None)
     }
 
     /// Pool mode: assigns addresses to `services` from `pools`, keeping
