@@ -292,6 +292,14 @@ fn whole(v: Option<f64>) -> String {
 }
 
 /// `a / b` as a ratio, or `-`.
+/// `a` as a share of `b`, in per cent.
+fn share(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.0} %", 100.0 * a / b),
+        _ => "-".into(),
+    }
+}
+
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.1}x", a / b),
@@ -553,7 +561,7 @@ impl Results {
         ];
         let _ = writeln!(
             s,
-            "| family | services | rig (ceiling) | forwarder | xlb | iptables / ip6tables | nftables | klipper two-hop |\n|---|---|---|---|---|---|---|---|---|"
+            "| family | services | rig (ceiling) | forwarder | xlb | iptables / ip6tables | nftables | klipper two-hop |\n|---|---|---|---|---|---|---|---|"
         );
         for &family in &families {
             for n in self.sizes(family) {
@@ -625,10 +633,6 @@ impl Results {
         for family in self.families() {
             let ceiling = self.delivered(System::Ceiling, family, 1, Traffic::UdpManyFlows);
             let xlb = self.delivered(System::Xlb, family, 1, Traffic::UdpManyFlows);
-            let share = |x: Option<f64>, c: Option<f64>| match (x, c) {
-                (Some(x), Some(c)) if c > 0.0 => format!("{:.0} %", 100.0 * x / c),
-                _ => "-".into(),
-            };
             let _ = write!(
                 s,
                 "{family}: bare XDP redirect (ceiling): {} Mpps; xlb at 1 service: {} Mpps = {} of the ceiling.",
@@ -717,10 +721,6 @@ impl Results {
                     let f = capacity(System::Nftables, family, n, traffic);
                     let c = capacity(System::Ceiling, family, n, traffic);
                     let w = capacity(System::Forwarder, family, n, traffic);
-                    let share = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                        (Some(a), Some(b)) if b > 0.0 => format!("{:.0} %", 100.0 * a / b),
-                        _ => "-".into(),
-                    };
                     let _ = writeln!(
                         s,
                         "| {family} | {traffic} | {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -766,7 +766,7 @@ impl Results {
         let _ = writeln!(s, "## xlb_xdp alone (BPF_PROG_TEST_RUN, ns per packet)\n");
         let _ = writeln!(
             s,
-            "| services | flow hit | flow hit, forwarding on | new flow | not a service | flow hit, ~1M flows | new flow, ~1M flows | program all (ms) | reconcile one more (µs) |\n|---|---|---|---|---|---|---|---|"
+            "| services | flow hit | flow hit, forwarding on | new flow | not a service | flow hit, ~1M flows | new flow, ~1M flows | program all (ms) | reconcile one more (µs) |\n|---|---|---|---|---|---|---|---|---|"
         );
         let whole = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or("-".into());
         for (n, e) in &self.xdp_alone_ns {
@@ -841,7 +841,7 @@ mod tests {
         let report = results.report();
         assert!(report.contains("## Delivered Mpps under overload, udp-60k-flows (IPv4)"));
         assert!(report.contains("| 10000 |"), "{report}");
-        // The committed run (2026-12-04) measured both families.
+        // The committed run (2026-12-05) measured both families.
         assert_eq!(results.families(), vec![Family::V4, Family::V6]);
         // Rows written before the family field read as IPv4.
         let old_row = r#"{"system":"xlb","services":1,"traffic":"udp-60k-flows","load":"overload","offered_pps":1.0,"delivered_pps":1.0,"loss":0.0,"dut_ns_per_packet":null}"#;
@@ -850,6 +850,21 @@ mod tests {
         let again: Results =
             serde_json::from_str(&serde_json::to_string(&results).unwrap()).unwrap();
         assert_eq!(again.report(), report, "a round trip changes nothing");
+        // Every table's delimiter row has as many cells as its header, or
+        // Markdown does not render it as a table.
+        let lines: Vec<&str> = report.lines().collect();
+        for pair in lines.windows(2) {
+            if pair[1].starts_with("|---") {
+                assert_eq!(
+                    pair[0].matches('|').count(),
+                    pair[1].matches('|').count(),
+                    "{}\n{}",
+                    pair[0],
+                    pair[1]
+                );
+            }
+        }
+        assert!(report.contains("## Delivered Mpps at capacity"), "{report}");
     }
 
     /// IPv6 rows get their own tables and a ratio per family, with
