@@ -64,11 +64,13 @@ pub fn spawn_agent(
     }
 }
 
-/// Starts the agent of a lab node on its `uplink`: `node_name`, `state_dir`,
-/// a one-second sweep, native XDP on wires (tcx by `auto` on container
-/// nodes), then `extra` (the source and further flags); logs to `log`.
-pub fn uplink_agent(
+/// Starts the agent of a test node in namespace `ns` on `ifaces`:
+/// `node_name`, `state_dir`, a one-second sweep, native XDP on wires (tcx by
+/// `auto` on container nodes) unless `extra` names a mode, then `extra` (the
+/// source and further flags); logs to `log`.
+pub fn node_agent(
     ns: &str,
+    ifaces: &str,
     node_name: &str,
     state_dir: &Path,
     links: crate::topology::Links,
@@ -78,7 +80,7 @@ pub fn uplink_agent(
     let state_dir = state_dir.to_string_lossy();
     let mut args = vec![
         "--iface",
-        "uplink",
+        ifaces,
         "--node-name",
         node_name,
         "--state-dir",
@@ -86,7 +88,7 @@ pub fn uplink_agent(
         "--sweep-interval",
         "1",
     ];
-    if links == crate::topology::Links::Wires {
+    if links == crate::topology::Links::Wires && !extra.contains(&"--xdp-mode") {
         args.extend(["--xdp-mode", "native"]);
     }
     args.extend_from_slice(extra);

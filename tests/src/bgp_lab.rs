@@ -26,7 +26,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    agent::{Agent, uplink_agent, xlb_bin},
+    agent::{Agent, node_agent, xlb_bin},
     netns::{Namespace, ns_cmd, ns_sh, sh},
     objects,
     topology::Links,
@@ -294,8 +294,9 @@ impl BgpLab {
         // Each node namespace has a loopback of its own.
         let mut extra = vec!["--metrics-addr", "127.0.0.1:9479"];
         extra.extend_from_slice(source);
-        uplink_agent(
+        node_agent(
             &self.nodes[i],
+            "uplink",
             &self.node_names[i],
             &self.dir.join("state"),
             self.links,

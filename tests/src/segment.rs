@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
-    agent::{Agent, uplink_agent, xlb_bin},
+    agent::{Agent, node_agent, xlb_bin},
     netns::{Namespace, ns_sh},
     topology::Links,
     traffic::serve_tcp,
@@ -301,8 +301,9 @@ impl Segment {
     /// Starts the agent of node `i` on its uplink with `source_and_extra`
     /// (`--manifests DIR` or `--kubeconfig FILE`, and further flags).
     pub fn start_agent(&self, i: usize, source_and_extra: &[&str]) -> Result<Agent> {
-        uplink_agent(
+        node_agent(
             &self.nodes[i],
+            "uplink",
             &self.node_names[i],
             &self.dir.join(format!("state{}", i + 1)),
             self.links,

@@ -17,14 +17,13 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use aya::programs::{SchedClassifier, TcAttachType, loaded_programs};
 
 use crate::{
-    agent::{Agent, spawn_agent, xlb_bin},
+    agent::{Agent, node_agent, xlb_bin},
     netns::{Namespace, VethEnd, in_netns, ns_sh, veth, veth_bare},
     objects,
     traffic::{serve_tcp, serve_udp},
@@ -474,34 +473,15 @@ impl Topology {
         log: &str,
         source_and_extra: &[&str],
     ) -> Result<Agent> {
-        let log = self.dir.join(log);
-        let state_dir = self.dir.join("state").to_string_lossy().into_owned();
-        let mut args = vec![
-            "--iface",
-            ifaces,
-            "--node-name",
-            node_name,
-            "--state-dir",
-            &state_dir,
-            "--sweep-interval",
-            "1",
-        ];
-        if self.links == Links::Wires && !source_and_extra.contains(&"--xdp-mode") {
-            args.extend(["--xdp-mode", "native"]);
-        }
-        args.extend_from_slice(source_and_extra);
-        let child = spawn_agent(
+        node_agent(
             ns,
-            &[],
-            &args,
-            &log,
-            "info,xlb=debug",
-            Duration::from_secs(30),
-        )?;
-        Ok(Agent {
-            child: Some(child),
-            log,
-        })
+            ifaces,
+            node_name,
+            &self.dir.join("state"),
+            self.links,
+            source_and_extra,
+            self.dir.join(log),
+        )
     }
 
     pub fn xlb(&self, args: &[&str]) -> Result<String> {
