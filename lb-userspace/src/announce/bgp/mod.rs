@@ -22,7 +22,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 use tokio::{sync::watch, task::JoinHandle};
 
 pub use peer::{BGPPeer, PeerConfig, PeerProblem};
-pub use routes::{Announcing, RouteAttributes, Routes, routes};
+pub use routes::{Announcing, RouteAttributes, Routes};
 pub use status::Status;
 
 /// The running sessions.

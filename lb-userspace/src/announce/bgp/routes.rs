@@ -116,20 +116,6 @@ impl RouteAttributes {
     }
 }
 
-/// The addresses to announce: every frontend address with a backend to
-/// send its traffic to, and that is `programmed` in this node's maps (one
-/// whose writes failed would be passed to the kernel, which has no route
-/// for it). With `externalTrafficPolicy: Local` that must be a ready
-/// backend on this node: a node without one would drop the traffic, so it
-/// must not attract it (the route moves with the endpoint). A terminating
-/// backend, kept only because nothing else is left, does not count.
-pub fn routes(desired: &DesiredState, programmed: impl Fn(&Frontend) -> bool) -> Routes {
-    let mut announcing = Announcing::default();
-    let node = (desired.node_addr, desired.node_addr_v6);
-    announcing.update(desired, None, node, programmed);
-    announcing.routes()
-}
-
 /// Does `spec` give this node something to send its address's traffic to?
 fn serves(spec: &crate::model::FrontendSpec) -> bool {
     if spec.local_only {
@@ -139,7 +125,15 @@ fn serves(spec: &crate::model::FrontendSpec) -> bool {
     }
 }
 
-/// [`routes`] kept up to date sync by sync: a sync of a few changed
+/// The addresses to announce: every frontend address with a backend to
+/// send its traffic to, and that is `programmed` in this node's maps (one
+/// whose writes failed would be passed to the kernel, which has no route
+/// for it). With `externalTrafficPolicy: Local` that must be a ready
+/// backend on this node: a node without one would drop the traffic, so it
+/// must not attract it (the route moves with the endpoint). A terminating
+/// backend, kept only because nothing else is left, does not count.
+///
+/// Kept up to date sync by sync: a sync of a few changed
 /// frontends updates only theirs (at 10 000 Services the walk over every
 /// frontend was most of an EndpointSlice change's CPU), and `generation`
 /// moves only when what would be announced changed, so that nothing
@@ -242,6 +236,15 @@ impl Announcing {
 mod tests {
     use super::*;
     use crate::model::{Backend, FrontendSpec, Protocol, ServiceRef};
+
+    /// The routes of `desired` from a complete walk, the reference the
+    /// incremental updates must equal.
+    fn routes(desired: &DesiredState, programmed: impl Fn(&Frontend) -> bool) -> Routes {
+        let mut announcing = Announcing::default();
+        let node = (desired.node_addr, desired.node_addr_v6);
+        announcing.update(desired, None, node, programmed);
+        announcing.routes()
+    }
 
     fn frontend(addr: &str, port: u16) -> Frontend {
         Frontend {
